@@ -1,0 +1,515 @@
+"""Evaluation: retrieval recall, metre-level localisation, uncertainty quality, and figures.
+
+Pure numpy; matplotlib is imported only inside the plot functions. Every metric is a pure
+function from arrays to a dict: nothing here prints, reads flags or touches TensorFlow.
+
+Conventions (SPEC §1, §6):
+- grd (Q, D), sat (N, D): L2-normalised float32 descriptors; similarity = grd · satᵀ (cosine).
+- delta = (dy, dx), pixels of the 640-px aerial tile: dy > 0 means the point lies SOUTH of the
+  tile centre, dx > 0 means WEST of it. In the tile: row = 320 + dy, col = 320 - dx.
+- Metres: great-circle distance with R = 6,371,004 m between (lat, lon) degrees (original GPS
+  labels), or Euclidean distance between (north, east) metres (metric labels).
+"""
+import os
+
+import numpy as np
+
+EARTH_RADIUS_M = 6371004.0
+# BGR mean subtracted from the images (SPEC §2); plot_localisation adds it back to float images.
+VGG_MEAN_BGR = (103.939, 116.779, 123.6)
+TILE_PX = 640                    # the frame of delta, gt_rc, pred_rc and covariances
+_TILE_BYTES = 256 * 2 ** 20      # default size of one float32 similarity tile
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval
+
+
+def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None, topk=0):
+    """Rank each query's positive among all references, streaming sim = grd · satᵀ by tiles.
+
+    grd: (Q, D) float32, L2-normalised ground descriptors (queries).
+    sat: (N, D) float32, L2-normalised aerial descriptors (references).
+    pos_idx: (Q,) int, row of sat that is each query's positive.
+    semi_idx: (Q, S) int or None, rows of sat that are its semi-positives (VIGOR: S = 3);
+        -1 marks an absent one; an entry equal to the positive or repeated is ignored.
+    block: queries per tile. ref_block: references per tile (default: a 256 MB float32 tile).
+    topk: when > 0, also return each query's topk best references.
+
+    Only one (block, ref_block) float32 tile and its boolean mask exist at a time, so memory is
+    the descriptors + 5 · block · ref_block bytes. Pass float32 C-contiguous arrays: anything
+    else is copied once.
+
+    Returns a dict of per-query arrays:
+      rank (Q,) int64   number of references scoring strictly above the positive (ties with the
+                        positive do not count; the positive never counts against itself)
+      top1 (Q,) int64   best reference (ties: lowest index)
+      hit  (Q,) bool    no reference other than the positive and its semi-positives scores
+                        strictly above the positive; present only when semi_idx is given
+      topk (Q, min(topk, N)) int64  best references, best first, ties by lowest index;
+                        present only when topk > 0
+
+    Scores are float32 BLAS dot products; the positive's score is a row-wise dot. BLAS rounds
+    one and the same dot product differently at different places of a tile (last bit), so two
+    bitwise-equal reference rows need not tie: exact tie semantics hold where the scores are
+    exact (e.g. descriptors on a coarse binary grid), as in tests/test_evaluation.py.
+    """
+    grd = _float32_matrix(grd, 'grd')
+    sat = _float32_matrix(sat, 'sat')
+    if grd.shape[1] != sat.shape[1]:
+        raise ValueError(f'grd has dimension {grd.shape[1]} but sat has {sat.shape[1]}')
+    n_query, n_ref = grd.shape[0], sat.shape[0]
+    if n_ref == 0:
+        raise ValueError('sat holds no reference')
+    pos_idx = _index_array(pos_idx, (n_query,), n_ref, 'pos_idx', absent_ok=False)
+    semi = None if semi_idx is None else _semi_positives(semi_idx, pos_idx, n_ref)
+    block = int(block)
+    if block < 1:
+        raise ValueError(f'block must be >= 1, got {block}')
+    ref_block = max(1, _TILE_BYTES // (4 * block)) if ref_block is None else int(ref_block)
+    if ref_block < 1:
+        raise ValueError(f'ref_block must be >= 1, got {ref_block}')
+    ref_block = min(ref_block, n_ref)
+    topk = min(int(topk), n_ref)
+
+    rank = np.zeros(n_query, np.int64)
+    top1 = np.zeros(n_query, np.int64)
+    semi_above = np.zeros(n_query, np.int64)
+    top_idx = np.zeros((n_query, max(topk, 0)), np.int64)
+    tile_buf = np.empty(min(block, n_query) * ref_block, np.float32)
+    mask_buf = np.empty(tile_buf.size, np.bool_)
+
+    for q0 in range(0, n_query, block):
+        q1 = min(q0 + block, n_query)
+        b = q1 - q0
+        g = grd[q0:q1]                                                   # (b, D)
+        pos = pos_idx[q0:q1, None]                                       # (b, 1)
+        p = np.einsum('ij,ij->i', g, sat[pos[:, 0]])[:, None]            # (b, 1) positive score
+        if not np.isfinite(p).all():
+            raise ValueError(f'non-finite positive score for queries {q0 + np.flatnonzero(~np.isfinite(p[:, 0]))[:10]}')
+        best = np.full(b, -np.inf, np.float32)
+        best_vals = np.empty((b, 0), np.float32)
+        best_idx = np.empty((b, 0), np.int64)
+        for r0 in range(0, n_ref, ref_block):
+            r1 = min(r0 + ref_block, n_ref)
+            n = r1 - r0
+            sim = tile_buf[:b * n].reshape(b, n)
+            np.matmul(g, sat[r0:r1].T, out=sim)                          # (b, n)
+            above = mask_buf[:b * n].reshape(b, n)
+            np.greater(sim, p, out=above)
+            rank[q0:q1] += above.view(np.uint8).sum(axis=1, dtype=np.int64)
+            rank[q0:q1] -= _count_listed(above, pos, r0)                 # positive vs itself
+            if semi is not None:
+                semi_above[q0:q1] += _count_listed(above, semi[q0:q1], r0)
+
+            arg = sim.argmax(axis=1)                                     # first maximum
+            val = sim[np.arange(b), arg]
+            if not np.isfinite(val).all():
+                raise ValueError(f'non-finite similarity between queries {q0}..{q1 - 1} and references {r0}..{r1 - 1}')
+            better = val > best                    # strict: an earlier tile wins a tie
+            best[better] = val[better]
+            top1[q0:q1][better] = arg[better] + r0
+
+            if topk > 0:
+                vals, cols = _tile_topk(sim, topk)
+                vals = np.concatenate([best_vals, vals], axis=1)
+                idx = np.concatenate([best_idx, cols + r0], axis=1)
+                order = np.lexsort((idx, -vals), axis=1)[:, :topk]       # score desc, index asc
+                best_vals = np.take_along_axis(vals, order, axis=1)
+                best_idx = np.take_along_axis(idx, order, axis=1)
+        if topk > 0:
+            top_idx[q0:q1] = best_idx
+
+    out = {'rank': rank, 'top1': top1}
+    if semi is not None:
+        out['hit'] = (rank - semi_above) == 0
+    if topk > 0:
+        out['topk'] = top_idx
+    return out
+
+
+def retrieval_metrics(ranks, n_ref):
+    """Recall from retrieval_ranks' output, as fractions in [0, 1] (NaN when there is no query).
+
+    R@k: rank < k for k = 1, 5, 10. R@1%: rank < int(0.01 · n_ref) + 1. hit_rate: mean of
+    ranks['hit'] (NaN when retrieval_ranks got no semi-positives).
+    Returns {'R@1', 'R@5', 'R@10', 'R@1%', 'hit_rate', 'n_query', 'n_ref'}.
+    """
+    n_ref = int(n_ref)
+    if n_ref < 1:
+        raise ValueError(f'n_ref must be >= 1, got {n_ref}')
+    rank = np.asarray(ranks['rank'])
+    if rank.ndim != 1:
+        raise ValueError(f"ranks['rank'] must be 1-D, got shape {rank.shape}")
+    hit = np.asarray(ranks['hit'], bool) if 'hit' in ranks else None
+    one_percent = int(0.01 * n_ref) + 1
+    return {
+        'R@1': _fraction(rank < 1),
+        'R@5': _fraction(rank < 5),
+        'R@10': _fraction(rank < 10),
+        'R@1%': _fraction(rank < one_percent),
+        'hit_rate': float('nan') if hit is None else _fraction(hit),
+        'n_query': int(rank.size),
+        'n_ref': n_ref,
+    }
+
+
+def _float32_matrix(x, name):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f'{name} must be 2-D (rows, dim), got shape {x.shape}')
+    return x
+
+
+def _index_array(idx, shape, n_ref, name, absent_ok):
+    idx = np.asarray(idx)
+    if idx.shape != shape:
+        raise ValueError(f'{name} must have shape {shape}, got {idx.shape}')
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f'{name} must hold integers, got {idx.dtype}')
+    idx = idx.astype(np.int64)
+    low = -1 if absent_ok else 0
+    bad = (idx < low) | (idx >= n_ref)
+    if bad.any():
+        raise ValueError(f'{name} has {bad.sum()} entries outside [{low}, {n_ref}), e.g. {idx[bad][:5]}')
+    return idx
+
+
+def _semi_positives(semi_idx, pos_idx, n_ref):
+    """(Q, S) int64 copy of semi_idx with absent, positive and repeated entries set to -1."""
+    semi_idx = np.asarray(semi_idx)
+    if semi_idx.ndim != 2 or semi_idx.shape[0] != pos_idx.shape[0]:
+        raise ValueError(f'semi_idx must have shape ({pos_idx.shape[0]}, S), got {semi_idx.shape}')
+    semi = _index_array(semi_idx, semi_idx.shape, n_ref, 'semi_idx', absent_ok=True)
+    semi[semi == pos_idx[:, None]] = -1
+    for j in range(1, semi.shape[1]):
+        semi[(semi[:, j:j + 1] == semi[:, :j]).any(axis=1), j] = -1
+    return semi
+
+
+def _count_listed(above, idx, r0):
+    """(b,) how many of each row's listed references (idx (b, S), global, -1 = none) that lie
+    in the tile starting at reference r0 are marked in above (b, n)."""
+    rows, cols = np.nonzero((idx >= r0) & (idx < r0 + above.shape[1]))
+    marked = above[rows, idx[rows, cols] - r0]
+    return np.bincount(rows[marked], minlength=above.shape[0])
+
+
+def _tile_topk(sim, k):
+    """Values and columns of the k best entries of each row of sim (b, n), ties by lowest column."""
+    b, n = sim.shape
+    if n <= k:
+        cols = np.tile(np.arange(n), (b, 1))
+    else:
+        cols = np.argpartition(sim, n - k, axis=1)[:, n - k:]
+        kept = np.take_along_axis(sim, cols, axis=1)
+        kth = kept.min(axis=1, keepdims=True)
+        # argpartition keeps an arbitrary subset of the entries equal to the k-th value:
+        # redo, by a stable sort, the rows where it had to choose.
+        choice = (sim == kth).sum(axis=1) > (kept == kth).sum(axis=1)
+        for r in np.flatnonzero(choice):
+            cols[r] = np.argsort(-sim[r], kind='stable')[:k]
+    return np.take_along_axis(sim, cols, axis=1), cols
+
+
+def _fraction(mask):
+    return float(np.mean(mask)) if np.size(mask) else float('nan')
+
+# ---------------------------------------------------------------------------------------------
+# Metres
+
+
+def offset_to_position(centre, delta_px, mpp, metric):
+    """Position of a point given as a pixel offset from an aerial tile's centre.
+
+    centre: (Q, 2) or (2,) tile centre: (lat, lon) degrees for metric='haversine',
+        (north, east) metres for metric='euclidean'.
+    delta_px: (Q, 2) (dy, dx), pixels of the 640-px tile; dy > 0: south, dx > 0: west.
+    mpp: scalar or (Q,) metres per pixel of the 640-px tile.
+    Returns (Q, 2) float64 in the centre's units. 'haversine' takes an equirectangular step,
+    R = 6,371,004 m: dlat = north / R, dlon = east / (R cos lat), exact to well below 1 mm over
+    a tile (< 60 m).
+    """
+    centre = np.asarray(centre, np.float64)
+    delta_px = _pairs(delta_px, 'delta_px')
+    mpp = np.asarray(mpp, np.float64)
+    if mpp.ndim == 1:
+        mpp = mpp[:, None]
+    north = -delta_px[:, 0:1] * mpp                                      # (Q, 1) metres
+    east = -delta_px[:, 1:2] * mpp
+    if metric == 'euclidean':
+        return centre + np.concatenate([north, east], axis=1)
+    if metric == 'haversine':
+        lat = centre[..., 0:1] + np.degrees(north / EARTH_RADIUS_M)
+        lon = centre[..., 1:2] + np.degrees(east / (EARTH_RADIUS_M * np.cos(np.radians(centre[..., 0:1]))))
+        return np.concatenate([lat, lon], axis=1)
+    raise ValueError(f"metric must be 'haversine' or 'euclidean', got {metric!r}")
+
+
+def position_errors(pred, gt, metric):
+    """(Q,) float64 metres between pred and gt, both (Q, 2): great-circle distance between
+    (lat, lon) degrees with R = 6,371,004 m ('haversine'), or Euclidean distance between metric
+    coordinates ('euclidean')."""
+    pred, gt = _pairs(pred, 'pred'), _pairs(gt, 'gt')
+    if pred.shape != gt.shape:
+        raise ValueError(f'pred {pred.shape} and gt {gt.shape} differ in shape')
+    if metric == 'euclidean':
+        return np.hypot(pred[:, 0] - gt[:, 0], pred[:, 1] - gt[:, 1])
+    if metric == 'haversine':
+        lat1, lon1, lat2, lon2 = np.radians([pred[:, 0], pred[:, 1], gt[:, 0], gt[:, 1]])
+        a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+        return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+    raise ValueError(f"metric must be 'haversine' or 'euclidean', got {metric!r}")
+
+
+def localisation_summary(err_with_offset, err_centre, top1_correct, thresholds=np.arange(1, 41)):
+    """Metre-level localisation for all queries and for those whose top-1 tile is correct.
+
+    err_with_offset: (Q,) metres from the top-1 tile's centre + predicted offset to the truth.
+    err_centre: (Q,) metres from the top-1 tile's centre alone (offset zero).
+    top1_correct: (Q,) bool. thresholds: metres of the accuracy curve.
+    Returns {'thresholds_m': [...], 'all': S, 'top1_correct': S} where S = {'count',
+    'mean_m', 'median_m', 'mean_m_centre', 'median_m_centre', 'accuracy', 'accuracy_centre'};
+    accuracy[i] = fraction of the subset with error <= thresholds[i]. An empty subset gives NaN.
+    """
+    err = np.asarray(err_with_offset, np.float64)
+    centre = np.asarray(err_centre, np.float64)
+    correct = np.asarray(top1_correct)
+    if err.ndim != 1 or centre.shape != err.shape or correct.shape != err.shape:
+        raise ValueError(f'need three (Q,) arrays, got {err.shape}, {centre.shape}, {correct.shape}')
+    if correct.dtype != np.bool_:
+        raise ValueError(f'top1_correct must be bool, got {correct.dtype}')
+    thresholds = np.asarray(thresholds, np.float64)
+    out = {'thresholds_m': thresholds.tolist()}
+    for name, keep in (('all', np.ones_like(correct)), ('top1_correct', correct)):
+        e, c = err[keep], centre[keep]
+        out[name] = {
+            'count': int(e.size),
+            'mean_m': _stat(np.mean, e), 'median_m': _stat(np.median, e),
+            'mean_m_centre': _stat(np.mean, c), 'median_m_centre': _stat(np.median, c),
+            'accuracy': _accuracy(e, thresholds), 'accuracy_centre': _accuracy(c, thresholds),
+        }
+    return out
+
+
+def _pairs(x, name):
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or x.shape[1] != 2:
+        raise ValueError(f'{name} must have shape (Q, 2), got {x.shape}')
+    return x
+
+
+def _stat(fn, x):
+    return float(fn(x)) if x.size else float('nan')
+
+
+def _accuracy(err, thresholds):
+    if err.size == 0:
+        return [float('nan')] * thresholds.size
+    return (err[:, None] <= thresholds[None, :]).mean(axis=0).tolist()
+
+# ---------------------------------------------------------------------------------------------
+# Uncertainty quality
+
+
+def ellipse_coverage(mu, cov, gt):
+    """Fraction of ground truths inside the 1σ and 2σ ellipses of N(mu, cov).
+
+    mu, gt: (Q, 2); cov: (Q, 2, 2) symmetric positive definite, same units and axis order.
+    Inside the kσ ellipse: Mahalanobis² (gt - mu)ᵀ cov⁻¹ (gt - mu) <= k². For a calibrated 2-D
+    Gaussian the expected fractions are 1 - exp(-k²/2): 39.3 % (1σ) and 86.5 % (2σ).
+    Returns {'1sigma', '2sigma', 'expected_1sigma', 'expected_2sigma', 'n'}.
+    """
+    mu, gt = _pairs(mu, 'mu'), _pairs(gt, 'gt')
+    cov = np.asarray(cov, np.float64)
+    if gt.shape != mu.shape or cov.shape != (mu.shape[0], 2, 2):
+        raise ValueError(f'need mu, gt (Q, 2) and cov (Q, 2, 2), got {mu.shape}, {gt.shape}, {cov.shape}')
+    a, c = cov[:, 0, 0], cov[:, 1, 1]
+    b = (cov[:, 0, 1] + cov[:, 1, 0]) / 2
+    det = a * c - b * b
+    bad = ~((a > 0) & (det > 0))
+    if bad.any():
+        raise ValueError(f'{bad.sum()} covariances are not positive definite, e.g. rows {np.flatnonzero(bad)[:5]}')
+    d0, d1 = gt[:, 0] - mu[:, 0], gt[:, 1] - mu[:, 1]
+    maha2 = (c * d0 * d0 - 2 * b * d0 * d1 + a * d1 * d1) / det           # (Q,)
+    return {'1sigma': _fraction(maha2 <= 1.0), '2sigma': _fraction(maha2 <= 4.0),
+            'expected_1sigma': float(1 - np.exp(-0.5)), 'expected_2sigma': float(1 - np.exp(-2.0)),
+            'n': int(maha2.size)}
+
+
+def rank_correlation(u, err):
+    """Spearman rank correlation of uncertainty u (Q,) and error err (Q,); ties get average
+    ranks. NaN when Q < 2 or either array is constant."""
+    from scipy.stats import rankdata
+    u, err = _same_length(u, err)
+    if u.size < 2:
+        return float('nan')
+    ru, re = rankdata(u), rankdata(err)
+    ru, re = ru - ru.mean(), re - re.mean()
+    denom = np.sqrt((ru * ru).sum() * (re * re).sum())
+    return float((ru * re).sum() / denom) if denom > 0 else float('nan')
+
+
+def sparsification(u, err, steps=20):
+    """Sparsification curve: mean error left after removing the fraction f of queries with the
+    largest uncertainty, for f = 0, 1/steps, ..., (steps-1)/steps (int(f·Q) queries removed);
+    the oracle removes the largest errors instead.
+
+    Returns {'fractions', 'curve', 'oracle' (lists), 'ause': area between curve and oracle,
+    'auc': area under the curve (trapezoid over fractions)}. NaN everywhere when Q = 0.
+    """
+    u, err = _same_length(u, err)
+    steps = int(steps)
+    if steps < 2:
+        raise ValueError(f'steps must be >= 2, got {steps}')
+    fractions = np.arange(steps) / steps
+    n_keep = u.size - (fractions * u.size).astype(np.int64)               # (steps,), >= 1 if Q > 0
+
+    def kept_mean(order):
+        if u.size == 0:
+            return np.full(steps, np.nan)
+        return np.cumsum(err[order])[n_keep - 1] / n_keep
+
+    curve = kept_mean(np.argsort(u, kind='stable'))       # keep the least uncertain first
+    oracle = kept_mean(np.argsort(err, kind='stable'))
+    return {'fractions': fractions.tolist(), 'curve': curve.tolist(), 'oracle': oracle.tolist(),
+            'ause': _trapezoid(curve - oracle, fractions), 'auc': _trapezoid(curve, fractions)}
+
+
+def _same_length(u, err):
+    u, err = np.asarray(u, np.float64), np.asarray(err, np.float64)
+    if u.ndim != 1 or u.shape != err.shape:
+        raise ValueError(f'u and err must be (Q,) arrays of one length, got {u.shape} and {err.shape}')
+    return u, err
+
+
+def _trapezoid(y, x):
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
+
+# ---------------------------------------------------------------------------------------------
+# Figures (matplotlib's object API with the Agg canvas: no pyplot, no global backend switch)
+
+
+def plot_localisation(path, pano_bgr, sat_bgr, gt_rc, pred_rc, heatmap=None, cov=None, title=''):
+    """Panorama above, aerial tile below with the true point, the predicted point, an optional
+    heatmap overlay and the 1σ / 2σ ellipses of an optional covariance.
+
+    pano_bgr, sat_bgr: (H, W, 3) BGR, uint8 or float with VGG_MEAN_BGR subtracted (added back).
+    gt_rc, pred_rc: (row, col) pixels of the 640-px tile frame (scaled to the tile's real size).
+    heatmap: (h, w) any size, stretched over the tile. cov: (2, 2) pixels² of the 640-px frame in
+    (row, col) order, centred on pred_rc; a covariance of (dy, dx) needs its off-diagonal negated
+    (row = 320 + dy, col = 320 - dx). Writes a PNG and returns path.
+    """
+    pano, sat = _rgb_uint8(pano_bgr, 'pano_bgr'), _rgb_uint8(sat_bgr, 'sat_bgr')
+    scale = np.array([sat.shape[0], sat.shape[1]], np.float64) / TILE_PX
+    gt = np.asarray(gt_rc, np.float64) * scale
+    pred = np.asarray(pred_rc, np.float64) * scale
+
+    fig = _figure((6.0, 6.0 * (pano.shape[0] / pano.shape[1] + sat.shape[0] / sat.shape[1]) + 0.8))
+    grid = fig.add_gridspec(2, 1, height_ratios=[pano.shape[0] / pano.shape[1], sat.shape[0] / sat.shape[1]])
+    ax = fig.add_subplot(grid[0])
+    ax.imshow(pano)
+    ax.set_axis_off()
+    ax.set_title(title)
+    ax = fig.add_subplot(grid[1])
+    ax.imshow(sat)
+    extent = (-0.5, sat.shape[1] - 0.5, sat.shape[0] - 0.5, -0.5)
+    if heatmap is not None:
+        heatmap = np.asarray(heatmap, np.float64)
+        if heatmap.ndim != 2:
+            raise ValueError(f'heatmap must be 2-D, got shape {heatmap.shape}')
+        ax.imshow(heatmap, extent=extent, alpha=0.45, cmap='jet', interpolation='bilinear')
+    if cov is not None:
+        cov = np.asarray(cov, np.float64)
+        if cov.shape != (2, 2):
+            raise ValueError(f'cov must be (2, 2), got {cov.shape}')
+        eigval, eigvec = np.linalg.eigh((cov + cov.T) / 2)
+        if eigval[0] <= 0:
+            raise ValueError(f'cov is not positive definite: eigenvalues {eigval}')
+        t = np.linspace(0, 2 * np.pi, 200)
+        circle = np.stack([np.cos(t), np.sin(t)])                          # (2, 200)
+        axes = eigvec * np.sqrt(eigval)                                    # columns: σ axes, (row, col)
+        for k, style in ((1, '-'), (2, '--')):
+            rc = pred[:, None] + k * scale[:, None] * (axes @ circle)      # (2, 200)
+            ax.plot(rc[1], rc[0], style, color='yellow', lw=1.5, label=f'{k}σ')
+    ax.plot(gt[1], gt[0], '*', color='lime', ms=14, mec='black', label='ground truth')
+    ax.plot(pred[1], pred[0], 'X', color='red', ms=11, mec='black', label='prediction')
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    ax.set_axis_off()
+    ax.legend(loc='lower right', fontsize=8)
+    return _save(fig, path)
+
+
+def plot_recall_curve(path, ranks, n_ref, kmax=None):
+    """Recall@k against k = 1..kmax (default: max(10, the 1 % cut-off)) from ranks (Q,)."""
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 1 or ranks.size == 0:
+        raise ValueError(f'ranks must be a non-empty (Q,) array, got shape {ranks.shape}')
+    n_ref = int(n_ref)
+    kmax = min(n_ref, max(10, int(0.01 * n_ref) + 1)) if kmax is None else int(kmax)
+    k = np.arange(1, kmax + 1)
+    recall = np.cumsum(np.bincount(np.minimum(ranks, kmax), minlength=kmax + 1))[:kmax] / ranks.size
+    fig = _figure((5.0, 4.0))
+    ax = fig.add_subplot()
+    ax.plot(k, 100 * recall, '-', lw=2)
+    ax.set_xscale('log')
+    ax.set_xlabel('k')
+    ax.set_ylabel('recall@k (%)')
+    ax.set_ylim(0, 100)
+    ax.set_title(f'{ranks.size} queries, {n_ref} references')
+    ax.grid(True, which='both', alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_metres(path, summary):
+    """Fraction of queries localised within t metres (localisation_summary's curves)."""
+    t = summary['thresholds_m']
+    fig = _figure((5.0, 4.0))
+    ax = fig.add_subplot()
+    for subset, colour in (('all', 'tab:blue'), ('top1_correct', 'tab:orange')):
+        s = summary[subset]
+        ax.plot(t, 100 * np.asarray(s['accuracy']), '-', color=colour, label=f'{subset}, offset (n={s["count"]})')
+        ax.plot(t, 100 * np.asarray(s['accuracy_centre']), '--', color=colour, label=f'{subset}, tile centre')
+    ax.set_xlabel('threshold (m)')
+    ax.set_ylabel('queries within threshold (%)')
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_sparsification(path, sp):
+    """Sparsification curve and oracle (sparsification's output)."""
+    fig = _figure((5.0, 4.0))
+    ax = fig.add_subplot()
+    f = 100 * np.asarray(sp['fractions'])
+    ax.plot(f, sp['curve'], '-o', ms=3, label='by uncertainty')
+    ax.plot(f, sp['oracle'], '--', label='oracle (by error)')
+    ax.set_xlabel('queries removed (%)')
+    ax.set_ylabel('mean error of the rest')
+    ax.set_title(f'AUSE {sp["ause"]:.3g}, AUC {sp["auc"]:.3g}')
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _rgb_uint8(img, name):
+    img = np.asarray(img)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f'{name} must be (H, W, 3) BGR, got shape {img.shape}')
+    if np.issubdtype(img.dtype, np.floating):
+        img = np.clip(img + np.asarray(VGG_MEAN_BGR), 0, 255).astype(np.uint8)
+    return img[..., ::-1]
+
+
+def _figure(figsize):
+    from matplotlib.figure import Figure
+    return Figure(figsize=figsize, dpi=100, layout='constrained')
+
+
+def _save(fig, path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format='png')
+    return path

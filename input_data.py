@@ -1,0 +1,393 @@
+"""VIGOR and (resampled) CVACT: split parsing, validation, batch sampling and tf.data pipelines.
+
+This is the one place that knows the datasets' file layout (SPEC §1, §7). Everything takes explicit
+arguments; nothing reads flags. Bad input raises DataError with a one-line message naming the file
+(and line) and what was expected.
+"""
+import dataclasses
+import math
+import os
+
+import cv2
+import numpy as np
+import tensorflow as tf
+
+from model import VGG_MEAN_BGR
+
+VIGOR_CITIES = ('NewYork', 'Seattle', 'SanFrancisco', 'Chicago')
+CROSS_AREA = {'train': ('NewYork', 'Seattle'), 'test': ('SanFrancisco', 'Chicago')}
+# Metres per pixel of the 640-px tile: SliceMatch's per-city figures (corrected labels); the
+# original labels assume 0.114 everywhere.
+CORRECTED_MPP = {'NewYork': 0.113248, 'Seattle': 0.100817, 'SanFrancisco': 0.118141, 'Chicago': 0.111262}
+ORIGINAL_MPP = 0.114
+BAD_INPUT = 'BAD INPUT: '  # marks our messages when they cross a tf.data boundary
+
+
+class DataError(ValueError):
+    """Bad dataset input; str() is a one-line message naming the file (and line)."""
+
+
+@dataclasses.dataclass
+class Split:
+    """One split: queries (panoramas), the reference set (aerial tiles) and their geometry.
+
+    tiles[q] = reference indices of (positive, semi1, semi2, semi3); -1 = not in the reference set.
+    deltas[q] = (dy, dx) per tile, pixels of the 640-px tile. positions are (lat, lon) degrees when
+    metric == 'haversine', (north, east) metres when metric == 'euclidean'.
+    """
+    name: str
+    pano_paths: list
+    tile_paths: list
+    tiles: np.ndarray          # (Q, 4) int64
+    deltas: np.ndarray         # (Q, 4, 2) float32
+    mpp: np.ndarray            # (Q,) float64, metres per pixel of the 640-px tile
+    tile_centres: np.ndarray   # (N, 2)
+    gt_positions: np.ndarray   # (Q, 2)
+    metric: str
+
+    def __len__(self):
+        return len(self.pano_paths)
+
+
+def _fail(msg):
+    raise DataError(msg)
+
+
+def _read_lines(path, what):
+    if not os.path.isfile(path):
+        _fail(f'{path}: {what} not found')
+    with open(path) as f:
+        lines = [(i + 1, line.strip()) for i, line in enumerate(f)]
+    lines = [(n, line) for n, line in lines if line]
+    if not lines:
+        _fail(f'{path}: {what} is empty')
+    return lines
+
+
+def parse_label_file(path):
+    """13-token VIGOR label lines -> list of (line_no, pano, [4 tile names], (4, 2) deltas)."""
+    out, seen = [], {}
+    for n, line in _read_lines(path, 'split file'):
+        tok = line.split()
+        if len(tok) != 13:
+            _fail(f'{path}:{n}: expected 13 space-separated tokens '
+                  f'(pano sat dy dx + 3 x semi dy dx), got {len(tok)}')
+        try:
+            deltas = np.array([[float(tok[2 + 3 * k]), float(tok[3 + 3 * k])] for k in range(4)], np.float32)
+        except ValueError:
+            _fail(f'{path}:{n}: a delta is not a number')
+        if not np.all(np.isfinite(deltas)):
+            _fail(f'{path}:{n}: a delta is not finite')
+        if tok[0] in seen:
+            _fail(f'{path}:{n}: panorama {tok[0]} listed twice (first at line {seen[tok[0]]})')
+        seen[tok[0]] = n
+        out.append((n, tok[0], [tok[1 + 3 * k] for k in range(4)], deltas))
+    return out
+
+
+def vigor_pano_latlon(name):
+    """`<panoid>,<lat>,<lon>,.jpg` -> (lat, lon)."""
+    parts = name.split(',')
+    return float(parts[1]), float(parts[2])
+
+
+def vigor_sat_latlon(name):
+    """`satellite_<lat>_<lon>.png` -> (lat, lon)."""
+    parts = name[:-4].split('_')
+    return float(parts[1]), float(parts[2])
+
+
+def vigor_split_file(root, city, split, area, labels):
+    """Path of a city's label file for ('train'|'test', 'same'|'cross', 'original'|'corrected')."""
+    stem = f'same_area_balanced_{split}' if area == 'same' else 'pano_label_balanced'
+    if labels == 'corrected':
+        return os.path.join(root, 'splits__corrected', city, f'{stem}__corrected.txt')
+    return os.path.join(root, 'splits', city, f'{stem}.txt')
+
+
+def offset_position(centre, delta, mpp, metric):
+    """Move a tile centre by a VIGOR delta (dy > 0: south, dx > 0: west) of `mpp` metres per px."""
+    north, east = -delta[..., 0] * mpp, -delta[..., 1] * mpp
+    if metric == 'euclidean':
+        return np.stack([centre[..., 0] + north, centre[..., 1] + east], -1)
+    r = 6371004.0
+    lat = centre[..., 0] + np.degrees(north / r)
+    lon = centre[..., 1] + np.degrees(east / (r * np.cos(np.radians(centre[..., 0]))))
+    return np.stack([lat, lon], -1)
+
+
+def load_vigor(root, split, area='same', labels='original', cities=None, check_files=True):
+    """Parse and validate one VIGOR split. Same-area references: every tile of all cities;
+    cross-area: the tiles of that side's cities (train NewYork+Seattle, test SanFrancisco+Chicago)."""
+    if not os.path.isdir(root):
+        _fail(f'{root}: VIGOR dataset root not found (see data/DATASET.md)')
+    if area not in ('same', 'cross') or split not in ('train', 'test') or labels not in ('original', 'corrected'):
+        _fail(f'unknown split {split!r} / area {area!r} / labels {labels!r}')
+    cities = tuple(cities or (VIGOR_CITIES if area == 'same' else CROSS_AREA[split]))
+    tile_paths, tile_index, tile_city = [], {}, []
+    for ci, city in enumerate(cities):
+        list_path = os.path.join(root, 'splits', city, 'satellite_list.txt')
+        for n, name in _read_lines(list_path, 'satellite list'):
+            if name in tile_index:
+                _fail(f'{list_path}:{n}: tile {name} listed twice')
+            tile_index[name] = len(tile_paths)
+            tile_paths.append(os.path.join(root, city, 'satellite', name))
+            tile_city.append(ci)
+    tile_centres = np.array([vigor_sat_latlon(os.path.basename(p)) for p in tile_paths], np.float64)
+
+    pano_paths, tiles, deltas, mpp, pano_gps = [], [], [], [], []
+    for city in cities:
+        path = vigor_split_file(root, city, split, area, labels)
+        city_mpp = CORRECTED_MPP.get(city, ORIGINAL_MPP) if labels == 'corrected' else ORIGINAL_MPP
+        for n, pano, names, d in parse_label_file(path):
+            idx = []
+            for k, name in enumerate(names):
+                if name not in tile_index:
+                    if k == 0:
+                        _fail(f'{path}:{n}: tile {name} is not in satellite_list.txt of {cities}')
+                    idx.append(-1)  # a semi-positive outside the reference set (cross-area border)
+                else:
+                    idx.append(tile_index[name])
+            try:
+                pano_gps.append(vigor_pano_latlon(pano))
+            except (IndexError, ValueError):
+                _fail(f'{path}:{n}: panorama name {pano} is not <id>,<lat>,<lon>,.jpg')
+            pano_paths.append(os.path.join(root, city, 'panorama', pano))
+            tiles.append(idx)
+            deltas.append(d)
+            mpp.append(city_mpp)
+    tiles = np.array(tiles, np.int64)
+    deltas = np.stack(deltas).astype(np.float32)
+    mpp = np.array(mpp, np.float64)
+    if labels == 'corrected':  # the corrected deltas, not the names' GPS, are the ground truth
+        gt = offset_position(tile_centres[tiles[:, 0]], deltas[:, 0].astype(np.float64), mpp, 'haversine')
+    else:
+        gt = np.array(pano_gps, np.float64)
+    if check_files:
+        _check_exist(pano_paths, 'panorama')
+        _check_exist(tile_paths, 'aerial tile')
+    return Split(f'VIGOR {area}-area {split} ({labels} labels)', pano_paths, tile_paths, tiles, deltas,
+                 mpp, tile_centres, gt, 'haversine')
+
+
+def _check_exist(paths, what):
+    for p in paths:
+        if not os.path.isfile(p):
+            _fail(f'{p}: {what} not found')
+
+
+def load_cvact(cvact_root, resampled_root, split, mpp_1200):
+    """Resampled CVACT (samples_on_cvact.py) in VIGOR line format; geometry from ACT_data.mat UTM.
+
+    mpp_1200: metres per pixel of the original 1200x1200 aerial; a 600-px crop shown as a 640-px
+    tile has mpp_1200 * 600 / 640 m/px.
+    """
+    from samples_on_cvact import load_act_data
+    for d, what in ((cvact_root, 'CVACT root'), (resampled_root, 'resampled CVACT (run samples_on_cvact.py)')):
+        if not os.path.isdir(d):
+            _fail(f'{d}: {what} not found')
+    act = load_act_data(os.path.join(cvact_root, 'ACT_data.mat'))
+    utm = {pid: act['utm'][i] for i, pid in enumerate(act['pano_ids'])}
+    name = 'train' if split == 'train' else 'test'
+    list_path = os.path.join(resampled_root, 'splits', f'satellite_list_{name}.txt')
+    tile_names = [t for _, t in _read_lines(list_path, 'satellite list')]
+    tile_index = {t: i for i, t in enumerate(tile_names)}
+    tile_paths = [os.path.join(resampled_root, 'satellite', t) for t in tile_names]
+    mpp = mpp_1200 * 600.0 / 640.0
+    path = os.path.join(resampled_root, 'splits', f'{name}.txt')
+    pano_paths, tiles, deltas, gt = [], [], [], []
+    tile_centres = np.full((len(tile_names), 2), np.nan)
+    for n, pano, names, d in parse_label_file(path):
+        pid = pano[:-len('_grdView.jpg')] if pano.endswith('_grdView.jpg') else pano
+        if pid not in utm:
+            _fail(f'{path}:{n}: panorama {pid} is not in ACT_data.mat')
+        east, north = utm[pid]
+        idx = []
+        for k, t in enumerate(names):
+            if t not in tile_index:
+                _fail(f'{path}:{n}: tile {t} is not in {list_path}')
+            idx.append(tile_index[t])
+            # the crop's centre lies (dy, dx) px north/east of the panorama (VIGOR convention)
+            tile_centres[tile_index[t]] = (north + d[k, 0] * mpp, east + d[k, 1] * mpp)
+        pano_paths.append(os.path.join(cvact_root, 'streetview', pano))
+        tiles.append(idx)
+        deltas.append(d)
+        gt.append((north, east))
+    if np.isnan(tile_centres).any():
+        _fail(f'{list_path}: some tiles belong to no panorama of {path}')
+    _check_exist(pano_paths, 'panorama')
+    _check_exist(tile_paths, 'aerial crop')
+    q = len(pano_paths)
+    return Split(f'CVACT {name}', pano_paths, tile_paths, np.array(tiles, np.int64),
+                 np.stack(deltas).astype(np.float32), np.full(q, mpp), tile_centres,
+                 np.array(gt, np.float64), 'euclidean')
+
+
+# ----------------------------------------------------------------------------- images
+
+def read_image(path, hw, kind):
+    """Read with OpenCV (BGR), check, resize with INTER_AREA to hw = (H, W), subtract the VGG mean.
+
+    kind: 'panorama' (expects W = 2H) or 'aerial' (expects a square). Returns float32 [H, W, 3].
+    """
+    if isinstance(path, bytes):
+        path = path.decode()
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        _fail(f'{path}: unreadable image (missing, corrupt or not JPEG/PNG)')
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        _fail(f'{path}: expected a 3-channel colour {kind}, got a grayscale image')
+    if img.shape[2] == 4:
+        img = img[:, :, :3]
+    h, w = img.shape[:2]
+    if kind == 'panorama' and w != 2 * h:
+        _fail(f'{path}: expected a 360-degree panorama with width = 2 x height, got {w}x{h}')
+    if kind == 'aerial' and w != h:
+        _fail(f'{path}: expected a square aerial image, got {w}x{h}')
+    if (h, w) != tuple(hw):
+        img = cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
+    return img.astype(np.float32) - np.array(VGG_MEAN_BGR, np.float32)
+
+
+def _tf_read(path, hw, kind):
+    def read(p):
+        try:
+            return read_image(p, hw, kind)
+        except DataError as e:  # crosses tf.data as an op error; the CLI unwraps BAD_INPUT
+            raise ValueError(BAD_INPUT + str(e)) from None
+    img = tf.numpy_function(read, [path], tf.float32, stateful=False)
+    return tf.ensure_shape(img, [hw[0], hw[1], 3])
+
+
+def image_dataset(paths, hw, kind, batch, threads=tf.data.AUTOTUNE):
+    """Deterministic batches of (images, index) over `paths`, for descriptor extraction."""
+    ds = tf.data.Dataset.from_tensor_slices((np.array(paths), np.arange(len(paths), dtype=np.int64)))
+    ds = ds.map(lambda p, i: (_tf_read(p, hw, kind), i), num_parallel_calls=threads, deterministic=True)
+    return ds.batch(batch).prefetch(2)
+
+
+def pair_dataset(split, queries, tile_idx, grd_hw, sat_side, batch):
+    """Batches of (grd, sat, i) for the panorama `queries[i]` with the tile `tile_idx[i]`."""
+    pano = np.array(split.pano_paths)[queries]
+    tile = np.array(split.tile_paths)[tile_idx]
+    ds = tf.data.Dataset.from_tensor_slices((pano, tile, np.arange(len(pano), dtype=np.int64)))
+    ds = ds.map(lambda p, t, q: (_tf_read(p, grd_hw, 'panorama'), _tf_read(t, (sat_side, sat_side), 'aerial'), q),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch).prefetch(2)
+
+
+# ----------------------------------------------------------------------------- training batches
+
+class BatchSampler:
+    """Training batches with no aerial tile twice (SPEC §2), reproducible from (seed, epoch).
+
+    Each slot picks a random positive tile, then a random panorama whose positive it is; a panorama
+    is rejected if any of its 4 tiles is already among the batch's tiles. With a hard-negative table
+    (hard[p] = tile ids ranked close to panorama p), half of the batch is random and each of those
+    items brings one panorama whose positive is among its hard tiles.
+    """
+
+    def __init__(self, split, batch, seed, max_tries=100):
+        self.split, self.batch, self.seed, self.max_tries = split, batch, seed, max_tries
+        self.panos_of_tile = {}
+        for p, t in enumerate(split.tiles[:, 0]):
+            self.panos_of_tile.setdefault(int(t), []).append(p)
+        self.pos_tiles = np.array(sorted(self.panos_of_tile), np.int64)
+        self.steps_per_epoch = len(split) // batch
+        if self.steps_per_epoch == 0:
+            _fail(f'{split.name}: {len(split)} panoramas, fewer than one batch of {batch}')
+        if len(self.pos_tiles) < batch:
+            _fail(f'{split.name}: only {len(self.pos_tiles)} positive tiles, a batch of {batch} '
+                  'needs that many distinct tiles')
+
+    def _tiles(self, p):
+        return [int(t) for t in self.split.tiles[p] if t >= 0]
+
+    def _try_add(self, p, chosen, used):
+        tiles = self._tiles(p)
+        if p in chosen or any(t in used for t in tiles):
+            return False
+        chosen.append(p)
+        used.update(tiles)
+        return True
+
+    def _random_item(self, rng, chosen, used):
+        for _ in range(self.max_tries * 10):
+            t = self.pos_tiles[rng.integers(len(self.pos_tiles))]
+            cands = self.panos_of_tile[int(t)]
+            if self._try_add(cands[rng.integers(len(cands))], chosen, used):
+                return True
+        return False
+
+    def epoch_plan(self, epoch, hard=None):
+        """-> (panos [steps, B] int64, semi choice [steps, B] int64 in 1..3) for this epoch."""
+        rng = np.random.default_rng([self.seed, epoch])
+        panos = np.zeros((self.steps_per_epoch, self.batch), np.int64)
+        for s in range(self.steps_per_epoch):
+            chosen, used = [], set()
+            n_random = self.batch if hard is None else (self.batch + 1) // 2
+            while len(chosen) < n_random:
+                if not self._random_item(rng, chosen, used):
+                    _fail(f'{self.split.name}: cannot fill a batch of {self.batch} without repeating a tile')
+            if hard is not None:
+                for anchor in list(chosen):
+                    if len(chosen) == self.batch:
+                        break
+                    for _ in range(self.max_tries):
+                        t = int(hard[anchor][rng.integers(hard.shape[1])])
+                        cands = self.panos_of_tile.get(t)
+                        if cands and self._try_add(cands[rng.integers(len(cands))], chosen, used):
+                            break
+                    else:
+                        self._random_item(rng, chosen, used)
+                while len(chosen) < self.batch:
+                    if not self._random_item(rng, chosen, used):
+                        _fail(f'{self.split.name}: cannot fill a batch of {self.batch} without repeating a tile')
+            panos[s] = chosen
+        semi = self._semi_choice(rng, panos)
+        return panos, semi
+
+    def _semi_choice(self, rng, panos):
+        """One random semi-positive (1..3) per item among those in the reference set."""
+        semi = np.zeros(panos.shape, np.int64)
+        for idx in np.ndindex(panos.shape):
+            valid = [k for k in (1, 2, 3) if self.split.tiles[panos[idx], k] >= 0]
+            semi[idx] = valid[rng.integers(len(valid))]
+        return semi
+
+
+def train_dataset(split, panos, semi, grd_hw, sat_side, batch):
+    """tf.data over a plan's items (flattened [steps * B]): dict batches of
+    grd [B,H,W,3], sat [B,S,S,3], semi [B,S,S,3], delta / delta_semi [B,2], pano, semi_k [B]."""
+    panos, semi = panos.reshape(-1), semi.reshape(-1)
+    pos_tile = split.tiles[panos, 0]
+    semi_tile = split.tiles[panos, semi]
+    items = {
+        'grd_path': np.array(split.pano_paths)[panos],
+        'sat_path': np.array(split.tile_paths)[pos_tile],
+        'semi_path': np.array(split.tile_paths)[semi_tile],
+        'delta': split.deltas[panos, 0],
+        'delta_semi': split.deltas[panos, semi],
+        'pano': panos, 'semi_k': semi, 'sat_idx': pos_tile, 'semi_idx': semi_tile,
+    }
+    sat_hw = (sat_side, sat_side)
+
+    def load(x):
+        out = {k: v for k, v in x.items() if not k.endswith('_path')}
+        out['grd'] = _tf_read(x['grd_path'], grd_hw, 'panorama')
+        out['sat'] = _tf_read(x['sat_path'], sat_hw, 'aerial')
+        out['semi'] = _tf_read(x['semi_path'], sat_hw, 'aerial')
+        return out
+
+    ds = tf.data.Dataset.from_tensor_slices(items)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch, drop_remainder=True).prefetch(2)
+
+
+def unwrap_error(exc):
+    """The one-line message of a DataError raised inside tf.data, or None."""
+    text = str(exc)
+    i = text.find(BAD_INPUT)
+    if i < 0:
+        return None
+    return text[i + len(BAD_INPUT):].splitlines()[0].strip()

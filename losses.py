@@ -1,0 +1,88 @@
+"""Losses of the four stages (SPEC §4), as pure functions of tensors.
+
+Descriptors passed to the retrieval losses are L2-normalised. Deltas are (dy, dx) pixels of the
+640-px tile in VIGOR's convention; points (mu, gt) are (row, col) of that frame.
+"""
+import math
+
+import tensorflow as tf
+
+
+def triplet_loss(grd, sat, alpha=10.0, grd_all=None, sat_all=None, row_offset=0):
+    """Weighted soft-margin triplet loss over all in-batch negatives, both directions averaged.
+
+    d = 2 - 2 sat.grd^T; loss = sum_{i != j} log(1 + exp(alpha (d_ii - d_ij))) / (B (B - 1)).
+    grd, sat: [b, D] this replica's anchors. grd_all, sat_all: [B, D] the global batch (all replicas,
+    gathered) whose rows row_offset .. row_offset + b are this replica's; summing the returned value
+    over replicas gives the single-device loss of the global batch exactly.
+    """
+    grd_all = grd if grd_all is None else grd_all
+    sat_all = sat if sat_all is None else sat_all
+    b = tf.shape(grd)[0]
+    n = tf.cast(tf.shape(grd_all)[0], tf.float32)
+    d_pos = 2.0 - 2.0 * tf.reduce_sum(grd * sat, -1)                       # (b,)
+    d_g2s = 2.0 - 2.0 * tf.matmul(grd, sat_all, transpose_b=True)          # (b, B) ground anchor
+    d_s2g = 2.0 - 2.0 * tf.matmul(sat, grd_all, transpose_b=True)          # (b, B) aerial anchor
+    not_self = 1.0 - tf.one_hot(tf.range(b) + row_offset, tf.shape(grd_all)[0])
+    g2s = tf.reduce_sum(tf.nn.softplus(alpha * (d_pos[:, None] - d_g2s)) * not_self)
+    s2g = tf.reduce_sum(tf.nn.softplus(alpha * (d_pos[:, None] - d_s2g)) * not_self)
+    return (g2s + s2g) / 2.0 / (n * (n - 1.0))
+
+
+def iou(delta):
+    """VIGOR's IoU proxy of a tile with a 640-px window centred on the point: [B, 2] -> [B]."""
+    overlap = (1.0 - tf.abs(delta[:, 0]) / 640.0) * (1.0 - tf.abs(delta[:, 1]) / 640.0)
+    return 1.0 / (1.0 - overlap / 2.0) - 1.0
+
+
+def iou_ratio(delta_pos, delta_semi):
+    return iou(delta_semi) / iou(delta_pos)
+
+
+def iou_ratio_loss(grd, sat_pos, sat_semi, delta_pos, delta_semi):
+    """VIGOR's IoU-aware loss: mean((s2/s1 - IoU(semi)/IoU(pos))^2) / 10 with cosine s1, s2."""
+    s1 = tf.reduce_sum(grd * sat_pos, -1)
+    s2 = tf.reduce_sum(grd * sat_semi, -1)
+    return tf.reduce_mean((s2 / s1 - iou_ratio(delta_pos, delta_semi)) ** 2) / 10.0
+
+
+def offset_loss(pred, delta):
+    """VIGOR offset loss: mean(sum (pred - delta/320)^2) / 100; pred = raw head output [B, 2]."""
+    return tf.reduce_mean(tf.reduce_sum((pred - delta / 320.0) ** 2, -1)) / 100.0
+
+
+def heatmap_loss(mu, gt):
+    """E_2_1: mean Euclidean distance (pixels of the 640 frame) / 10000."""
+    return tf.reduce_mean(tf.norm(gt - mu, axis=-1)) / 10000.0
+
+
+def gaussian_nll(mu, chol, gt, eps=1e-6):
+    """Bivariate Gaussian NLL: 1/2 log(det Sigma + eps) + 1/2 r^T Sigma^-1 r + log 2 pi, mean over B.
+
+    chol = (l0, l1, l2), L = [[l0, 0], [l1, l2]], Sigma = L L^T. The Mahalanobis term is solved
+    through L (z = L^-1 r), never by inverting Sigma.
+    """
+    l0, l1, l2 = chol[:, 0], chol[:, 1], chol[:, 2]
+    r = gt - mu
+    z0 = r[:, 0] / l0
+    z1 = (r[:, 1] - l1 * z0) / l2
+    log_det = tf.math.log((l0 * l2) ** 2 + eps)
+    return tf.reduce_mean(0.5 * log_det + 0.5 * (z0 * z0 + z1 * z1) + math.log(2.0 * math.pi))
+
+
+def uncertainty_weight(u, a=0.3, b=75.0, c=2.0):
+    """E_3's W_m = 1 / (1 + c exp(a (b - u))): near 0 for confident (small u) pairs, near 1 for vague."""
+    return 1.0 / (1.0 + c * tf.exp(a * (b - u)))
+
+
+def uncertainty_ratio_loss(grd, sat_pos, sat_semi, delta_pos, delta_semi, u_semi, a=0.3, b=75.0, c=2.0):
+    """E_3: W = 1 + W_m (ratio s1/s2 - 1) under stop-gradient; mean((W s2/s1 - ratio)^2).
+
+    With W_m = 1 the target is met exactly (no push); with W_m = 0 it is VIGOR's ratio loss x 10.
+    """
+    s1 = tf.reduce_sum(grd * sat_pos, -1)
+    s2 = tf.reduce_sum(grd * sat_semi, -1)
+    ratio = iou_ratio(delta_pos, delta_semi)
+    w_m = uncertainty_weight(u_semi, a, b, c)
+    weight = tf.stop_gradient(1.0 + w_m * (ratio * s1 / s2 - 1.0))
+    return tf.reduce_mean((weight * s2 / s1 - ratio) ** 2)

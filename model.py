@@ -1,0 +1,391 @@
+"""The siamese cross-view model of all four stages, as plain tf.Modules.
+
+Two unshared VGG16 trunks (ground, aerial) + SAFA give the 4096-d retrieval descriptors; the VIGOR
+offset head (E_1), the SAMP fusion + U-Net heatmap decoder + soft-argmax (E_2_1), and the Cholesky
+covariance heads (E_2_2, E_3) sit on top. Every size follows the constructor's input sizes and width,
+so a test can build a 32x64 model in one line. Nothing here reads flags.
+
+Units: points and offsets are pixels of the 640-px aerial tile whatever the input size.
+`delta` = (dy, dx) in VIGOR's convention (point at row 320 + dy, col 320 - dx);
+`mu` = (row, col) of that frame.
+"""
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+VGG_MEAN_BGR = (103.939, 116.779, 123.6)
+TILE_FRAME = 640.0  # side of the aerial tile in the frame every offset is expressed in
+
+# (name, channels) of the VGG16 conv layers; 'pool' = 2x2 max-pool (4 of them: no pool5).
+VGG16_LAYERS = (
+    ('conv1_1', 64), ('conv1_2', 64), 'pool',
+    ('conv2_1', 128), ('conv2_2', 128), 'pool',
+    ('conv3_1', 256), ('conv3_2', 256), ('conv3_3', 256), 'pool',
+    ('conv4_1', 512), ('conv4_2', 512), ('conv4_3', 512), 'pool',
+    ('conv5_1', 512), ('conv5_2', 512), ('conv5_3', 512),
+)
+SKIP_LAYERS = ('conv1_2', 'conv2_2', 'conv3_3', 'conv4_3', 'conv5_3')
+
+# Parts a stage may build and restore by name (attribute names of CrossViewModel).
+RETRIEVAL_PARTS = ('grd_trunk', 'sat_trunk', 'grd_safa', 'sat_safa')
+HEATMAP_PARTS = ('pos_fusion', 'pos_decoder', 'semi_fusion', 'semi_decoder')
+CHOLESKY_PARTS = ('pos_cholesky', 'semi_cholesky')
+ALL_PARTS = RETRIEVAL_PARTS + ('offset_head',) + HEATMAP_PARTS + CHOLESKY_PARTS
+
+
+class Init:
+    """Seeded numpy initialisers: the same seed builds bit-identical weights on any device."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def normal(self, shape, std):
+        return (self.rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
+
+    def truncated_normal(self, shape, std):
+        x = self.rng.standard_normal(shape, dtype=np.float32)
+        bad = np.abs(x) > 2
+        while bad.any():  # resample outside 2 sigma, as tf.truncated_normal does
+            x[bad] = self.rng.standard_normal(int(bad.sum()), dtype=np.float32)
+            bad = np.abs(x) > 2
+        return x * np.float32(std)
+
+    def glorot_normal(self, shape, fan_in, fan_out):
+        return self.truncated_normal(shape, math.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566)
+
+    def he_normal(self, shape, fan_in):
+        return self.truncated_normal(shape, math.sqrt(2.0 / fan_in) / 0.87962566)
+
+
+def _var(value, name):
+    return tf.Variable(value, name=name)
+
+
+class Conv(tf.Module):
+    """3x3 (or kxk) stride-1 SAME convolution, NHWC."""
+
+    def __init__(self, init, cin, cout, k=3, he=False, bias=0.0, name=None):
+        super().__init__(name=name)
+        fan_in, fan_out = k * k * cin, k * k * cout
+        w = init.he_normal((k, k, cin, cout), fan_in) if he else init.glorot_normal((k, k, cin, cout), fan_in, fan_out)
+        self.w = _var(w, 'w')
+        self.b = _var(np.full((cout,), bias, np.float32), 'b')
+
+    def __call__(self, x, relu=True):
+        y = tf.nn.conv2d(x, tf.cast(self.w, x.dtype), 1, 'SAME') + tf.cast(self.b, x.dtype)
+        return tf.nn.relu(y) if relu else y
+
+
+class Deconv(tf.Module):
+    """Stride-s transposed convolution (k = max(3, s)), NHWC, output = s x input."""
+
+    def __init__(self, init, cin, cout, stride, name=None):
+        super().__init__(name=name)
+        k = max(3, stride)
+        self.stride = stride
+        self.w = _var(init.glorot_normal((k, k, cout, cin), k * k * cin, k * k * cout), 'w')
+        self.b = _var(np.zeros((cout,), np.float32), 'b')
+
+    def __call__(self, x):
+        b, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+        out_shape = tf.stack([b, h * self.stride, w * self.stride, self.w.shape[2]])
+        y = tf.nn.conv2d_transpose(x, tf.cast(self.w, x.dtype), out_shape, self.stride, 'SAME')
+        y = tf.ensure_shape(y, [None, h * self.stride, w * self.stride, self.w.shape[2]])
+        return tf.nn.relu(y + tf.cast(self.b, x.dtype))
+
+
+class Dense(tf.Module):
+    def __init__(self, init, cin, cout, name=None):
+        super().__init__(name=name)
+        self.w = _var(init.glorot_normal((cin, cout), cin, cout), 'w')
+        self.b = _var(np.zeros((cout,), np.float32), 'b')
+
+    def __call__(self, x):
+        return tf.matmul(x, tf.cast(self.w, x.dtype)) + tf.cast(self.b, x.dtype)
+
+
+def channels(c, width):
+    """Channel count of a layer that has `c` channels in the paper's network."""
+    return max(4, int(round(c * width)))
+
+
+class VGG16(tf.Module):
+    """conv1_1 ... conv5_3 with 4 max-pools, then one extra 2x2 max-pool (input / 32)."""
+
+    def __init__(self, init, width=1.0, name=None):
+        super().__init__(name=name)
+        self.convs = []
+        cin = 3
+        for layer in VGG16_LAYERS:
+            if layer == 'pool':
+                continue
+            lname, c = layer
+            cout = channels(c, width)
+            self.convs.append(Conv(init, cin, cout, he=True, name=lname))
+            cin = cout
+        self.out_channels = cin
+
+    def __call__(self, x):
+        """x: [B, H, W, 3] BGR minus mean -> ([B, H/32, W/32, C], {skip name: feature})."""
+        skips, convs = {}, iter(self.convs)
+        for layer in VGG16_LAYERS:
+            if layer == 'pool':
+                x = tf.nn.max_pool2d(x, 2, 2, 'VALID')
+                continue
+            x = next(convs)(x)
+            if layer[0] in SKIP_LAYERS:
+                skips[layer[0]] = x
+        return tf.nn.max_pool2d(x, 2, 2, 'VALID'), skips
+
+    def load_npy(self, path):
+        """Load ImageNet weights from the classic TF-VGG `vgg16.npy` (dict layer -> [W, b])."""
+        weights = np.load(path, allow_pickle=True, encoding='latin1').item()
+        for conv in self.convs:
+            if conv.name not in weights:
+                raise ValueError(f'{path}: layer {conv.name} missing')
+            w, b = weights[conv.name][0], weights[conv.name][1]
+            if tuple(w.shape) != tuple(conv.w.shape) or tuple(b.shape) != tuple(conv.b.shape):
+                raise ValueError(f'{path}: layer {conv.name} has shape {tuple(w.shape)}, the model '
+                                 f'needs {tuple(conv.w.shape)} (ImageNet weights need --width 1)')
+            conv.w.assign(w)
+            conv.b.assign(b)
+
+
+class SAFA(tf.Module):
+    """Spatial-aware feature aggregation (VIGOR variant): `heads` position-weighting maps."""
+
+    def __init__(self, init, hw, heads=8, name=None):
+        super().__init__(name=name)
+        half = max(1, hw // 2)
+        self.w1 = _var(init.truncated_normal((heads, hw, half), 0.005), 'w1')
+        self.b1 = _var(np.full((heads, half), 0.1, np.float32), 'b1')
+        self.w2 = _var(init.truncated_normal((heads, half, hw), 0.005), 'w2')
+        self.b2 = _var(np.full((heads, hw), 0.1, np.float32), 'b2')
+
+    def __call__(self, x):
+        """x: [B, h, w, C] -> un-normalised descriptor [B, heads * C]."""
+        b, c = tf.shape(x)[0], x.shape[-1]
+        flat = tf.reshape(x, [b, -1, c])                                     # (B, P, C)
+        m = tf.reduce_max(flat, axis=-1)                                     # (B, P)
+        h = tf.einsum('bp,kpq->bkq', m, tf.cast(self.w1, x.dtype)) + tf.cast(self.b1, x.dtype)
+        weights = tf.einsum('bkq,kqp->bkp', h, tf.cast(self.w2, x.dtype)) + tf.cast(self.b2, x.dtype)
+        desc = tf.einsum('bpc,bkp->bkc', flat, weights)                      # (B, K, C)
+        return tf.reshape(desc, [b, -1])
+
+
+class OffsetHead(tf.Module):
+    """VIGOR offset regression: concat(aerial, ground) -> 512 ReLU -> 2 (delta / 320)."""
+
+    def __init__(self, init, dim, width=1.0, name=None):
+        super().__init__(name=name)
+        self.fc1 = Dense(init, 2 * dim, channels(512, width), name='fc1')
+        self.fc2 = Dense(init, channels(512, width), 2, name='fc2')
+
+    def __call__(self, sat, grd):
+        return self.fc2(tf.nn.relu(self.fc1(tf.concat([sat, grd], -1))))
+
+
+class Fusion(tf.Module):
+    """SAMP fusion: concat(aerial, ground) -> 4096 ReLU -> 2048 linear bottleneck."""
+
+    def __init__(self, init, dim, width=1.0, name=None):
+        super().__init__(name=name)
+        self.fc1 = Dense(init, 2 * dim, channels(4096, width), name='fc1')
+        self.fc2 = Dense(init, channels(4096, width), channels(2048, width), name='fc2')
+        self.out_dim = channels(2048, width)
+
+    def __call__(self, sat, grd):
+        return self.fc2(tf.nn.relu(self.fc1(tf.concat([sat, grd], -1))))
+
+
+class HeatmapDecoder(tf.Module):
+    """U-Net decoder from the 2048-d bottleneck to a heatmap of twice the aerial input side.
+
+    1x1 -> (side/64)x -> conv -> 2x -> conv, conv -> five 2x stages with skips from the aerial trunk
+    (conv5_3 ... conv1_2) -> 2x without skip -> conv 4 -> conv 1 (logits).
+    """
+
+    def __init__(self, init, in_dim, sat_side, width=1.0, trunk_channels=None, name=None):
+        super().__init__(name=name)
+        if sat_side % 64:
+            raise ValueError(f'aerial side {sat_side} must be divisible by 64 for the heatmap decoder')
+        ch = lambda c: channels(c, width)
+        self.factor = sat_side // 64
+        self.c2048 = ch(2048)
+        # The 1x1 -> factor x factor deconvolution of a single position is a dense projection.
+        self.project = Dense(init, in_dim, self.factor * self.factor * ch(2048), name='project')
+        self.conv0 = Conv(init, ch(2048), ch(2048), name='conv0')
+        self.up0 = Deconv(init, ch(2048), ch(1024), 2, name='up0')
+        self.conv1a = Conv(init, ch(1024), ch(512), name='conv1a')
+        self.conv1b = Conv(init, ch(512), ch(512), name='conv1b')
+        self.stages = []
+        cin = ch(512)
+        for cout, skip in zip((256, 128, 64, 32, 16), SKIP_LAYERS[::-1]):
+            up = Deconv(init, cin, ch(cout), 2, name=f'up_{skip}')
+            conv_a = Conv(init, ch(cout) + trunk_channels[skip], ch(cout), name=f'conv_{skip}_a')
+            conv_b = Conv(init, ch(cout), ch(cout), name=f'conv_{skip}_b')
+            self.stages.append((up, conv_a, conv_b))
+            cin = ch(cout)
+        self.up_last = Deconv(init, cin, ch(8), 2, name='up_last')
+        self.conv_last = Conv(init, ch(8), ch(4), name='conv_last')
+        # A small positive bias keeps relu(logits) from starting all-zero (a dead soft-argmax).
+        self.logits = Conv(init, ch(4), 1, bias=0.1, name='logits')
+
+    def __call__(self, bottleneck, skips):
+        """bottleneck [B, 2048w], skips from the aerial trunk -> heatmap [B, 2S, 2S] (>= 0)."""
+        f = self.factor
+        x = tf.nn.relu(self.project(bottleneck))
+        x = tf.reshape(x, [-1, f, f, self.c2048])
+        x = self.conv0(x)
+        x = self.conv1b(self.conv1a(self.up0(x)))
+        for (up, conv_a, conv_b), skip in zip(self.stages, SKIP_LAYERS[::-1]):
+            x = up(x)
+            x = conv_b(conv_a(tf.concat([x, skips[skip]], -1)))
+        x = self.conv_last(self.up_last(x))
+        return tf.nn.relu(self.logits(x, relu=False)[..., 0])
+
+
+class CholeskyHead(tf.Module):
+    """bottleneck -> Dense 512 sigmoid -> Dense 3 -> Cholesky factor (l0, l1, l2) in pixels.
+
+    Port: diagonal = softplus * scale + floor (always > 0), off-diagonal free, so the correlation
+    can take either sign (the original forced all three positive with elu + 1).
+    """
+
+    def __init__(self, init, in_dim, width=1.0, scale=32.0, floor=1.0, name=None):
+        super().__init__(name=name)
+        self.fc1 = Dense(init, in_dim, channels(512, width), name='fc1')
+        self.fc2 = Dense(init, channels(512, width), 3, name='fc2')
+        self.scale, self.floor = scale, floor
+
+    def __call__(self, bottleneck):
+        z = self.fc2(tf.sigmoid(self.fc1(bottleneck)))
+        z = tf.cast(z, tf.float32)
+        l0 = tf.nn.softplus(z[:, 0]) * self.scale + self.floor
+        l1 = z[:, 1] * self.scale
+        l2 = tf.nn.softplus(z[:, 2]) * self.scale + self.floor
+        return tf.stack([l0, l1, l2], -1)                                    # (B, 3)
+
+
+def cholesky_to_cov(chol):
+    """(l0, l1, l2) -> Sigma = L L^T with L = [[l0, 0], [l1, l2]]: [B, 2, 2] pixels^2."""
+    l0, l1, l2 = chol[:, 0], chol[:, 1], chol[:, 2]
+    return tf.stack([tf.stack([l0 * l0, l0 * l1], -1),
+                     tf.stack([l0 * l1, l1 * l1 + l2 * l2], -1)], -2)
+
+
+def uncertainty(chol):
+    """Scalar u = 2 sqrt(lambda_max) + 2 sqrt(lambda_min) of Sigma: the 1-sigma ellipse's axes, pixels."""
+    cov = cholesky_to_cov(chol)
+    a, b, d = cov[:, 0, 0], cov[:, 0, 1], cov[:, 1, 1]
+    mean, diff = (a + d) / 2, tf.sqrt(((a - d) / 2) ** 2 + b * b)
+    lam_max, lam_min = mean + diff, tf.maximum(mean - diff, 0.0)
+    return 2 * tf.sqrt(lam_max) + 2 * tf.sqrt(lam_min)
+
+
+def soft_argmax(heatmap, eps=1e-6):
+    """heatmap [B, h, w] >= 0 -> mu [B, 2] = (row, col) of its mass centre in the 640-px frame."""
+    heatmap = tf.cast(heatmap, tf.float32)
+    h, w = heatmap.shape[1], heatmap.shape[2]
+    rows = (tf.range(h, dtype=tf.float32) + 0.5) * (TILE_FRAME / h)
+    cols = (tf.range(w, dtype=tf.float32) + 0.5) * (TILE_FRAME / w)
+    mass = tf.reduce_sum(heatmap, [1, 2]) + eps
+    row = tf.reduce_sum(heatmap * rows[None, :, None], [1, 2]) / mass
+    col = tf.reduce_sum(heatmap * cols[None, None, :], [1, 2]) / mass
+    return tf.stack([row, col], -1)
+
+
+def delta_to_rc(delta):
+    """VIGOR delta (dy, dx) -> (row, col) in the 640-px frame."""
+    return tf.stack([TILE_FRAME / 2 + delta[..., 0], TILE_FRAME / 2 - delta[..., 1]], -1)
+
+
+def rc_to_delta(rc):
+    return tf.stack([rc[..., 0] - TILE_FRAME / 2, TILE_FRAME / 2 - rc[..., 1]], -1)
+
+
+class CrossViewModel(tf.Module):
+    """All parts of the method; `parts` says which are built (see ALL_PARTS).
+
+    grd_hw: (H, W) of the ground input, sat_side: aerial input side; both divisible by 32
+    (the aerial side by 64 when heatmap parts are built). width scales every channel count
+    (1.0 = the paper's network; 0.25 for CPU demos).
+    """
+
+    def __init__(self, grd_hw=(320, 640), sat_side=320, width=1.0, parts=RETRIEVAL_PARTS, seed=0,
+                 safa_heads=8, cholesky_scale=32.0, cholesky_floor=1.0):
+        super().__init__(name='cross_view_model')
+        unknown = set(parts) - set(ALL_PARTS)
+        if unknown:
+            raise ValueError(f'unknown model parts {sorted(unknown)}; known: {ALL_PARTS}')
+        for side in (*grd_hw, sat_side):
+            if side % 32:
+                raise ValueError(f'input sides must be divisible by 32, got {grd_hw} and {sat_side}')
+        self.grd_hw, self.sat_side, self.width = tuple(grd_hw), sat_side, width
+        self.parts = tuple(p for p in ALL_PARTS if p in parts)
+        init = Init(seed)
+        self.grd_trunk = VGG16(init, width, name='grd_trunk')
+        self.sat_trunk = VGG16(init, width, name='sat_trunk')
+        c5 = self.grd_trunk.out_channels
+        self.grd_safa = SAFA(init, (grd_hw[0] // 32) * (grd_hw[1] // 32), safa_heads, name='grd_safa')
+        self.sat_safa = SAFA(init, (sat_side // 32) ** 2, safa_heads, name='sat_safa')
+        self.dim = safa_heads * c5
+        trunk_ch = {conv.name: conv.w.shape[-1] for conv in self.sat_trunk.convs}
+        if 'offset_head' in parts:
+            self.offset_head = OffsetHead(init, self.dim, width, name='offset_head')
+        for branch in ('pos', 'semi'):
+            if f'{branch}_fusion' in parts:
+                fusion = Fusion(init, self.dim, width, name=f'{branch}_fusion')
+                setattr(self, f'{branch}_fusion', fusion)
+                setattr(self, f'{branch}_decoder', HeatmapDecoder(
+                    init, fusion.out_dim, sat_side, width, trunk_ch, name=f'{branch}_decoder'))
+            if f'{branch}_cholesky' in parts:
+                setattr(self, f'{branch}_cholesky', CholeskyHead(
+                    init, channels(2048, width), width, cholesky_scale, cholesky_floor,
+                    name=f'{branch}_cholesky'))
+
+    def part_variables(self, names):
+        out = []
+        for name in names:
+            out.extend(getattr(self, name).trainable_variables)
+        return out
+
+    def embed_grd(self, grd):
+        """grd [B, H, W, 3] -> un-normalised descriptor [B, D]."""
+        feat, _ = self.grd_trunk(grd)
+        return self.grd_safa(feat)
+
+    def embed_sat(self, sat):
+        """sat [B, S, S, 3] -> (un-normalised descriptor [B, D], skip features for the decoder)."""
+        feat, skips = self.sat_trunk(sat)
+        return self.sat_safa(feat), skips
+
+    def offset(self, sat_desc, grd_desc):
+        """VIGOR head -> predicted delta [B, 2] in pixels of the 640-px tile (regression x 320)."""
+        return tf.cast(self.offset_head(sat_desc, grd_desc), tf.float32) * (TILE_FRAME / 2)
+
+    def localise(self, branch, sat_desc, grd_desc, skips, with_cholesky=True):
+        """Heatmap branch ('pos' or 'semi') -> dict(heatmap [B,2S,2S], mu [B,2] (row, col), chol [B,3])."""
+        bottleneck = getattr(self, f'{branch}_fusion')(sat_desc, grd_desc)
+        heatmap = getattr(self, f'{branch}_decoder')(bottleneck, skips)
+        out = {'heatmap': heatmap, 'mu': soft_argmax(heatmap)}
+        if with_cholesky and f'{branch}_cholesky' in self.parts:
+            out['chol'] = getattr(self, f'{branch}_cholesky')(bottleneck)
+        return out
+
+
+def l2_normalize(x):
+    return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
+
+
+def load_imagenet(model, path, log):
+    """ImageNet-initialise both trunks from `path` when it exists; say so either way."""
+    if path and os.path.exists(path):
+        model.grd_trunk.load_npy(path)
+        model.sat_trunk.load_npy(path)
+        log(f'init: ImageNet VGG16 weights from {path}')
+        return True
+    log(f'init: random VGG16 trunks ({path or "no path"} not found; see data/DATASET.md for the weights)')
+    return False

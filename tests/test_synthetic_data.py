@@ -1,0 +1,349 @@
+"""Tests for synthetic_data.py: the labels agree with the GPS in the file names, the layout is VIGOR's and
+CVACT's, generation is deterministic and atomic, and the images carry the signal a network must learn."""
+import collections
+import filecmp
+import json
+import math
+import os
+
+import cv2
+import numpy as np
+import pytest
+import scipy.io
+
+import synthetic_data as sd
+
+SMALL = dict(seed=0, cities=('Chicago', 'Seattle'), grid=4, tile_px=64, pano_hw=(32, 64), panos_per_tile=2)
+SPLITS = {  # folder -> (file suffix, m/px the deltas are divided by)
+    'splits': ('', lambda city: sd.ORIGINAL_MPP),
+    'splits__corrected': ('__corrected', lambda city: sd.CITY_MPP[city]),
+}
+STEMS = ('same_area_balanced_train', 'same_area_balanced_test', 'pano_label_balanced')
+
+
+@pytest.fixture(scope='module')
+def vigor_root(tmp_path_factory):
+    return sd.ensure_vigor(str(tmp_path_factory.mktemp('vigor') / 'synthetic_vigor'), **SMALL)
+
+
+@pytest.fixture(scope='module')
+def cvact_root(tmp_path_factory):
+    return sd.ensure_cvact(str(tmp_path_factory.mktemp('cvact') / 'synthetic_cvact'), n_panos=6, pano_hw=(32, 64))
+
+
+def pano_latlon(name):
+    return tuple(float(v) for v in name.split(',')[1:3])
+
+
+def sat_latlon(name):
+    return tuple(float(v) for v in name[:-4].split('_')[1:3])
+
+
+def read_labels(root, folder, city, stem):
+    """[(pano, [(sat, dy, dx)] * 4)], positive first."""
+    suffix = SPLITS[folder][0]
+    out = []
+    with open(os.path.join(root, folder, city, stem + suffix + '.txt')) as f:
+        for line in f:
+            tok = line.split()
+            assert len(tok) == 13, line
+            out.append((tok[0], [(tok[k], float(tok[k + 1]), float(tok[k + 2])) for k in (1, 4, 7, 10)]))
+    return out
+
+
+def corr(a, b):
+    return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+
+def all_label_files(root):
+    for city in SMALL['cities']:
+        for folder in SPLITS:
+            for stem in STEMS:
+                yield city, folder, stem, read_labels(root, folder, city, stem)
+
+
+def lattice(root, city):
+    """satellite name -> (row north to south, column west to east), from the names alone."""
+    with open(os.path.join(root, 'splits', city, 'satellite_list.txt')) as f:
+        names = f.read().split()
+    lats = sorted({sat_latlon(n)[0] for n in names}, reverse=True)
+    lons = sorted({sat_latlon(n)[1] for n in names})
+    return {n: (lats.index(sat_latlon(n)[0]), lons.index(sat_latlon(n)[1])) for n in names}
+
+
+def test_gps_delta_px_hand_values():
+    # 0.001 deg of latitude = 0.001 * pi/180 * 6371004 m = 111.1950 m; / 0.114 m/px = 975.395 px.
+    dy, dx = sd.gps_delta_px(40.001, -73.0, 40.0, -73.0, 0.114)
+    assert dy == pytest.approx(975.395, abs=1e-3) and dx == 0.0          # panorama south: dy > 0
+    # 0.001 deg of longitude at 60 deg N = 111.1950 m * cos(60 deg) = 55.5975 m; / 0.1 = 555.975 px.
+    dy, dx = sd.gps_delta_px(60.0, 10.0, 60.0, 10.001, 0.1)
+    assert dy == 0.0 and dx == pytest.approx(-555.975, abs=1e-3)         # panorama east: dx < 0
+    # latlon_offset is its inverse: a point 30 m north and 20 m west of the tile centre.
+    lat, lon = sd.latlon_offset(41.88, -87.63, 30.0, -20.0)
+    dy, dx = sd.gps_delta_px(41.88, -87.63, lat, lon, 1.0)
+    assert (dy, dx) == (pytest.approx(-30.0, abs=1e-9), pytest.approx(20.0, abs=1e-9))
+
+
+def test_labels_agree_with_gps_in_names(vigor_root):
+    n_checked = 0
+    for city, folder, _, labels in all_label_files(vigor_root):
+        mpp = SPLITS[folder][1](city)
+        for pano, tiles in labels:
+            for sat, dy, dx in tiles:
+                want_dy, want_dx = sd.gps_delta_px(*sat_latlon(sat), *pano_latlon(pano), mpp)
+                assert abs(dy - want_dy) < 1e-5 and abs(dx - want_dx) < 1e-5, (folder, pano, sat)
+                n_checked += 1
+    assert n_checked == 2 * 2 * 2 * 32 * 4   # cities x folders x (train+test, all) x panoramas x tiles
+
+
+def test_positive_central_and_four_tiles_form_a_2x2_block(vigor_root):
+    for city, folder, _, labels in all_label_files(vigor_root):
+        grid_pos = lattice(vigor_root, city)
+        for pano, tiles in labels:
+            (_, dy, dx) = tiles[0]
+            assert 20 < abs(dy) < 180 and 20 < abs(dx) < 180, (pano, dy, dx)
+            cells = [grid_pos[sat] for sat, _, _ in tiles]
+            rows, cols = sorted({r for r, _ in cells}), sorted({c for _, c in cells})
+            assert len(set(cells)) == 4 and rows[1] - rows[0] == 1 and cols[1] - cols[0] == 1, cells
+            # The semi-positives lie on the panorama's side of the positive: dy > 0 (south) -> next row.
+            for (sat, sdy, sdx), (r, c) in zip(tiles[1:], cells[1:]):
+                assert r - cells[0][0] in (0, int(np.sign(dy))) and c - cells[0][1] in (0, -int(np.sign(dx)))
+            if folder == 'splits__corrected':   # true resolution: lattice step is exactly 320 px
+                for (sat, sdy, sdx), (r, c) in zip(tiles[1:], cells[1:]):
+                    assert sdy == pytest.approx(dy - 320 * (r - cells[0][0]), abs=0.1)
+                    assert sdx == pytest.approx(dx + 320 * (c - cells[0][1]), abs=0.1)
+            else:                                # VIGOR's mistake: 320 * CITY_MPP / 0.114
+                step = 320 * sd.CITY_MPP[city] / sd.ORIGINAL_MPP
+                for (sat, sdy, sdx), (r, c) in zip(tiles[1:], cells[1:]):
+                    assert sdy == pytest.approx(dy - step * (r - cells[0][0]), abs=0.1)
+
+
+def test_tiles_listed_on_disk_and_balanced(vigor_root):
+    for city in SMALL['cities']:
+        with open(os.path.join(vigor_root, 'splits', city, 'satellite_list.txt')) as f:
+            sat_list = f.read().split()
+        assert len(sat_list) == len(set(sat_list)) == SMALL['grid'] ** 2
+        for sat in sat_list:
+            assert os.path.isfile(os.path.join(vigor_root, city, 'satellite', sat))
+        for folder in SPLITS:
+            labels = read_labels(vigor_root, folder, city, 'pano_label_balanced')
+            for pano, tiles in labels:
+                assert os.path.isfile(os.path.join(vigor_root, city, 'panorama', pano))
+                assert all(sat in sat_list for sat, _, _ in tiles)
+            positives = collections.Counter(tiles[0][0] for _, tiles in labels)
+            assert max(positives.values()) <= SMALL['panos_per_tile']
+            assert sorted(positives) == sorted(sat_list)        # defaults: every tile is a positive
+
+
+def test_splits_partition_and_corrected_files_match(vigor_root):
+    for city in SMALL['cities']:
+        by_folder = {}
+        for folder in SPLITS:
+            train, test, every = (read_labels(vigor_root, folder, city, stem) for stem in STEMS)
+            names = [set(p for p, _ in lab) for lab in (train, test, every)]
+            assert not names[0] & names[1] and names[0] | names[1] == names[2]
+            assert len(names[0]) == len(names[1]) == len(every) // 2 == 16
+            by_folder[folder] = every
+        # Same panoramas and tiles in the same order; deltas differ by the ratio of the two resolutions.
+        ratio = sd.CITY_MPP[city] / sd.ORIGINAL_MPP
+        for (p0, t0), (p1, t1) in zip(by_folder['splits'], by_folder['splits__corrected']):
+            assert p0 == p1 and [t[0] for t in t0] == [t[0] for t in t1]
+            assert np.allclose([t[1:] for t in t0], ratio * np.array([t[1:] for t in t1]), atol=1e-5)
+
+
+def test_images_decode_to_configured_sizes(vigor_root):
+    h, w = SMALL['pano_hw']
+    for city in SMALL['cities']:
+        for name in os.listdir(os.path.join(vigor_root, city, 'panorama')):
+            assert name.endswith(',.jpg') and len(name.split(',')[0]) == 22
+            assert cv2.imread(os.path.join(vigor_root, city, 'panorama', name)).shape == (h, w, 3)
+        for name in os.listdir(os.path.join(vigor_root, city, 'satellite')):
+            img = cv2.imread(os.path.join(vigor_root, city, 'satellite', name))
+            assert img.shape == (SMALL['tile_px'], SMALL['tile_px'], 3)
+
+
+def test_overlapping_tiles_show_the_same_ground(vigor_root):
+    """Tiles overlap by 50 %: the south half of tile (i, j) is the north half of (i+1, j), the east half
+    of (i, j) the west half of (i, j+1) (up to noise); unrelated halves differ much more."""
+    half = SMALL['tile_px'] // 2
+    for city in SMALL['cities']:
+        img = {cell: cv2.imread(os.path.join(vigor_root, city, 'satellite', sat)).astype(float)
+               for sat, cell in lattice(vigor_root, city).items()}
+        same, other = [], []
+        for (r, c), tile in img.items():
+            if (r + 1, c) in img:
+                same.append(corr(tile[half:], img[r + 1, c][:half]))
+                other.append(corr(tile[:half], img[r + 1, c][half:]))
+            if (r, c + 1) in img:
+                same.append(corr(tile[:, half:], img[r, c + 1][:, :half]))
+                other.append(corr(tile[:, :half], img[r, c + 1][:, half:]))
+        assert min(same) > 0.95 and max(other) < 0.7, (min(same), max(other))
+
+
+def test_panorama_colour_is_closer_to_its_positive_than_to_far_tiles(vigor_root):
+    """Learnability sanity check: the ground half of a panorama shows the positive tile's surroundings,
+    so its mean colour is closer to the positive's than to that of a tile >= 2 lattice steps away."""
+    wins, total = 0, 0
+    for city in SMALL['cities']:
+        grid_pos = lattice(vigor_root, city)
+        sat_mean = {sat: cv2.imread(os.path.join(vigor_root, city, 'satellite', sat)).reshape(-1, 3).mean(0)
+                    for sat in grid_pos}
+        for pano, tiles in read_labels(vigor_root, 'splits__corrected', city, 'pano_label_balanced'):
+            img = cv2.imread(os.path.join(vigor_root, city, 'panorama', pano))
+            ground = img[img.shape[0] // 2:].reshape(-1, 3).mean(0)
+            r0, c0 = grid_pos[tiles[0][0]]
+            d_pos = np.linalg.norm(ground - sat_mean[tiles[0][0]])
+            for sat, (r, c) in grid_pos.items():
+                if max(abs(r - r0), abs(c - c0)) >= 2:
+                    wins += d_pos < np.linalg.norm(ground - sat_mean[sat])
+                    total += 1
+    assert wins / total > 0.7, wins / total
+
+
+def ground_mismatch(pano, aerial, row0, col0, px_per_m, east_sign=1, turn=0.0):
+    """Mean |pano ground - aerial| where the aerial is resampled along each column's azimuth from the
+    point (row0, col0) (continuous aerial pixels), over rows that see <= 15 m (inside the positive tile)."""
+    h, w = pano.shape[:2]
+    r = sd.pano_ground_distance_m(h)                                          # (H/2,) metres
+    theta = sd.pano_azimuth(w) + turn                                         # (W,)
+    keep = r <= 15.0
+    rows = row0 - r[keep, None] * np.cos(theta)[None] * px_per_m
+    cols = col0 + east_sign * r[keep, None] * np.sin(theta)[None] * px_per_m
+    seen = cv2.remap(aerial, (cols - 0.5).astype(np.float32), (rows - 0.5).astype(np.float32), cv2.INTER_LINEAR)
+    return np.abs(seen.astype(float) - pano[h // 2:][keep].astype(float)).mean()
+
+
+def test_panorama_ground_is_the_tile_seen_from_the_labelled_point(vigor_root):
+    """Pins the panorama convention: north at the centre column, east to its right, the point at
+    row 320 + dy, column 320 - dx of the positive tile. A mirrored or quarter-turned reading, or the
+    delta signs flipped, fit clearly worse."""
+    scale = SMALL['tile_px'] / 640.0
+    errors = []
+    for city in SMALL['cities']:
+        px_per_m = scale / sd.CITY_MPP[city]
+        for pano, tiles in read_labels(vigor_root, 'splits__corrected', city, 'pano_label_balanced'):
+            sat, dy, dx = tiles[0]
+            img = cv2.imread(os.path.join(vigor_root, city, 'panorama', pano))
+            tile = cv2.imread(os.path.join(vigor_root, city, 'satellite', sat))
+            at = ((320 + dy) * scale, (320 - dx) * scale)
+            flipped = ((320 - dy) * scale, (320 + dx) * scale)
+            errors.append([ground_mismatch(img, tile, *at, px_per_m),
+                           ground_mismatch(img, tile, *at, px_per_m, east_sign=-1),
+                           ground_mismatch(img, tile, *at, px_per_m, turn=np.pi / 2),
+                           ground_mismatch(img, tile, *flipped, px_per_m)])
+    errors = np.array(errors)
+    assert np.mean(errors[:, 0] < errors[:, 1:].min(1)) > 0.9
+    assert errors[:, 0].mean() < 0.6 * errors[:, 1:].mean(0).min(), errors.mean(0)
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    kwargs = dict(SMALL, cities=('SanFrancisco',), grid=2)
+    for name, seed in (('a', 0), ('b', 0), ('c', 1)):
+        sd.write_vigor(str(tmp_path / name), **dict(kwargs, seed=seed))
+
+    def tree(root):
+        return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+    files = tree(tmp_path / 'a')
+    assert files == tree(tmp_path / 'b')
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / 'a', tmp_path / 'b', files, shallow=False)
+    assert not mismatch and not errors
+    # Another seed: the tile names (lattice geometry) are the same, their pixels and the panoramas are not.
+    sat = 'SanFrancisco/satellite/'
+    sats = [f for f in files if f.startswith(sat)]
+    assert sats == [f for f in tree(tmp_path / 'c') if f.startswith(sat)]
+    _, mismatch, _ = filecmp.cmpfiles(tmp_path / 'a', tmp_path / 'c', sats, shallow=False)
+    assert mismatch == sats
+    assert not set(os.listdir(tmp_path / 'a' / 'SanFrancisco' / 'panorama')) & \
+        set(os.listdir(tmp_path / 'c' / 'SanFrancisco' / 'panorama'))
+
+
+def test_ensure_vigor_is_idempotent_and_atomic(vigor_root, tmp_path):
+    marker = os.path.join(vigor_root, sd.MARKER)
+    with open(marker) as f:
+        assert json.load(f) == json.loads(json.dumps(SMALL))
+    probe = os.path.join(vigor_root, 'splits', 'Chicago', 'satellite_list.txt')
+    before = os.stat(marker).st_mtime_ns, os.stat(probe).st_mtime_ns
+    assert sd.ensure_vigor(vigor_root, **SMALL) == vigor_root
+    assert (os.stat(marker).st_mtime_ns, os.stat(probe).st_mtime_ns) == before
+    assert not [d for d in os.listdir(os.path.dirname(vigor_root)) if '.tmp-' in d]
+    with pytest.raises(ValueError, match='delete it or use another root'):
+        sd.ensure_vigor(vigor_root, **dict(SMALL, seed=1))
+    # A failing build leaves neither the root nor a temp folder behind.
+    with pytest.raises(ValueError, match='grid must be >= 2'):
+        sd.ensure_vigor(str(tmp_path / 'bad'), **dict(SMALL, grid=1))
+    assert os.listdir(tmp_path) == []
+    # A folder that is not a finished synthetic dataset is never overwritten.
+    (tmp_path / 'half_done').mkdir()
+    (tmp_path / 'half_done' / 'x.txt').write_text('x')
+    with pytest.raises(FileExistsError):
+        sd.ensure_vigor(str(tmp_path / 'half_done'), **SMALL)
+
+
+@pytest.mark.parametrize('bad', [dict(grid=1), dict(tile_px=63), dict(pano_hw=(32, 60)), dict(cities=('Paris',)),
+                                 dict(panos_per_tile=0)])
+def test_write_vigor_rejects_bad_arguments(tmp_path, bad):
+    with pytest.raises(ValueError):
+        sd.write_vigor(str(tmp_path), **dict(SMALL, **bad))
+
+
+def test_cli_builds_with_its_flags(tmp_path):
+    root = str(tmp_path / 'cli')
+    sd.main(['vigor', '--root', root, '--cities', 'Seattle', '--grid', '2', '--tile_px', '32',
+             '--pano_h', '16', '--pano_w', '32', '--seed', '3'])
+    with open(os.path.join(root, sd.MARKER)) as f:
+        assert json.load(f) == dict(seed=3, cities=['Seattle'], grid=2, tile_px=32, pano_hw=[16, 32],
+                                    panos_per_tile=2)
+    assert len(os.listdir(os.path.join(root, 'Seattle', 'panorama'))) == 8
+
+
+def test_cvact_layout_mat_and_geometry(cvact_root):
+    mat = scipy.io.loadmat(os.path.join(cvact_root, 'ACT_data.mat'))
+    ids = [str(p) for p in mat['panoIds']]
+    assert len(ids) == len(set(ids)) == 6 and all(len(p) == 22 for p in ids)
+    utm = mat['utm']
+    assert utm.shape == (6, 2)
+    train = mat['trainSet']['trainInd'][0][0]
+    val = mat['valSet']['valInd'][0][0]
+    assert train.shape[1] == val.shape[1] == 1                       # MATLAB column vectors
+    assert np.array_equal(val, mat['valSetAll']['valInd'][0][0])
+    assert sorted(train.ravel().tolist() + val.ravel().tolist()) == list(range(1, 7))   # 1-based, disjoint
+    assert len(val) == 3
+    aerial = {}
+    for p in ids:
+        grd = cv2.imread(os.path.join(cvact_root, 'streetview', p + '_grdView.jpg'))
+        assert grd.shape == (32, 64, 3)
+        aerial[p] = cv2.imread(os.path.join(cvact_root, 'satview_polish', p + '_satView_polish.jpg')).astype(float)
+        assert aerial[p].shape == (1200, 1200, 3)
+    # utm agrees with the pixels: east = +columns, north = -rows, CVACT_MPP_1200 m/px. Where two aerials
+    # overlap, shifting one by the utm difference must line the ground up.
+    checked = 0
+    for a in range(6):
+        for b in range(a + 1, 6):
+            shift = np.array([-(utm[b, 1] - utm[a, 1]), utm[b, 0] - utm[a, 0]]) / sd.CVACT_MPP_1200  # (rows, cols)
+            assert np.allclose(shift, np.round(shift), atol=1e-6)     # panoramas on integer pixel positions
+            sy, sx = np.round(shift).astype(int)
+            if max(abs(sy), abs(sx)) > 800:
+                continue
+            # Pixel (y, x) of aerial a is pixel (y - sy, x - sx) of aerial b.
+            ya, xa = slice(max(sy, 0), 1200 + min(sy, 0)), slice(max(sx, 0), 1200 + min(sx, 0))
+            yb, xb = slice(max(-sy, 0), 1200 + min(-sy, 0)), slice(max(-sx, 0), 1200 + min(-sx, 0))
+            same = corr(aerial[ids[a]][ya, xa], aerial[ids[b]][yb, xb])
+            flipped = corr(aerial[ids[a]][ya, xa], aerial[ids[b]][yb, xb][::-1, ::-1])
+            assert same > 0.95 and flipped < 0.5, (a, b, same, flipped)
+            checked += 1
+    assert checked >= 2
+
+
+def test_cvact_panorama_is_seen_from_the_aerial_centre(cvact_root):
+    mat = scipy.io.loadmat(os.path.join(cvact_root, 'ACT_data.mat'))
+    px_per_m = 1.0 / sd.CVACT_MPP_1200
+    errors = []
+    for p in mat['panoIds']:
+        grd = cv2.imread(os.path.join(cvact_root, 'streetview', p + '_grdView.jpg'))
+        sat = cv2.imread(os.path.join(cvact_root, 'satview_polish', p + '_satView_polish.jpg'))
+        errors.append([ground_mismatch(grd, sat, 600, 600, px_per_m),
+                       ground_mismatch(grd, sat, 600, 600, px_per_m, east_sign=-1),
+                       ground_mismatch(grd, sat, 600 + 100, 600 - 100, px_per_m)])
+    errors = np.array(errors)
+    assert np.all(errors[:, 0] < errors[:, 1:].min(1)), errors

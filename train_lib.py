@@ -1,0 +1,728 @@
+"""The one training/evaluation loop shared by every stage script.
+
+A stage script describes itself with a `Stage` (which model parts it builds, trains and restores,
+its defaults and its loss) and calls `main(stages)`. This module owns the rest: flags and the
+resolved config, datasets, initialisation order, the tf.function step, checkpoints, hard-negative
+mining, logging/TensorBoard and `--test`.
+
+Initialisation order (logged): 1. resume this run's latest checkpoint; 2. else restore the named
+parts of the previous stage's checkpoint (--init_from); 3. else ImageNet VGG16 (data/vgg16.npy);
+4. else random.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+import evaluation
+import input_data
+import losses
+import model as model_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Flags shared by every stage: name -> (default, type, help). Stage defaults override these;
+# `--preset demo` overrides both for flags not given on the command line.
+FLAGS = {
+    'dataset': ('vigor', str, 'vigor or cvact'),
+    'data_root': ('', str, 'dataset root; empty = the built-in synthetic city (generated on first use)'),
+    'cvact_resampled': ('', str, 'resampled CVACT (samples_on_cvact.py output); default <data_root>/resampled'),
+    'cvact_mpp': (0.0, float, 'CVACT metres per pixel of the 1200-px aerial (0 = the synthetic value)'),
+    'area': ('same', str, 'same or cross (VIGOR protocol)'),
+    'labels': ('original', str, 'original or corrected (SliceMatch) VIGOR labels'),
+    'run_dir': ('', str, 'where checkpoints, logs and results go; default runs/<stage>'),
+    'init_from': ('', str, "previous stage's run directory; default runs/<previous stage>"),
+    'vgg_weights': (os.path.join('data', 'vgg16.npy'), str, 'ImageNet VGG16 weights (classic TF-VGG npy)'),
+    'seed': (0, int, 'seed of weights, sampling and mining'),
+    'grd_size': ((320, 640), int, 'ground input H W'),
+    'sat_size': (320, int, 'aerial input side'),
+    'width': (1.0, float, 'channel width multiplier (1 = the paper network; <1 for CPU demos)'),
+    'batch': (10, int, 'global batch size'),
+    'epochs': (1, int, 'epochs (passes over the training panoramas)'),
+    'max_steps': (0, int, 'stop after this many steps in total (0 = epochs x steps per epoch)'),
+    'lr': (1e-5, float, 'learning rate'),
+    'lr_decay': (1.0, float, 'lr x decay^(step / lr_decay_steps)'),
+    'lr_decay_steps': (0, int, 'decay period in steps (0 = one epoch)'),
+    'lr_staircase': (1, int, '1 = decay in steps, 0 = continuous'),
+    'alpha': (10.0, float, 'triplet loss weight alpha'),
+    'mining': (1, int, 'hard-negative mining on/off'),
+    'mining_pool': (40000, int, 'tiles ranked per mining round'),
+    'mining_topk': (100, int, 'hard tiles kept per panorama'),
+    'mining_start_epoch': (2, int, 'first (1-based) epoch whose batches are half mined'),
+    'ckpt_every': (500, int, 'checkpoint every N steps (and at every epoch end)'),
+    'log_every': (10, int, 'progress line and TensorBoard scalars every N steps'),
+    'eval_batch': (32, int, 'batch size of descriptor extraction'),
+    'eval_block': (4096, int, 'queries per block of the streamed similarity matrix'),
+    'max_queries': (0, int, '--test on the first N test panoramas only (0 = all)'),
+    'plots': (1, int, '--test writes PNG figures (0 = off)'),
+    'strategy': ('default', str, 'default, mirrored (several GPUs) or multiworker (several machines)'),
+    'mixed_precision': (0, int, '1 = mixed_float16 compute with loss scaling (GPU)'),
+}
+CHOICES = {'dataset': ('vigor', 'cvact'), 'area': ('same', 'cross'), 'labels': ('original', 'corrected'),
+           'strategy': ('default', 'mirrored', 'multiworker')}
+# Keys that may change between a run and its resumption or its --test.
+VOLATILE = {'run_dir', 'ckpt_every', 'log_every', 'eval_batch', 'eval_block', 'max_queries', 'plots', 'test',
+            'preset', 'data_root', 'cvact_resampled', 'vgg_weights', 'strategy'}
+MODEL_KEYS = ('grd_size', 'sat_size', 'width')
+DEMO = {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25, 'batch': 10, 'ckpt_every': 100}
+
+
+class UserError(Exception):
+    """A problem the user must fix; printed as one line, exit status 2."""
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str                   # run name, e.g. 'E_2_1'
+    parts: tuple                # model parts built (model.ALL_PARTS)
+    train_parts: tuple          # parts whose variables the optimiser updates
+    loss: callable              # (model, batch, ctx) -> (total, {name: scalar})
+    restore: tuple = ()         # parts restored from the previous stage
+    previous: str = ''          # previous stage's run name ('' = start from ImageNet)
+    previous_cmd: str = ''      # the command that produces it
+    accepts: tuple = ()         # stage names whose checkpoints --init_from may hold
+    defaults: dict = dataclasses.field(default_factory=dict)
+    demo: dict = dataclasses.field(default_factory=dict)   # --preset demo values
+    needs_semi: bool = True     # the loss looks at the semi-positive tile
+    localise: str = ''          # --test localisation: 'offset', 'heatmap' or '' (none)
+    prepare: callable = None    # (run) -> extra constants for the loss (E_3's u table)
+    run_name: str = ''          # default run directory runs/<run_name> (default: name)
+    subdir: str = ''            # run directory below the script's --run_dir (E_1's phase a)
+    init_subdir: str = ''       # the previous stage lives in <run_dir>/<init_subdir> (E_1's phase b)
+
+
+# ----------------------------------------------------------------------------- config
+
+def parse_config(stages, argv):
+    """Flags -> resolved config dict: explicit flag > demo preset > stage defaults > FLAGS."""
+    p = argparse.ArgumentParser(description=sys.modules['__main__'].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--test', action='store_true', help="evaluate this stage's checkpoint")
+    p.add_argument('--preset', choices=('paper', 'demo'), default='paper',
+                   help='demo = small inputs and width for a CPU run on the synthetic city')
+    for name, (default, typ, help_) in FLAGS.items():
+        nargs = len(default) if isinstance(default, tuple) else None
+        p.add_argument('--' + name, type=typ, nargs=nargs, default=None, choices=CHOICES.get(name), help=help_)
+    args = vars(p.parse_args(argv))
+    configs = []
+    for stage in stages:
+        cfg = {k: v[0] for k, v in FLAGS.items()}
+        cfg.update(stage.defaults)
+        if args['preset'] == 'demo':
+            cfg.update(DEMO)
+            cfg.update(stage.demo)
+        cfg.update({k: v for k, v in args.items() if v is not None and k in FLAGS})
+        cfg['test'], cfg['preset'], cfg['stage'] = args['test'], args['preset'], stage.name
+        cfg['grd_size'] = tuple(cfg['grd_size'])
+        configs.append(cfg)
+    return configs
+
+
+def stage_dirs(stage, cfg):
+    base = cfg['run_dir'] or os.path.join('runs', stage.run_name or stage.name)
+    run_dir = os.path.join(base, stage.subdir) if stage.subdir else base
+    if stage.init_subdir:
+        return run_dir, os.path.join(base, stage.init_subdir)
+    init_from = cfg['init_from'] or (os.path.join('runs', stage.previous) if stage.previous else '')
+    return run_dir, init_from
+
+
+def check_config(run_dir, cfg):
+    """Refuse a run directory that holds another configuration; write ours otherwise."""
+    path = os.path.join(run_dir, 'config.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        for k in sorted(set(old) | set(cfg)):
+            if k in VOLATILE:
+                continue
+            a, b = old.get(k), cfg.get(k)
+            if isinstance(a, list):
+                a = tuple(a)
+            if a != b:
+                raise UserError(f'{path}: this run directory holds another configuration ({k}: {a} there, '
+                                f'{b} now); use another --run_dir or the same flags')
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(cfg, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- data
+
+def dataset_splits(cfg, which):
+    """Load the 'train' or 'test' split of the configured dataset (generating the synthetic one)."""
+    import synthetic_data
+    root = cfg['data_root']
+    if cfg['dataset'] == 'vigor':
+        if not root:
+            root = synthetic_data.ensure_vigor(os.path.join(HERE, 'data', 'synthetic_vigor'))
+        return input_data.load_vigor(root, which, cfg['area'], cfg['labels'])
+    mpp = cfg['cvact_mpp'] or synthetic_data.CVACT_MPP_1200
+    if not root:
+        root = synthetic_data.ensure_cvact(os.path.join(HERE, 'data', 'synthetic_cvact'))
+    resampled = cfg['cvact_resampled'] or os.path.join(root, 'resampled')
+    if not cfg['data_root'] and not os.path.exists(os.path.join(resampled, 'splits', 'test.txt')):
+        import samples_on_cvact
+        samples_on_cvact.resample(root, resampled, seed=0)
+    return input_data.load_cvact(root, resampled, which, mpp)
+
+
+# ----------------------------------------------------------------------------- logging
+
+class Log:
+    """Prints progress and appends it to <run_dir>/train.log."""
+
+    def __init__(self, run_dir, prefix):
+        os.makedirs(run_dir, exist_ok=True)
+        self.file = open(os.path.join(run_dir, 'train.log'), 'a')
+        self.prefix = prefix
+
+    def __call__(self, msg):
+        line = f'[{self.prefix}] {msg}'
+        print(line, flush=True)
+        self.file.write(time.strftime('%Y-%m-%d %H:%M:%S ') + line + '\n')
+        self.file.flush()
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+class Adam(tf.Module):
+    """Adam (TF1 defaults, eps 1e-8) with lr = base x decay^(step / period), staircase or not.
+
+    Slots are created for `variables` in the order given, so a checkpoint restores them by position.
+    """
+
+    def __init__(self, variables, lr, decay=1.0, period=1, staircase=True, beta1=0.9, beta2=0.999, eps=1e-8):
+        super().__init__(name='adam')
+        self.vars = list(variables)
+        self.lr, self.decay, self.period, self.staircase = lr, decay, max(1, period), staircase
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.iterations = tf.Variable(0, dtype=tf.int64, name='iterations', trainable=False)
+        self.m = [tf.Variable(tf.zeros_like(v), trainable=False, name='m') for v in self.vars]
+        self.v = [tf.Variable(tf.zeros_like(v), trainable=False, name='v') for v in self.vars]
+
+    def learning_rate(self, step=None):
+        step = tf.cast(self.iterations if step is None else step, tf.float32)
+        e = step / self.period
+        if self.staircase:
+            e = tf.floor(e)
+        return self.lr * tf.pow(tf.constant(self.decay, tf.float32), e)
+
+    def apply(self, grads):
+        lr = self.learning_rate()
+        t = tf.cast(self.iterations + 1, tf.float32)
+        scale = lr * tf.sqrt(1 - self.beta2 ** t) / (1 - self.beta1 ** t)
+        for var, g, m, v in zip(self.vars, grads, self.m, self.v):
+            if g is None:
+                continue
+            m.assign(self.beta1 * m + (1 - self.beta1) * g)
+            v.assign(self.beta2 * v + (1 - self.beta2) * g * g)
+            var.assign_sub(scale * m / (tf.sqrt(v) + self.eps))
+        self.iterations.assign_add(1)
+
+
+# ----------------------------------------------------------------------------- the run
+
+class LossContext:
+    """What a stage's loss needs beyond the batch: the cross-replica gather, constants, config."""
+
+    def __init__(self, cfg, consts):
+        self.cfg, self.consts = cfg, consts
+        rc = tf.distribute.get_replica_context()
+        self.n_replicas = rc.num_replicas_in_sync if rc else 1
+        self.replica_id = rc.replica_id_in_sync_group if rc else 0
+        self.rc = rc
+
+    def gather(self, x):
+        """[b, ...] this replica -> [B, ...] the global batch (replica order)."""
+        if self.n_replicas == 1:
+            return x
+        return self.rc.all_gather(x, axis=0)
+
+    def triplet(self, grd, sat):
+        """The triplet loss of this replica's anchors against the whole global batch."""
+        b = tf.shape(grd)[0]
+        return losses.triplet_loss(grd, sat, self.cfg['alpha'], self.gather(grd), self.gather(sat),
+                                   row_offset=self.replica_id * b)
+
+    def mean(self, x):
+        """A per-replica batch mean as its share of the global mean (summed over replicas)."""
+        return x / self.n_replicas
+
+
+def embed(model, batch, needs_semi):
+    """Forward the batch's three images: normalised and raw descriptors, aerial skips."""
+    out = {'grd_raw': model.embed_grd(batch['grd'])}
+    out['sat_raw'], out['sat_skips'] = model.embed_sat(batch['sat'])
+    if needs_semi:
+        out['semi_raw'], out['semi_skips'] = model.embed_sat(batch['semi'])
+        out['semi'] = model_lib.l2_normalize(out['semi_raw'])
+    out['grd'] = model_lib.l2_normalize(out['grd_raw'])
+    out['sat'] = model_lib.l2_normalize(out['sat_raw'])
+    return out
+
+
+def make_strategy(name):
+    if name == 'mirrored':
+        return tf.distribute.MirroredStrategy()
+    if name == 'multiworker':
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def build_model(stage, cfg):
+    return model_lib.CrossViewModel(cfg['grd_size'], cfg['sat_size'], cfg['width'], stage.parts, seed=cfg['seed'])
+
+
+def latest_checkpoint(run_dir):
+    return tf.train.latest_checkpoint(os.path.join(run_dir, 'ckpt'))
+
+
+def restore_parts(model, parts, ckpt_path, what):
+    """Restore exactly `parts` of the model from a checkpoint saved with Checkpoint(model=...)."""
+    holder = tf.Module()
+    for p in parts:
+        setattr(holder, p, getattr(model, p))
+    status = tf.train.Checkpoint(model=holder).read(ckpt_path).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise UserError(f'{ckpt_path}: restoring {", ".join(parts)} from {what} matched nothing '
+                        f'for some of them ({str(e).splitlines()[0][:160]})') from None
+
+
+def check_init_from(stage, cfg, init_from):
+    """The previous stage's checkpoint must exist and be of a compatible stage and architecture."""
+    ckpt = latest_checkpoint(init_from) if init_from else None
+    if not ckpt:
+        raise UserError(f'{init_from}: no checkpoint of {stage.previous}; run `{stage.previous_cmd}` first '
+                        '(or pass --init_from)')
+    path = os.path.join(init_from, 'config.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            prev = json.load(f)
+        if stage.accepts and prev.get('stage') not in stage.accepts:
+            raise UserError(f'{init_from}: holds a {prev.get("stage")} checkpoint, {stage.name} starts from '
+                            f'{" or ".join(stage.accepts)}')
+        for k in MODEL_KEYS:
+            a = tuple(prev[k]) if isinstance(prev.get(k), list) else prev.get(k)
+            if a != cfg[k]:
+                raise UserError(f'{init_from}: checkpoint of another architecture ({k}: {a} there, {cfg[k]} '
+                                'here)')
+    return ckpt
+
+
+class Run:
+    """One stage's training run in its run directory."""
+
+    def __init__(self, stage, cfg):
+        self.stage, self.cfg = stage, cfg
+        self.run_dir, self.init_from = stage_dirs(stage, cfg)
+        self.strategy = make_strategy(cfg['strategy'])
+        self.log = Log(self.run_dir, stage.name)
+
+    # --- initialisation ------------------------------------------------------------------
+    def build(self, train_split):
+        cfg, stage = self.cfg, self.stage
+        spe = len(train_split) // cfg['batch']
+        with self.strategy.scope():
+            self.model = build_model(stage, cfg)
+            variables = self.model.part_variables(stage.train_parts)
+            period = cfg['lr_decay_steps'] or spe
+            self.opt = Adam(variables, cfg['lr'], cfg['lr_decay'], period, bool(cfg['lr_staircase']))
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+            k = cfg['mining_topk']
+            self.hard = tf.Variable(np.zeros((len(train_split), k), np.int32), trainable=False, name='hard')
+            self.hard_valid = tf.Variable(False, trainable=False, name='hard_valid')
+            self.loss_scale = tf.Variable(2.0 ** 15 if cfg['mixed_precision'] else 1.0, trainable=False,
+                                          name='loss_scale')
+        self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.opt, step=self.step, hard=self.hard,
+                                        hard_valid=self.hard_valid, loss_scale=self.loss_scale)
+        self.manager = tf.train.CheckpointManager(self.ckpt, os.path.join(self.run_dir, 'ckpt'), max_to_keep=2)
+
+    def initialise(self):
+        """Resume, else previous stage, else ImageNet, else random; log which one ran."""
+        latest = self.manager.latest_checkpoint
+        if latest:
+            self.ckpt.read(latest).assert_existing_objects_matched()
+            self.log(f'init: resumed this run from {latest} (step {int(self.step.numpy())})')
+            return
+        if self.stage.previous:
+            ckpt = check_init_from(self.stage, self.cfg, self.init_from)
+            restore_parts(self.model, self.stage.restore, ckpt, self.stage.previous)
+            fresh = [p for p in self.stage.parts if p not in self.stage.restore]
+            self.log(f'init: {", ".join(self.stage.restore)} from {ckpt}'
+                     + (f'; fresh: {", ".join(fresh)}' if fresh else ''))
+            return
+        model_lib.load_imagenet(self.model, self.cfg['vgg_weights'], self.log)
+
+    # --- the step ------------------------------------------------------------------------
+    def make_step(self, consts):
+        model, stage, cfg, opt, strategy = self.model, self.stage, self.cfg, self.opt, self.strategy
+        mixed = bool(cfg['mixed_precision'])
+
+        def replica_step(batch):
+            if mixed:
+                batch = dict(batch, **{k: tf.cast(batch[k], tf.float16) for k in ('grd', 'sat', 'semi')})
+            ctx = LossContext(cfg, consts)
+            with tf.GradientTape() as tape:
+                total, scalars, desc = stage.loss(model, batch, ctx)
+                scaled = total * self.loss_scale
+            grads = tape.gradient(scaled, opt.vars)
+            grads = [None if g is None else tf.cast(g, tf.float32) / self.loss_scale for g in grads]
+            return total, scalars, grads, desc
+
+        def step_fn(batch):
+            total, scalars, grads, desc = strategy.run(replica_step, (batch,))
+            red = lambda x: strategy.reduce(tf.distribute.ReduceOp.SUM, x, axis=None)
+            total = red(total)
+            scalars = {k: red(v) for k, v in scalars.items()}
+            grads = [None if g is None else red(g) for g in grads]
+            finite_grads = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+            ok = tf.logical_and(tf.math.is_finite(total), finite_grads)
+            if mixed:  # dynamic loss scale: halve on overflow, skip the step
+                self.loss_scale.assign(tf.where(finite_grads, self.loss_scale, self.loss_scale / 2))
+            tf.cond(ok, lambda: (opt.apply(grads), tf.constant(True))[1], lambda: tf.constant(False))
+            desc = {k: tf.concat(strategy.experimental_local_results(v), 0) for k, v in desc.items()}
+            return total, scalars, ok, desc
+
+        return tf.function(step_fn)
+
+    # --- mining --------------------------------------------------------------------------
+    def mine(self, epoch, grd_buf, sat_buf, train_split):
+        """Rank a pool of tiles against every training panorama; keep the top-k tile ids."""
+        cfg = self.cfg
+        self.fill_missing(grd_buf, sat_buf, train_split)
+        rng = np.random.default_rng([cfg['seed'], epoch, 17])
+        n_tiles = len(train_split.tile_paths)
+        pool = np.sort(rng.choice(n_tiles, min(cfg['mining_pool'], n_tiles), replace=False))
+        k = min(cfg['mining_topk'], len(pool))
+        pool_desc = sat_buf['desc'][pool].astype(np.float32)
+        table = np.zeros((len(train_split), cfg['mining_topk']), np.int32)
+        for s in range(0, len(train_split), 1024):
+            sim = grd_buf['desc'][s:s + 1024].astype(np.float32) @ pool_desc.T
+            top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+            order = np.take_along_axis(sim, top, 1).argsort(1)[:, ::-1]
+            ids = pool[np.take_along_axis(top, order, 1)]
+            table[s:s + 1024] = np.pad(ids, ((0, 0), (0, cfg['mining_topk'] - k)), mode='wrap')
+        self.hard.assign(table)
+        self.hard_valid.assign(True)
+        self.log(f'mining: epoch {epoch + 1}: top-{k} of {len(pool)} tiles for {len(train_split)} panoramas')
+
+    def fill_missing(self, grd_buf, sat_buf, split):
+        """Descriptors not gathered this epoch (a resumed run, tiles never sampled): compute them."""
+        for buf, paths, kind, hw in ((grd_buf, split.pano_paths, 'panorama', self.cfg['grd_size']),
+                                     (sat_buf, split.tile_paths, 'aerial', (self.cfg['sat_size'],) * 2)):
+            missing = np.flatnonzero(~buf['seen'])
+            if len(missing) == 0:
+                continue
+            ds = input_data.image_dataset([paths[i] for i in missing], hw, kind, self.cfg['eval_batch'])
+            embed_fn = self.model.embed_grd if kind == 'panorama' else (lambda x: self.model.embed_sat(x)[0])
+            fn = tf.function(lambda x, f=embed_fn: model_lib.l2_normalize(f(x)))
+            for images, idx in ds:
+                buf['desc'][missing[idx.numpy()]] = fn(images).numpy()
+            buf['seen'][missing] = True
+
+    # --- training ------------------------------------------------------------------------
+    def train(self):
+        cfg, stage = self.cfg, self.stage
+        check_config(self.run_dir, cfg)
+        split = dataset_splits(cfg, 'train')
+        sampler = input_data.BatchSampler(split, cfg['batch'], cfg['seed'])
+        self.build(split)
+        self.initialise()
+        spe = sampler.steps_per_epoch
+        total = cfg['epochs'] * spe
+        if cfg['max_steps']:
+            total = min(total, cfg['max_steps'])
+        consts = stage.prepare(self) if stage.prepare else {}
+        step_fn = self.make_step(consts)
+        writer = tf.summary.create_file_writer(os.path.join(self.run_dir, 'tb'))
+        self.log(f'{split.name}: {len(split)} panoramas, {len(split.tile_paths)} tiles; batch {cfg["batch"]}, '
+                 f'{spe} steps/epoch, {total} steps; parts trained: {", ".join(stage.train_parts)}')
+        dim = self.model.dim
+        step = int(self.step.numpy())
+        if step >= total:
+            self.log(f'already trained ({step} steps); nothing to do')
+            return self.manager.latest_checkpoint
+        t0, t_last, s_last = time.time(), time.time(), step
+        while step < total:
+            epoch, offset = divmod(step, spe)
+            use_hard = cfg['mining'] and bool(self.hard_valid.numpy()) and epoch + 1 >= cfg['mining_start_epoch']
+            panos, semi = sampler.epoch_plan(epoch, self.hard.numpy() if use_hard else None)
+            end = min(spe, offset + total - step)
+            ds = input_data.train_dataset(split, panos[offset:end], semi[offset:end], cfg['grd_size'],
+                                          cfg['sat_size'], cfg['batch'])
+            ds = self.strategy.experimental_distribute_dataset(ds)
+            mine_now = cfg['mining'] and epoch + 2 >= cfg['mining_start_epoch'] and end == spe
+            grd_buf = {'desc': np.zeros((len(split), dim), np.float16), 'seen': np.zeros(len(split), bool)}
+            sat_buf = {'desc': np.zeros((len(split.tile_paths), dim), np.float16),
+                       'seen': np.zeros(len(split.tile_paths), bool)}
+            try:
+                for batch in ds:
+                    loss, scalars, ok, desc = step_fn(batch)
+                    if not bool(ok.numpy()):
+                        raise UserError(f'non-finite loss or gradient at step {step + 1} (loss {float(loss)}); '
+                                        f'stopped; last good checkpoint: {self.manager.latest_checkpoint}')
+                    step += 1
+                    self.step.assign(step)
+                    if mine_now:
+                        self.gather_descriptors(batch, desc, grd_buf, sat_buf)
+                    if step % cfg['log_every'] == 0 or step == total:
+                        now = time.time()
+                        rate = (step - s_last) / max(now - t_last, 1e-9)
+                        t_last, s_last = now, step
+                        lr = float(self.opt.learning_rate())
+                        parts = ' '.join(f'{k} {float(v):.4f}' for k, v in scalars.items())
+                        self.log(f'step {step}/{total} epoch {epoch + 1} loss {float(loss):.4f} ({parts}) '
+                                 f'lr {lr:.2e} {rate:.2f} step/s ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min')
+                        with writer.as_default(step=step):
+                            tf.summary.scalar('loss/total', loss)
+                            for k, v in scalars.items():
+                                tf.summary.scalar(f'loss/{k}', v)
+                            tf.summary.scalar('learning_rate', lr)
+                            tf.summary.scalar('steps_per_second', rate)
+                    if step % cfg['ckpt_every'] == 0 and step % spe != 0:
+                        self.manager.save(checkpoint_number=step)
+            except tf.errors.OpError as e:
+                msg = input_data.unwrap_error(e)
+                if msg:
+                    raise UserError(msg) from None
+                raise
+            if step % spe == 0:  # the epoch is complete
+                if mine_now:
+                    self.mine(epoch, grd_buf, sat_buf, split)
+                self.manager.save(checkpoint_number=step)
+        self.manager.save(checkpoint_number=step) if self.manager.latest_checkpoint is None or \
+            not self.manager.latest_checkpoint.endswith(f'-{step}') else None
+        writer.flush()
+        self.log(f'done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {self.manager.latest_checkpoint}')
+        return self.manager.latest_checkpoint
+
+    @staticmethod
+    def gather_descriptors(batch, desc, grd_buf, sat_buf):
+        pano = np.concatenate([x.numpy() for x in _local(batch['pano'])])
+        sat_idx = np.concatenate([x.numpy() for x in _local(batch['sat_idx'])])
+        grd_buf['desc'][pano] = desc['grd'].numpy()
+        grd_buf['seen'][pano] = True
+        sat_buf['desc'][sat_idx] = desc['sat'].numpy()
+        sat_buf['seen'][sat_idx] = True
+
+
+def _local(x):
+    return x.values if hasattr(x, 'values') else (x,)
+
+
+# ----------------------------------------------------------------------------- test
+
+def describe(model, split, queries, cfg):
+    """Raw and normalised descriptors of the queries' panoramas and of every reference tile."""
+    grd_fn = tf.function(lambda x: model.embed_grd(x))
+    sat_fn = tf.function(lambda x: model.embed_sat(x)[0])
+    out = {}
+    for key, paths, kind, hw, fn in (
+            ('grd', [split.pano_paths[q] for q in queries], 'panorama', cfg['grd_size'], grd_fn),
+            ('sat', split.tile_paths, 'aerial', (cfg['sat_size'],) * 2, sat_fn)):
+        raw = np.zeros((len(paths), model.dim), np.float32)
+        ds = input_data.image_dataset(paths, hw, kind, cfg['eval_batch'])
+        t = time.time()
+        for images, idx in ds:
+            raw[idx.numpy()] = fn(images).numpy()
+        out[key + '_raw'] = raw
+        out[key] = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+        print(f'  {len(paths)} {kind} descriptors in {time.time() - t:.1f} s', flush=True)
+    return out
+
+
+def localise_pairs(model, split, queries, tiles, cfg, branch='pos', keep_heatmaps=4):
+    """A heatmap branch on the pairs (panorama queries[i], tile tiles[i]) ->
+    mu [n, 2] (row, col), chol [n, 3] or None, {i: heatmap} for the first `keep_heatmaps` pairs."""
+    has_chol = f'{branch}_cholesky' in model.parts
+
+    @tf.function
+    def fn(grd, sat):
+        g = model.embed_grd(grd)
+        s, skips = model.embed_sat(sat)
+        return model.localise(branch, s, g, skips)
+
+    n = len(queries)
+    mu, chol, heat = np.zeros((n, 2), np.float32), np.zeros((n, 3), np.float32), {}
+    ds = input_data.pair_dataset(split, np.asarray(queries), np.asarray(tiles), cfg['grd_size'], cfg['sat_size'],
+                                 cfg['eval_batch'])
+    done, t = 0, time.time()
+    for grd, sat, rows in ds:
+        out = fn(grd, sat)
+        rows = rows.numpy()
+        mu[rows] = out['mu'].numpy()
+        if has_chol:
+            chol[rows] = out['chol'].numpy()
+        for r, h in zip(rows, out['heatmap'].numpy()):
+            if r < keep_heatmaps:
+                heat[int(r)] = h
+        done += len(rows)
+        if time.time() - t > 30:
+            print(f'  localised {done}/{n} pairs', flush=True)
+            t = time.time()
+    return mu, (chol if has_chol else None), heat
+
+
+def evaluate(stage, cfg, run_dir, ckpt_path, log):
+    """--test: retrieval and localisation metrics -> printed, test_results.json, descriptors, plots."""
+    split = dataset_splits(cfg, 'test')
+    model = build_model(stage, cfg)
+    tf.train.Checkpoint(model=model).read(ckpt_path).expect_partial().assert_existing_objects_matched()
+    queries = np.arange(len(split)) if not cfg['max_queries'] else np.arange(min(cfg['max_queries'], len(split)))
+    log(f'test: {split.name}: {len(queries)} panoramas against {len(split.tile_paths)} tiles; checkpoint {ckpt_path}')
+    d = describe(model, split, queries, cfg)
+    out_dir = os.path.join(run_dir, 'test')
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(os.path.join(out_dir, 'grd_descriptors.npy'), d['grd'])
+    np.save(os.path.join(out_dir, 'sat_descriptors.npy'), d['sat'])
+    pos = split.tiles[queries, 0]
+    ranks = evaluation.retrieval_ranks(d['grd'], d['sat'], pos, split.tiles[queries, 1:], block=cfg['eval_block'])
+    n_ref = len(split.tile_paths)
+    results = {'stage': stage.name, 'checkpoint': ckpt_path, 'dataset': split.name, 'n_query': int(len(queries)),
+               'n_ref': n_ref, 'chance_R@1': 1.0 / n_ref,
+               'retrieval': evaluation.retrieval_metrics(ranks, n_ref)}
+    top1 = ranks['top1']
+    correct = top1 == pos
+    centre = split.tile_centres[top1]
+    gt = split.gt_positions[queries]
+    mpp = split.mpp[queries]
+    err_centre = evaluation.position_errors(centre, gt, split.metric)
+    pred_delta, chol, heat = None, None, {}
+    if stage.localise == 'offset':
+        pred = model.offset(tf.constant(d['sat_raw'][top1]), tf.constant(d['grd_raw']))
+        pred_delta = pred.numpy()
+    elif stage.localise == 'heatmap':
+        mu, chol, heat = localise_pairs(model, split, queries, top1, cfg)
+        pred_delta = model_lib.rc_to_delta(tf.constant(mu)).numpy()
+    if pred_delta is not None:
+        pred_pos = evaluation.offset_to_position(centre, pred_delta, mpp, split.metric)
+        err = evaluation.position_errors(pred_pos, gt, split.metric)
+    else:
+        err = err_centre
+    results['localisation'] = evaluation.localisation_summary(err, err_centre, correct)
+    results['localisation']['method'] = stage.localise or 'tile centre'
+    sp = None
+    if chol is not None:
+        cov = model_lib.cholesky_to_cov(tf.constant(chol)).numpy()
+        u = model_lib.uncertainty(tf.constant(chol)).numpy()
+        gt_rc = model_lib.delta_to_rc(tf.constant(split.deltas[queries, 0])).numpy()
+        pix_err = np.linalg.norm(mu - gt_rc, axis=1)
+        unc = {'n': int(correct.sum())}
+        if correct.any():
+            unc.update(evaluation.ellipse_coverage(mu[correct], cov[correct], gt_rc[correct]))
+            unc['spearman_u_error'] = float(evaluation.rank_correlation(u[correct], pix_err[correct]))
+            sp = evaluation.sparsification(u[correct], pix_err[correct])
+            unc['sparsification'] = sp
+            unc['mean_u_px'] = float(u[correct].mean())
+        results['uncertainty'] = unc
+    with open(os.path.join(out_dir, 'test_results.json'), 'w') as f:
+        json.dump(_jsonable(results), f, indent=1)
+    for line in format_results(results):
+        log(line)
+    if cfg['plots']:
+        write_plots(out_dir, split, queries, ranks, n_ref, results, top1, correct,
+                    mu if stage.localise == 'heatmap' else None, chol, heat, pred_delta, cfg)
+    log(f'test: results in {os.path.join(out_dir, "test_results.json")}')
+    return results
+
+
+def write_plots(out_dir, split, queries, ranks, n_ref, results, top1, correct, mu, chol, heat, pred_delta, cfg):
+    evaluation.plot_recall_curve(os.path.join(out_dir, 'recall_at_k.png'), ranks['rank'], n_ref)
+    evaluation.plot_accuracy_vs_metres(os.path.join(out_dir, 'accuracy_vs_metres.png'), results['localisation'])
+    sp = results.get('uncertainty', {}).get('sparsification')
+    if sp:
+        evaluation.plot_sparsification(os.path.join(out_dir, 'sparsification.png'), sp)
+    cov = model_lib.cholesky_to_cov(tf.constant(chol)).numpy() if chol is not None else None
+    for i in range(min(4, len(queries))):
+        q = queries[i]
+        pano = input_data.read_image(split.pano_paths[q], cfg['grd_size'], 'panorama')
+        sat = input_data.read_image(split.tile_paths[top1[i]], (cfg['sat_size'],) * 2, 'aerial')
+        gt_rc = model_lib.delta_to_rc(tf.constant(split.deltas[q, 0])).numpy() if correct[i] else None
+        pred_rc = None
+        if mu is not None:
+            pred_rc = mu[i]
+        elif pred_delta is not None:
+            pred_rc = model_lib.delta_to_rc(tf.constant(pred_delta[i])).numpy()
+        evaluation.plot_localisation(os.path.join(out_dir, f'query_{i}.png'), pano, sat, gt_rc, pred_rc,
+                                     heatmap=heat.get(i), cov=None if cov is None else cov[i],
+                                     title=f'query {q}: top-1 {"correct" if correct[i] else "wrong"}')
+
+
+def format_results(r):
+    ret = r['retrieval']
+    lines = [f'retrieval: R@1 {100 * ret["R@1"]:.2f}%  R@5 {100 * ret["R@5"]:.2f}%  R@10 {100 * ret["R@10"]:.2f}%  '
+             f'R@1% {100 * ret["R@1%"]:.2f}%  hit rate {100 * ret["hit_rate"]:.2f}%  '
+             f'(chance R@1 {100 * r["chance_R@1"]:.2f}%)']
+    loc = r['localisation']
+    for sub in ('all', 'top1_correct'):
+        s = loc[sub]
+        lines.append(f'localisation ({sub}, {s["n"]} queries): {loc["method"]}: mean {s["mean_m"]:.2f} m, '
+                     f'median {s["median_m"]:.2f} m; tile centre: mean {s["mean_centre_m"]:.2f} m, '
+                     f'median {s["median_centre_m"]:.2f} m')
+    u = r.get('uncertainty')
+    if u and u.get('n'):
+        lines.append(f'uncertainty: inside 1-sigma {100 * u["inside_1sigma"]:.1f}% (calibrated 39.3%), '
+                     f'2-sigma {100 * u["inside_2sigma"]:.1f}% (86.5%), Spearman(u, error) '
+                     f'{u["spearman_u_error"]:.3f}, AUSE {u["sparsification"]["ause"]:.2f} px')
+    return lines
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def load_run_config(run_dir, cfg):
+    """--test: the model keys come from the run's saved config."""
+    path = os.path.join(run_dir, 'config.json')
+    if not os.path.exists(path):
+        return cfg
+    with open(path) as f:
+        saved = json.load(f)
+    out = dict(cfg)
+    for k in MODEL_KEYS + ('seed',):
+        out[k] = tuple(saved[k]) if isinstance(saved[k], list) else saved[k]
+    return out
+
+
+def main(stages, argv=None):
+    """Entry point of a stage script: train its stage(s) in order, or --test the last one."""
+    try:
+        configs = parse_config(stages, argv)
+        if configs[-1]['test']:
+            stage, cfg = stages[-1], configs[-1]
+            run_dir, _ = stage_dirs(stage, cfg)
+            ckpt = latest_checkpoint(run_dir)
+            if not ckpt:
+                raise UserError(f'{run_dir}: no checkpoint to test; train it first with the same --run_dir')
+            cfg = load_run_config(run_dir, cfg)
+            evaluate(stage, cfg, run_dir, ckpt, Log(run_dir, stage.name + ' test'))
+            return 0
+        for stage, cfg in zip(stages, configs):
+            Run(stage, cfg).train()
+        return 0
+    except (UserError, input_data.DataError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
