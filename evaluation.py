@@ -18,7 +18,7 @@ EARTH_RADIUS_M = 6371004.0
 # BGR mean subtracted from the images (SPEC §2); plot_localisation adds it back to float images.
 VGG_MEAN_BGR = (103.939, 116.779, 123.6)
 TILE_PX = 640                    # the frame of delta, gt_rc, pred_rc and covariances
-_TILE_BYTES = 256 * 2 ** 20      # default size of one float32 similarity tile
+SIM_TILE_BYTES = 256 * 2 ** 20   # default size of one float32 similarity tile
 
 # ---------------------------------------------------------------------------------------------
 # Retrieval
@@ -65,7 +65,7 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
     block = int(block)
     if block < 1:
         raise ValueError(f'block must be >= 1, got {block}')
-    ref_block = max(1, _TILE_BYTES // (4 * block)) if ref_block is None else int(ref_block)
+    ref_block = max(1, SIM_TILE_BYTES // (4 * block)) if ref_block is None else int(ref_block)
     if ref_block < 1:
         raise ValueError(f'ref_block must be >= 1, got {ref_block}')
     ref_block = min(ref_block, n_ref)
@@ -394,15 +394,16 @@ def plot_localisation(path, pano_bgr, sat_bgr, gt_rc, pred_rc, heatmap=None, cov
     heatmap overlay and the 1σ / 2σ ellipses of an optional covariance.
 
     pano_bgr, sat_bgr: (H, W, 3) BGR, uint8 or float with VGG_MEAN_BGR subtracted (added back).
-    gt_rc, pred_rc: (row, col) pixels of the 640-px tile frame (scaled to the tile's real size).
+    gt_rc, pred_rc: (row, col) pixels of the 640-px tile frame (scaled to the tile's real size),
+        or None to leave that marker out (e.g. no ground truth in a wrongly retrieved tile).
     heatmap: (h, w) any size, stretched over the tile. cov: (2, 2) pixels² of the 640-px frame in
     (row, col) order, centred on pred_rc; a covariance of (dy, dx) needs its off-diagonal negated
     (row = 320 + dy, col = 320 - dx). Writes a PNG and returns path.
     """
     pano, sat = _rgb_uint8(pano_bgr, 'pano_bgr'), _rgb_uint8(sat_bgr, 'sat_bgr')
     scale = np.array([sat.shape[0], sat.shape[1]], np.float64) / TILE_PX
-    gt = np.asarray(gt_rc, np.float64) * scale
-    pred = np.asarray(pred_rc, np.float64) * scale
+    if cov is not None and pred_rc is None:
+        raise ValueError('cov needs pred_rc, the centre of its ellipses')
 
     fig = _figure((6.0, 6.0 * (pano.shape[0] / pano.shape[1] + sat.shape[0] / sat.shape[1]) + 0.8))
     grid = fig.add_gridspec(2, 1, height_ratios=[pano.shape[0] / pano.shape[1], sat.shape[0] / sat.shape[1]])
@@ -417,7 +418,8 @@ def plot_localisation(path, pano_bgr, sat_bgr, gt_rc, pred_rc, heatmap=None, cov
         heatmap = np.asarray(heatmap, np.float64)
         if heatmap.ndim != 2:
             raise ValueError(f'heatmap must be 2-D, got shape {heatmap.shape}')
-        ax.imshow(heatmap, extent=extent, alpha=0.45, cmap='jet', interpolation='bilinear')
+        shown = np.ma.masked_less(heatmap, 0.02 * heatmap.max())        # keep the tile visible
+        ax.imshow(shown, extent=extent, alpha=0.5, cmap='jet', interpolation='bilinear')
     if cov is not None:
         cov = np.asarray(cov, np.float64)
         if cov.shape != (2, 2):
@@ -429,14 +431,18 @@ def plot_localisation(path, pano_bgr, sat_bgr, gt_rc, pred_rc, heatmap=None, cov
         circle = np.stack([np.cos(t), np.sin(t)])                          # (2, 200)
         axes = eigvec * np.sqrt(eigval)                                    # columns: σ axes, (row, col)
         for k, style in ((1, '-'), (2, '--')):
-            rc = pred[:, None] + k * scale[:, None] * (axes @ circle)      # (2, 200)
-            ax.plot(rc[1], rc[0], style, color='yellow', lw=1.5, label=f'{k}σ')
-    ax.plot(gt[1], gt[0], '*', color='lime', ms=14, mec='black', label='ground truth')
-    ax.plot(pred[1], pred[0], 'X', color='red', ms=11, mec='black', label='prediction')
+            rc = np.asarray(pred_rc, np.float64)[:, None] + k * (axes @ circle)   # (2, 200), 640 frame
+            ax.plot(rc[1] * scale[1], rc[0] * scale[0], style, color='yellow', lw=1.5, label=f'{k}σ')
+    for rc, marker, colour, size, label in ((gt_rc, '*', 'lime', 14, 'ground truth'),
+                                            (pred_rc, 'X', 'red', 11, 'prediction')):
+        if rc is not None:
+            row, col = np.asarray(rc, np.float64) * scale
+            ax.plot(col, row, marker, color=colour, ms=size, mec='black', label=label)
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
     ax.set_axis_off()
-    ax.legend(loc='lower right', fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc='lower right', fontsize=8)
     return _save(fig, path)
 
 

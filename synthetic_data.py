@@ -115,7 +115,7 @@ def _draw_city(rng, height_px, width_px, px_per_m):
     def pts(xy_m):                            # [K, 2] (x, y) metres -> int32 fixed-point
         return np.round(np.asarray(xy_m) * fix).astype(np.int32)
 
-    # Background: a smooth colour field ("districts") so distant places differ even between blocks.
+    # Background: a smooth random colour field, so distant places differ even between the blocks.
     cells = rng.integers(70, 190, size=(int(height_m // TINT_CELL_M) + 2, int(width_m // TINT_CELL_M) + 2, 3))
     raster = cv2.resize(cells.astype(np.uint8), (width_px, height_px), interpolation=cv2.INTER_CUBIC)
 
@@ -153,7 +153,7 @@ def _draw_city(rng, height_px, width_px, px_per_m):
         extent, length = (width_m, height_m) if vertical else (height_m, width_m)
         for p in road_positions(extent):
             a, b = p + rng.uniform(-3, 3), p + rng.uniform(-3, 3)
-            ends = np.array([[a, -5.0], [b, length + 5.0]]) if vertical else np.array([[-5.0, a], [length + 5.0, b]])
+            ends = np.array([[a, -5.0], [b, length + 5.0]] if vertical else [[-5.0, a], [length + 5.0, b]])  # (x, y)
             width = max(1, int(round(rng.uniform(*ROAD_WIDTH_M) * px_per_m)))
             grey = int(rng.uniform(75, 115))
             cv2.line(raster, *map(tuple, pts(ends).tolist()), (grey, grey, grey + 5), width, cv2.LINE_AA, shift=3)
@@ -392,7 +392,8 @@ def write_cvact(root, seed=0, n_panos=40, pano_hw=(128, 256), sat_px=1200, val_f
     ids, utm = [], []
     for slot in slots:
         # Panorama at the integer raster coordinate (py, px): the crop around it is exact.
-        py, px = margin_px + np.array(divmod(int(slot), cols)) * spacing_px + rng.integers(-jitter_px, jitter_px + 1, 2)
+        jitter = rng.integers(-jitter_px, jitter_px + 1, 2)
+        py, px = margin_px + np.array(divmod(int(slot), cols)) * spacing_px + jitter
         panoid = _panoid(rng)
         while panoid in ids:
             panoid = _panoid(rng)

@@ -620,7 +620,8 @@ def evaluate(stage, cfg, run_dir, ckpt_path, log):
         pix_err = np.linalg.norm(mu - gt_rc, axis=1)
         unc = {'n': int(correct.sum())}
         if correct.any():
-            unc.update(evaluation.ellipse_coverage(mu[correct], cov[correct], gt_rc[correct]))
+            cover = evaluation.ellipse_coverage(mu[correct], cov[correct], gt_rc[correct])
+            unc.update({k: cover[k] for k in ('1sigma', '2sigma')})
             unc['spearman_u_error'] = float(evaluation.rank_correlation(u[correct], pix_err[correct]))
             sp = evaluation.sparsification(u[correct], pix_err[correct])
             unc['sparsification'] = sp
@@ -667,13 +668,13 @@ def format_results(r):
     loc = r['localisation']
     for sub in ('all', 'top1_correct'):
         s = loc[sub]
-        lines.append(f'localisation ({sub}, {s["n"]} queries): {loc["method"]}: mean {s["mean_m"]:.2f} m, '
-                     f'median {s["median_m"]:.2f} m; tile centre: mean {s["mean_centre_m"]:.2f} m, '
-                     f'median {s["median_centre_m"]:.2f} m')
+        lines.append(f'localisation ({sub}, {s["count"]} queries): {loc["method"]}: mean {s["mean_m"]:.2f} m, '
+                     f'median {s["median_m"]:.2f} m; tile centre: mean {s["mean_m_centre"]:.2f} m, '
+                     f'median {s["median_m_centre"]:.2f} m')
     u = r.get('uncertainty')
     if u and u.get('n'):
-        lines.append(f'uncertainty: inside 1-sigma {100 * u["inside_1sigma"]:.1f}% (calibrated 39.3%), '
-                     f'2-sigma {100 * u["inside_2sigma"]:.1f}% (86.5%), Spearman(u, error) '
+        lines.append(f'uncertainty: inside 1-sigma {100 * u["1sigma"]:.1f}% (calibrated 39.3%), '
+                     f'2-sigma {100 * u["2sigma"]:.1f}% (86.5%), Spearman(u, error) '
                      f'{u["spearman_u_error"]:.3f}, AUSE {u["sparsification"]["ause"]:.2f} px')
     return lines
 

@@ -253,6 +253,7 @@ def test_plots(tmp_path):
     _check_png(ev.plot_localisation(str(tmp_path / 'loc.png'), pano, sat, (320, 320), (300, 350),
                                     heatmap=heatmap, cov=[[400.0, 100.0], [100.0, 200.0]], title='q0'))
     _check_png(ev.plot_localisation(str(tmp_path / 'sub' / 'plain.png'), pano, sat, (100, 500), (120, 480)))
+    _check_png(ev.plot_localisation(str(tmp_path / 'miss.png'), pano, sat, None, None))   # top-1 wrong
     ranks = rng.integers(0, 2000, 500)
     _check_png(ev.plot_recall_curve(str(tmp_path / 'recall.png'), ranks, 20000))
     err = rng.exponential(10, 300)

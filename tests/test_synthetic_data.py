@@ -3,7 +3,6 @@ CVACT's, generation is deterministic and atomic, and the images carry the signal
 import collections
 import filecmp
 import json
-import math
 import os
 
 import cv2

@@ -1,0 +1,91 @@
+"""Speed and memory of the streamed retrieval metrics against a plain blocked matmul.
+
+    python benchmarks/bench_eval.py                      # full same-area VIGOR: 52,605 x 90,618, 4096-d
+    python benchmarks/bench_eval.py --queries 5000       # a tenth of it
+
+Random L2-normalised float32 descriptors stand in for the model's. In one run it times
+evaluation.retrieval_ranks + retrieval_metrics, then, as the baseline, np.matmul alone over the
+same (block x ref_block) tiles into one reused buffer (result discarded). Targets: peak RSS <=
+descriptors + 1 GB, and throughput >= 80 % of the baseline's. 2·Q·N·D flops per pass.
+"""
+import argparse
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import evaluation  # noqa: E402
+
+GB = 2 ** 30
+
+
+def random_unit_rows(rng, n, dim, chunk=4096):
+    """(n, dim) float32 unit rows, generated in place chunk by chunk (no full-size temporary)."""
+    out = np.empty((n, dim), np.float32)
+    for i in range(0, n, chunk):
+        rows = out[i:i + chunk]
+        rng.standard_normal(rows.shape, dtype=np.float32, out=rows)
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return out
+
+
+def peak_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024        # Linux: kB
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--queries', type=int, default=52605)
+    parser.add_argument('--refs', type=int, default=90618)
+    parser.add_argument('--dim', type=int, default=4096)
+    parser.add_argument('--block', type=int, default=4096, help='queries per tile')
+    parser.add_argument('--ref-block', type=int, default=None, help='references per tile (default: 256 MB tile)')
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args()
+    q, n, d = args.queries, args.refs, args.dim
+    ref_block = args.ref_block or max(1, evaluation.SIM_TILE_BYTES // (4 * args.block))
+    flops = 2.0 * q * n * d
+
+    rng = np.random.default_rng(args.seed)
+    t = time.perf_counter()
+    grd = random_unit_rows(rng, q, d)
+    sat = random_unit_rows(rng, n, d)
+    pos = rng.integers(0, n, q)
+    semi = rng.integers(0, n, (q, 3))
+    descriptors = grd.nbytes + sat.nbytes
+    print(f'{q} queries x {n} references x {d} dims; tiles {args.block} x {min(ref_block, n)}; '
+          f'BLAS threads: {os.environ.get("OPENBLAS_NUM_THREADS", "default")}, {os.cpu_count()} CPUs')
+    print(f'descriptors: {descriptors / GB:.2f} GB, generated in {time.perf_counter() - t:.1f} s; '
+          f'RSS now {psutil.Process().memory_info().rss / GB:.2f} GB')
+
+    t = time.perf_counter()
+    ranks = evaluation.retrieval_ranks(grd, sat, pos, semi, block=args.block, ref_block=args.ref_block)
+    metrics = evaluation.retrieval_metrics(ranks, n)
+    t_eval = time.perf_counter() - t
+    peak = peak_rss()            # read before the baseline runs, so it is the metrics' peak
+    print(f'retrieval_ranks + retrieval_metrics: {t_eval:.1f} s, {flops / t_eval / 1e9:.1f} GFLOP/s; '
+          f'R@1 {metrics["R@1"]:.5f} (chance {1 / n:.5f})')
+
+    tile = np.empty(min(args.block, q) * min(ref_block, n), np.float32)
+    t = time.perf_counter()
+    for q0 in range(0, q, args.block):
+        g = grd[q0:q0 + args.block]
+        for r0 in range(0, n, ref_block):
+            s = sat[r0:r0 + ref_block]
+            np.matmul(g, s.T, out=tile[:len(g) * len(s)].reshape(len(g), len(s)))
+    t_base = time.perf_counter() - t
+    print(f'baseline blocked matmul: {t_base:.1f} s, {flops / t_base / 1e9:.1f} GFLOP/s')
+
+    ratio = t_base / t_eval
+    overhead = peak - descriptors
+    print(f'peak RSS {peak / GB:.2f} GB = descriptors + {overhead / GB:.2f} GB '
+          f'[target <= +1 GB: {"ok" if overhead <= GB else "MISSED"}]')
+    print(f'throughput ratio metrics / matmul: {ratio:.3f} [target >= 0.80: {"ok" if ratio >= 0.8 else "MISSED"}]')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,148 @@
+"""Losses against hand-computed numpy values (SPEC §4)."""
+import math
+
+import numpy as np
+import tensorflow as tf
+
+import losses
+
+
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_triplet_matches_numpy():
+    rng = np.random.default_rng(0)
+    grd, sat = _unit(rng.normal(size=(5, 7))), _unit(rng.normal(size=(5, 7)))
+    d = 2 - 2 * sat @ grd.T            # d[i, j] = aerial i vs ground j
+    b, alpha = 5, 10.0
+    g2s = s2g = 0.0
+    for i in range(b):
+        for j in range(b):
+            if i != j:
+                g2s += math.log1p(math.exp(alpha * (d[i, i] - d[j, i])))  # ground i against aerial j
+                s2g += math.log1p(math.exp(alpha * (d[i, i] - d[i, j])))  # aerial i against ground j
+    expected = (g2s + s2g) / 2 / (b * (b - 1))
+    got = losses.triplet_loss(tf.constant(grd, tf.float32), tf.constant(sat, tf.float32), alpha)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+
+def test_triplet_two_by_two_by_hand():
+    # grd = sat = identity rows: d_pos = 0, d_neg = 2 -> log(1 + e^-20) per pair.
+    eye = tf.eye(2)
+    np.testing.assert_allclose(losses.triplet_loss(eye, eye, 10.0).numpy(), math.log1p(math.exp(-20)), rtol=1e-4)
+
+
+def test_triplet_replica_shares_sum_to_global():
+    rng = np.random.default_rng(1)
+    grd = tf.constant(_unit(rng.normal(size=(6, 4))), tf.float32)
+    sat = tf.constant(_unit(rng.normal(size=(6, 4))), tf.float32)
+    full = losses.triplet_loss(grd, sat)
+    parts = [losses.triplet_loss(grd[r:r + 3], sat[r:r + 3], 10.0, grd, sat, row_offset=r) for r in (0, 3)]
+    np.testing.assert_allclose(float(parts[0] + parts[1]), float(full), rtol=1e-6)
+
+
+def test_iou_and_ratio_loss():
+    # delta (0, 0): overlap 1 -> IoU = 1/(1 - 1/2) - 1 = 1.
+    # delta (320, 0): overlap 0.5 -> IoU = 1/(1 - 0.25) - 1 = 1/3.
+    d0, d1 = tf.constant([[0.0, 0.0]]), tf.constant([[320.0, 0.0]])
+    np.testing.assert_allclose(losses.iou(d0).numpy(), [1.0], rtol=1e-6)
+    np.testing.assert_allclose(losses.iou(d1).numpy(), [1 / 3], rtol=1e-6)
+    grd = tf.constant([[1.0, 0.0]])
+    pos = tf.constant([[0.8, 0.6]])     # s1 = 0.8
+    semi = tf.constant([[0.6, 0.8]])    # s2 = 0.6
+    # ((0.6 / 0.8) - (1/3) / 1)^2 / 10
+    expected = (0.75 - 1 / 3) ** 2 / 10
+    got = losses.iou_ratio_loss(grd, pos, semi, d0, d1)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+
+def test_offset_loss():
+    pred = tf.constant([[0.5, -0.25], [0.0, 0.0]])
+    delta = tf.constant([[160.0, -80.0], [32.0, 64.0]])   # /320 -> (0.5,-0.25), (0.1, 0.2)
+    expected = (0.0 + (0.01 + 0.04)) / 2 / 100
+    np.testing.assert_allclose(losses.offset_loss(pred, delta).numpy(), expected, rtol=1e-5)
+
+
+def test_heatmap_loss():
+    mu = tf.constant([[0.0, 0.0], [10.0, 10.0]])
+    gt = tf.constant([[3.0, 4.0], [10.0, 10.0]])
+    np.testing.assert_allclose(losses.heatmap_loss(mu, gt).numpy(), (5.0 + 0.0) / 2 / 10000, rtol=1e-6)
+
+
+def _nll_numpy(mu, cov, gt, eps):
+    r = gt - mu
+    return 0.5 * math.log(np.linalg.det(cov) + eps) + 0.5 * r @ np.linalg.inv(cov) @ r + math.log(2 * math.pi)
+
+
+def _chol(l0, l1, l2):
+    return np.array([[l0, 0.0], [l1, l2]])
+
+
+def test_nll_identity_diagonal_correlated():
+    cases = [(1.0, 0.0, 1.0), (3.0, 0.0, 0.5), (2.0, -1.5, 1.2)]
+    mu, gt = np.array([10.0, 20.0]), np.array([12.0, 17.0])
+    for l0, l1, l2 in cases:
+        L = _chol(l0, l1, l2)
+        expected = _nll_numpy(mu, L @ L.T, gt, 1e-6)
+        got = losses.gaussian_nll(tf.constant([mu], tf.float32), tf.constant([[l0, l1, l2]], tf.float32),
+                                  tf.constant([gt], tf.float32), eps=1e-6)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    # identity covariance by hand: 1/2 log(1) + 1/2 (4 + 9) + log 2 pi
+    got = losses.gaussian_nll(tf.constant([mu], tf.float32), tf.constant([[1.0, 0.0, 1.0]]), tf.constant([gt], tf.float32), 0.0)
+    np.testing.assert_allclose(got.numpy(), 6.5 + math.log(2 * math.pi), rtol=1e-6)
+
+
+def test_nll_near_singular_is_finite_with_finite_gradients():
+    mu = tf.Variable([[5.0, 5.0]])
+    chol = tf.Variable([[1e-4, 50.0, 1e-4]])    # Sigma nearly rank one
+    gt = tf.constant([[5.5, 4.0]])
+    with tf.GradientTape() as tape:
+        nll = losses.gaussian_nll(mu, chol, gt)
+    grads = tape.gradient(nll, [mu, chol])
+    assert np.isfinite(nll.numpy())
+    assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+def test_uncertainty_weight_and_e3_loss():
+    # W_m = 1 / (1 + c exp(a (b - u))): u = b -> 1 / (1 + c) = 1/3.
+    np.testing.assert_allclose(losses.uncertainty_weight(tf.constant([75.0])).numpy(), [1 / 3], rtol=1e-6)
+    grd = tf.constant([[1.0, 0.0]])
+    pos = tf.constant([[0.8, 0.6]])     # s1 = 0.8
+    semi = tf.constant([[0.6, 0.8]])    # s2 = 0.6
+    dp, ds = tf.constant([[0.0, 0.0]]), tf.constant([[320.0, 0.0]])   # ratio = 1/3
+    ratio, s1, s2 = 1 / 3, 0.8, 0.6
+    for u in (10.0, 75.0, 200.0):
+        w_m = 1 / (1 + 2 * math.exp(0.3 * (75 - u)))
+        w = 1 + w_m * (ratio * s1 / s2 - 1)
+        expected = (w * s2 / s1 - ratio) ** 2
+        got = losses.uncertainty_ratio_loss(grd, pos, semi, dp, ds, tf.constant([u]))
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-7)
+    # a confident pair (small u) is pushed like VIGOR's ratio loss x 10; a vague one hardly at all
+    vague = losses.uncertainty_ratio_loss(grd, pos, semi, dp, ds, tf.constant([200.0]))
+    sure = losses.uncertainty_ratio_loss(grd, pos, semi, dp, ds, tf.constant([0.0]))
+    assert float(vague) < 1e-6 < float(sure)
+
+
+def test_e3_weight_is_stop_gradient():
+    # With W under stop-gradient, d/ds2 of (W s2/s1 - r)^2 = 2 (W s2/s1 - r) W / s1.
+    grd = tf.constant([[1.0, 0.0]])
+    semi = tf.Variable([[0.6, 0.8]])
+    pos = tf.constant([[0.8, 0.6]])
+    u = tf.constant([75.0])
+    with tf.GradientTape() as tape:
+        loss = losses.uncertainty_ratio_loss(grd, pos, semi, tf.constant([[0.0, 0.0]]), tf.constant([[320.0, 0.0]]), u)
+    g = tape.gradient(loss, semi).numpy()[0, 0]      # d s2 / d semi[0] = grd[0] = 1
+    ratio, s1, s2, w_m = 1 / 3, 0.8, 0.6, 1 / 3
+    w = 1 + w_m * (ratio * s1 / s2 - 1)
+    np.testing.assert_allclose(g, 2 * (w * s2 / s1 - ratio) * w / s1, rtol=1e-5)
+
+
+def test_losses_finite_gradients_on_degenerate_inputs():
+    same = tf.Variable(tf.math.l2_normalize(tf.ones([4, 8]), -1))   # identical descriptors
+    with tf.GradientTape() as tape:
+        loss = losses.triplet_loss(same, same) + losses.iou_ratio_loss(same, same, same, tf.zeros([4, 2]),
+                                                                        tf.fill([4, 2], 300.0))
+    g = tape.gradient(loss, same)
+    assert np.isfinite(loss.numpy()) and np.all(np.isfinite(g.numpy()))

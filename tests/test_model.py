@@ -1,0 +1,104 @@
+"""Model shapes, soft-argmax, covariance algebra and the VGG16 npy loader."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import model
+
+
+def tiny(parts=model.ALL_PARTS, **kw):
+    return model.CrossViewModel((32, 64), 64, width=0.0625, parts=parts, **kw)
+
+
+def test_descriptor_and_decoder_sizes():
+    m = tiny()
+    grd = tf.zeros([2, 32, 64, 3])
+    sat = tf.zeros([2, 64, 64, 3])
+    g = m.embed_grd(grd)
+    s, skips = m.embed_sat(sat)
+    assert g.shape == (2, m.dim) and s.shape == (2, m.dim)
+    assert m.dim == 8 * model.channels(512, 0.0625)
+    assert {k: v.shape[1] for k, v in skips.items()} == {'conv1_2': 64, 'conv2_2': 32, 'conv3_3': 16,
+                                                         'conv4_3': 8, 'conv5_3': 4}
+    out = m.localise('pos', s, g, skips)
+    assert out['heatmap'].shape == (2, 128, 128)      # twice the aerial input side
+    assert out['mu'].shape == (2, 2) and out['chol'].shape == (2, 3)
+    assert np.all(out['chol'].numpy()[:, [0, 2]] > 0)
+    assert m.offset(s, g).shape == (2, 2)
+
+
+def test_decoder_output_is_twice_input_at_128():
+    m = model.CrossViewModel((32, 64), 128, width=0.0625, parts=model.RETRIEVAL_PARTS + model.HEATMAP_PARTS)
+    s, skips = m.embed_sat(tf.zeros([1, 128, 128, 3]))
+    out = m.localise('semi', s, m.embed_grd(tf.zeros([1, 32, 64, 3])), skips)
+    assert out['heatmap'].shape == (1, 256, 256)
+    assert 'chol' not in out
+
+
+def test_parts_are_built_only_when_asked():
+    m = tiny(parts=model.RETRIEVAL_PARTS)
+    assert not hasattr(m, 'offset_head') and not hasattr(m, 'pos_decoder')
+    with pytest.raises(ValueError):
+        tiny(parts=('nonsense',))
+    with pytest.raises(ValueError):
+        model.CrossViewModel((32, 64), 96, width=0.0625, parts=model.ALL_PARTS)   # 96 % 64 != 0
+
+
+def test_same_seed_same_weights():
+    a, b, c = tiny(seed=3), tiny(seed=3), tiny(seed=4)
+    wa, wb, wc = (x.trainable_variables[5].numpy() for x in (a, b, c))
+    np.testing.assert_array_equal(wa, wb)
+    assert not np.array_equal(wa, wc)
+
+
+def test_soft_argmax_of_one_hot_returns_that_pixel():
+    h = np.zeros((1, 128, 128), np.float32)
+    h[0, 40, 100] = 1.0
+    mu = model.soft_argmax(tf.constant(h)).numpy()[0]
+    # pixel centres in the 640 frame: (i + 0.5) * 5
+    np.testing.assert_allclose(mu, [40.5 * 5, 100.5 * 5], rtol=1e-5)
+
+
+def test_soft_argmax_zero_heatmap_is_finite():
+    h = tf.Variable(tf.zeros([1, 8, 8]))
+    with tf.GradientTape() as tape:
+        mu = model.soft_argmax(h)
+    assert np.all(np.isfinite(mu.numpy())) and np.all(np.isfinite(tape.gradient(mu, h).numpy()))
+
+
+def test_delta_rc_roundtrip_and_convention():
+    delta = tf.constant([[100.0, -50.0]])   # 100 px south, 50 px east of the centre
+    rc = model.delta_to_rc(delta).numpy()[0]
+    np.testing.assert_allclose(rc, [420.0, 370.0])
+    np.testing.assert_allclose(model.rc_to_delta(tf.constant([rc])).numpy()[0], [100.0, -50.0])
+
+
+def test_cov_and_uncertainty():
+    chol = tf.constant([[3.0, 0.0, 2.0], [2.0, 1.0, 1.0]])
+    cov = model.cholesky_to_cov(chol).numpy()
+    np.testing.assert_allclose(cov[0], [[9, 0], [0, 4]])
+    np.testing.assert_allclose(cov[1], [[4, 2], [2, 2]])
+    u = model.uncertainty(chol).numpy()
+    np.testing.assert_allclose(u[0], 2 * 3 + 2 * 2, rtol=1e-5)
+    lam = np.linalg.eigvalsh(cov[1])
+    np.testing.assert_allclose(u[1], 2 * np.sqrt(lam).sum(), rtol=1e-5)
+
+
+def test_vgg16_npy_loader(tmp_path):
+    m = model.CrossViewModel((32, 64), 64, width=1.0, parts=model.RETRIEVAL_PARTS)
+    rng = np.random.default_rng(0)
+    weights = {conv.name: [rng.normal(size=conv.w.shape).astype(np.float32),
+                           rng.normal(size=conv.b.shape).astype(np.float32)] for conv in m.grd_trunk.convs}
+    weights['fc6'] = [np.zeros((2, 2), np.float32), np.zeros(2, np.float32)]   # ignored, as in the real file
+    path = tmp_path / 'vgg16.npy'
+    np.save(path, weights, allow_pickle=True)
+    logged = []
+    assert model.load_imagenet(m, str(path), logged.append)
+    np.testing.assert_array_equal(m.sat_trunk.convs[4].w.numpy(), weights['conv3_1'][0])
+    np.testing.assert_array_equal(m.grd_trunk.convs[12].b.numpy(), weights['conv5_3'][1])
+    assert 'ImageNet' in logged[0]
+    small = tiny(parts=model.RETRIEVAL_PARTS)
+    with pytest.raises(ValueError, match='conv1_1'):
+        small.grd_trunk.load_npy(str(path))
+    assert not model.load_imagenet(small, str(tmp_path / 'absent.npy'), logged.append)
+    assert 'random' in logged[-1]
