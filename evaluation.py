@@ -36,8 +36,8 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
     topk: when > 0, also return each query's topk best references.
 
     Only one (block, ref_block) float32 tile and its boolean mask exist at a time, so memory is
-    the descriptors + 5 · block · ref_block bytes. Pass float32 C-contiguous arrays: anything
-    else is copied once.
+    the descriptors + 5 · block · ref_block + 4 · block · D bytes (0.4 GB at the defaults and
+    D = 4096). Pass float32 C-contiguous arrays: anything else is copied once.
 
     Returns a dict of per-query arrays:
       rank (Q,) int64   number of references scoring strictly above the positive (ties with the
@@ -231,6 +231,8 @@ def offset_to_position(centre, delta_px, mpp, metric):
     """
     centre = np.asarray(centre, np.float64)
     delta_px = _pairs(delta_px, 'delta_px')
+    if centre.shape not in ((2,), delta_px.shape):
+        raise ValueError(f'centre must have shape (2,) or {delta_px.shape}, got {centre.shape}')
     mpp = np.asarray(mpp, np.float64)
     if mpp.ndim == 1:
         mpp = mpp[:, None]

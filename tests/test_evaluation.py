@@ -156,6 +156,13 @@ def test_offset_to_position_directions():
     assert ev.position_errors(got, [[41.0, -87.0]], 'haversine')[0] == pytest.approx(10.0, abs=1e-6)
 
 
+def test_metres_bad_inputs_raise():
+    with pytest.raises(ValueError, match='metric'):
+        ev.position_errors([[0.0, 0.0]], [[1.0, 1.0]], 'manhattan')
+    with pytest.raises(ValueError, match='centre'):
+        ev.offset_to_position([[0.0, 0.0, 0.0]], [[1.0, 1.0]], 0.1, 'euclidean')
+
+
 def test_haversine_of_one_ten_thousandth_degree():
     # R · 1e-4 · π / 180 = 6371004 · 1.745329e-6 = 11.1195 m.
     err = ev.position_errors([[40.0001, -74.0]], [[40.0, -74.0]], 'haversine')

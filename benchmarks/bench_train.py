@@ -1,0 +1,317 @@
+"""Speed and memory of every stage's training step, and what the input pipeline costs.
+
+    python benchmarks/bench_train.py                                         # demo size, all 5 steps
+    python benchmarks/bench_train.py --sizes paper --stages E_1a,E_2_1 --steps 2
+
+Sizes: demo = grd 64x128, sat 64, width 0.25; paper = grd 320x640, sat 320, width 1.0; batch 10 for both.
+Each (size, stage) runs in a fresh subprocess, so its peak RSS is its own. The child builds the stage
+through the training loop's own code: train_lib.Run.build (model, Adam) and Run.make_step (the stage
+script's loss, GradientTape, cross-replica sum, finiteness check, Adam) with random weights, then
+  1. times --steps steps fed by one batch already in memory (after --warmup steps);
+  2. times --steps steps fed by the real tf.data pipeline (input_data.train_dataset reading the JPEG/PNG
+     files of a synthetic city, distributed by the strategy as Run.train does it); the difference is the
+     pipeline's overhead;
+  3. times the pipeline alone (nothing else running): its share of a 2-core machine is what
+     prefetching cannot hide when the step already uses every core;
+  4. times a plain fp32 tf.matmul (--matmul_n square, median of --matmul_repeats) before and after, as
+     the machine's achievable FLOP/s in the same run and under the same load.
+
+FLOPs are counted analytically from the layer shapes of the traced loss graph: 2 x MACs of every Conv2D,
+transposed conv (Conv2DBackpropInput), MatMul, BatchMatMul and Einsum of the forward pass, times 3 for
+forward + backward (every trained layer's backward is two products the size of its forward: dX and dW).
+Element-wise ops, pooling, the loss and Adam are not counted. As a cross-check the child also prints
+tf.profiler's float_operation count of the conv/matmul ops of the whole step graph (forward and backward
+as TF built them; it has no Einsum statistics and prunes nothing).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SIZES = {
+    'demo': {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25},
+    'paper': {'grd_size': (320, 640), 'sat_size': 320, 'width': 1.0},
+}
+STAGES = ('E_1a', 'E_1', 'E_2_1', 'E_2_2', 'E_3')
+# Ops whose MACs are counted; the profiler cross-check uses the TF names of the same products.
+COUNTED = ('Conv2D', 'Conv2DBackpropInput', 'MatMul', 'BatchMatMul', 'BatchMatMulV2', 'BatchMatMulV3', 'Einsum')
+PROFILED = ('Conv2D', 'Conv2DBackpropInput', 'Conv2DBackpropFilter', 'MatMul', 'BatchMatMul', 'BatchMatMulV2',
+            'BatchMatMulV3')
+GiB = 2 ** 30
+
+
+def stage_object(name):
+    """The Stage of a stage script (its loss, parts and trained parts), by name."""
+    if name in ('E_1a', 'E_1'):
+        import train_first_E_1 as script
+        return script.PHASE_A if name == 'E_1a' else script.PHASE_B
+    module = {'E_2_1': 'train_second_E_2_1', 'E_2_2': 'train_second_E_2_2', 'E_3': 'train_third_E_3'}[name]
+    return __import__(module).STAGE
+
+
+def dataset_root(args, size):
+    """The synthetic city the pipeline reads (generated once): demo = the training demo's own city;
+    paper = one city of full-size files (2048x1024 JPEG panoramas, 640x640 PNG tiles by default)."""
+    import synthetic_data
+    if args.data_root:
+        return args.data_root, None
+    if size == 'demo':
+        return synthetic_data.ensure_vigor(os.path.join(ROOT, 'data', 'synthetic_vigor')), None
+    cities = ('NewYork',)
+    root = os.path.join(ROOT, 'data', f'synthetic_vigor_bench_{args.tile_px}_{args.pano_h}')
+    synthetic_data.ensure_vigor(root, cities=cities, grid=8, tile_px=args.tile_px,
+                                pano_hw=(args.pano_h, 2 * args.pano_h))
+    return root, cities
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def _static(shape):
+    dims = shape.as_list()
+    if any(d is None for d in dims):
+        raise ValueError(f'FLOP count needs static shapes, got {dims}')
+    return dims
+
+
+def op_macs(op):
+    """Multiply-accumulates of one conv/matmul op from its static shapes (0 for other ops)."""
+    t = op.type
+    if t == 'Conv2D':                       # out (B, H, W, cout) x kernel (kh, kw, cin, cout) / cout
+        out, w = _static(op.outputs[0].shape), _static(op.inputs[1].shape)
+        return int(np.prod(out)) * w[0] * w[1] * w[2]
+    if t == 'Conv2DBackpropInput':          # a deconv: every input pixel scatters kh kw cin cout
+        w, dy = _static(op.inputs[1].shape), _static(op.inputs[2].shape)
+        return int(np.prod(dy[:3])) * w[0] * w[1] * w[2] * w[3]
+    if t == 'MatMul':
+        a = _static(op.inputs[0].shape)
+        k = a[0] if op.get_attr('transpose_a') else a[1]
+        return int(np.prod(_static(op.outputs[0].shape))) * k
+    if t.startswith('BatchMatMul'):
+        a = _static(op.inputs[0].shape)
+        k = a[-2] if op.get_attr('adj_x') else a[-1]
+        return int(np.prod(_static(op.outputs[0].shape))) * k
+    if t == 'Einsum':                       # the product of every index's size
+        lhs = op.get_attr('equation').decode().split('->')[0].split(',')
+        sizes = {}
+        for labels, x in zip(lhs, op.inputs):
+            sizes.update(zip(labels, _static(x.shape)))
+        return int(np.prod(list(sizes.values())))
+    return 0
+
+
+def forward_flops(graph):
+    """2 x MACs of the counted ops of a traced forward graph -> (total, {op type: flops})."""
+    by_type = {}
+    for op in graph.get_operations():
+        if op.type in COUNTED:
+            by_type[op.type] = by_type.get(op.type, 0) + 2 * op_macs(op)
+    return sum(by_type.values()), by_type
+
+
+def profiler_flops(graph):
+    """tf.profiler's float_operation count restricted to the conv/matmul ops of the step graph."""
+    import tensorflow as tf
+    opts = (tf.compat.v1.profiler.ProfileOptionBuilder(tf.compat.v1.profiler.ProfileOptionBuilder.float_operation())
+            .with_empty_output().build())
+    prof = tf.compat.v1.profiler.profile(graph, options=opts, cmd='op')
+    return sum(node.total_float_ops for node in prof.children if node.name in PROFILED)
+
+
+# ----------------------------------------------------------------------------- the child
+
+class PeakRSS:
+    """Samples this process's RSS with psutil every `period` seconds in a thread; .peak in bytes."""
+
+    def __init__(self, period=0.05):
+        self.peak, self.period, self.stop = 0, period, threading.Event()
+        self.proc = psutil.Process()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.period)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        return self.peak
+
+
+def matmul_rate(n, repeats):
+    """Median FLOP/s of an n x n @ n x n fp32 tf.matmul (one warm-up call excluded)."""
+    import tensorflow as tf
+    a = tf.random.stateless_normal([n, n], seed=[1, 2])
+    b = tf.random.stateless_normal([n, n], seed=[3, 4])
+    fn = tf.function(tf.matmul)
+    fn(a, b).numpy()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(a, b).numpy()
+        times.append(time.perf_counter() - t)
+    return 2.0 * n ** 3 / np.median(times), times
+
+
+def child(args):
+    import tensorflow as tf
+    import input_data
+    import train_lib
+    size, stage_name = args.child.split(':')
+    rss = PeakRSS()
+    out = {'size': size, 'stage': stage_name, 'threads': os.cpu_count(), 'load_start': os.getloadavg()[0]}
+    say = lambda msg: print(f'  [{size} {stage_name}] {msg}', flush=True)
+    stage = stage_object(stage_name)
+    s = SIZES[size]
+    run_dir = tempfile.mkdtemp(prefix='bench_train_')
+    argv = ['--grd_size', *map(str, s['grd_size']), '--sat_size', str(s['sat_size']), '--width', str(s['width']),
+            '--batch', str(args.batch), '--run_dir', run_dir, '--mixed_precision', str(args.mixed_precision)]
+    cfg = train_lib.parse_config([stage], argv)[0]
+    root, cities = dataset_root(args, size)
+    split = input_data.load_vigor(root, 'train', cities=cities)
+    sampler = input_data.BatchSampler(split, cfg['batch'], 0)
+    n_batches = args.warmup + args.steps
+    plans = [sampler.epoch_plan(e) for e in range(-(-n_batches // sampler.steps_per_epoch))]
+    panos = np.concatenate([p for p, _ in plans])[:n_batches]
+    semi = np.concatenate([k for _, k in plans])[:n_batches]
+    make_ds = lambda: input_data.train_dataset(split, panos, semi, cfg['grd_size'], cfg['sat_size'], cfg['batch'])
+
+    out['matmul_before'], times = matmul_rate(args.matmul_n, args.matmul_repeats)
+    say(f'matmul {args.matmul_n}^3: {out["matmul_before"] / 1e9:.1f} GFLOP/s ({", ".join(f"{t:.2f}" for t in times)} s)')
+
+    run = train_lib.Run(stage, cfg)
+    run.build(split)
+    consts = {}
+    if stage_name == 'E_3':  # E_3's u table (pixels) would come from E_2_2; any plausible values time the same
+        consts = {'u_table': tf.constant(np.random.default_rng(0).uniform(20, 150, (len(split), 3)), tf.float32)}
+    step = run.make_step(consts)
+    n_params = sum(int(np.prod(v.shape)) for v in run.opt.vars)
+    batch = next(iter(make_ds()))          # the pipeline's first batch, kept in memory
+
+    # FLOPs from the traced forward loss (default strategy: plain tensors, static batch).
+    ctx_graph = tf.function(lambda b: stage.loss(run.model, b, train_lib.LossContext(cfg, consts))[0])
+    fwd, by_type = forward_flops(ctx_graph.get_concrete_function(batch).graph)
+    out.update(flops_forward=fwd, flops_step=3 * fwd, flops_by_type=by_type, trained_params=n_params)
+    if args.profiler_check:
+        out['profiler_flops_step'] = profiler_flops(step.get_concrete_function(batch).graph)
+
+    def timed(feed):
+        """Run Run.train's inner loop over `feed`; seconds of each step after the warm-up."""
+        times, t = [], time.perf_counter()
+        for i, b in enumerate(feed):
+            loss, _, ok, _ = step(b)
+            if not bool(ok.numpy()):
+                raise RuntimeError(f'non-finite step (loss {float(loss)})')
+            now = time.perf_counter()
+            if i >= args.warmup:
+                times.append(now - t)
+            t = now
+        return times
+
+    say(f'{n_params / 1e6:.1f} M trained parameters; {3 * fwd / 1e9:.1f} GFLOP per step; timing in memory')
+    out['mem_times'] = timed([batch] * n_batches)
+    say(f'in memory: {", ".join(f"{t:.3f}" for t in out["mem_times"])} s; timing the pipeline')
+    out['pipe_times'] = timed(run.strategy.experimental_distribute_dataset(make_ds()))
+    say(f'pipeline-fed: {", ".join(f"{t:.3f}" for t in out["pipe_times"])} s')
+    t = time.perf_counter()
+    for _ in make_ds():
+        pass
+    out['pipeline_alone_s'] = (time.perf_counter() - t) / n_batches
+    out['matmul_after'], _ = matmul_rate(args.matmul_n, args.matmul_repeats)
+    out['peak_rss'] = rss.close()
+    out['ru_maxrss'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out['load_end'] = os.getloadavg()[0]
+    print('RESULT ' + json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------- the parent
+
+def report(r, batch):
+    step_s, pipe_s = float(np.median(r['mem_times'])), float(np.median(r['pipe_times']))
+    matmul = float(np.median([r['matmul_before'], r['matmul_after']]))
+    achieved = r['flops_step'] / step_s
+    overhead = 100.0 * (pipe_s - step_s) / step_s
+    lines = [
+        f'{r["size"]:5s} {r["stage"]:5s}  step {step_s:8.3f} s  {3 * batch / step_s:7.1f} img/s  '
+        f'peak RSS {r["peak_rss"] / GiB:5.2f} GiB  {r["flops_step"] / 1e9:8.1f} GFLOP/step  '
+        f'{achieved / 1e9:6.1f} GFLOP/s = {100 * achieved / matmul:5.1f} % of matmul ({matmul / 1e9:.1f} GFLOP/s)'
+        f' [target >= 75 %: {"ok" if achieved >= 0.75 * matmul else "MISSED"}]',
+        f'             pipeline-fed step {pipe_s:8.3f} s: overhead {overhead:+6.1f} % [target <= 5 %: '
+        f'{"ok" if overhead <= 5 else "MISSED"}]; pipeline alone {r["pipeline_alone_s"]:.3f} s/batch '
+        f'({100 * r["pipeline_alone_s"] / step_s:.1f} % of the step); {r["trained_params"] / 1e6:.1f} M params; '
+        f'load {r["load_start"]:.1f} -> {r["load_end"]:.1f}',
+    ]
+    if 'profiler_flops_step' in r:
+        lines.append(f'             tf.profiler conv/matmul FLOPs of the step graph: '
+                     f'{r["profiler_flops_step"] / 1e9:.1f} G (analytic 3 x forward: {r["flops_step"] / 1e9:.1f} G)')
+    return lines
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--sizes', default='demo', help='comma-separated: demo, paper')
+    p.add_argument('--stages', default=','.join(STAGES), help='comma-separated: ' + ', '.join(STAGES))
+    p.add_argument('--steps', type=int, default=10, help='timed steps per feed (warm-up excluded)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps first (tracing, allocator)')
+    p.add_argument('--batch', type=int, default=10)
+    p.add_argument('--matmul_n', type=int, default=4096)
+    p.add_argument('--matmul_repeats', type=int, default=3)
+    p.add_argument('--tile_px', type=int, default=640, help='aerial file side of the paper-size synthetic city')
+    p.add_argument('--pano_h', type=int, default=1024, help='panorama file height (width 2x) of that city')
+    p.add_argument('--data_root', default='', help='a VIGOR root to read instead of a synthetic city')
+    p.add_argument('--profiler_check', type=int, default=1, help='1 = cross-check the FLOPs with tf.profiler')
+    p.add_argument('--mixed_precision', type=int, default=0)
+    p.add_argument('--child', default='', help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    sizes, stages = args.sizes.split(','), args.stages.split(',')
+    bad = [x for x in sizes if x not in SIZES] + [x for x in stages if x not in STAGES]
+    if bad:
+        p.error(f'unknown size or stage {bad}')
+    for size in sizes:
+        dataset_root(args, size)  # generate once, before the children
+    print(f'bench_train: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / GiB:.0f} GiB; '
+          f'{args.steps} timed steps after {args.warmup} warm-up; FLOPs = 3 x 2 x forward MACs of '
+          f'conv/deconv/matmul/einsum (analytic, from the traced shapes)', flush=True)
+    results = []
+    for size in sizes:
+        for stage in stages:
+            cmd = [sys.executable, os.path.abspath(__file__), '--child', f'{size}:{stage}'] + \
+                  [a for a in sys.argv[1:]]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+            result, tail = None, []
+            for line in proc.stdout:
+                if line.startswith('RESULT '):
+                    result = json.loads(line[len('RESULT '):])
+                elif line.startswith('  ['):
+                    print(line, end='', flush=True)
+                tail = (tail + [line])[-30:]
+            if proc.wait() != 0 or result is None:
+                print(''.join(tail) + f'{size} {stage}: the child failed (exit {proc.returncode})', flush=True)
+                continue
+            results.append(result)
+            for line in report(result, args.batch):
+                print(line, flush=True)
+    print('\nsummary')
+    for r in results:
+        for line in report(r, args.batch):
+            print(line)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""VIGOR/CVACT parsing and validation, the batch sampler and the tf.data pipelines."""
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+import input_data
+import synthetic_data
+
+SMALL = dict(grid=4, tile_px=64, pano_hw=(32, 64))
+
+
+@pytest.fixture(scope='module')
+def vigor(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('vigor') / 'VIGOR')
+    synthetic_data.write_vigor(root, seed=0, **SMALL)
+    return root
+
+
+@pytest.fixture
+def vigor_copy(vigor, tmp_path):
+    root = str(tmp_path / 'VIGOR')
+    shutil.copytree(vigor, root)
+    return root
+
+
+def test_load_same_and_cross_area(vigor):
+    same = input_data.load_vigor(vigor, 'test', 'same', 'original')
+    assert len(same.tile_paths) == 4 * 16 and same.tiles.shape == (len(same), 4)
+    assert np.all(same.tiles[:, 0] >= 0)
+    cross = input_data.load_vigor(vigor, 'test', 'cross', 'original')
+    cities = {p.split(os.sep)[-3] for p in cross.pano_paths}
+    assert cities == {'SanFrancisco', 'Chicago'} and len(cross.tile_paths) == 32
+    train = input_data.load_vigor(vigor, 'train', 'same', 'original')
+    assert not set(train.pano_paths) & set(same.pano_paths)
+
+
+def test_positions_agree_with_names(vigor):
+    # original labels: the ground truth is the panorama's GPS; moving the positive tile's centre by the
+    # original delta at 0.114 m/px lands on it (up to the 6-decimal rounding of the names, < 0.1 m).
+    from evaluation import position_errors
+    for labels, mpp in (('original', None), ('corrected', input_data.CORRECTED_MPP)):
+        s = input_data.load_vigor(vigor, 'test', 'same', labels)
+        moved = input_data.offset_position(s.tile_centres[s.tiles[:, 0]], s.deltas[:, 0].astype(float),
+                                           s.mpp, 'haversine')
+        names = np.array([input_data.vigor_pano_latlon(os.path.basename(p)) for p in s.pano_paths])
+        err = position_errors(moved, names, 'haversine')
+        assert err.max() < 0.2, labels
+    corrected = input_data.load_vigor(vigor, 'test', 'same', 'corrected')
+    assert set(np.round(corrected.mpp, 6)) == set(np.round(list(input_data.CORRECTED_MPP.values()), 6))
+
+
+def _rewrite_line(path, fn, line=0):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    lines[line] = fn(lines[line])
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+def test_bad_label_files(vigor_copy):
+    split = os.path.join(vigor_copy, 'splits', 'Seattle', 'same_area_balanced_test.txt')
+    _rewrite_line(split, lambda l: ' '.join(l.split()[:12]), line=1)
+    with pytest.raises(input_data.DataError, match=r'same_area_balanced_test.txt:2: expected 13'):
+        input_data.load_vigor(vigor_copy, 'test')
+    _rewrite_line(split, lambda l: l + ' 0.0')   # restore a 13-token line below
+    shutil.copy(os.path.join(vigor_copy, 'splits', 'Seattle', 'same_area_balanced_train.txt'), split)
+    _rewrite_line(split, lambda l: l.replace('satellite_', 'satellite_9', 1), line=2)
+    with pytest.raises(input_data.DataError, match=r':3: tile satellite_9.* not in satellite_list'):
+        input_data.load_vigor(vigor_copy, 'train' if False else 'test')
+
+
+def test_missing_root_split_and_duplicates(vigor_copy, tmp_path):
+    with pytest.raises(input_data.DataError, match='dataset root not found'):
+        input_data.load_vigor(str(tmp_path / 'nowhere'), 'train')
+    split = os.path.join(vigor_copy, 'splits', 'Chicago', 'same_area_balanced_train.txt')
+    with open(split) as f:
+        first = f.readline()
+    with open(split, 'a') as f:
+        f.write(first)
+    with pytest.raises(input_data.DataError, match='listed twice'):
+        input_data.load_vigor(vigor_copy, 'train')
+    open(split, 'w').close()
+    with pytest.raises(input_data.DataError, match='is empty'):
+        input_data.load_vigor(vigor_copy, 'train')
+    os.remove(split)
+    with pytest.raises(input_data.DataError, match='same_area_balanced_train.txt: split file not found'):
+        input_data.load_vigor(vigor_copy, 'train')
+
+
+def test_read_image_checks(tmp_path):
+    ok = np.full((40, 80, 3), 200, np.uint8)
+    cv2.imwrite(str(tmp_path / 'p.jpg'), ok)
+    img = input_data.read_image(str(tmp_path / 'p.jpg'), (32, 64), 'panorama')
+    assert img.shape == (32, 64, 3) and img.dtype == np.float32
+    # BGR mean subtracted: a uniform 200 image becomes 200 - mean per channel (JPEG: +-2)
+    np.testing.assert_allclose(img.mean((0, 1)), 200 - np.array(input_data.VGG_MEAN_BGR), atol=2.5)
+    cv2.imwrite(str(tmp_path / 'g.png'), np.zeros((40, 80), np.uint8))
+    with pytest.raises(input_data.DataError, match='g.png: expected a 3-channel colour panorama, got a grayscale'):
+        input_data.read_image(str(tmp_path / 'g.png'), (32, 64), 'panorama')
+    cv2.imwrite(str(tmp_path / 'sq.png'), np.zeros((40, 40, 3), np.uint8))
+    with pytest.raises(input_data.DataError, match='width = 2 x height, got 40x40'):
+        input_data.read_image(str(tmp_path / 'sq.png'), (32, 64), 'panorama')
+    with pytest.raises(input_data.DataError, match='square aerial image, got 80x40'):
+        input_data.read_image(str(tmp_path / 'p.jpg'), (64, 64), 'aerial')
+    (tmp_path / 'bad.png').write_bytes(b'not an image')
+    with pytest.raises(input_data.DataError, match='bad.png: unreadable image'):
+        input_data.read_image(str(tmp_path / 'bad.png'), (64, 64), 'aerial')
+
+
+def test_sampler_never_repeats_a_tile_and_is_reproducible(vigor):
+    split = input_data.load_vigor(vigor, 'train')
+    sampler = input_data.BatchSampler(split, batch=6, seed=1)
+    panos, semi = sampler.epoch_plan(0)
+    assert panos.shape == (len(split) // 6, 6)
+    rng = np.random.default_rng(0)
+    hard = rng.integers(0, len(split.tile_paths), size=(len(split), 5))
+    for plan in (panos, sampler.epoch_plan(1, hard)[0]):
+        for row in plan:
+            tiles = split.tiles[row].ravel()
+            tiles = tiles[tiles >= 0]
+            assert len(tiles) == len(set(tiles.tolist())), 'a tile appears twice in a batch'
+    np.testing.assert_array_equal(panos, input_data.BatchSampler(split, 6, 1).epoch_plan(0)[0])
+    assert not np.array_equal(panos, sampler.epoch_plan(1)[0])
+    assert np.all((semi >= 1) & (semi <= 3))
+
+
+def test_mined_half_follows_the_hard_table(vigor):
+    split = input_data.load_vigor(vigor, 'train')
+    sampler = input_data.BatchSampler(split, batch=4, seed=0)
+    # every panorama's only hard tile is the positive of panorama (p + n/2) % n, two cities away
+    n = len(split)
+    hard = np.stack([split.tiles[(np.arange(n) + n // 2) % n, 0]] * 3, 1)
+    panos, _ = sampler.epoch_plan(2, hard)
+    mined = 0
+    for row in panos:
+        anchors = row[:2]
+        for p in row[2:]:
+            mined += any(split.tiles[p, 0] == hard[a, 0] for a in anchors)
+    assert mined >= 0.6 * panos.shape[0] * 2
+
+
+def test_train_dataset_batches(vigor):
+    split = input_data.load_vigor(vigor, 'train')
+    sampler = input_data.BatchSampler(split, batch=4, seed=0)
+    panos, semi = sampler.epoch_plan(0)
+    ds = input_data.train_dataset(split, panos[:2], semi[:2], (32, 64), 64, 4)
+    batches = list(ds)
+    assert len(batches) == 2
+    b = batches[0]
+    assert b['grd'].shape == (4, 32, 64, 3) and b['sat'].shape == (4, 64, 64, 3) and b['semi'].shape == (4, 64, 64, 3)
+    np.testing.assert_array_equal(b['pano'].numpy(), panos[0])
+    np.testing.assert_allclose(b['delta'].numpy(), split.deltas[panos[0], 0])
+    np.testing.assert_allclose(b['delta_semi'].numpy(), split.deltas[panos[0], semi[0]])
+    direct = input_data.read_image(split.tile_paths[split.tiles[panos[0][1], 0]], (64, 64), 'aerial')
+    np.testing.assert_allclose(b['sat'].numpy()[1], direct)
+
+
+def test_tf_data_error_is_one_line(vigor_copy):
+    split = input_data.load_vigor(vigor_copy, 'train')
+    with open(split.tile_paths[0], 'wb') as f:
+        f.write(b'garbage')
+    ds = input_data.image_dataset(split.tile_paths[:2], (64, 64), 'aerial', 2)
+    with pytest.raises(Exception) as e:
+        list(ds)
+    msg = input_data.unwrap_error(e.value)
+    assert msg == f'{split.tile_paths[0]}: unreadable image (missing, corrupt or not JPEG/PNG)'
+
+
+def test_cvact_resampled_loader(tmp_path):
+    import samples_on_cvact
+    root = str(tmp_path / 'cvact')
+    synthetic_data.write_cvact(root, seed=0, n_panos=8, pano_hw=(32, 64))
+    samples_on_cvact.resample(root, str(tmp_path / 'res'), seed=0, progress=False)
+    s = input_data.load_cvact(root, str(tmp_path / 'res'), 'test', synthetic_data.CVACT_MPP_1200)
+    assert s.metric == 'euclidean' and len(s.tile_paths) == 4 * len(s)
+    # the positive crop's centre moved by the label delta lands on the panorama's UTM position
+    moved = input_data.offset_position(s.tile_centres[s.tiles[:, 0]], s.deltas[:, 0].astype(float), s.mpp,
+                                       'euclidean')
+    np.testing.assert_allclose(moved, s.gt_positions, atol=1e-6)
