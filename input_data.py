@@ -225,6 +225,29 @@ def load_cvact(cvact_root, resampled_root, split, mpp_1200):
 
 # ----------------------------------------------------------------------------- images
 
+def decode_image(path):
+    """The 8-bit BGR(A) or grayscale pixels of a JPEG/PNG file; DataError naming what is wrong.
+
+    OpenCV decodes a truncated JPEG without an error (the missing rows come out grey), so a JPEG
+    must end with its end-of-image marker and a PNG with its IEND chunk.
+    """
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        _fail(f'{path}: unreadable image ({e.strerror})')
+    if not data:
+        _fail(f'{path}: unreadable image (empty file)')
+    if data[:2] == b'\xff\xd8' and b'\xff\xd9' not in data[-64:]:
+        _fail(f'{path}: truncated JPEG (no end-of-image marker)')
+    if data[:8] == b'\x89PNG\r\n\x1a\n' and b'IEND' not in data[-64:]:
+        _fail(f'{path}: truncated PNG (no IEND chunk)')
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        _fail(f'{path}: unreadable image (missing, corrupt or not JPEG/PNG)')
+    return img
+
+
 def read_image(path, hw, kind):
     """Read with OpenCV (BGR), check, resize with INTER_AREA to hw = (H, W), subtract the VGG mean.
 
@@ -232,18 +255,18 @@ def read_image(path, hw, kind):
     """
     if isinstance(path, bytes):
         path = path.decode()
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        _fail(f'{path}: unreadable image (missing, corrupt or not JPEG/PNG)')
+    img = decode_image(path)
+    if img.dtype != np.uint8:
+        _fail(f'{path}: expected 8 bits per channel, got {img.dtype}')
     if img.ndim != 3 or img.shape[2] not in (3, 4):
         _fail(f'{path}: expected a 3-channel colour {kind}, got a grayscale image')
     if img.shape[2] == 4:
         img = img[:, :, :3]
     h, w = img.shape[:2]
     if kind == 'panorama' and w != 2 * h:
-        _fail(f'{path}: expected a 360-degree panorama with width = 2 x height, got {w}x{h}')
+        _fail(f'{path}: wrong size: expected a 360-degree panorama with width = 2 x height, got {w}x{h}')
     if kind == 'aerial' and w != h:
-        _fail(f'{path}: expected a square aerial image, got {w}x{h}')
+        _fail(f'{path}: wrong size: expected a square aerial image, got {w}x{h}')
     if (h, w) != tuple(hw):
         img = cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
     return img.astype(np.float32) - np.array(VGG_MEAN_BGR, np.float32)

@@ -327,7 +327,7 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile):
     return {'satellites': grid * grid, 'panoramas': n, 'train': len(train), 'test': len(test)}
 
 
-def write_vigor(root, seed=0, cities=('NewYork', 'Seattle', 'SanFrancisco', 'Chicago'), grid=6,
+def write_vigor(root, seed=0, cities=('NewYork', 'Seattle', 'SanFrancisco', 'Chicago'), grid=8,
                 tile_px=128, pano_hw=(128, 256), panos_per_tile=2):
     """Write a synthetic VIGOR into `root` (SPEC 1 layout, original and corrected labels).
 
@@ -482,7 +482,7 @@ def main(argv=None):
     vigor.add_argument('--root', default='data/synthetic_vigor')
     vigor.add_argument('--seed', type=int, default=0)
     vigor.add_argument('--cities', nargs='+', default=['NewYork', 'Seattle', 'SanFrancisco', 'Chicago'])
-    vigor.add_argument('--grid', type=int, default=6)
+    vigor.add_argument('--grid', type=int, default=8)
     vigor.add_argument('--tile_px', type=int, default=128)
     vigor.add_argument('--pano_h', type=int, default=128)
     vigor.add_argument('--pano_w', type=int, default=256)

@@ -36,13 +36,13 @@ def loss_b(m, batch, ctx):
 PHASE_A = train_lib.Stage(
     name='E_1a', run_name='E_1', subdir='phase_a', parts=model.RETRIEVAL_PARTS,
     train_parts=model.RETRIEVAL_PARTS, loss=loss_a, needs_semi=False,
-    defaults=dict(E_1_SCHEDULE, batch=14, epochs=30), demo={'epochs': 6})
+    defaults=dict(E_1_SCHEDULE, batch=14, epochs=30), demo={'epochs': 12, 'batch': 10, 'lr': 3e-4})
 PHASE_B = train_lib.Stage(
     name='E_1', parts=model.RETRIEVAL_PARTS + ('offset_head',),
     train_parts=model.RETRIEVAL_PARTS + ('offset_head',), loss=loss_b,
     restore=model.RETRIEVAL_PARTS, previous='E_1a', init_subdir='phase_a', accepts=('E_1a',),
     previous_cmd='python train_first_E_1.py (phase a)', localise='offset',
-    defaults=dict(E_1_SCHEDULE, batch=10, epochs=15), demo={'epochs': 3})
+    defaults=dict(E_1_SCHEDULE, batch=10, epochs=15), demo={'epochs': 3, 'lr': 3e-4})
 
 if __name__ == '__main__':
     sys.exit(train_lib.main([PHASE_A, PHASE_B]))

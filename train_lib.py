@@ -11,6 +11,7 @@ parts of the previous stage's checkpoint (--init_from); 3. else ImageNet VGG16 (
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -67,7 +68,7 @@ FLAGS = {
 CHOICES = {'dataset': ('vigor', 'cvact'), 'area': ('same', 'cross'), 'labels': ('original', 'corrected'),
            'strategy': ('default', 'mirrored', 'multiworker')}
 # Keys that may change between a run and its resumption or its --test.
-VOLATILE = {'run_dir', 'ckpt_every', 'log_every', 'eval_batch', 'eval_block', 'max_queries', 'plots', 'test',
+VOLATILE = {'run_dir', 'init_from', 'ckpt_every', 'log_every', 'eval_batch', 'eval_block', 'max_queries', 'plots', 'test',
             'preset', 'data_root', 'cvact_resampled', 'vgg_weights', 'strategy'}
 MODEL_KEYS = ('grd_size', 'sat_size', 'width')
 DEMO = {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25, 'batch': 10, 'ckpt_every': 100}
@@ -133,8 +134,8 @@ def stage_dirs(stage, cfg):
     return run_dir, init_from
 
 
-def check_config(run_dir, cfg):
-    """Refuse a run directory that holds another configuration; write ours otherwise."""
+def check_config(run_dir, cfg, write=True):
+    """Refuse a run directory that holds another configuration; then (write=True) save ours."""
     path = os.path.join(run_dir, 'config.json')
     if os.path.exists(path):
         with open(path) as f:
@@ -148,6 +149,8 @@ def check_config(run_dir, cfg):
             if a != b:
                 raise UserError(f'{path}: this run directory holds another configuration ({k}: {a} there, '
                                 f'{b} now); use another --run_dir or the same flags')
+    if not write:
+        return
     os.makedirs(run_dir, exist_ok=True)
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
@@ -271,8 +274,24 @@ def embed(model, batch, needs_semi):
 
 
 def make_strategy(name):
+    """default: one device; mirrored: every GPU of this machine (every logical CPU when it has no GPU);
+    multiworker: every machine of TF_CONFIG's cluster, each with its GPUs (or its CPU).
+
+    GEOLOC_LOGICAL_CPUS=N first splits the CPU into N logical devices, so a CPU-only machine can rehearse
+    a multi-device run (tests, debugging); it must act before TensorFlow's runtime starts.
+    """
+    n_cpus = int(os.environ.get('GEOLOC_LOGICAL_CPUS') or 1)
+    if n_cpus > 1:
+        cpu = tf.config.list_physical_devices('CPU')[0]
+        if tf.config.get_logical_device_configuration(cpu) is None:  # not yet split (E_1 builds two Runs)
+            try:
+                tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n_cpus)
+            except RuntimeError as e:
+                raise UserError(f'GEOLOC_LOGICAL_CPUS={n_cpus}: TensorFlow started before the CPU could be '
+                                f'split ({e})') from None
     if name == 'mirrored':
-        return tf.distribute.MirroredStrategy()
+        gpus = tf.config.list_logical_devices('GPU')
+        return tf.distribute.MirroredStrategy(None if gpus else [d.name for d in tf.config.list_logical_devices('CPU')])
     if name == 'multiworker':
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
@@ -291,7 +310,11 @@ def restore_parts(model, parts, ckpt_path, what):
     holder = tf.Module()
     for p in parts:
         setattr(holder, p, getattr(model, p))
-    status = tf.train.Checkpoint(model=holder).read(ckpt_path).expect_partial()
+    try:
+        status = tf.train.Checkpoint(model=holder).read(ckpt_path).expect_partial()
+    except ValueError as e:  # a variable of another shape
+        raise UserError(f'{ckpt_path}: checkpoint of another architecture than {what} with these flags '
+                        f'({str(e).splitlines()[0][:160]})') from None
     try:
         status.assert_existing_objects_matched()
     except AssertionError as e:
@@ -328,6 +351,11 @@ class Run:
         self.run_dir, self.init_from = stage_dirs(stage, cfg)
         self.strategy = make_strategy(cfg['strategy'])
         self.log = Log(self.run_dir, stage.name)
+        replicas = self.strategy.num_replicas_in_sync
+        if cfg['batch'] % replicas:
+            raise UserError(f'--batch {cfg["batch"]} must be a multiple of the {replicas} replicas (global batch)')
+        if cfg['strategy'] != 'default':
+            self.log(f'strategy: {cfg["strategy"]}, {replicas} replicas')
 
     # --- initialisation ------------------------------------------------------------------
     def build(self, train_split):
@@ -394,51 +422,51 @@ class Run:
             desc = {k: tf.concat(strategy.experimental_local_results(v), 0) for k, v in desc.items()}
             return total, scalars, ok, desc
 
-        return tf.function(step_fn)
+        return tf.function(step_fn, autograph=False)
 
     # --- mining --------------------------------------------------------------------------
-    def mine(self, epoch, grd_buf, sat_buf, train_split):
-        """Rank a pool of tiles against every training panorama; keep the top-k tile ids."""
-        cfg = self.cfg
-        self.fill_missing(grd_buf, sat_buf, train_split)
-        rng = np.random.default_rng([cfg['seed'], epoch, 17])
-        n_tiles = len(train_split.tile_paths)
-        pool = np.sort(rng.choice(n_tiles, min(cfg['mining_pool'], n_tiles), replace=False))
-        k = min(cfg['mining_topk'], len(pool))
-        pool_desc = sat_buf['desc'][pool].astype(np.float32)
-        table = np.zeros((len(train_split), cfg['mining_topk']), np.int32)
-        for s in range(0, len(train_split), 1024):
-            sim = grd_buf['desc'][s:s + 1024].astype(np.float32) @ pool_desc.T
-            top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-            order = np.take_along_axis(sim, top, 1).argsort(1)[:, ::-1]
-            ids = pool[np.take_along_axis(top, order, 1)]
-            table[s:s + 1024] = np.pad(ids, ((0, 0), (0, cfg['mining_topk'] - k)), mode='wrap')
+    def mine(self, epoch, buf, train_split):
+        """End of `epoch`: rank the pool against every training panorama with the descriptors gathered
+        during the epoch (computing the ones it did not see); the top-k tile ids become the hard table."""
+        self.fill_missing(buf, train_split)
+        table = hard_negatives(buf.grd, buf.sat, buf.pool, self.cfg['mining_topk'])
         self.hard.assign(table)
         self.hard_valid.assign(True)
-        self.log(f'mining: epoch {epoch + 1}: top-{k} of {len(pool)} tiles for {len(train_split)} panoramas')
+        self.log(f'mining: epoch {epoch + 1}: top-{min(self.cfg["mining_topk"], len(buf.pool))} of '
+                 f'{len(buf.pool)} tiles for {len(train_split)} panoramas')
 
-    def fill_missing(self, grd_buf, sat_buf, split):
-        """Descriptors not gathered this epoch (a resumed run, tiles never sampled): compute them."""
-        for buf, paths, kind, hw in ((grd_buf, split.pano_paths, 'panorama', self.cfg['grd_size']),
-                                     (sat_buf, split.tile_paths, 'aerial', (self.cfg['sat_size'],) * 2)):
-            missing = np.flatnonzero(~buf['seen'])
+    def fill_missing(self, buf, split):
+        """Descriptors the epoch did not gather (panoramas and pool tiles never sampled, or sampled before
+        a resume): computed with the current weights."""
+        cfg = self.cfg
+        for out, seen, ids, paths, kind, hw in (
+                (buf.grd, buf.grd_seen, np.arange(len(split)), split.pano_paths, 'panorama', cfg['grd_size']),
+                (buf.sat, buf.sat_seen, buf.pool, split.tile_paths, 'aerial', (cfg['sat_size'],) * 2)):
+            missing = np.flatnonzero(~seen)
             if len(missing) == 0:
                 continue
-            ds = input_data.image_dataset([paths[i] for i in missing], hw, kind, self.cfg['eval_batch'])
-            embed_fn = self.model.embed_grd if kind == 'panorama' else (lambda x: self.model.embed_sat(x)[0])
-            fn = tf.function(lambda x, f=embed_fn: model_lib.l2_normalize(f(x)))
+            ds = input_data.image_dataset([paths[i] for i in ids[missing]], hw, kind, cfg['eval_batch'])
             for images, idx in ds:
-                buf['desc'][missing[idx.numpy()]] = fn(images).numpy()
-            buf['seen'][missing] = True
+                out[missing[idx.numpy()]] = self.describe_fns[kind](images).numpy()
+            seen[missing] = True
+
+    @functools.cached_property
+    def describe_fns(self):
+        """L2-normalised descriptors of a batch of 'panorama' / 'aerial' images, traced once per run."""
+        grd = lambda x: model_lib.l2_normalize(self.model.embed_grd(x))
+        sat = lambda x: model_lib.l2_normalize(self.model.embed_sat(x)[0])
+        return {'panorama': tf.function(grd, autograph=False, reduce_retracing=True),
+                'aerial': tf.function(sat, autograph=False, reduce_retracing=True)}
 
     # --- training ------------------------------------------------------------------------
     def train(self):
         cfg, stage = self.cfg, self.stage
-        check_config(self.run_dir, cfg)
+        check_config(self.run_dir, cfg, write=False)
         split = dataset_splits(cfg, 'train')
         sampler = input_data.BatchSampler(split, cfg['batch'], cfg['seed'])
         self.build(split)
         self.initialise()
+        check_config(self.run_dir, cfg)  # only once the run can start: a refused run changes nothing
         spe = sampler.steps_per_epoch
         total = cfg['epochs'] * spe
         if cfg['max_steps']:
@@ -448,7 +476,6 @@ class Run:
         writer = tf.summary.create_file_writer(os.path.join(self.run_dir, 'tb'))
         self.log(f'{split.name}: {len(split)} panoramas, {len(split.tile_paths)} tiles; batch {cfg["batch"]}, '
                  f'{spe} steps/epoch, {total} steps; parts trained: {", ".join(stage.train_parts)}')
-        dim = self.model.dim
         step = int(self.step.numpy())
         if step >= total:
             self.log(f'already trained ({step} steps); nothing to do')
@@ -463,43 +490,39 @@ class Run:
                                           cfg['sat_size'], cfg['batch'])
             ds = self.strategy.experimental_distribute_dataset(ds)
             mine_now = cfg['mining'] and epoch + 2 >= cfg['mining_start_epoch'] and end == spe
-            grd_buf = {'desc': np.zeros((len(split), dim), np.float16), 'seen': np.zeros(len(split), bool)}
-            sat_buf = {'desc': np.zeros((len(split.tile_paths), dim), np.float16),
-                       'seen': np.zeros(len(split.tile_paths), bool)}
-            try:
-                for batch in ds:
-                    loss, scalars, ok, desc = step_fn(batch)
-                    if not bool(ok.numpy()):
-                        raise UserError(f'non-finite loss or gradient at step {step + 1} (loss {float(loss)}); '
-                                        f'stopped; last good checkpoint: {self.manager.latest_checkpoint}')
-                    step += 1
-                    self.step.assign(step)
-                    if mine_now:
-                        self.gather_descriptors(batch, desc, grd_buf, sat_buf)
-                    if step % cfg['log_every'] == 0 or step == total:
-                        now = time.time()
-                        rate = (step - s_last) / max(now - t_last, 1e-9)
-                        t_last, s_last = now, step
-                        lr = float(self.opt.learning_rate())
-                        parts = ' '.join(f'{k} {float(v):.4f}' for k, v in scalars.items())
-                        self.log(f'step {step}/{total} epoch {epoch + 1} loss {float(loss):.4f} ({parts}) '
-                                 f'lr {lr:.2e} {rate:.2f} step/s ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min')
-                        with writer.as_default(step=step):
-                            tf.summary.scalar('loss/total', loss)
-                            for k, v in scalars.items():
-                                tf.summary.scalar(f'loss/{k}', v)
-                            tf.summary.scalar('learning_rate', lr)
-                            tf.summary.scalar('steps_per_second', rate)
-                    if step % cfg['ckpt_every'] == 0 and step % spe != 0:
-                        self.manager.save(checkpoint_number=step)
-            except tf.errors.OpError as e:
-                msg = input_data.unwrap_error(e)
-                if msg:
-                    raise UserError(msg) from None
-                raise
+            buf = None
+            if mine_now:
+                pool = mining_pool(cfg['seed'], epoch, len(split.tile_paths), cfg['mining_pool'])
+                buf = MiningBuffer(len(split), len(split.tile_paths), pool, self.model.dim)
+            for batch in ds:
+                loss, scalars, ok, desc = step_fn(batch)
+                if not bool(ok.numpy()):
+                    raise UserError(f'non-finite loss or gradient at step {step + 1} (loss {float(loss)}); '
+                                    f'stopped; last good checkpoint: {self.manager.latest_checkpoint}')
+                step += 1
+                self.step.assign(step)
+                if buf is not None:
+                    buf.add(_local_numpy(batch['pano']), desc['grd'].numpy(),
+                            _local_numpy(batch['sat_idx']), desc['sat'].numpy())
+                if step % cfg['log_every'] == 0 or step == total:
+                    now = time.time()
+                    rate = (step - s_last) / max(now - t_last, 1e-9)
+                    t_last, s_last = now, step
+                    lr = float(self.opt.learning_rate())
+                    parts = ' '.join(f'{k} {float(v):.4f}' for k, v in scalars.items())
+                    self.log(f'step {step}/{total} epoch {epoch + 1} loss {float(loss):.4f} ({parts}) '
+                             f'lr {lr:.2e} {rate:.2f} step/s ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min')
+                    with writer.as_default(step=step):
+                        tf.summary.scalar('loss/total', loss)
+                        for k, v in scalars.items():
+                            tf.summary.scalar(f'loss/{k}', v)
+                        tf.summary.scalar('learning_rate', lr)
+                        tf.summary.scalar('steps_per_second', rate)
+                if step % cfg['ckpt_every'] == 0 and step % spe != 0:
+                    self.manager.save(checkpoint_number=step)
             if step % spe == 0:  # the epoch is complete
-                if mine_now:
-                    self.mine(epoch, grd_buf, sat_buf, split)
+                if buf is not None:
+                    self.mine(epoch, buf, split)
                 self.manager.save(checkpoint_number=step)
         self.manager.save(checkpoint_number=step) if self.manager.latest_checkpoint is None or \
             not self.manager.latest_checkpoint.endswith(f'-{step}') else None
@@ -507,26 +530,70 @@ class Run:
         self.log(f'done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {self.manager.latest_checkpoint}')
         return self.manager.latest_checkpoint
 
-    @staticmethod
-    def gather_descriptors(batch, desc, grd_buf, sat_buf):
-        pano = np.concatenate([x.numpy() for x in _local(batch['pano'])])
-        sat_idx = np.concatenate([x.numpy() for x in _local(batch['sat_idx'])])
-        grd_buf['desc'][pano] = desc['grd'].numpy()
-        grd_buf['seen'][pano] = True
-        sat_buf['desc'][sat_idx] = desc['sat'].numpy()
-        sat_buf['seen'][sat_idx] = True
 
 
-def _local(x):
-    return x.values if hasattr(x, 'values') else (x,)
+def _local_numpy(x):
+    """A (distributed) batch tensor -> numpy, this worker's replicas in order."""
+    return np.concatenate([v.numpy() for v in (x.values if hasattr(x, 'values') else (x,))])
+
+
+# ----------------------------------------------------------------------------- mining
+
+def mining_pool(seed, epoch, n_tiles, size):
+    """Sorted ids of the tiles ranked by the mining round at the end of `epoch`: `size` of them, all if fewer."""
+    rng = np.random.default_rng([seed, epoch, 17])
+    return np.sort(rng.choice(n_tiles, min(size, n_tiles), replace=False))
+
+
+class MiningBuffer:
+    """The descriptors an epoch gathers for its mining round: every training panorama and the pool's tiles.
+
+    Memory Q x D x 2 + P x D x 4 bytes (float16 panoramas, float32 pool): 1.1 GB for VIGOR same-area
+    (Q ~ 52,600, P = 40,000, D = 4096), whatever the epoch length.
+    """
+
+    def __init__(self, n_panos, n_tiles, pool, dim):
+        self.pool = pool
+        self.slot = np.full(n_tiles, -1, np.int64)       # tile id -> row of `sat`, -1 = not in the pool
+        self.slot[pool] = np.arange(len(pool))
+        self.grd = np.zeros((n_panos, dim), np.float16)
+        self.sat = np.zeros((len(pool), dim), np.float32)
+        self.grd_seen = np.zeros(n_panos, bool)
+        self.sat_seen = np.zeros(len(pool), bool)
+
+    def add(self, pano, grd, tile, sat):
+        """pano [B] panorama ids with grd [B, D]; tile [B] tile ids with sat [B, D] (normalised)."""
+        self.grd[pano] = grd
+        self.grd_seen[pano] = True
+        slot = self.slot[tile]
+        slot, sat = slot[slot >= 0], sat[slot >= 0]
+        self.sat[slot] = sat
+        self.sat_seen[slot] = True
+
+
+def hard_negatives(grd, pool_desc, pool, topk, rows=1024):
+    """The `topk` pool tiles most similar (cosine) to each panorama, most similar first.
+
+    grd: [Q, D] normalised panorama descriptors; pool_desc: [P, D] those of the tiles `pool` (ids).
+    -> [Q, topk] int32 tile ids; with fewer than topk pool tiles each row repeats its ranking.
+    Works on blocks of `rows` panoramas: memory [rows, P] similarities.
+    """
+    k = min(topk, len(pool))
+    pool_desc = tf.constant(pool_desc, tf.float32)
+    table = np.zeros((len(grd), topk), np.int32)
+    for s in range(0, len(grd), rows):
+        sim = tf.matmul(tf.constant(grd[s:s + rows], tf.float32), pool_desc, transpose_b=True)   # (rows, P)
+        ids = pool[tf.math.top_k(sim, k).indices.numpy()]                                        # (rows, k)
+        table[s:s + rows] = np.pad(ids, ((0, 0), (0, topk - k)), mode='wrap')
+    return table
 
 
 # ----------------------------------------------------------------------------- test
 
 def describe(model, split, queries, cfg):
     """Raw and normalised descriptors of the queries' panoramas and of every reference tile."""
-    grd_fn = tf.function(lambda x: model.embed_grd(x))
-    sat_fn = tf.function(lambda x: model.embed_sat(x)[0])
+    grd_fn = tf.function(model.embed_grd, autograph=False)
+    sat_fn = tf.function(lambda x: model.embed_sat(x)[0], autograph=False)
     out = {}
     for key, paths, kind, hw, fn in (
             ('grd', [split.pano_paths[q] for q in queries], 'panorama', cfg['grd_size'], grd_fn),
@@ -726,4 +793,10 @@ def main(stages, argv=None):
         return 0
     except (UserError, input_data.DataError) as e:
         print(f'error: {e}', file=sys.stderr)
+        return 2
+    except tf.errors.OpError as e:  # bad input met inside tf.data (training, mining or --test)
+        msg = input_data.unwrap_error(e)
+        if not msg:
+            raise
+        print(f'error: {msg}', file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ def loss(m, batch, ctx):
 STAGE = train_lib.Stage(
     name='E_2_1', parts=PARTS, train_parts=PARTS, loss=loss, restore=model.RETRIEVAL_PARTS,
     previous='E_1', accepts=('E_1',), previous_cmd='python train_first_E_1.py', localise='heatmap',
-    defaults={'lr': 1e-5, 'lr_decay': 1.0, 'batch': 10, 'epochs': 180, 'mining': 1}, demo={'epochs': 4})
+    defaults={'lr': 1e-5, 'lr_decay': 1.0, 'batch': 10, 'epochs': 180, 'mining': 1}, demo={'epochs': 3, 'lr': 3e-4})
 
 if __name__ == '__main__':
     sys.exit(train_lib.main([STAGE]))

@@ -57,7 +57,7 @@ STAGE = train_lib.Stage(
     prepare=u_table,
     defaults={'lr': 1e-6, 'lr_decay': 0.9, 'lr_decay_steps': 0, 'lr_staircase': 1, 'batch': 10, 'epochs': 150,
               'mining': 0},
-    demo={'epochs': 3})
+    demo={'epochs': 2, 'lr': 3e-5})
 
 if __name__ == '__main__':
     sys.exit(train_lib.main([STAGE]))

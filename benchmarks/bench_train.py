@@ -151,19 +151,30 @@ class PeakRSS:
         return self.peak
 
 
-def matmul_rate(n, repeats):
-    """Median FLOP/s of an n x n @ n x n fp32 tf.matmul (one warm-up call excluded)."""
+def matmul_rates(n, repeats):
+    """Median FLOP/s of an n x n @ n x n fp32 product: {'tf': tf.matmul, 'numpy': numpy (OpenBLAS)},
+    one warm-up call each excluded."""
     import tensorflow as tf
     a = tf.random.stateless_normal([n, n], seed=[1, 2])
     b = tf.random.stateless_normal([n, n], seed=[3, 4])
     fn = tf.function(tf.matmul)
-    fn(a, b).numpy()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(a, b).numpy()
-        times.append(time.perf_counter() - t)
-    return 2.0 * n ** 3 / np.median(times), times
+    a_np, b_np = a.numpy(), b.numpy()
+    rates = {}
+    for name, call in (('tf', lambda: fn(a, b).numpy()), ('numpy', lambda: a_np @ b_np)):
+        call()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        rates[name] = 2.0 * n ** 3 / float(np.median(times))
+    return rates
+
+
+def onednn_enabled():
+    """Whether this TensorFlow runs its CPU kernels through oneDNN (TF_ENABLE_ONEDNN_OPTS, read at import)."""
+    from tensorflow.python.util import _pywrap_util_port
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def child(args):
@@ -189,8 +200,10 @@ def child(args):
     semi = np.concatenate([k for _, k in plans])[:n_batches]
     make_ds = lambda: input_data.train_dataset(split, panos, semi, cfg['grd_size'], cfg['sat_size'], cfg['batch'])
 
-    out['matmul_before'], times = matmul_rate(args.matmul_n, args.matmul_repeats)
-    say(f'matmul {args.matmul_n}^3: {out["matmul_before"] / 1e9:.1f} GFLOP/s ({", ".join(f"{t:.2f}" for t in times)} s)')
+    out['onednn'] = onednn_enabled()
+    out['matmul_before'] = matmul_rates(args.matmul_n, args.matmul_repeats)
+    say(f'oneDNN {"on" if out["onednn"] else "off"}; fp32 matmul {args.matmul_n}^3: '
+        f'tf {out["matmul_before"]["tf"] / 1e9:.1f}, numpy {out["matmul_before"]["numpy"] / 1e9:.1f} GFLOP/s')
 
     run = train_lib.Run(stage, cfg)
     run.build(split)
@@ -221,16 +234,19 @@ def child(args):
             t = now
         return times
 
+    # In memory, pipeline-fed, in memory again (A B A): a drift of the machine's load hits both feeds.
     say(f'{n_params / 1e6:.1f} M trained parameters; {3 * fwd / 1e9:.1f} GFLOP per step; timing in memory')
     out['mem_times'] = timed([batch] * n_batches)
     say(f'in memory: {", ".join(f"{t:.3f}" for t in out["mem_times"])} s; timing the pipeline')
     out['pipe_times'] = timed(run.strategy.experimental_distribute_dataset(make_ds()))
-    say(f'pipeline-fed: {", ".join(f"{t:.3f}" for t in out["pipe_times"])} s')
+    say(f'pipeline-fed: {", ".join(f"{t:.3f}" for t in out["pipe_times"])} s; in memory again')
+    out['mem_times'] += timed([batch] * n_batches)
+    say(f'in memory: {", ".join(f"{t:.3f}" for t in out["mem_times"][args.steps:])} s')
     t = time.perf_counter()
     for _ in make_ds():
         pass
     out['pipeline_alone_s'] = (time.perf_counter() - t) / n_batches
-    out['matmul_after'], _ = matmul_rate(args.matmul_n, args.matmul_repeats)
+    out['matmul_after'] = matmul_rates(args.matmul_n, args.matmul_repeats)
     out['peak_rss'] = rss.close()
     out['ru_maxrss'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out['load_end'] = os.getloadavg()[0]
@@ -240,19 +256,22 @@ def child(args):
 # ----------------------------------------------------------------------------- the parent
 
 def report(r, batch):
+    """Printed lines of one child's result: medians of the timed steps and of the matmul runs."""
     step_s, pipe_s = float(np.median(r['mem_times'])), float(np.median(r['pipe_times']))
-    matmul = float(np.median([r['matmul_before'], r['matmul_after']]))
+    mm = {k: float(np.mean([r['matmul_before'][k], r['matmul_after'][k]])) for k in ('tf', 'numpy')}
     achieved = r['flops_step'] / step_s
     overhead = 100.0 * (pipe_s - step_s) / step_s
+    images = (2 if r['stage'] == 'E_1a' else 3) * batch       # E_1a's loss reads no semi-positive
     lines = [
-        f'{r["size"]:5s} {r["stage"]:5s}  step {step_s:8.3f} s  {3 * batch / step_s:7.1f} img/s  '
-        f'peak RSS {r["peak_rss"] / GiB:5.2f} GiB  {r["flops_step"] / 1e9:8.1f} GFLOP/step  '
-        f'{achieved / 1e9:6.1f} GFLOP/s = {100 * achieved / matmul:5.1f} % of matmul ({matmul / 1e9:.1f} GFLOP/s)'
-        f' [target >= 75 %: {"ok" if achieved >= 0.75 * matmul else "MISSED"}]',
-        f'             pipeline-fed step {pipe_s:8.3f} s: overhead {overhead:+6.1f} % [target <= 5 %: '
+        f'{r["size"]:5s} {r["stage"]:5s} step {step_s:8.3f} s {images / step_s:7.1f} img/s  peak RSS '
+        f'{r["peak_rss"] / GiB:5.2f} GiB  {r["flops_step"] / 1e9:7.1f} GFLOP/step {achieved / 1e9:5.1f} GFLOP/s = '
+        f'{100 * achieved / mm["tf"]:5.1f} % of tf.matmul {mm["tf"] / 1e9:.1f} GFLOP/s [>= 75 %: '
+        f'{"ok" if achieved >= 0.75 * mm["tf"] else "MISSED"}] ({100 * achieved / mm["numpy"]:.0f} % of numpy '
+        f'{mm["numpy"] / 1e9:.1f})',
+        f'            pipeline-fed {pipe_s:8.3f} s: overhead {overhead:+6.1f} % [<= 5 %: '
         f'{"ok" if overhead <= 5 else "MISSED"}]; pipeline alone {r["pipeline_alone_s"]:.3f} s/batch '
-        f'({100 * r["pipeline_alone_s"] / step_s:.1f} % of the step); {r["trained_params"] / 1e6:.1f} M params; '
-        f'load {r["load_start"]:.1f} -> {r["load_end"]:.1f}',
+        f'(= {100 * r["pipeline_alone_s"] / step_s:.1f} % of a step); {r["trained_params"] / 1e6:.1f} M trained '
+        f'params; oneDNN {"on" if r["onednn"] else "off"}; load avg {r["load_start"]:.1f} -> {r["load_end"]:.1f}',
     ]
     if 'profiler_flops_step' in r:
         lines.append(f'             tf.profiler conv/matmul FLOPs of the step graph: '
@@ -274,6 +293,8 @@ def main():
     p.add_argument('--data_root', default='', help='a VIGOR root to read instead of a synthetic city')
     p.add_argument('--profiler_check', type=int, default=1, help='1 = cross-check the FLOPs with tf.profiler')
     p.add_argument('--mixed_precision', type=int, default=0)
+    p.add_argument('--onednn', choices=('default', '0', '1'), default='default',
+                   help="TF_ENABLE_ONEDNN_OPTS of the children (TF's default is off on CPUs without AVX-512)")
     p.add_argument('--child', default='', help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -292,7 +313,11 @@ def main():
         for stage in stages:
             cmd = [sys.executable, os.path.abspath(__file__), '--child', f'{size}:{stage}'] + \
                   [a for a in sys.argv[1:]]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+            env = dict(os.environ)
+            if args.onednn != 'default':
+                env['TF_ENABLE_ONEDNN_OPTS'] = args.onednn
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                    env=env)
             result, tail = None, []
             for line in proc.stdout:
                 if line.startswith('RESULT '):
