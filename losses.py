@@ -52,8 +52,13 @@ def offset_loss(pred, delta):
 
 
 def heatmap_loss(mu, gt):
-    """E_2_1: mean Euclidean distance (pixels of the 640 frame) / 10000."""
-    return tf.reduce_mean(tf.norm(gt - mu, axis=-1)) / 10000.0
+    """E_2_1: mean Euclidean distance (pixels of the 640 frame) / 10000.
+
+    The distance's gradient at mu == gt is taken as 0 (tf.norm's would be 0/0 = NaN there).
+    """
+    sq = tf.reduce_sum((gt - mu) ** 2, -1)
+    dist = tf.where(sq > 0, tf.sqrt(tf.where(sq > 0, sq, 1.0)), 0.0)
+    return tf.reduce_mean(dist) / 10000.0
 
 
 def gaussian_nll(mu, chol, gt, eps=1e-6):

@@ -97,9 +97,10 @@ class Deconv(tf.Module):
 
 
 class Dense(tf.Module):
-    def __init__(self, init, cin, cout, name=None):
+    def __init__(self, init, cin, cout, zero=False, name=None):
         super().__init__(name=name)
-        self.w = _var(init.glorot_normal((cin, cout), cin, cout), 'w')
+        w = init.glorot_normal((cin, cout), cin, cout)
+        self.w = _var(np.zeros_like(w) if zero else w, 'w')
         self.b = _var(np.zeros((cout,), np.float32), 'b')
 
     def __call__(self, x):
@@ -176,12 +177,17 @@ class SAFA(tf.Module):
 
 
 class OffsetHead(tf.Module):
-    """VIGOR offset regression: concat(aerial, ground) -> 512 ReLU -> 2 (delta / 320)."""
+    """VIGOR offset regression: concat(aerial, ground) -> 512 ReLU -> 2 (delta / 320).
+
+    The output layer starts at zero, so phase b starts from the tile centre: with un-normalised
+    descriptors (norms in the thousands) a random output layer predicts offsets of many tiles and its
+    gradients wreck the trunks that phase a trained.
+    """
 
     def __init__(self, init, dim, width=1.0, name=None):
         super().__init__(name=name)
         self.fc1 = Dense(init, 2 * dim, channels(512, width), name='fc1')
-        self.fc2 = Dense(init, channels(512, width), 2, name='fc2')
+        self.fc2 = Dense(init, channels(512, width), 2, zero=True, name='fc2')
 
     def __call__(self, sat, grd):
         return self.fc2(tf.nn.relu(self.fc1(tf.concat([sat, grd], -1))))

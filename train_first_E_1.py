@@ -8,7 +8,10 @@ Phase a trains the triplet loss from ImageNet VGG16 into <run_dir>/phase_a; phas
 everything but the offset head from it and adds VIGOR's IoU-ratio and offset losses (<run_dir>).
 E_2_1 starts from this checkpoint.
 """
+import os
 import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: errors stay one line; 0 = TF's logs
 
 import losses
 import model
@@ -42,7 +45,7 @@ PHASE_B = train_lib.Stage(
     train_parts=model.RETRIEVAL_PARTS + ('offset_head',), loss=loss_b,
     restore=model.RETRIEVAL_PARTS, previous='E_1a', init_subdir='phase_a', accepts=('E_1a',),
     previous_cmd='python train_first_E_1.py (phase a)', localise='offset',
-    defaults=dict(E_1_SCHEDULE, batch=10, epochs=15), demo={'epochs': 3, 'lr': 3e-4})
+    defaults=dict(E_1_SCHEDULE, batch=10, epochs=15), demo={'epochs': 3, 'lr': 1e-4})
 
 if __name__ == '__main__':
     sys.exit(train_lib.main([PHASE_A, PHASE_B]))

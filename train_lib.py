@@ -56,6 +56,8 @@ FLAGS = {
     'mining_pool': (40000, int, 'tiles ranked per mining round'),
     'mining_topk': (100, int, 'hard tiles kept per panorama'),
     'mining_start_epoch': (2, int, 'first (1-based) epoch whose batches are half mined'),
+    'val_every': (1, int, 'validate on the test split every N epochs and at the end (0 = never)'),
+    'val_queries': (1000, int, 'panoramas per validation (all reference tiles are ranked)'),
     'ckpt_every': (500, int, 'checkpoint every N steps (and at every epoch end)'),
     'log_every': (10, int, 'progress line and TensorBoard scalars every N steps'),
     'eval_batch': (32, int, 'batch size of descriptor extraction'),
@@ -68,10 +70,10 @@ FLAGS = {
 CHOICES = {'dataset': ('vigor', 'cvact'), 'area': ('same', 'cross'), 'labels': ('original', 'corrected'),
            'strategy': ('default', 'mirrored', 'multiworker')}
 # Keys that may change between a run and its resumption or its --test.
-VOLATILE = {'run_dir', 'init_from', 'ckpt_every', 'log_every', 'eval_batch', 'eval_block', 'max_queries', 'plots', 'test',
+VOLATILE = {'run_dir', 'init_from', 'val_every', 'val_queries', 'ckpt_every', 'log_every', 'eval_batch', 'eval_block', 'max_queries', 'plots', 'test',
             'preset', 'data_root', 'cvact_resampled', 'vgg_weights', 'strategy'}
 MODEL_KEYS = ('grd_size', 'sat_size', 'width')
-DEMO = {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25, 'batch': 10, 'ckpt_every': 100}
+DEMO = {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25, 'batch': 10, 'ckpt_every': 100, 'val_every': 4}
 
 
 class UserError(Exception):
@@ -135,7 +137,11 @@ def stage_dirs(stage, cfg):
 
 
 def check_config(run_dir, cfg, write=True):
-    """Refuse a run directory that holds another configuration; then (write=True) save ours."""
+    """Refuse a run directory that holds another configuration; then (write=True) save ours if it has none.
+
+    The first start's record is kept: a resumed run differs at most in VOLATILE keys, and a run that fails
+    later (bad image, non-finite loss) must leave the directory as it found it.
+    """
     path = os.path.join(run_dir, 'config.json')
     if os.path.exists(path):
         with open(path) as f:
@@ -149,7 +155,7 @@ def check_config(run_dir, cfg, write=True):
             if a != b:
                 raise UserError(f'{path}: this run directory holds another configuration ({k}: {a} there, '
                                 f'{b} now); use another --run_dir or the same flags')
-    if not write:
+    if not write or os.path.exists(path):
         return
     os.makedirs(run_dir, exist_ok=True)
     tmp = path + '.tmp'
@@ -205,6 +211,7 @@ class Adam(tf.Module):
 
     def __init__(self, variables, lr, decay=1.0, period=1, staircase=True, beta1=0.9, beta2=0.999, eps=1e-8):
         super().__init__(name='adam')
+        self.strategy = tf.distribute.get_strategy()  # build under the run's strategy.scope()
         self.vars = list(variables)
         self.lr, self.decay, self.period, self.staircase = lr, decay, max(1, period), staircase
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
@@ -220,15 +227,24 @@ class Adam(tf.Module):
         return self.lr * tf.pow(tf.constant(self.decay, tf.float32), e)
 
     def apply(self, grads):
+        """One update from the (cross-replica summed) gradients, in cross-replica context.
+
+        m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; var -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps),
+        as TF's fused ResourceApplyAdam kernel: one pass over var, m, v (the update is memory-bound), run by
+        strategy.extended.update on every replica's copy of the variable.
+        """
         lr = self.learning_rate()
         t = tf.cast(self.iterations + 1, tf.float32)
-        scale = lr * tf.sqrt(1 - self.beta2 ** t) / (1 - self.beta1 ** t)
+        b1_power, b2_power = self.beta1 ** t, self.beta2 ** t
+
+        def update(var, g, m, v):
+            return tf.raw_ops.ResourceApplyAdam(var=var.handle, m=m.handle, v=v.handle, beta1_power=b1_power,
+                                                beta2_power=b2_power, lr=lr, beta1=self.beta1, beta2=self.beta2,
+                                                epsilon=self.eps, grad=g)
+
         for var, g, m, v in zip(self.vars, grads, self.m, self.v):
-            if g is None:
-                continue
-            m.assign(self.beta1 * m + (1 - self.beta1) * g)
-            v.assign(self.beta2 * v + (1 - self.beta2) * g * g)
-            var.assign_sub(scale * m / (tf.sqrt(v) + self.eps))
+            if g is not None:
+                self.strategy.extended.update(var, update, args=(g, m, v), group=False)
         self.iterations.assign_add(1)
 
 
@@ -489,7 +505,9 @@ class Run:
             ds = input_data.train_dataset(split, panos[offset:end], semi[offset:end], cfg['grd_size'],
                                           cfg['sat_size'], cfg['batch'])
             ds = self.strategy.experimental_distribute_dataset(ds)
-            mine_now = cfg['mining'] and epoch + 2 >= cfg['mining_start_epoch'] and end == spe
+            # mine at the end of a complete epoch whose successor exists and takes mined batches
+            mine_now = (cfg['mining'] and epoch + 2 >= cfg['mining_start_epoch'] and end == spe
+                        and (epoch + 1) * spe < total)
             buf = None
             if mine_now:
                 pool = mining_pool(cfg['seed'], epoch, len(split.tile_paths), cfg['mining_pool'])
@@ -498,7 +516,7 @@ class Run:
                 loss, scalars, ok, desc = step_fn(batch)
                 if not bool(ok.numpy()):
                     raise UserError(f'non-finite loss or gradient at step {step + 1} (loss {float(loss)}); '
-                                    f'stopped; last good checkpoint: {self.manager.latest_checkpoint}')
+                                    f'stopped; last good checkpoint: {self.manager.latest_checkpoint or "none yet"}')
                 step += 1
                 self.step.assign(step)
                 if buf is not None:
@@ -518,17 +536,45 @@ class Run:
                             tf.summary.scalar(f'loss/{k}', v)
                         tf.summary.scalar('learning_rate', lr)
                         tf.summary.scalar('steps_per_second', rate)
+                    writer.flush()  # a killed run keeps the scalars it logged
                 if step % cfg['ckpt_every'] == 0 and step % spe != 0:
                     self.manager.save(checkpoint_number=step)
             if step % spe == 0:  # the epoch is complete
                 if buf is not None:
                     self.mine(epoch, buf, split)
                 self.manager.save(checkpoint_number=step)
+                if cfg['val_every'] and ((epoch + 1) % cfg['val_every'] == 0 or step == total):
+                    self.validate(writer, step)
         self.manager.save(checkpoint_number=step) if self.manager.latest_checkpoint is None or \
             not self.manager.latest_checkpoint.endswith(f'-{step}') else None
         writer.flush()
         self.log(f'done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {self.manager.latest_checkpoint}')
         return self.manager.latest_checkpoint
+
+    def validate(self, writer, step):
+        """Evaluate on the first --val_queries test panoramas; metrics and example pictures to TensorBoard."""
+        cfg = dict(self.cfg, plots=1)
+        split = dataset_splits(cfg, 'test')
+        queries = np.arange(min(cfg['val_queries'], len(split)))
+        out_dir = os.path.join(self.run_dir, 'val')
+        quiet = lambda msg: None
+        r = evaluate_model(self.stage, cfg, self.model, split, queries, out_dir, quiet, f'step {step}')
+        ret, loc = r['retrieval'], r['localisation']
+        self.log(f'validation at step {step}: ' + format_results(r)[0] + f'; median {loc["all"]["median_m"]:.2f} m')
+        with writer.as_default(step=step):
+            for k in ('R@1', 'R@5', 'R@10', 'R@1%', 'hit_rate'):
+                tf.summary.scalar(f'val/{k}', ret[k])
+            for sub in ('all', 'top1_correct'):
+                if loc[sub]['median_m'] is not None and np.isfinite(loc[sub]['median_m']):
+                    tf.summary.scalar(f'val/median_m_{sub}', loc[sub]['median_m'])
+            pictures = [cv2_read_rgb(os.path.join(out_dir, f'query_{i}.png')) for i in range(3)]
+            pictures = [p for p in pictures if p is not None]
+            if pictures:
+                h = min(p.shape[0] for p in pictures)
+                w = min(p.shape[1] for p in pictures)
+                tf.summary.image('val/localisation', np.stack([p[:h, :w] for p in pictures]), step=step,
+                                 max_outputs=3)
+        writer.flush()
 
 
 
@@ -614,7 +660,7 @@ def localise_pairs(model, split, queries, tiles, cfg, branch='pos', keep_heatmap
     mu [n, 2] (row, col), chol [n, 3] or None, {i: heatmap} for the first `keep_heatmaps` pairs."""
     has_chol = f'{branch}_cholesky' in model.parts
 
-    @tf.function
+    @tf.function(autograph=False)
     def fn(grd, sat):
         g = model.embed_grd(grd)
         s, skips = model.embed_sat(sat)
@@ -642,14 +688,18 @@ def localise_pairs(model, split, queries, tiles, cfg, branch='pos', keep_heatmap
 
 
 def evaluate(stage, cfg, run_dir, ckpt_path, log):
-    """--test: retrieval and localisation metrics -> printed, test_results.json, descriptors, plots."""
+    """--test: load the checkpoint and evaluate it on the whole test split (or --max_queries)."""
     split = dataset_splits(cfg, 'test')
     model = build_model(stage, cfg)
     tf.train.Checkpoint(model=model).read(ckpt_path).expect_partial().assert_existing_objects_matched()
     queries = np.arange(len(split)) if not cfg['max_queries'] else np.arange(min(cfg['max_queries'], len(split)))
     log(f'test: {split.name}: {len(queries)} panoramas against {len(split.tile_paths)} tiles; checkpoint {ckpt_path}')
+    return evaluate_model(stage, cfg, model, split, queries, os.path.join(run_dir, 'test'), log, ckpt_path)
+
+
+def evaluate_model(stage, cfg, model, split, queries, out_dir, log, ckpt_path=''):
+    """Retrieval and localisation metrics -> printed, test_results.json, descriptors, plots."""
     d = describe(model, split, queries, cfg)
-    out_dir = os.path.join(run_dir, 'test')
     os.makedirs(out_dir, exist_ok=True)
     np.save(os.path.join(out_dir, 'grd_descriptors.npy'), d['grd'])
     np.save(os.path.join(out_dir, 'sat_descriptors.npy'), d['sat'])
@@ -744,6 +794,13 @@ def format_results(r):
                      f'2-sigma {100 * u["2sigma"]:.1f}% (86.5%), Spearman(u, error) '
                      f'{u["spearman_u_error"]:.3f}, AUSE {u["sparsification"]["ause"]:.2f} px')
     return lines
+
+
+def cv2_read_rgb(path):
+    """A PNG written by the plots, as RGB uint8 (None if absent)."""
+    import cv2
+    img = cv2.imread(path)
+    return None if img is None else img[:, :, ::-1]
 
 
 def _jsonable(x):

@@ -6,7 +6,10 @@
 Restores the trunks and SAFA of E_1; the fusion MLPs and decoders start fresh.
 Loss: triplet + heatmap L2 (mean ||gt - mu|| / 10000) for both branches.
 """
+import os
 import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: errors stay one line; 0 = TF's logs
 
 import losses
 import model
@@ -29,7 +32,7 @@ def loss(m, batch, ctx):
 STAGE = train_lib.Stage(
     name='E_2_1', parts=PARTS, train_parts=PARTS, loss=loss, restore=model.RETRIEVAL_PARTS,
     previous='E_1', accepts=('E_1',), previous_cmd='python train_first_E_1.py', localise='heatmap',
-    defaults={'lr': 1e-5, 'lr_decay': 1.0, 'batch': 10, 'epochs': 180, 'mining': 1}, demo={'epochs': 3, 'lr': 3e-4})
+    defaults={'lr': 1e-5, 'lr_decay': 1.0, 'batch': 10, 'epochs': 180, 'mining': 1}, demo={'epochs': 3, 'lr': 1e-4})
 
 if __name__ == '__main__':
     sys.exit(train_lib.main([STAGE]))

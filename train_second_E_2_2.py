@@ -6,7 +6,10 @@
 Restores trunks, SAFA, fusion and decoders of E_2_1; the covariance heads start fresh.
 Loss: triplet + 1e-3 NLL(positive) + 1e-4 NLL(semi-positive), NLL with the 1/2 and an eps (SPEC §4).
 """
+import os
 import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: errors stay one line; 0 = TF's logs
 
 import losses
 import model
@@ -32,7 +35,7 @@ STAGE = train_lib.Stage(
     previous_cmd='python train_second_E_2_1.py', localise='heatmap',
     defaults={'lr': 5e-6, 'lr_decay': 0.9, 'lr_decay_steps': 910, 'lr_staircase': 0, 'batch': 10,
               'epochs': 80, 'mining': 1},
-    demo={'epochs': 3, 'lr': 1.5e-4})
+    demo={'epochs': 3, 'lr': 5e-5})
 
 if __name__ == '__main__':
     sys.exit(train_lib.main([STAGE]))

@@ -10,6 +10,8 @@ computed from the same checkpoint. Only the trunks and SAFA train (triplet + wei
 import os
 import sys
 
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: errors stay one line; 0 = TF's logs
+
 import numpy as np
 import tensorflow as tf
 
@@ -57,7 +59,7 @@ STAGE = train_lib.Stage(
     prepare=u_table,
     defaults={'lr': 1e-6, 'lr_decay': 0.9, 'lr_decay_steps': 0, 'lr_staircase': 1, 'batch': 10, 'epochs': 150,
               'mining': 0},
-    demo={'epochs': 2, 'lr': 3e-5})
+    demo={'epochs': 2, 'lr': 1e-5})
 
 if __name__ == '__main__':
     sys.exit(train_lib.main([STAGE]))

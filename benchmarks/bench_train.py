@@ -128,6 +128,56 @@ def profiler_flops(graph):
     return sum(node.total_float_ops for node in prof.children if node.name in PROFILED)
 
 
+# ----------------------------------------------------------------------------- profile
+
+def profile_ops(fn, feed, graph, logdir, top=15):
+    """Trace fn(feed) with tf.profiler and sum the executed TF ops' times from the trace (XSpace).
+
+    -> lines: seconds per op type, then the `top` slowest nodes with their input shapes (from `graph`).
+    Ops run on 2 inter-op threads, so the sums can exceed the wall time.
+    """
+    import glob
+    import tensorflow as tf
+    try:
+        from tsl.profiler.protobuf import xplane_pb2
+    except ImportError:
+        from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    tf.profiler.experimental.start(logdir)
+    t = time.perf_counter()
+    fn(feed)
+    wall = time.perf_counter() - t
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    with open(sorted(glob.glob(os.path.join(logdir, '**', '*.xplane.pb'), recursive=True))[-1], 'rb') as f:
+        space.ParseFromString(f.read())
+    by_type, by_node = {}, {}
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith('tf_Compute') and not line.name.startswith('tf_inter_op'):
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if ':' not in name or '::' in name:    # executor bookkeeping, not an op
+                    continue
+                node, op_type = name.rsplit(':', 1)
+                sec = event.duration_ps * 1e-12
+                by_type[op_type] = by_type.get(op_type, 0.0) + sec
+                by_node[node] = by_node.get(node, 0.0) + sec
+    total = sum(by_type.values())
+    lines = [f'profile: one step {wall:.3f} s wall; {total:.3f} s summed over executed ops; by op type:']
+    for op_type, sec in sorted(by_type.items(), key=lambda kv: -kv[1])[:12]:
+        lines.append(f'  {sec:8.3f} s {100 * sec / total:5.1f} %  {op_type}')
+    lines.append(f'slowest {top} nodes:')
+    for node, sec in sorted(by_node.items(), key=lambda kv: -kv[1])[:top]:
+        try:
+            op = graph.get_operation_by_name(node)
+            shapes = ' '.join(str(x.shape.as_list()) for x in op.inputs if x.dtype != 'resource')
+            lines.append(f'  {sec:8.3f} s  {node}: {op.type} {shapes}')
+        except (KeyError, ValueError):
+            lines.append(f'  {sec:8.3f} s  {node}')
+    return lines
+
+
 # ----------------------------------------------------------------------------- the child
 
 class PeakRSS:
@@ -215,7 +265,8 @@ def child(args):
     batch = next(iter(make_ds()))          # the pipeline's first batch, kept in memory
 
     # FLOPs from the traced forward loss (default strategy: plain tensors, static batch).
-    ctx_graph = tf.function(lambda b: stage.loss(run.model, b, train_lib.LossContext(cfg, consts))[0])
+    ctx_graph = tf.function(lambda b: stage.loss(run.model, b, train_lib.LossContext(cfg, consts))[0],
+                            autograph=False)
     fwd, by_type = forward_flops(ctx_graph.get_concrete_function(batch).graph)
     out.update(flops_forward=fwd, flops_step=3 * fwd, flops_by_type=by_type, trained_params=n_params)
     if args.profiler_check:
@@ -246,6 +297,10 @@ def child(args):
     for _ in make_ds():
         pass
     out['pipeline_alone_s'] = (time.perf_counter() - t) / n_batches
+    if args.profile:
+        for line in profile_ops(step, batch, step.get_concrete_function(batch).graph,
+                                os.path.join(run_dir, 'profile')):
+            say(line)
     out['matmul_after'] = matmul_rates(args.matmul_n, args.matmul_repeats)
     out['peak_rss'] = rss.close()
     out['ru_maxrss'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -293,14 +348,18 @@ def main():
     p.add_argument('--data_root', default='', help='a VIGOR root to read instead of a synthetic city')
     p.add_argument('--profiler_check', type=int, default=1, help='1 = cross-check the FLOPs with tf.profiler')
     p.add_argument('--mixed_precision', type=int, default=0)
-    p.add_argument('--onednn', choices=('default', '0', '1'), default='default',
-                   help="TF_ENABLE_ONEDNN_OPTS of the children (TF's default is off on CPUs without AVX-512)")
+    p.add_argument('--profile', type=int, default=0, help='1 = trace one step, print time per op type and node')
+    p.add_argument('--onednn', default='default',
+                   help="TF_ENABLE_ONEDNN_OPTS of the children: default (TF's choice: off on CPUs without "
+                        "AVX-512), 0, 1, or a list such as default,1 to run each stage both ways")
     p.add_argument('--child', default='', help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
     sizes, stages = args.sizes.split(','), args.stages.split(',')
-    bad = [x for x in sizes if x not in SIZES] + [x for x in stages if x not in STAGES]
+    onednn = args.onednn.split(',')
+    bad = [x for x in sizes if x not in SIZES] + [x for x in stages if x not in STAGES] + \
+        [x for x in onednn if x not in ('default', '0', '1')]
     if bad:
         p.error(f'unknown size or stage {bad}')
     for size in sizes:
@@ -309,28 +368,27 @@ def main():
           f'{args.steps} timed steps after {args.warmup} warm-up; FLOPs = 3 x 2 x forward MACs of '
           f'conv/deconv/matmul/einsum (analytic, from the traced shapes)', flush=True)
     results = []
-    for size in sizes:
-        for stage in stages:
-            cmd = [sys.executable, os.path.abspath(__file__), '--child', f'{size}:{stage}'] + \
-                  [a for a in sys.argv[1:]]
-            env = dict(os.environ)
-            if args.onednn != 'default':
-                env['TF_ENABLE_ONEDNN_OPTS'] = args.onednn
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                    env=env)
-            result, tail = None, []
-            for line in proc.stdout:
-                if line.startswith('RESULT '):
-                    result = json.loads(line[len('RESULT '):])
-                elif line.startswith('  ['):
-                    print(line, end='', flush=True)
-                tail = (tail + [line])[-30:]
-            if proc.wait() != 0 or result is None:
-                print(''.join(tail) + f'{size} {stage}: the child failed (exit {proc.returncode})', flush=True)
-                continue
-            results.append(result)
-            for line in report(result, args.batch):
-                print(line, flush=True)
+    for size, stage, mode in [(a, b, c) for a in sizes for b in stages for c in onednn]:
+        cmd = [sys.executable, os.path.abspath(__file__), '--child', f'{size}:{stage}'] + \
+              [a for a in sys.argv[1:]]
+        env = dict(os.environ)
+        if mode != 'default':
+            env['TF_ENABLE_ONEDNN_OPTS'] = mode
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                env=env)
+        result, tail = None, []
+        for line in proc.stdout:
+            if line.startswith('RESULT '):
+                result = json.loads(line[len('RESULT '):])
+            elif line.startswith('  ['):
+                print(line, end='', flush=True)
+            tail = (tail + [line])[-30:]
+        if proc.wait() != 0 or result is None:
+            print(''.join(tail) + f'{size} {stage}: the child failed (exit {proc.returncode})', flush=True)
+            continue
+        results.append(result)
+        for line in report(result, args.batch):
+            print(line, flush=True)
     print('\nsummary')
     for r in results:
         for line in report(r, args.batch):

@@ -1,0 +1,141 @@
+"""Hard-negative mining (SPEC §2): the pool, the top-k table, the descriptors it ranks, and the mined half
+of the batches."""
+import math
+
+import numpy as np
+import pytest
+
+import input_data
+import synthetic_data
+import train_first_E_1
+import train_lib
+
+
+def angles(degrees):
+    """Unit vectors in the first two of three dimensions at these angles."""
+    r = np.radians(np.asarray(degrees, np.float64))
+    return np.stack([np.cos(r), np.sin(r), np.zeros_like(r)], 1).astype(np.float32)
+
+
+def test_table_ranks_pool_tiles_by_similarity_by_hand():
+    # pool tiles (ids 3, 7, 8, 20, 31) at 0, 30, 60, 90, 120 degrees
+    pool = np.array([3, 7, 8, 20, 31])
+    pool_desc = angles([0, 30, 60, 90, 120])
+    # a panorama at 50 deg: cos of 50, 20, 10, 40, 70 -> 60 deg (8), 30 (7), 90 (20), 0 (3), 120 (31)
+    # one at 100 deg:       cos of 100, 70, 40, 10, 20 -> 90 (20), 120 (31), 60 (8), 30 (7), 0 (3)
+    grd = angles([50, 100]).astype(np.float16)
+    table = train_lib.hard_negatives(grd, pool_desc, pool, topk=3, rows=1)
+    assert table.shape == (2, 3) and table.dtype == np.int32
+    np.testing.assert_array_equal(table, [[8, 7, 20], [20, 31, 8]])
+    # more wanted than the pool holds: the ranking repeats
+    table = train_lib.hard_negatives(grd, pool_desc, pool, topk=7)
+    np.testing.assert_array_equal(table, [[8, 7, 20, 3, 31, 8, 7], [20, 31, 8, 7, 3, 20, 31]])
+
+
+def test_table_matches_brute_force_in_blocks():
+    rng = np.random.default_rng(0)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    grd, pool_desc = unit(rng.normal(size=(50, 16))), unit(rng.normal(size=(200, 16)))
+    pool = np.sort(rng.choice(1000, 200, replace=False))
+    table = train_lib.hard_negatives(grd, pool_desc, pool, topk=10, rows=16)    # 4 blocks, the last short
+    sim = grd @ pool_desc.T
+    expected = pool[np.argsort(-sim, axis=1, kind='stable')[:, :10]]
+    np.testing.assert_array_equal(table, expected)
+    # the first entries are the most similar pool tiles: nothing outside the row beats its last entry
+    slot = {t: i for i, t in enumerate(pool)}
+    for q in range(50):
+        kept = sim[q, [slot[t] for t in table[q]]]
+        assert np.all(np.diff(kept) <= 0) and kept[-1] >= np.delete(sim[q], [slot[t] for t in table[q]]).max()
+
+
+def test_pool_is_40000_or_all_and_follows_seed_and_epoch():
+    assert len(train_lib.mining_pool(0, 0, 90000, 40000)) == 40000
+    pool = train_lib.mining_pool(0, 0, 90000, 40000)
+    assert np.all(np.diff(pool) > 0) and pool[0] >= 0 and pool[-1] < 90000
+    np.testing.assert_array_equal(pool, train_lib.mining_pool(0, 0, 90000, 40000))
+    assert not np.array_equal(pool, train_lib.mining_pool(0, 1, 90000, 40000))
+    np.testing.assert_array_equal(train_lib.mining_pool(0, 3, 36, 40000), np.arange(36))
+
+
+def test_buffer_keeps_the_pool_tiles_only():
+    buf = train_lib.MiningBuffer(n_panos=4, n_tiles=6, pool=np.array([2, 5]), dim=3)
+    assert buf.grd.shape == (4, 3) and buf.sat.shape == (2, 3)        # memory: Q + P rows, not Q + N
+    buf.add(np.array([0, 3]), angles([0, 90]), np.array([5, 4]), angles([30, 60]))
+    np.testing.assert_array_equal(buf.grd_seen, [True, False, False, True])
+    np.testing.assert_array_equal(buf.sat_seen, [False, True])        # tile 4 is not in the pool
+    np.testing.assert_allclose(buf.sat[1], angles([30])[0])
+    np.testing.assert_allclose(buf.grd[3], angles([90])[0], atol=1e-3)
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp('mining')
+    data = str(base / 'VIGOR')
+    synthetic_data.write_vigor(data, grid=3, tile_px=64, pano_hw=(32, 64))
+    argv = ['--grd_size', '32', '64', '--sat_size', '64', '--width', '0.0625', '--batch', '4', '--eval_batch', '8',
+            '--mining_topk', '5', '--data_root', data, '--run_dir', str(base / 'run')]
+    cfg = train_lib.parse_config([train_first_E_1.PHASE_A], argv)[0]
+    run = train_lib.Run(train_first_E_1.PHASE_A, cfg)
+    split = train_lib.dataset_splits(cfg, 'train')
+    run.build(split)
+    return run, split
+
+
+def test_mine_ranks_with_the_gathered_descriptors(tiny_run):
+    run, split = tiny_run
+    n_panos, n_tiles, dim = len(split), len(split.tile_paths), run.model.dim
+    pool = train_lib.mining_pool(0, 0, n_tiles, 40000)
+    buf = train_lib.MiningBuffer(n_panos, n_tiles, pool, dim)
+    # made-up descriptors for everything, as if gathered: panorama p looks exactly like tile (p + 5) % N
+    rng = np.random.default_rng(0)
+    tiles = rng.normal(size=(n_tiles, dim)).astype(np.float32)
+    tiles /= np.linalg.norm(tiles, axis=1, keepdims=True)
+    buf.add(np.arange(n_panos), tiles[(np.arange(n_panos) + 5) % n_tiles], np.arange(n_tiles), tiles)
+    run.mine(0, buf, split)
+    hard = run.hard.numpy()
+    assert hard.shape == (n_panos, 5) and bool(run.hard_valid.numpy())
+    np.testing.assert_array_equal(hard[:, 0], (np.arange(n_panos) + 5) % n_tiles)
+    np.testing.assert_array_equal(hard, train_lib.hard_negatives(buf.grd, buf.sat, pool, 5))
+
+
+def test_mine_computes_only_what_the_epoch_did_not_gather(tiny_run):
+    run, split = tiny_run
+    n_panos, n_tiles, dim = len(split), len(split.tile_paths), run.model.dim
+    buf = train_lib.MiningBuffer(n_panos, n_tiles, np.arange(n_tiles), dim)
+    gathered = np.full((2, dim), 1 / math.sqrt(dim), np.float32)
+    buf.add(np.array([0, 1]), gathered, np.array([7, 8]), gathered)
+    run.fill_missing(buf, split)
+    assert buf.grd_seen.all() and buf.sat_seen.all()
+    np.testing.assert_allclose(buf.grd[:2], gathered, atol=1e-3)          # kept, not recomputed
+    np.testing.assert_array_equal(buf.sat[[7, 8]], gathered)
+    image = input_data.read_image(split.pano_paths[5], (32, 64), 'panorama')[None]
+    np.testing.assert_allclose(buf.grd[5], run.describe_fns['panorama'](image).numpy()[0], atol=2e-3)
+    image = input_data.read_image(split.tile_paths[3], (64, 64), 'aerial')[None]
+    np.testing.assert_allclose(buf.sat[3], run.describe_fns['aerial'](image).numpy()[0], atol=1e-4)
+
+
+def ring_split(n=200):
+    """n panoramas on n tiles: panorama p has positive p and semi-positives p+1, p+2, p+3 (mod n)."""
+    tiles = (np.arange(n)[:, None] + np.arange(4)[None]) % n
+    return input_data.Split('ring', [f'p{i}' for i in range(n)], [f't{i}' for i in range(n)], tiles,
+                            np.zeros((n, 4, 2), np.float32), np.ones(n), np.zeros((n, 2)), np.zeros((n, 2)),
+                            'euclidean')
+
+
+def test_mined_half_takes_panoramas_whose_positive_is_a_hard_tile_of_its_anchor():
+    split, batch = ring_split(), 8
+    sampler = input_data.BatchSampler(split, batch, seed=3)
+    # anchor a's hard tiles: 10 tiles spread around the ring, none of its own
+    hard = (np.arange(200)[:, None] + 7 + 20 * np.arange(1, 11)[None]) % 200
+    half = (batch + 1) // 2                          # random items 0..half-1; item half + i is mined for item i
+    follows = lambda plan: np.mean([split.tiles[row[half + i], 0] in hard[row[i]]
+                                    for row in plan for i in range(batch - half)])
+    for epoch in range(3):
+        plan, semi = sampler.epoch_plan(epoch, hard)
+        assert follows(plan) == 1.0                  # every mined slot, none fell back to random
+        for row, k in zip(plan, semi):
+            tiles = split.tiles[row].ravel()
+            assert len(set(tiles.tolist())) == 4 * batch, 'a tile twice in a batch'
+            assert np.all((k >= 1) & (k <= 3))
+        np.testing.assert_array_equal(plan, input_data.BatchSampler(split, batch, seed=3).epoch_plan(epoch, hard)[0])
+    assert follows(sampler.epoch_plan(0)[0]) < 0.3   # without the table the same slots are random
