@@ -155,3 +155,17 @@ def test_adam_matches_reference_update():
     opt = train_lib.Adam([v], 0.1)
     opt.apply([tf.constant([0.5, -3.0])])
     np.testing.assert_allclose(v.numpy(), [0.9, -1.9], rtol=1e-5)
+
+
+def test_cvact_end_to_end(tmp_path):
+    import samples_on_cvact
+    root = str(tmp_path / 'CVACT')
+    synthetic_data.write_cvact(root, seed=0, n_panos=16, pano_hw=(32, 64))
+    samples_on_cvact.resample(root, str(tmp_path / 'CVACT' / 'resampled'), seed=0, progress=False)
+    argv = TINY + ['--dataset', 'cvact', '--data_root', root, '--run_dir', str(tmp_path / 'run'), '--plots', '0']
+    assert train_lib.main([train_first_E_1.PHASE_A, train_first_E_1.PHASE_B], argv) == 0
+    assert train_lib.main([train_first_E_1.PHASE_B], argv + ['--test']) == 0
+    r = json.load(open(tmp_path / 'run' / 'test' / 'test_results.json'))
+    assert r['dataset'] == 'CVACT test' and r['n_ref'] == 4 * r['n_query']
+    # one synthetic area: even a wrong top-1 crop is within a few hundred metres (UTM, Euclidean)
+    assert 0 < r['localisation']['all']['median_m_centre'] < 1000
