@@ -20,17 +20,17 @@ STAGES = (('E_1', 'train_first_E_1.py'), ('E_2_1', 'train_second_E_2_1.py'),
 
 def table(results):
     """Rows of the comparison table from {stage: test_results dict}."""
-    head = ('stage', 'R@1', 'R@5', 'R@10', 'R@1%', 'hit', 'med m', 'med m top1', 'med m centre',
+    head = ('stage', 'R@1', 'R@5', 'R@10', 'R@1%', 'hit', 'pos: med m', 'pos: centre', 'top1 ok: med m',
             'in 1sig', 'in 2sig', 'rho(u,err)')
     rows = [head]
     for stage, r in results.items():
-        ret, loc = r['retrieval'], r['localisation']
+        ret, loc, pos = r['retrieval'], r['localisation'], r['localisation_positive']
         unc = r.get('uncertainty') or {}
         pct = lambda x: '-' if x is None else f'{100 * x:.1f}'
         num = lambda x: '-' if x is None else f'{x:.2f}'
         rows.append((stage, pct(ret['R@1']), pct(ret['R@5']), pct(ret['R@10']), pct(ret['R@1%']),
-                     pct(ret['hit_rate']), num(loc['all']['median_m']), num(loc['top1_correct']['median_m']),
-                     num(loc['top1_correct']['median_m_centre']), pct(unc.get('1sigma')), pct(unc.get('2sigma')),
+                     pct(ret['hit_rate']), num(pos['median_m']), num(pos['median_m_centre']),
+                     num(loc['top1_correct']['median_m']), pct(unc.get('1sigma')), pct(unc.get('2sigma')),
                      num(unc.get('spearman_u_error'))))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     return ['  '.join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
@@ -58,7 +58,8 @@ def main(argv=None):
             results[stage] = json.load(f)
     any_r = next(iter(results.values()))
     print(f'\n{any_r["dataset"]}: {any_r["n_query"]} queries, {any_r["n_ref"]} references, '
-          f'chance R@1 {100 * any_r["chance_R@1"]:.2f}% (all figures in %, metres)')
+          f'chance R@1 {100 * any_r["chance_R@1"]:.2f}%. Recall and coverage in %; errors are median metres '
+          'in the positive tile (with the stage\'s offset / at the tile centre) and for top-1-correct queries')
     lines = table(results)
     print('\n'.join(lines))
     summary = os.path.join(args.run_root, 'summary.txt')

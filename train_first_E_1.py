@@ -17,7 +17,7 @@ import losses
 import model
 import train_lib
 
-E_1_SCHEDULE = {'lr': 1e-5, 'lr_decay': 0.1, 'lr_decay_steps': 150000, 'lr_staircase': 1, 'mining': 1}
+E_1_SCHEDULE = {'lr': 1e-5, 'lr_decay': 0.1, 'lr_decay_steps': 150000, 'lr_staircase': 0, 'mining': 1}
 
 
 def loss_a(m, batch, ctx):

@@ -412,6 +412,9 @@ class Run:
     def make_step(self, consts):
         model, stage, cfg, opt, strategy = self.model, self.stage, self.cfg, self.opt, self.strategy
         mixed = bool(cfg['mixed_precision'])
+        if mixed:
+            with strategy.scope():  # finite steps since the loss scale last changed (not checkpointed)
+                good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name='loss_scale_good_steps')
 
         def replica_step(batch):
             if mixed:
@@ -432,9 +435,14 @@ class Run:
             grads = [None if g is None else red(g) for g in grads]
             finite_grads = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
             ok = tf.logical_and(tf.math.is_finite(total), finite_grads)
-            if mixed:  # dynamic loss scale: halve on overflow, skip the step
-                self.loss_scale.assign(tf.where(finite_grads, self.loss_scale, self.loss_scale / 2))
+            if mixed:  # dynamic loss scale: an overflow halves it and skips the update; 2000 finite steps double it
+                grow = tf.logical_and(finite_grads, good_steps >= 1999)
+                self.loss_scale.assign(tf.where(finite_grads, tf.where(grow, 2 * self.loss_scale, self.loss_scale),
+                                                self.loss_scale / 2))
+                good_steps.assign(tf.where(tf.logical_and(finite_grads, tf.logical_not(grow)), good_steps + 1, 0))
             tf.cond(ok, lambda: (opt.apply(grads), tf.constant(True))[1], lambda: tf.constant(False))
+            if mixed:  # a skipped overflow is no reason to stop training, unless the scale has collapsed
+                ok = tf.logical_and(tf.math.is_finite(total), tf.logical_or(finite_grads, self.loss_scale >= 1))
             desc = {k: tf.concat(strategy.experimental_local_results(v), 0) for k, v in desc.items()}
             return total, scalars, ok, desc
 
@@ -527,16 +535,16 @@ class Run:
                     rate = (step - s_last) / max(now - t_last, 1e-9)
                     t_last, s_last = now, step
                     lr = float(self.opt.learning_rate())
-                    parts = ' '.join(f'{k} {float(v):.4f}' for k, v in scalars.items())
-                    self.log(f'step {step}/{total} epoch {epoch + 1} loss {float(loss):.4f} ({parts}) '
-                             f'lr {lr:.2e} {rate:.2f} step/s ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min')
                     with writer.as_default(step=step):
                         tf.summary.scalar('loss/total', loss)
                         for k, v in scalars.items():
                             tf.summary.scalar(f'loss/{k}', v)
                         tf.summary.scalar('learning_rate', lr)
                         tf.summary.scalar('steps_per_second', rate)
-                    writer.flush()  # a killed run keeps the scalars it logged
+                    writer.flush()  # on disk before the line is printed: a killed run keeps what it showed
+                    parts = ' '.join(f'{k} {float(v):.4f}' for k, v in scalars.items())
+                    self.log(f'step {step}/{total} epoch {epoch + 1} loss {float(loss):.4f} ({parts}) '
+                             f'lr {lr:.2e} {rate:.2f} step/s ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min')
                 if step % cfg['ckpt_every'] == 0 and step % spe != 0:
                     self.manager.save(checkpoint_number=step)
             if step % spe == 0:  # the epoch is complete
@@ -608,13 +616,15 @@ class MiningBuffer:
         self.sat_seen = np.zeros(len(pool), bool)
 
     def add(self, pano, grd, tile, sat):
-        """pano [B] panorama ids with grd [B, D]; tile [B] tile ids with sat [B, D] (normalised)."""
-        self.grd[pano] = grd
-        self.grd_seen[pano] = True
+        """pano [B] panorama ids with grd [B, D]; tile [B] tile ids with sat [B, D] (normalised).
+        Non-finite rows (a mixed-precision step skipped for overflow) are left for fill_missing."""
+        keep = np.isfinite(grd).all(1)
+        self.grd[pano[keep]] = grd[keep]
+        self.grd_seen[pano[keep]] = True
         slot = self.slot[tile]
-        slot, sat = slot[slot >= 0], sat[slot >= 0]
-        self.sat[slot] = sat
-        self.sat_seen[slot] = True
+        keep = (slot >= 0) & np.isfinite(sat).all(1)
+        self.sat[slot[keep]] = sat[keep]
+        self.sat_seen[slot[keep]] = True
 
 
 def hard_negatives(grd, pool_desc, pool, topk, rows=1024):
@@ -711,51 +721,61 @@ def evaluate_model(stage, cfg, model, split, queries, out_dir, log, ckpt_path=''
                'retrieval': evaluation.retrieval_metrics(ranks, n_ref)}
     top1 = ranks['top1']
     correct = top1 == pos
-    centre = split.tile_centres[top1]
     gt = split.gt_positions[queries]
     mpp = split.mpp[queries]
-    err_centre = evaluation.position_errors(centre, gt, split.metric)
-    pred_delta, chol, heat = None, None, {}
+    # Offsets predicted in the positive tile (every query) and in the top-1 tile (reusing the
+    # positive's prediction where the top-1 is right), as VIGOR delta (dy, dx) pixels.
+    delta_pos = delta_top1 = mu_pos = chol = None
+    heat = {}
     if stage.localise == 'offset':
-        pred = model.offset(tf.constant(d['sat_raw'][top1]), tf.constant(d['grd_raw']))
-        pred_delta = pred.numpy()
+        delta_pos = model.offset(tf.constant(d['sat_raw'][pos]), tf.constant(d['grd_raw'])).numpy()
+        delta_top1 = model.offset(tf.constant(d['sat_raw'][top1]), tf.constant(d['grd_raw'])).numpy()
     elif stage.localise == 'heatmap':
-        mu, chol, heat = localise_pairs(model, split, queries, top1, cfg)
-        pred_delta = model_lib.rc_to_delta(tf.constant(mu)).numpy()
-    if pred_delta is not None:
-        pred_pos = evaluation.offset_to_position(centre, pred_delta, mpp, split.metric)
-        err = evaluation.position_errors(pred_pos, gt, split.metric)
-    else:
-        err = err_centre
-    results['localisation'] = evaluation.localisation_summary(err, err_centre, correct)
-    results['localisation']['method'] = stage.localise or 'tile centre'
-    sp = None
+        mu_pos, chol, heat = localise_pairs(model, split, queries, pos, cfg)
+        mu_top1 = mu_pos.copy()
+        wrong = np.flatnonzero(~correct)
+        if len(wrong):
+            mu_top1[wrong] = localise_pairs(model, split, queries[wrong], top1[wrong], cfg, keep_heatmaps=0)[0]
+        delta_pos = model_lib.rc_to_delta(tf.constant(mu_pos)).numpy()
+        delta_top1 = model_lib.rc_to_delta(tf.constant(mu_top1)).numpy()
+    method = stage.localise or 'tile centre'
+
+    def errors(tiles, delta):
+        centre = split.tile_centres[tiles]
+        err_centre = evaluation.position_errors(centre, gt, split.metric)
+        if delta is None:
+            return err_centre, err_centre
+        return evaluation.position_errors(evaluation.offset_to_position(centre, delta, mpp, split.metric),
+                                          gt, split.metric), err_centre
+
+    results['localisation'] = evaluation.localisation_summary(*errors(top1, delta_top1), correct)
+    results['localisation']['method'] = method
+    # Over positives: the offset inside the ground-truth tile, for every query (SPEC §6).
+    results['localisation_positive'] = evaluation.localisation_summary(*errors(pos, delta_pos),
+                                                                       np.ones(len(queries), bool))['all']
     if chol is not None:
         cov = model_lib.cholesky_to_cov(tf.constant(chol)).numpy()
         u = model_lib.uncertainty(tf.constant(chol)).numpy()
         gt_rc = model_lib.delta_to_rc(tf.constant(split.deltas[queries, 0])).numpy()
-        pix_err = np.linalg.norm(mu - gt_rc, axis=1)
-        unc = {'n': int(correct.sum())}
-        if correct.any():
-            cover = evaluation.ellipse_coverage(mu[correct], cov[correct], gt_rc[correct])
-            unc.update({k: cover[k] for k in ('1sigma', '2sigma')})
-            unc['spearman_u_error'] = float(evaluation.rank_correlation(u[correct], pix_err[correct]))
-            sp = evaluation.sparsification(u[correct], pix_err[correct])
-            unc['sparsification'] = sp
-            unc['mean_u_px'] = float(u[correct].mean())
-        results['uncertainty'] = unc
+        pix_err = np.linalg.norm(mu_pos - gt_rc, axis=1)
+        cover = evaluation.ellipse_coverage(mu_pos, cov, gt_rc)
+        sp = evaluation.sparsification(u, pix_err)
+        results['uncertainty'] = {
+            'n': int(len(queries)), '1sigma': cover['1sigma'], '2sigma': cover['2sigma'],
+            'spearman_u_error': float(evaluation.rank_correlation(u, pix_err)), 'sparsification': sp,
+            'mean_u_px': float(u.mean()), 'median_error_px': float(np.median(pix_err))}
     with open(os.path.join(out_dir, 'test_results.json'), 'w') as f:
         json.dump(_jsonable(results), f, indent=1)
     for line in format_results(results):
         log(line)
     if cfg['plots']:
-        write_plots(out_dir, split, queries, ranks, n_ref, results, top1, correct,
-                    mu if stage.localise == 'heatmap' else None, chol, heat, pred_delta, cfg)
+        write_plots(out_dir, split, queries, ranks, n_ref, results, delta_pos, chol, heat, cfg)
     log(f'test: results in {os.path.join(out_dir, "test_results.json")}')
     return results
 
 
-def write_plots(out_dir, split, queries, ranks, n_ref, results, top1, correct, mu, chol, heat, pred_delta, cfg):
+def write_plots(out_dir, split, queries, ranks, n_ref, results, delta_pos, chol, heat, cfg):
+    """Recall@K, accuracy vs metres, sparsification, and the first queries in their positive tile."""
     evaluation.plot_recall_curve(os.path.join(out_dir, 'recall_at_k.png'), ranks['rank'], n_ref)
     evaluation.plot_accuracy_vs_metres(os.path.join(out_dir, 'accuracy_vs_metres.png'), results['localisation'])
     sp = results.get('uncertainty', {}).get('sparsification')
@@ -765,16 +785,13 @@ def write_plots(out_dir, split, queries, ranks, n_ref, results, top1, correct, m
     for i in range(min(4, len(queries))):
         q = queries[i]
         pano = input_data.read_image(split.pano_paths[q], cfg['grd_size'], 'panorama')
-        sat = input_data.read_image(split.tile_paths[top1[i]], (cfg['sat_size'],) * 2, 'aerial')
-        gt_rc = model_lib.delta_to_rc(tf.constant(split.deltas[q, 0])).numpy() if correct[i] else None
-        pred_rc = None
-        if mu is not None:
-            pred_rc = mu[i]
-        elif pred_delta is not None:
-            pred_rc = model_lib.delta_to_rc(tf.constant(pred_delta[i])).numpy()
+        sat = input_data.read_image(split.tile_paths[split.tiles[q, 0]], (cfg['sat_size'],) * 2, 'aerial')
+        gt_rc = model_lib.delta_to_rc(tf.constant(split.deltas[q, 0])).numpy()
+        pred_rc = None if delta_pos is None else model_lib.delta_to_rc(tf.constant(delta_pos[i])).numpy()
+        rank = int(ranks['rank'][i])
         evaluation.plot_localisation(os.path.join(out_dir, f'query_{i}.png'), pano, sat, gt_rc, pred_rc,
                                      heatmap=heat.get(i), cov=None if cov is None else cov[i],
-                                     title=f'query {q}: top-1 {"correct" if correct[i] else "wrong"}')
+                                     title=f'query {q} in its positive tile (retrieval rank {rank + 1})')
 
 
 def format_results(r):
@@ -788,6 +805,10 @@ def format_results(r):
         lines.append(f'localisation ({sub}, {s["count"]} queries): {loc["method"]}: mean {s["mean_m"]:.2f} m, '
                      f'median {s["median_m"]:.2f} m; tile centre: mean {s["mean_m_centre"]:.2f} m, '
                      f'median {s["median_m_centre"]:.2f} m')
+    s = r['localisation_positive']
+    lines.append(f'localisation in the positive tile ({s["count"]} queries): {loc["method"]}: mean {s["mean_m"]:.2f} m, '
+                 f'median {s["median_m"]:.2f} m; tile centre: mean {s["mean_m_centre"]:.2f} m, '
+                 f'median {s["median_m_centre"]:.2f} m')
     u = r.get('uncertainty')
     if u and u.get('n'):
         lines.append(f'uncertainty: inside 1-sigma {100 * u["1sigma"]:.1f}% (calibrated 39.3%), '

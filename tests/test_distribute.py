@@ -15,37 +15,56 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TINY = ['--grd_size', '32', '64', '--sat_size', '64', '--width', '0.0625', '--batch', '4']
 
 
-def run_subprocess(args, timeout=240):
+def start(args):
+    """A subprocess with 2 logical CPU devices; -> Popen (stdout and stderr merged)."""
     env = dict(os.environ, GEOLOC_LOGICAL_CPUS='2', TF_CPP_MIN_LOG_LEVEL='2')
-    proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return subprocess.Popen([sys.executable] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
-def test_mirrored_step_equals_single_device_step():
-    out = run_subprocess([os.path.abspath(__file__), 'compare'])
-    assert out.count('OK ') == 2, out
+def finish(proc, timeout=300):
+    out = proc.communicate(timeout=timeout)[0]
+    assert proc.returncode == 0, out[-5000:]
+    return out
 
 
-def test_mirrored_training_runs_end_to_end(tmp_path):
-    """train_first_E_1.py (phase a, then phase b restoring it) for 2 steps each on 2 replicas."""
-    sys.path.insert(0, ROOT)
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """All three subprocesses start together (each is mostly single-threaded tracing; 2 cores share them)."""
     import synthetic_data
-    data = synthetic_data.ensure_vigor(str(tmp_path / 'vigor'), grid=4, tile_px=64, pano_hw=(32, 64))
-    run_dir = tmp_path / 'run'
-    out = run_subprocess(['train_first_E_1.py', *TINY, '--data_root', data, '--run_dir', str(run_dir),
-                          '--max_steps', '2', '--strategy', 'mirrored', '--log_every', '1'])
+    tmp = tmp_path_factory.mktemp('distribute')
+    data = synthetic_data.ensure_vigor(str(tmp / 'vigor'), grid=4, tile_px=64, pano_hw=(32, 64))
+    procs = {stage: start([os.path.abspath(__file__), stage]) for stage in ('E_1', 'E_2_2')}
+    procs['train'] = start(['train_first_E_1.py', *TINY, '--data_root', data, '--run_dir', str(tmp / 'run'),
+                            '--max_steps', '2', '--strategy', 'mirrored', '--log_every', '1'])
+    yield tmp, procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize('stage', ['E_1', 'E_2_2'])
+def test_mirrored_step_equals_single_device_step(runs, stage):
+    """E_1 phase b (triplet + IoU ratio + offset) and E_2_2 (triplet + Gaussian NLL of both branches)."""
+    out = finish(runs[1][stage])
+    assert f'OK {stage}:' in out, out
+
+
+def test_mirrored_training_runs_end_to_end(runs):
+    """train_first_E_1.py (phase a, then phase b restoring it) for 2 steps each on 2 replicas."""
+    out = finish(runs[1]['train'])
     assert out.count('strategy: mirrored, 2 replicas') == 2, out
+    assert out.count('step 2/2') == 2, out
     for sub in ('phase_a', ''):
-        assert os.path.exists(run_dir / sub / 'ckpt' / 'checkpoint'), out
-    assert 'step 2/2' in out
+        assert os.path.exists(runs[0] / 'run' / sub / 'ckpt' / 'checkpoint'), out
 
 
 # ----------------------------------------------------------------------------- the subprocess
@@ -80,35 +99,35 @@ def one_step(stage, strategy, batch, run_dir):
         run.strategy.num_replicas_in_sync
 
 
-def compare(tmp):
+def compare(stage_name, tmp):
     import train_first_E_1
     import train_second_E_2_2
+    stage = {'E_1': train_first_E_1.PHASE_B, 'E_2_2': train_second_E_2_2.STAGE}[stage_name]
     batch = random_batch(np.random.default_rng(0), 4)
-    for stage in (train_first_E_1.PHASE_B, train_second_E_2_2.STAGE):
-        single = one_step(stage, 'default', batch, os.path.join(tmp, stage.name, 'single'))
-        mirrored = one_step(stage, 'mirrored', batch, os.path.join(tmp, stage.name, 'mirrored'))
-        assert (single[4], mirrored[4]) == (1, 2), (single[4], mirrored[4])
-        np.testing.assert_allclose(mirrored[0], single[0], rtol=1e-4)
-        for k in single[1]:
-            np.testing.assert_allclose(mirrored[1][k], single[1][k], rtol=1e-4, atol=1e-7, err_msg=k)
-        # replica r's rows are r*b .. (r+1)*b - 1 of the global batch
-        np.testing.assert_allclose(mirrored[2], single[2], rtol=1e-4, atol=1e-6)
-        assert len(single[3]) == len(mirrored[3])
-        nonzero = 0
-        for i, (g1, g2) in enumerate(zip(single[3], mirrored[3])):
-            # (exact zeros are expected where a zero-initialised layer blocks the gradient: E_1's offset fc1)
-            scale = np.abs(g1).max()
-            nonzero += scale > 0
-            np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-5 * scale, err_msg=f'{stage.name} variable {i}')
-        assert nonzero >= len(single[3]) - 2, f'{stage.name}: only {nonzero} non-zero gradients'
-        print(f'OK {stage.name}: loss {single[0]:.6f} on 1 device and {mirrored[0]:.6f} on 2 replicas, '
-              f'{len(single[3])} gradients equal ({nonzero} non-zero)', flush=True)
+    single = one_step(stage, 'default', batch, os.path.join(tmp, 'single'))
+    mirrored = one_step(stage, 'mirrored', batch, os.path.join(tmp, 'mirrored'))
+    assert (single[4], mirrored[4]) == (1, 2), (single[4], mirrored[4])
+    np.testing.assert_allclose(mirrored[0], single[0], rtol=1e-4)
+    for k in single[1]:
+        np.testing.assert_allclose(mirrored[1][k], single[1][k], rtol=1e-4, atol=1e-7, err_msg=k)
+    # replica r's rows are r*b .. (r+1)*b - 1 of the global batch
+    np.testing.assert_allclose(mirrored[2], single[2], rtol=1e-4, atol=1e-6)
+    assert len(single[3]) == len(mirrored[3])
+    nonzero = 0
+    for i, (g1, g2) in enumerate(zip(single[3], mirrored[3])):
+        # (exact zeros are expected where a zero-initialised layer blocks the gradient: E_1's offset fc1)
+        scale = np.abs(g1).max()
+        nonzero += scale > 0
+        np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-5 * scale, err_msg=f'{stage.name} variable {i}')
+    assert nonzero >= len(single[3]) - 2, f'{stage.name}: only {nonzero} non-zero gradients'
+    print(f'OK {stage.name}: loss {single[0]:.6f} on 1 device and {mirrored[0]:.6f} on 2 replicas, '
+          f'{len(single[3])} gradients equal ({nonzero} non-zero)', flush=True)
 
 
 if __name__ == '__main__':
     import tempfile
     sys.path.insert(0, ROOT)
-    if sys.argv[1:] != ['compare']:
-        sys.exit(f'usage: {sys.argv[0]} compare')
+    if sys.argv[1:] not in (['E_1'], ['E_2_2']):
+        sys.exit(f'usage: {sys.argv[0]} E_1|E_2_2')
     with tempfile.TemporaryDirectory() as d:
-        compare(d)
+        compare(sys.argv[1], d)

@@ -65,6 +65,9 @@ def test_buffer_keeps_the_pool_tiles_only():
     np.testing.assert_array_equal(buf.sat_seen, [False, True])        # tile 4 is not in the pool
     np.testing.assert_allclose(buf.sat[1], angles([30])[0])
     np.testing.assert_allclose(buf.grd[3], angles([90])[0], atol=1e-3)
+    nan = np.full((1, 3), np.nan, np.float32)
+    buf.add(np.array([1]), nan, np.array([2]), nan)                  # an overflowed step: left for fill_missing
+    assert not buf.grd_seen[1] and not buf.sat_seen[0] and np.isfinite(buf.grd).all()
 
 
 @pytest.fixture(scope='module')
