@@ -35,7 +35,7 @@ STAGE = train_lib.Stage(
     previous_cmd='python train_second_E_2_1.py', localise='heatmap',
     defaults={'lr': 5e-6, 'lr_decay': 0.9, 'lr_decay_steps': 910, 'lr_staircase': 0, 'batch': 10,
               'epochs': 80, 'mining': 1},
-    demo={'epochs': 3, 'lr': 5e-5})
+    demo={'epochs': 2, 'lr': 5e-5})
 
 if __name__ == '__main__':
     sys.exit(train_lib.main([STAGE]))
