@@ -27,17 +27,8 @@ E_1 = [train_first_E_1.PHASE_A, train_first_E_1.PHASE_B]
 
 
 @pytest.fixture(scope='module')
-def vigor(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('bad_input') / 'VIGOR')
-    synthetic_data.write_vigor(root, grid=3, tile_px=64, pano_hw=(32, 64))
-    return root
-
-
-@pytest.fixture
-def vigor_copy(vigor, tmp_path):
-    root = str(tmp_path / 'VIGOR')
-    shutil.copytree(vigor, root)
-    return root
+def vigor(tiny_vigor):
+    return tiny_vigor(3)
 
 
 @pytest.fixture(scope='module')

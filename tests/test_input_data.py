@@ -9,21 +9,11 @@ import pytest
 import input_data
 import synthetic_data
 
-SMALL = dict(grid=4, tile_px=64, pano_hw=(32, 64))
 
 
 @pytest.fixture(scope='module')
-def vigor(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('vigor') / 'VIGOR')
-    synthetic_data.write_vigor(root, seed=0, **SMALL)
-    return root
-
-
-@pytest.fixture
-def vigor_copy(vigor, tmp_path):
-    root = str(tmp_path / 'VIGOR')
-    shutil.copytree(vigor, root)
-    return root
+def vigor(tiny_vigor):
+    return tiny_vigor(4)
 
 
 def test_load_same_and_cross_area(vigor):
