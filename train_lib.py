@@ -422,9 +422,10 @@ class Run:
             ctx = LossContext(cfg, consts)
             with tf.GradientTape() as tape:
                 total, scalars, desc = stage.loss(model, batch, ctx)
-                scaled = total * self.loss_scale
+                scaled = total * self.loss_scale if mixed else total
             grads = tape.gradient(scaled, opt.vars)
-            grads = [None if g is None else tf.cast(g, tf.float32) / self.loss_scale for g in grads]
+            if mixed:  # (in float32 the division by 1 would be a pass over every gradient: 2.5 % of a paper step)
+                grads = [None if g is None else tf.cast(g, tf.float32) / self.loss_scale for g in grads]
             return total, scalars, grads, desc
 
         def step_fn(batch):
