@@ -1,27 +1,33 @@
 """Speed and memory of every stage's training step, and what the input pipeline costs.
 
-    python benchmarks/bench_train.py                                         # demo size, all 5 steps
-    python benchmarks/bench_train.py --sizes paper --stages E_1a,E_2_1 --steps 2
+    python benchmarks/bench_train.py                                          # demo size, all 5 steps
+    python benchmarks/bench_train.py --sizes paper --stages E_1a,E_2_1 --steps 2 --warmup 1
+    python benchmarks/bench_train.py --onednn default,1 --profile 1           # both CPU kernel libraries
 
 Sizes: demo = grd 64x128, sat 64, width 0.25; paper = grd 320x640, sat 320, width 1.0; batch 10 for both.
-Each (size, stage) runs in a fresh subprocess, so its peak RSS is its own. The child builds the stage
-through the training loop's own code: train_lib.Run.build (model, Adam) and Run.make_step (the stage
-script's loss, GradientTape, cross-replica sum, finiteness check, Adam) with random weights, then
-  1. times --steps steps fed by one batch already in memory (after --warmup steps);
-  2. times --steps steps fed by the real tf.data pipeline (input_data.train_dataset reading the JPEG/PNG
-     files of a synthetic city, distributed by the strategy as Run.train does it); the difference is the
-     pipeline's overhead;
-  3. times the pipeline alone (nothing else running): its share of a 2-core machine is what
-     prefetching cannot hide when the step already uses every core;
-  4. times a plain fp32 tf.matmul (--matmul_n square, median of --matmul_repeats) before and after, as
-     the machine's achievable FLOP/s in the same run and under the same load.
+Each (size, stage[, oneDNN mode]) runs in a fresh subprocess, so its peak RSS (psutil, sampled every
+50 ms) is its own. The child builds the stage through the training loop's own code with random weights:
+train_lib.Run.build (model, Adam) and Run.make_step (the stage script's loss, GradientTape,
+cross-replica sum, finiteness check, fused Adam). Then it
+  1. times --steps steps fed by one batch already in memory, then --steps steps fed by the real tf.data
+     pipeline (input_data.train_dataset reading the JPEG/PNG files of a synthetic city, distributed by
+     the strategy as Run.train does it), then --steps in memory again (A B A, so a drift of the machine's
+     load hits both feeds); each block after --warmup untimed steps. Wall and process CPU time per step;
+  2. times the pipeline alone: the CPU it needs per batch cannot be hidden by prefetching when the step
+     already keeps every core busy;
+  3. times a plain fp32 4096^3 product before and after: tf.matmul (the reference of the target) and
+     numpy's OpenBLAS matmul (the best fp32 GEMM on a CPU where TF's default kernels lack AVX2/FMA);
+  4. with --profile 1: traces one more step with tf.profiler and prints the time per op type and the
+     slowest nodes with their shapes.
+On a shared machine the step time reported is the best timed in-memory step and the matmul rate the
+best of its two measurements (each a median of --matmul_repeats), medians alongside.
 
 FLOPs are counted analytically from the layer shapes of the traced loss graph: 2 x MACs of every Conv2D,
 transposed conv (Conv2DBackpropInput), MatMul, BatchMatMul and Einsum of the forward pass, times 3 for
-forward + backward (every trained layer's backward is two products the size of its forward: dX and dW).
-Element-wise ops, pooling, the loss and Adam are not counted. As a cross-check the child also prints
-tf.profiler's float_operation count of the conv/matmul ops of the whole step graph (forward and backward
-as TF built them; it has no Einsum statistics and prunes nothing).
+forward + backward (every trained layer's backward is two products the size of its forward: dX and dW;
+the first conv's unneeded dX is counted too, < 0.2 %). Element-wise ops, pooling, the loss and Adam are
+not counted. Cross-check: tf.profiler's float_operation count of the conv/matmul ops of the whole step
+graph (forward and backward as TF built them; it has no Einsum statistics).
 """
 import argparse
 import json
@@ -384,7 +390,7 @@ def main():
           f'{args.steps} timed steps after {args.warmup} warm-up; FLOPs = 3 x 2 x forward MACs of '
           f'conv/deconv/matmul/einsum (analytic, from the traced shapes)', flush=True)
     results = []
-    for mode, size, stage in [(c, a, b) for c in onednn for a in sizes for b in stages]:
+    for size, stage, mode in [(a, b, c) for a in sizes for b in stages for c in onednn]:
         cmd = [sys.executable, os.path.abspath(__file__), '--child', f'{size}:{stage}'] + \
               [a for a in sys.argv[1:]]
         env = dict(os.environ)
