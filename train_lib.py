@@ -554,8 +554,9 @@ class Run:
                 self.manager.save(checkpoint_number=step)
                 if cfg['val_every'] and ((epoch + 1) % cfg['val_every'] == 0 or step == total):
                     self.validate(writer, step)
-        self.manager.save(checkpoint_number=step) if self.manager.latest_checkpoint is None or \
-            not self.manager.latest_checkpoint.endswith(f'-{step}') else None
+        latest = self.manager.latest_checkpoint
+        if latest is None or not latest.endswith(f'-{step}'):  # a max_steps stop inside an epoch
+            self.manager.save(checkpoint_number=step)
         writer.flush()
         self.log(f'done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {self.manager.latest_checkpoint}')
         return self.manager.latest_checkpoint
