@@ -61,6 +61,8 @@ FLAGS = {
     'ckpt_every': (500, int, 'checkpoint every N steps (and at every epoch end)'),
     'log_every': (10, int, 'progress line and TensorBoard scalars every N steps'),
     'eval_batch': (32, int, 'batch size of descriptor extraction'),
+    'image_cache_mb': (1024, int, 'decoded, resized images kept in memory for the next epochs and validations '
+                                  '(MiB; 0 = decode every time)'),
     'eval_block': (4096, int, 'queries per block of the streamed similarity matrix'),
     'max_queries': (0, int, '--test on the first N test panoramas only (0 = all)'),
     'plots': (1, int, '--test writes PNG figures (0 = off)'),
@@ -70,7 +72,7 @@ FLAGS = {
 CHOICES = {'dataset': ('vigor', 'cvact'), 'area': ('same', 'cross'), 'labels': ('original', 'corrected'),
            'strategy': ('default', 'mirrored', 'multiworker')}
 # Keys that may change between a run and its resumption or its --test.
-VOLATILE = {'run_dir', 'init_from', 'val_every', 'val_queries', 'ckpt_every', 'log_every', 'eval_batch', 'eval_block', 'max_queries', 'plots', 'test',
+VOLATILE = {'run_dir', 'init_from', 'val_every', 'val_queries', 'ckpt_every', 'log_every', 'eval_batch', 'eval_block', 'image_cache_mb', 'max_queries', 'plots', 'test',
             'preset', 'data_root', 'cvact_resampled', 'vgg_weights', 'strategy'}
 MODEL_KEYS = ('grd_size', 'sat_size', 'width')
 DEMO = {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25, 'batch': 10, 'ckpt_every': 100, 'val_every': 4}
@@ -367,6 +369,7 @@ class Run:
         self.run_dir, self.init_from = stage_dirs(stage, cfg)
         self.strategy = make_strategy(cfg['strategy'])
         self.log = Log(self.run_dir, stage.name)
+        self.images = input_data.ImageCache(cfg['image_cache_mb'] * 2 ** 20) if cfg['image_cache_mb'] > 0 else None
         replicas = self.strategy.num_replicas_in_sync
         if cfg['batch'] % replicas:
             raise UserError(f'--batch {cfg["batch"]} must be a multiple of the {replicas} replicas (global batch)')
@@ -470,7 +473,8 @@ class Run:
             missing = np.flatnonzero(~seen)
             if len(missing) == 0:
                 continue
-            ds = input_data.image_dataset([paths[i] for i in ids[missing]], hw, kind, cfg['eval_batch'])
+            ds = input_data.image_dataset([paths[i] for i in ids[missing]], hw, kind, cfg['eval_batch'],
+                                          cache=self.images)
             for images, idx in ds:
                 out[missing[idx.numpy()]] = self.describe_fns[kind](images).numpy()
             seen[missing] = True
@@ -512,7 +516,7 @@ class Run:
             panos, semi = sampler.epoch_plan(epoch, self.hard.numpy() if use_hard else None)
             end = min(spe, offset + total - step)
             ds = input_data.train_dataset(split, panos[offset:end], semi[offset:end], cfg['grd_size'],
-                                          cfg['sat_size'], cfg['batch'])
+                                          cfg['sat_size'], cfg['batch'], cache=self.images)
             ds = self.strategy.experimental_distribute_dataset(ds)
             # mine at the end of a complete epoch whose successor exists and takes mined batches
             mine_now = (cfg['mining'] and epoch + 2 >= cfg['mining_start_epoch'] and end == spe
@@ -568,7 +572,7 @@ class Run:
         queries = np.arange(min(cfg['val_queries'], len(split)))
         out_dir = os.path.join(self.run_dir, 'val')
         quiet = lambda msg: None
-        r = evaluate_model(self.stage, cfg, self.model, split, queries, out_dir, quiet, f'step {step}')
+        r = evaluate_model(self.stage, cfg, self.model, split, queries, out_dir, quiet, f'step {step}', self.images)
         ret, loc = r['retrieval'], r['localisation']
         self.log(f'validation at step {step}: ' + format_results(r)[0] + f'; median {loc["all"]["median_m"]:.2f} m')
         with writer.as_default(step=step):
@@ -648,7 +652,7 @@ def hard_negatives(grd, pool_desc, pool, topk, rows=1024):
 
 # ----------------------------------------------------------------------------- test
 
-def describe(model, split, queries, cfg):
+def describe(model, split, queries, cfg, cache=None):
     """Raw and normalised descriptors of the queries' panoramas and of every reference tile."""
     grd_fn = tf.function(model.embed_grd, autograph=False)
     sat_fn = tf.function(lambda x: model.embed_sat(x)[0], autograph=False)
@@ -657,7 +661,7 @@ def describe(model, split, queries, cfg):
             ('grd', [split.pano_paths[q] for q in queries], 'panorama', cfg['grd_size'], grd_fn),
             ('sat', split.tile_paths, 'aerial', (cfg['sat_size'],) * 2, sat_fn)):
         raw = np.zeros((len(paths), model.dim), np.float32)
-        ds = input_data.image_dataset(paths, hw, kind, cfg['eval_batch'])
+        ds = input_data.image_dataset(paths, hw, kind, cfg['eval_batch'], cache=cache)
         t = time.time()
         for images, idx in ds:
             raw[idx.numpy()] = fn(images).numpy()
@@ -667,7 +671,7 @@ def describe(model, split, queries, cfg):
     return out
 
 
-def localise_pairs(model, split, queries, tiles, cfg, branch='pos', keep_heatmaps=4):
+def localise_pairs(model, split, queries, tiles, cfg, branch='pos', keep_heatmaps=4, cache=None):
     """A heatmap branch on the pairs (panorama queries[i], tile tiles[i]) ->
     mu [n, 2] (row, col), chol [n, 3] or None, {i: heatmap} for the first `keep_heatmaps` pairs."""
     has_chol = f'{branch}_cholesky' in model.parts
@@ -681,7 +685,7 @@ def localise_pairs(model, split, queries, tiles, cfg, branch='pos', keep_heatmap
     n = len(queries)
     mu, chol, heat = np.zeros((n, 2), np.float32), np.zeros((n, 3), np.float32), {}
     ds = input_data.pair_dataset(split, np.asarray(queries), np.asarray(tiles), cfg['grd_size'], cfg['sat_size'],
-                                 cfg['eval_batch'])
+                                 cfg['eval_batch'], cache)
     done, t = 0, time.time()
     for grd, sat, rows in ds:
         out = fn(grd, sat)
@@ -709,9 +713,9 @@ def evaluate(stage, cfg, run_dir, ckpt_path, log):
     return evaluate_model(stage, cfg, model, split, queries, os.path.join(run_dir, 'test'), log, ckpt_path)
 
 
-def evaluate_model(stage, cfg, model, split, queries, out_dir, log, ckpt_path=''):
+def evaluate_model(stage, cfg, model, split, queries, out_dir, log, ckpt_path='', cache=None):
     """Retrieval and localisation metrics -> printed, test_results.json, descriptors, plots."""
-    d = describe(model, split, queries, cfg)
+    d = describe(model, split, queries, cfg, cache)
     os.makedirs(out_dir, exist_ok=True)
     np.save(os.path.join(out_dir, 'grd_descriptors.npy'), d['grd'])
     np.save(os.path.join(out_dir, 'sat_descriptors.npy'), d['sat'])
@@ -733,11 +737,11 @@ def evaluate_model(stage, cfg, model, split, queries, out_dir, log, ckpt_path=''
         delta_pos = model.offset(tf.constant(d['sat_raw'][pos]), tf.constant(d['grd_raw'])).numpy()
         delta_top1 = model.offset(tf.constant(d['sat_raw'][top1]), tf.constant(d['grd_raw'])).numpy()
     elif stage.localise == 'heatmap':
-        mu_pos, chol, heat = localise_pairs(model, split, queries, pos, cfg)
+        mu_pos, chol, heat = localise_pairs(model, split, queries, pos, cfg, cache=cache)
         mu_top1 = mu_pos.copy()
         wrong = np.flatnonzero(~correct)
         if len(wrong):
-            mu_top1[wrong] = localise_pairs(model, split, queries[wrong], top1[wrong], cfg, keep_heatmaps=0)[0]
+            mu_top1[wrong] = localise_pairs(model, split, queries[wrong], top1[wrong], cfg, keep_heatmaps=0, cache=cache)[0]
         delta_pos = model_lib.rc_to_delta(tf.constant(mu_pos)).numpy()
         delta_top1 = model_lib.rc_to_delta(tf.constant(mu_top1)).numpy()
     method = stage.localise or 'tile centre'

@@ -100,6 +100,65 @@ def test_read_image_checks(tmp_path):
         input_data.read_image(str(tmp_path / 'bad.png'), (64, 64), 'aerial')
 
 
+def _smooth_colour(h, w):
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([128 + 100 * np.sin(x / 23), 128 + 100 * np.cos(y / 17), 128 + 60 * np.sin((x + y) / 31)],
+                    -1).astype(np.uint8)
+
+
+def test_jpeg_is_decoded_at_a_reduced_scale_when_read_smaller(tmp_path):
+    path = str(tmp_path / 'p.jpg')
+    cv2.imwrite(path, _smooth_colour(256, 512), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    with open(path, 'rb') as f:
+        assert input_data._jpeg_header(f.read()) == (256, 512, 3)
+    pixels, on_file = input_data.decode_image(path, (64, 128))
+    assert pixels.shape == (64, 128, 3) and on_file == (256, 512)       # 1/4 scale in libjpeg
+    assert input_data.decode_image(path, (100, 200))[0].shape == (128, 256, 3)  # 1/4 would be < 100 rows
+    assert input_data.decode_image(path)[0].shape == (256, 512, 3)
+    full = cv2.resize(cv2.imread(path), (128, 64), interpolation=cv2.INTER_AREA).astype(float)
+    diff = np.abs(input_data.load_image(path, (64, 128), 'panorama').astype(float) - full)
+    assert diff.mean() < 1 and diff.max() <= 8
+    # the checks still see the file as it is: a grayscale JPEG, a square one read as a panorama
+    cv2.imwrite(str(tmp_path / 'g.jpg'), _smooth_colour(256, 512)[..., 0])
+    with pytest.raises(input_data.DataError, match='g.jpg: expected a 3-channel colour panorama, got a grayscale'):
+        input_data.load_image(str(tmp_path / 'g.jpg'), (64, 128), 'panorama')
+    cv2.imwrite(str(tmp_path / 'sq.jpg'), _smooth_colour(256, 256))
+    with pytest.raises(input_data.DataError, match='width = 2 x height, got 256x256'):
+        input_data.load_image(str(tmp_path / 'sq.jpg'), (32, 64), 'panorama')
+
+
+def test_image_cache_keeps_the_first_images_up_to_its_budget(vigor):
+    split = input_data.load_vigor(vigor, 'train')
+    one = 64 * 64 * 3
+    cache = input_data.ImageCache(3 * one + 10)
+    first = cache.load(split.tile_paths[0], (64, 64), 'aerial')
+    np.testing.assert_array_equal(first, input_data.load_image(split.tile_paths[0], (64, 64), 'aerial'))
+    assert cache.load(split.tile_paths[0], (64, 64), 'aerial') is first and (cache.hits, cache.misses) == (1, 1)
+    for p in split.tile_paths[1:5]:
+        cache.load(p, (64, 64), 'aerial')
+    assert cache.bytes == 3 * one and set(cache.images) == {(p, (64, 64)) for p in split.tile_paths[:3]}
+    assert cache.load(split.tile_paths[4], (64, 64), 'aerial') is not cache.load(split.tile_paths[4], (64, 64), 'aerial')
+    assert cache.load(split.tile_paths[0], (32, 32), 'aerial').shape == (32, 32, 3)  # the size is part of the key
+
+
+def test_cached_pipeline_gives_the_same_batches_and_decodes_once(vigor):
+    split = input_data.load_vigor(vigor, 'train')
+    panos, semi = input_data.BatchSampler(split, batch=4, seed=0).epoch_plan(0)
+    plain = list(input_data.train_dataset(split, panos, semi, (32, 64), 64, 4))
+    cache = input_data.ImageCache(2 ** 30)
+    misses = []
+    for _ in range(2):
+        cached = list(input_data.train_dataset(split, panos, semi, (32, 64), 64, 4, cache=cache))
+        for a, b in zip(plain, cached):
+            for k in ('grd', 'sat', 'semi'):
+                np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
+        misses.append(cache.misses)
+    distinct = len(set(panos.ravel())) + len({int(t) for t in split.tiles[panos.ravel(), 0]} |
+                                             {int(t) for t in split.tiles[panos.ravel(), semi.ravel()]})
+    # (two threads may both miss an image wanted by two batches in flight: misses >= distinct)
+    assert len(cache.images) == distinct <= misses[0] == misses[1]
+
+
 def test_sampler_never_repeats_a_tile_and_is_reproducible(vigor):
     split = input_data.load_vigor(vigor, 'train')
     sampler = input_data.BatchSampler(split, batch=6, seed=1)
