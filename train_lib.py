@@ -15,7 +15,9 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -368,7 +370,12 @@ class Run:
         self.stage, self.cfg = stage, cfg
         self.run_dir, self.init_from = stage_dirs(stage, cfg)
         self.strategy = make_strategy(cfg['strategy'])
-        self.log = Log(self.run_dir, stage.name)
+        # Under MultiWorkerMirroredStrategy only the chief writes the run directory; the other workers read
+        # it (resume, previous stage) and keep their own checkpoints and log in a temporary directory.
+        self.chief = self.strategy.extended.should_checkpoint
+        self.write_dir = self.run_dir if self.chief else tempfile.mkdtemp(prefix=f'geoloc_{stage.name}_worker_')
+        self.log = Log(self.write_dir, stage.name if self.chief else
+                       f'{stage.name} worker {self.strategy.cluster_resolver.task_id}')
         self.images = input_data.ImageCache(cfg['image_cache_mb'] * 2 ** 20) if cfg['image_cache_mb'] > 0 else None
         replicas = self.strategy.num_replicas_in_sync
         if cfg['batch'] % replicas:
@@ -393,11 +400,11 @@ class Run:
                                           name='loss_scale')
         self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.opt, step=self.step, hard=self.hard,
                                         hard_valid=self.hard_valid, loss_scale=self.loss_scale)
-        self.manager = tf.train.CheckpointManager(self.ckpt, os.path.join(self.run_dir, 'ckpt'), max_to_keep=2)
+        self.manager = tf.train.CheckpointManager(self.ckpt, os.path.join(self.write_dir, 'ckpt'), max_to_keep=2)
 
     def initialise(self):
         """Resume, else previous stage, else ImageNet, else random; log which one ran."""
-        latest = self.manager.latest_checkpoint
+        latest = latest_checkpoint(self.run_dir)
         if latest:
             self.ckpt.read(latest).assert_existing_objects_matched()
             self.log(f'init: resumed this run from {latest} (step {int(self.step.numpy())})')
@@ -429,6 +436,10 @@ class Run:
             grads = tape.gradient(scaled, opt.vars)
             if mixed:  # (in float32 the division by 1 would be a pass over every gradient: 2.5 % of a paper step)
                 grads = [None if g is None else tf.cast(g, tf.float32) / self.loss_scale for g in grads]
+            # every worker gets the whole global batch's descriptors and ids for mining, in row order
+            # (ids as float32, exact below 2^24: collectives of int64 tensors fail across workers)
+            desc = dict(desc, pano=batch['pano'], sat_idx=batch['sat_idx'])
+            desc = {k: ctx.gather(tf.cast(v, tf.float32)) for k, v in desc.items()}
             return total, scalars, grads, desc
 
         def step_fn(batch):
@@ -447,7 +458,7 @@ class Run:
             tf.cond(ok, lambda: (opt.apply(grads), tf.constant(True))[1], lambda: tf.constant(False))
             if mixed:  # a skipped overflow is no reason to stop training, unless the scale has collapsed
                 ok = tf.logical_and(tf.math.is_finite(total), tf.logical_or(finite_grads, self.loss_scale >= 1))
-            desc = {k: tf.concat(strategy.experimental_local_results(v), 0) for k, v in desc.items()}
+            desc = {k: strategy.experimental_local_results(v)[0] for k, v in desc.items()}
             return total, scalars, ok, desc
 
         return tf.function(step_fn, autograph=False)
@@ -458,10 +469,22 @@ class Run:
         during the epoch (computing the ones it did not see); the top-k tile ids become the hard table."""
         self.fill_missing(buf, train_split)
         table = hard_negatives(buf.grd, buf.sat, buf.pool, self.cfg['mining_topk'])
-        self.hard.assign(table)
+        self.hard.assign(self.broadcast(table))
         self.hard_valid.assign(True)
         self.log(f'mining: epoch {epoch + 1}: top-{min(self.cfg["mining_topk"], len(buf.pool))} of '
                  f'{len(buf.pool)} tiles for {len(train_split)} panoramas')
+
+    def broadcast(self, table):
+        """The chief's int32 table on every worker (tables computed apart could differ in a float tie)."""
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return table
+
+        def first(x):
+            ctx = tf.distribute.get_replica_context()
+            keep = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float32)
+            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x * keep)
+        out = self.strategy.run(first, (tf.constant(table, tf.float32),))  # ids < 2^24: exact in float32
+        return self.strategy.experimental_local_results(out)[0].numpy().astype(np.int32)
 
     def fill_missing(self, buf, split):
         """Descriptors the epoch did not gather (panoramas and pool tiles never sampled, or sampled before
@@ -495,20 +518,20 @@ class Run:
         sampler = input_data.BatchSampler(split, cfg['batch'], cfg['seed'])
         self.build(split)
         self.initialise()
-        check_config(self.run_dir, cfg)  # only once the run can start: a refused run changes nothing
+        check_config(self.run_dir, cfg, write=self.chief)  # only once the run can start: a refused run changes nothing
         spe = sampler.steps_per_epoch
         total = cfg['epochs'] * spe
         if cfg['max_steps']:
             total = min(total, cfg['max_steps'])
         consts = stage.prepare(self) if stage.prepare else {}
         step_fn = self.make_step(consts)
-        writer = tf.summary.create_file_writer(os.path.join(self.run_dir, 'tb'))
+        writer = tf.summary.create_file_writer(os.path.join(self.write_dir, 'tb'))
         self.log(f'{split.name}: {len(split)} panoramas, {len(split.tile_paths)} tiles; batch {cfg["batch"]}, '
                  f'{spe} steps/epoch, {total} steps; parts trained: {", ".join(stage.train_parts)}')
         step = int(self.step.numpy())
         if step >= total:
             self.log(f'already trained ({step} steps); nothing to do')
-            return self.manager.latest_checkpoint
+            return self.finish()
         t0, t_last, s_last = time.time(), time.time(), step
         while step < total:
             epoch, offset = divmod(step, spe)
@@ -529,12 +552,12 @@ class Run:
                 loss, scalars, ok, desc = step_fn(batch)
                 if not bool(ok.numpy()):
                     raise UserError(f'non-finite loss or gradient at step {step + 1} (loss {float(loss)}); '
-                                    f'stopped; last good checkpoint: {self.manager.latest_checkpoint or "none yet"}')
+                                    f'stopped; last good checkpoint: {latest_checkpoint(self.run_dir) or "none yet"}')
                 step += 1
                 self.step.assign(step)
                 if buf is not None:
-                    buf.add(_local_numpy(batch['pano']), desc['grd'].numpy(),
-                            _local_numpy(batch['sat_idx']), desc['sat'].numpy())
+                    buf.add(desc['pano'].numpy().astype(np.int64), desc['grd'].numpy(),
+                            desc['sat_idx'].numpy().astype(np.int64), desc['sat'].numpy())
                 if step % cfg['log_every'] == 0 or step == total:
                     now = time.time()
                     rate = (step - s_last) / max(now - t_last, 1e-9)
@@ -556,14 +579,24 @@ class Run:
                 if buf is not None:
                     self.mine(epoch, buf, split)
                 self.manager.save(checkpoint_number=step)
-                if cfg['val_every'] and ((epoch + 1) % cfg['val_every'] == 0 or step == total):
+                if cfg['val_every'] and self.chief and ((epoch + 1) % cfg['val_every'] == 0 or step == total):
                     self.validate(writer, step)
         latest = self.manager.latest_checkpoint
         if latest is None or not latest.endswith(f'-{step}'):  # a max_steps stop inside an epoch
             self.manager.save(checkpoint_number=step)
-        writer.flush()
+        writer.close()
         self.log(f'done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {self.manager.latest_checkpoint}')
-        return self.manager.latest_checkpoint
+        return self.finish()
+
+    def finish(self):
+        """Wait for every worker (the chief's last checkpoint is then on disk for the next stage), drop a
+        non-chief worker's temporary directory; -> the run directory's latest checkpoint."""
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.constant(1.0)), axis=None)
+        if not self.chief:
+            self.log.file.close()
+            shutil.rmtree(self.write_dir, ignore_errors=True)
+        return latest_checkpoint(self.run_dir)
 
     def validate(self, writer, step):
         """Evaluate on the first --val_queries test panoramas; metrics and example pictures to TensorBoard."""
@@ -590,11 +623,6 @@ class Run:
                                  max_outputs=3)
         writer.flush()
 
-
-
-def _local_numpy(x):
-    """A (distributed) batch tensor -> numpy, this worker's replicas in order."""
-    return np.concatenate([v.numpy() for v in (x.values if hasattr(x, 'values') else (x,))])
 
 
 # ----------------------------------------------------------------------------- mining

@@ -25,7 +25,7 @@ PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS + model.CHOLESKY_PARTS
 def u_table(run):
     """u[p, k - 1] for training panorama p and its semi-positive k = 1..3 (0 where absent)."""
     source = train_lib.latest_checkpoint(run.init_from) or ''
-    path = os.path.join(run.run_dir, 'u_table.npz')
+    path = os.path.join(run.run_dir, 'u_table.npz')  # the chief's (other workers write theirs apart)
     if os.path.exists(path):
         saved = np.load(path)
         if str(saved['source']) == source or not source:
@@ -38,6 +38,7 @@ def u_table(run):
                                           branch='semi', keep_heatmaps=0)
     u = np.zeros((len(split), 3), np.float32)
     u[pano, k] = model.uncertainty(tf.constant(chol)).numpy()
+    path = os.path.join(run.write_dir, 'u_table.npz')
     np.savez(path + '.tmp.npz', u=u, source=source)
     os.replace(path + '.tmp.npz', path)
     run.log(f'u table: saved {path}; u mean {u[pano, k].mean():.1f} px, range {u[pano, k].min():.1f}-{u[pano, k].max():.1f}')
