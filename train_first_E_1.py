@@ -8,14 +8,11 @@ Phase a trains the triplet loss from ImageNet VGG16 into <run_dir>/phase_a; phas
 everything but the offset head from it and adds VIGOR's IoU-ratio and offset losses (<run_dir>).
 E_2_1 starts from this checkpoint.
 """
-import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: errors stay one line; 0 = TF's logs
-
+import train_lib  # first: it sets TensorFlow's environment (log level, oneDNN) and imports it
 import losses
 import model
-import train_lib
 
 E_1_SCHEDULE = {'lr': 1e-5, 'lr_decay': 0.1, 'lr_decay_steps': 150000, 'lr_staircase': 0, 'mining': 1}
 

@@ -6,14 +6,11 @@
 Restores the trunks and SAFA of E_1; the fusion MLPs and decoders start fresh.
 Loss: triplet + heatmap L2 (mean ||gt - mu|| / 10000) for both branches.
 """
-import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: errors stay one line; 0 = TF's logs
-
+import train_lib  # first: it sets TensorFlow's environment (log level, oneDNN) and imports it
 import losses
 import model
-import train_lib
 
 PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS
 

@@ -6,14 +6,11 @@
 Restores trunks, SAFA, fusion and decoders of E_2_1; the covariance heads start fresh.
 Loss: triplet + 1e-3 NLL(positive) + 1e-4 NLL(semi-positive), NLL with the 1/2 and an eps (SPEC §4).
 """
-import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: errors stay one line; 0 = TF's logs
-
+import train_lib  # first: it sets TensorFlow's environment (log level, oneDNN) and imports it
 import losses
 import model
-import train_lib
 
 PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS + model.CHOLESKY_PARTS
 

@@ -10,14 +10,12 @@ computed from the same checkpoint. Only the trunks and SAFA train (triplet + wei
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: errors stay one line; 0 = TF's logs
-
+import train_lib  # first: it sets TensorFlow's environment (log level, oneDNN) and imports it
 import numpy as np
 import tensorflow as tf
 
 import losses
 import model
-import train_lib
 
 PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS + model.CHOLESKY_PARTS
 

@@ -2,19 +2,21 @@
 
     python benchmarks/bench_train.py                                          # demo size, all 5 steps
     python benchmarks/bench_train.py --sizes paper --stages E_1a,E_2_1 --steps 2 --warmup 1
-    python benchmarks/bench_train.py --onednn default,1 --profile 1           # both CPU kernel libraries
+    python benchmarks/bench_train.py --onednn 1,0 --profile 1                 # both CPU kernel libraries
 
 Sizes: demo = grd 64x128, sat 64, width 0.25; paper = grd 320x640, sat 320, width 1.0; batch 10 for both.
 Each (size, stage[, oneDNN mode]) runs in a fresh subprocess, so its peak RSS (psutil, sampled every
 50 ms) is its own. The child builds the stage through the training loop's own code with random weights:
 train_lib.Run.build (model, Adam) and Run.make_step (the stage script's loss, GradientTape,
 cross-replica sum, finiteness check, fused Adam). Then it
-  1. times --steps steps fed by one batch already in memory, then --steps steps fed by the real tf.data
-     pipeline (input_data.train_dataset reading the JPEG/PNG files of a synthetic city, distributed by
-     the strategy as Run.train does it), then --steps in memory again (A B A, so a drift of the machine's
-     load hits both feeds); each block after --warmup untimed steps. Wall and process CPU time per step;
-  2. times the pipeline alone: the CPU it needs per batch cannot be hidden by prefetching when the step
-     already keeps every core busy;
+  1. times the pipeline alone (input_data.train_dataset reading the JPEG/PNG files of a synthetic city
+     through an ImageCache of --image_cache_mb, as Run.train does): cold (every image decoded: a first
+     epoch, or a data set larger than the cache), then warm (the same batches again: the next epochs of a
+     data set that fits). On a CPU whose cores the step already keeps busy, prefetching cannot hide it;
+  2. times --steps steps fed by one batch already in memory, then --steps fed by the pipeline cold and
+     --steps warm (distributed by the strategy as Run.train does it), then --steps in memory again
+     (A B B' A, so a drift of the machine's load hits every feed); each block after --warmup untimed
+     steps. Wall and process CPU time per step;
   3. times a plain fp32 4096^3 product before and after: tf.matmul (the reference of the target) and
      numpy's OpenBLAS matmul (the best fp32 GEMM on a CPU where TF's default kernels lack AVX2/FMA);
   4. with --profile 1: traces one more step with tf.profiler and prints the time per op type and the
@@ -254,7 +256,9 @@ def child(args):
     plans = [sampler.epoch_plan(e) for e in range(-(-n_batches // sampler.steps_per_epoch))]
     panos = np.concatenate([p for p, _ in plans])[:n_batches]
     semi = np.concatenate([k for _, k in plans])[:n_batches]
-    make_ds = lambda: input_data.train_dataset(split, panos, semi, cfg['grd_size'], cfg['sat_size'], cfg['batch'])
+    make_ds = lambda cache: input_data.train_dataset(split, panos, semi, cfg['grd_size'], cfg['sat_size'],
+                                                     cfg['batch'], cache=cache)
+    new_cache = lambda: input_data.ImageCache(cfg['image_cache_mb'] * 2 ** 20)
 
     out['onednn'] = onednn_enabled()
     out['matmul_before'] = matmul_rates(args.matmul_n, args.matmul_repeats)
@@ -268,7 +272,7 @@ def child(args):
         consts = {'u_table': tf.constant(np.random.default_rng(0).uniform(20, 150, (len(split), 3)), tf.float32)}
     step = run.make_step(consts)
     n_params = sum(int(np.prod(v.shape)) for v in run.opt.vars)
-    batch = next(iter(make_ds()))          # the pipeline's first batch, kept in memory
+    batch = next(iter(make_ds(None)))      # the pipeline's first batch, kept in memory
 
     # FLOPs from the traced forward loss (default strategy: plain tensors, static batch).
     ctx_graph = tf.function(lambda b: stage.loss(run.model, b, train_lib.LossContext(cfg, consts))[0],
@@ -293,22 +297,34 @@ def child(args):
             t, c = now, cpu
         return walls, cpus
 
-    # In memory, pipeline-fed, in memory again (A B A): a drift of the machine's load hits both feeds.
-    # Process CPU time counts the pipeline's work whatever the other processes on the machine do.
+    # The pipeline alone, as training runs it (Run.images, an ImageCache of --image_cache_mb): cold = every
+    # image decoded (the first epoch, or a data set larger than the cache), warm = the same batches again
+    # (the next epochs of a data set that fits, like the demo city).
+    cache = new_cache()
+    for kind in ('cold', 'warm'):
+        t = time.perf_counter()
+        for _ in make_ds(cache):
+            pass
+        out[f'pipeline_{kind}_s'] = (time.perf_counter() - t) / n_batches
+    need = len(split.pano_paths) * np.prod(cfg['grd_size']) * 3 + len(split.tile_paths) * cfg['sat_size'] ** 2 * 3
+    out['cache_fits'] = bool(need <= cache.max_bytes)
+    say(f'pipeline alone: cold {out["pipeline_cold_s"]:.3f}, warm {out["pipeline_warm_s"]:.3f} s/batch; the '
+        f'train split at this size is {need / 2 ** 20:.0f} MiB, the image cache {cache.max_bytes / 2 ** 20:.0f} MiB')
+    # In memory, pipeline-fed (cold, then warm), in memory again (A B B' A): a drift of the machine's load
+    # hits every feed. Process CPU time counts the pipeline's work whatever else runs on the machine.
     say(f'{n_params / 1e6:.1f} M trained parameters; {3 * fwd / 1e9:.1f} GFLOP per step; timing in memory')
     out['mem_times'], out['mem_cpu'] = timed([batch] * n_batches)
     say(f'in memory: {", ".join(f"{t:.3f}" for t in out["mem_times"])} s; timing the pipeline')
-    out['pipe_times'], out['pipe_cpu'] = timed(run.strategy.experimental_distribute_dataset(make_ds()))
-    say(f'pipeline-fed: {", ".join(f"{t:.3f}" for t in out["pipe_times"])} s; in memory again')
+    for kind in args.feeds.split(','):
+        feed = make_ds(new_cache() if kind == 'cold' else cache)
+        out[f'pipe_{kind}_times'], out[f'pipe_{kind}_cpu'] = timed(run.strategy.experimental_distribute_dataset(feed))
+        say(f'pipeline-fed ({kind}): {", ".join(f"{t:.3f}" for t in out[f"pipe_{kind}_times"])} s')
     walls, cpus = timed([batch] * n_batches)
     out['mem_times'] += walls
     out['mem_cpu'] += cpus
-    say(f'in memory: {", ".join(f"{t:.3f}" for t in walls)} s; CPU s per step: in memory '
-        f'{np.median(out["mem_cpu"]):.3f}, pipeline-fed {np.median(out["pipe_cpu"]):.3f}')
-    t = time.perf_counter()
-    for _ in make_ds():
-        pass
-    out['pipeline_alone_s'] = (time.perf_counter() - t) / n_batches
+    say(f'in memory again: {", ".join(f"{t:.3f}" for t in walls)} s; CPU s per step: in memory '
+        f'{np.median(out["mem_cpu"]):.3f}, ' +
+        ', '.join(f'pipeline-fed ({k}) {np.median(out[f"pipe_{k}_cpu"]):.3f}' for k in args.feeds.split(',')))
     if args.profile:
         for line in profile_ops(step, batch, step.get_concrete_function(batch).graph,
                                 os.path.join(run_dir, 'profile')):
@@ -336,22 +352,29 @@ def report(r, batch):
     achieved = r['flops_step'] / step_s
     ratio, ratio_med = achieved / mm['tf'], r['flops_step'] / step_med / mm_med
     images = (2 if r['stage'] == 'E_1a' else 3) * batch       # E_1a's loss reads no semi-positive
-    pipe_med = float(np.median(r['pipe_times']))
-    overhead = 100.0 * (pipe_med - step_med) / step_med
     cpu_step = float(np.median(r['mem_cpu']))
-    cpu_overhead = 100.0 * (float(np.median(r['pipe_cpu'])) - cpu_step) / cpu_step
+    feeds = []
+    for kind in ('cold', 'warm'):
+        if f'pipe_{kind}_times' not in r:
+            continue
+        pipe_med = float(np.median(r[f'pipe_{kind}_times']))
+        overhead = 100.0 * (pipe_med - step_med) / step_med
+        cpu_overhead = 100.0 * (float(np.median(r[f'pipe_{kind}_cpu'])) - cpu_step) / cpu_step
+        feeds.append(f'      pipeline-fed ({kind}) step {pipe_med:.3f} s (median): overhead {overhead:+.1f} % wall '
+                     f'[<= 5 %: {"ok" if overhead <= 5 else "MISSED"}], {cpu_overhead:+.1f} % process CPU time; '
+                     f'pipeline alone {r[f"pipeline_{kind}_s"]:.3f} s/batch = '
+                     f'{100 * r[f"pipeline_{kind}_s"] / step_s:.1f} % of a step')
     return [
         f'{r["size"]:5s} {r["stage"]:5s} oneDNN {"on " if r["onednn"] else "off"}: step {step_s:.3f} s '
         f'(median {step_med:.3f}), {images / step_s:.1f} img/s, peak RSS {r["peak_rss"] / GiB:.2f} GiB, '
         f'{r["flops_step"] / 1e9:.1f} GFLOP/step, {achieved / 1e9:.1f} GFLOP/s = {100 * ratio:.1f} % of tf.matmul '
         f'{mm["tf"] / 1e9:.1f} GFLOP/s [>= 75 %: {"ok" if ratio >= 0.75 else "MISSED"}] (medians: '
         f'{100 * ratio_med:.1f} %; numpy matmul {mm["numpy"] / 1e9:.1f})',
-        f'      pipeline-fed step {pipe_med:.3f} s (median): overhead {overhead:+.1f} % wall [<= 5 %: '
-        f'{"ok" if overhead <= 5 else "MISSED"}], {cpu_overhead:+.1f} % process CPU time; pipeline alone '
-        f'{r["pipeline_alone_s"]:.3f} s/batch = {100 * r["pipeline_alone_s"] / step_s:.1f} % of a step; '
-        f'{r["trained_params"] / 1e6:.1f} M trained params; load avg {r["load_start"]:.1f} -> {r["load_end"]:.1f}'
-        + (f'; tf.profiler conv/matmul FLOPs {r["profiler_flops_step"] / 1e9:.1f} G'
-           if 'profiler_flops_step' in r else ''),
+        *feeds,
+        f'      {r["trained_params"] / 1e6:.1f} M trained params; train split '
+        f'{"fits" if r["cache_fits"] else "does not fit"} the image cache; load avg {r["load_start"]:.1f} -> '
+        f'{r["load_end"]:.1f}' + (f'; tf.profiler conv/matmul FLOPs {r["profiler_flops_step"] / 1e9:.1f} G'
+                                  if 'profiler_flops_step' in r else ''),
     ]
 
 
@@ -370,9 +393,11 @@ def main():
     p.add_argument('--profiler_check', type=int, default=1, help='1 = cross-check the FLOPs with tf.profiler')
     p.add_argument('--mixed_precision', type=int, default=0)
     p.add_argument('--profile', type=int, default=0, help='1 = trace one step, print time per op type and node')
-    p.add_argument('--onednn', default='default',
-                   help="TF_ENABLE_ONEDNN_OPTS of the children: default (TF's choice: off on CPUs without "
-                        "AVX-512), 0, 1, or a list such as default,1 to run each stage both ways")
+    p.add_argument('--feeds', default='cold,warm',
+                   help='pipeline-fed timings: cold (every image decoded), warm (image cache filled), or both')
+    p.add_argument('--onednn', default='1',
+                   help="TF_ENABLE_ONEDNN_OPTS of the children: 1 (the stage scripts' setting), 0, default (TF's "
+                        "own choice: off on CPUs without AVX-512), or a list such as 1,0 to run each stage both ways")
     p.add_argument('--json', default='', help='also write the raw results (a JSON list) to this file')
     p.add_argument('--child', default='', help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -394,6 +419,7 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), '--child', f'{size}:{stage}'] + \
               [a for a in sys.argv[1:]]
         env = dict(os.environ)
+        env.pop('TF_ENABLE_ONEDNN_OPTS', None)
         if mode != 'default':
             env['TF_ENABLE_ONEDNN_OPTS'] = mode
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
