@@ -358,6 +358,20 @@ def _tf_read(path, hw, kind, cache=None):
     return img - tf.constant(VGG_MEAN_BGR, tf.float32)
 
 
+def _tf_read_batch(paths, hw, kind, cache=None):
+    """A batch of paths -> float32 [B, H, W, 3]: one Python call per batch (warm cache: ~1 ms for 30 images)."""
+    load = cache.load if cache is not None else load_image
+
+    def read(ps):
+        try:
+            return np.stack([load(p.decode(), tuple(hw), kind) for p in ps])
+        except DataError as e:  # crosses tf.data as an op error; the CLI unwraps BAD_INPUT
+            raise ValueError(BAD_INPUT + str(e)) from None
+    img = tf.numpy_function(read, [paths], tf.uint8, stateful=False)
+    img = tf.cast(tf.ensure_shape(img, [paths.shape[0], hw[0], hw[1], 3]), tf.float32)
+    return img - tf.constant(VGG_MEAN_BGR, tf.float32)
+
+
 def image_dataset(paths, hw, kind, batch, threads=tf.data.AUTOTUNE, cache=None):
     """Deterministic batches of (images, index) over `paths`, for descriptor extraction; cache: an ImageCache."""
     ds = tf.data.Dataset.from_tensor_slices((np.array(paths), np.arange(len(paths), dtype=np.int64)))
@@ -475,14 +489,14 @@ def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None):
 
     def load(x):
         out = {k: v for k, v in x.items() if not k.endswith('_path')}
-        out['grd'] = _tf_read(x['grd_path'], grd_hw, 'panorama', cache)
-        out['sat'] = _tf_read(x['sat_path'], sat_hw, 'aerial', cache)
-        out['semi'] = _tf_read(x['semi_path'], sat_hw, 'aerial', cache)
+        out['grd'] = _tf_read_batch(x['grd_path'], grd_hw, 'panorama', cache)
+        out['sat'] = _tf_read_batch(x['sat_path'], sat_hw, 'aerial', cache)
+        out['semi'] = _tf_read_batch(x['semi_path'], sat_hw, 'aerial', cache)
         return out
 
-    ds = tf.data.Dataset.from_tensor_slices(items)
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch, drop_remainder=True).prefetch(2)
+    # batched first, then read: per-element maps cost ~0.4 ms of tf.data and Python per image
+    ds = tf.data.Dataset.from_tensor_slices(items).batch(batch, drop_remainder=True)
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
 
 
 def unwrap_error(exc):
