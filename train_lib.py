@@ -27,8 +27,8 @@ def _load_tensorflow():
     """Import TensorFlow in this project's environment (a stage script imports this module first).
 
     TF_CPP_MIN_LOG_LEVEL 2: an error stays one line. TF_ENABLE_ONEDNN_OPTS 1: oneDNN kernels, also on
-    CPUs without AVX-512 where TF 2.21 leaves them off (1.2 to 2x faster demo-size steps on this project's
-    AVX2 machine, slower paper-size ones: benchmarks/README.md). Both can be set otherwise in the shell.
+    CPUs without AVX-512 where TF 2.21 leaves them off (1.4 to 2.3x faster demo-size steps on this project's
+    AVX2 machine, 1.6x slower paper-size ones: benchmarks/README.md). Both can be set otherwise in the shell.
     With oneDNN on, TensorFlow writes a notice to fd 2 before any log level applies, so the import runs
     with fd 2 on a temporary file, whose other lines are passed on.
     """
@@ -801,7 +801,8 @@ def evaluate_model(stage, cfg, model, split, queries, out_dir, log, ckpt_path=''
         mu_top1 = mu_pos.copy()
         wrong = np.flatnonzero(~correct)
         if len(wrong):
-            mu_top1[wrong] = localise_pairs(model, split, queries[wrong], top1[wrong], cfg, keep_heatmaps=0, cache=cache)[0]
+            mu_top1[wrong] = localise_pairs(model, split, queries[wrong], top1[wrong], cfg, keep_heatmaps=0,
+                                            cache=cache)[0]
         delta_pos = model_lib.rc_to_delta(tf.constant(mu_pos)).numpy()
         delta_top1 = model_lib.rc_to_delta(tf.constant(mu_top1)).numpy()
     method = stage.localise or 'tile centre'

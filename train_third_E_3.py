@@ -33,7 +33,7 @@ def u_table(run):
     pano, k = np.nonzero(split.tiles[:, 1:] >= 0)
     run.log(f'u table: {len(pano)} (panorama, semi-positive) pairs of the training split with {source}')
     _, chol, _ = train_lib.localise_pairs(run.model, split, pano, split.tiles[pano, k + 1], run.cfg,
-                                          branch='semi', keep_heatmaps=0)
+                                          branch='semi', keep_heatmaps=0, cache=run.images)
     u = np.zeros((len(split), 3), np.float32)
     u[pano, k] = model.uncertainty(tf.constant(chol)).numpy()
     path = os.path.join(run.write_dir, 'u_table.npz')
