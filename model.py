@@ -74,7 +74,16 @@ class Conv(tf.Module):
         self.b = _var(np.full((cout,), bias, np.float32), 'b')
 
     def __call__(self, x, relu=True):
-        y = tf.nn.conv2d(x, tf.cast(self.w, x.dtype), 1, 'SAME') + tf.cast(self.b, x.dtype)
+        w = tf.cast(self.w, x.dtype)
+        if x.shape[1] == 1 and x.shape[2] == 1:
+            # On a 1x1 map every tap but the centre reads SAME padding, so the conv is the centre tap's
+            # matmul; CPU conv kernels run its weight gradient 5-10x slower. All k*k taps go through one
+            # batched matmul (cheap here) because slicing the kernel has a slow gradient (StridedSliceGrad).
+            taps = tf.matmul(tf.reshape(x, [1, -1, x.shape[3]]), tf.reshape(w, [-1, w.shape[2], w.shape[3]]))
+            y = taps[w.shape[0] * w.shape[1] // 2][:, None, None, :]
+        else:
+            y = tf.nn.conv2d(x, w, 1, 'SAME')
+        y = y + tf.cast(self.b, x.dtype)
         return tf.nn.relu(y) if relu else y
 
 
@@ -90,9 +99,19 @@ class Deconv(tf.Module):
 
     def __call__(self, x):
         b, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
-        out_shape = tf.stack([b, h * self.stride, w * self.stride, self.w.shape[2]])
-        y = tf.nn.conv2d_transpose(x, tf.cast(self.w, x.dtype), out_shape, self.stride, 'SAME')
-        y = tf.ensure_shape(y, [None, h * self.stride, w * self.stride, self.w.shape[2]])
+        s, k, cout, cin = self.stride, self.w.shape[0], self.w.shape[2], self.w.shape[3]
+        kernel = tf.cast(self.w, x.dtype)
+        if h == 1 and w == 1:
+            # One input position: output (r, c) is that position times tap (o + r, o + c), o the SAME
+            # padding before it; one matmul instead of a transposed conv CPU kernels run slowly here.
+            o = max(k - s, 0) // 2
+            taps = tf.matmul(tf.reshape(x, [1, -1, cin]), tf.reshape(kernel, [k * k, cout, cin]), transpose_b=True)
+            taps = tf.gather(taps, [(o + r) * k + o + c for r in range(s) for c in range(s)])
+            y = tf.transpose(tf.reshape(taps, [s, s, -1, cout]), [2, 0, 1, 3])
+        else:
+            out_shape = tf.stack([b, h * s, w * s, cout])
+            y = tf.nn.conv2d_transpose(x, kernel, out_shape, s, 'SAME')
+            y = tf.ensure_shape(y, [None, h * s, w * s, cout])
         return tf.nn.relu(y + tf.cast(self.b, x.dtype))
 
 

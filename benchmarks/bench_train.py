@@ -1,7 +1,7 @@
 """Speed and memory of every stage's training step, and what the input pipeline costs.
 
     python benchmarks/bench_train.py                                          # demo size, all 5 steps
-    python benchmarks/bench_train.py --sizes paper --stages E_1a,E_2_1 --steps 2 --warmup 1
+    python benchmarks/bench_train.py --sizes paper --stages E_1a,E_2_1 --steps 2 --warmup 1 --rounds 1
     python benchmarks/bench_train.py --onednn 1,0 --profile 1                 # both CPU kernel libraries
 
 Sizes: demo = grd 64x128, sat 64, width 0.25; paper = grd 320x640, sat 320, width 1.0; batch 10 for both.
@@ -10,13 +10,16 @@ Each (size, stage[, oneDNN mode]) runs in a fresh subprocess, so its peak RSS (p
 train_lib.Run.build (model, Adam) and Run.make_step (the stage script's loss, GradientTape,
 cross-replica sum, finiteness check, fused Adam). Then it
   1. times the pipeline alone (input_data.train_dataset reading the JPEG/PNG files of a synthetic city
-     through an ImageCache of --image_cache_mb, as Run.train does): cold (every image decoded: a first
-     epoch, or a data set larger than the cache), then warm (the same batches again: the next epochs of a
-     data set that fits). On a CPU whose cores the step already keeps busy, prefetching cannot hide it;
-  2. times --steps steps fed by one batch already in memory, then --steps fed by the pipeline cold and
-     --steps warm (distributed by the strategy as Run.train does it), then --steps in memory again
-     (A B B' A, so a drift of the machine's load hits every feed); each block after --warmup untimed
-     steps. Wall and process CPU time per step;
+     through an ImageCache of --image_cache_mb, as Run.train does), per batch after the first: cold
+     (every image decoded: a first epoch, or a data set larger than the cache), then warm (the same
+     batches again: the next epochs of a data set that fits). On a CPU whose cores the step already keeps
+     busy, prefetching cannot hide it;
+  2. runs --rounds rounds of blocks of --steps timed steps (after --warmup untimed ones): one block fed by
+     a batch already in memory and one per --feeds entry fed by the pipeline (cold: a fresh cache; warm:
+     the filled one; distributed by the strategy as Run.train does it), in reverse order every other
+     round (A B B' A ...), so a drift of the machine's load hits every feed alike. Wall and process CPU
+     time per step; the pipeline's overhead is the median over rounds of each round's ratio, printed
+     with the rounds' range;
   3. times a plain fp32 4096^3 product before and after: tf.matmul (the reference of the target) and
      numpy's OpenBLAS matmul (the best fp32 GEMM on a CPU where TF's default kernels lack AVX2/FMA);
   4. with --profile 1: traces one more step with tf.profiler and prints the time per op type and the
@@ -29,7 +32,8 @@ transposed conv (Conv2DBackpropInput), MatMul, BatchMatMul and Einsum of the for
 forward + backward (every trained layer's backward is two products the size of its forward: dX and dW;
 the first conv's unneeded dX is counted too, < 0.2 %). Element-wise ops, pooling, the loss and Adam are
 not counted. Cross-check: tf.profiler's float_operation count of the conv/matmul ops of the whole step
-graph (forward and backward as TF built them; it has no Einsum statistics).
+graph (forward and backward as TF built them; it has no Einsum statistics and miscounts BatchMatMul),
+compared with the analytic count of the same op types.
 """
 import argparse
 import json
@@ -54,8 +58,10 @@ SIZES = {
 STAGES = ('E_1a', 'E_1', 'E_2_1', 'E_2_2', 'E_3')
 # Ops whose MACs are counted; the profiler cross-check uses the TF names of the same products.
 COUNTED = ('Conv2D', 'Conv2DBackpropInput', 'MatMul', 'BatchMatMul', 'BatchMatMulV2', 'BatchMatMulV3', 'Einsum')
-PROFILED = ('Conv2D', 'Conv2DBackpropInput', 'Conv2DBackpropFilter', 'MatMul', 'BatchMatMul', 'BatchMatMulV2',
-            'BatchMatMulV3')
+# BatchMatMul is left out of the cross-check: tf.profiler reads its adjoint flag under MatMul's attribute
+# name (transpose_a), so it miscounts every adjoint product, e.g. the weight gradients of model.Conv's
+# 1x1-map matmul (3.2 GFLOP for 0.2 real in one decoder).
+PROFILED = ('Conv2D', 'Conv2DBackpropInput', 'Conv2DBackpropFilter', 'MatMul')
 GiB = 2 ** 30
 
 
@@ -299,32 +305,48 @@ def child(args):
 
     # The pipeline alone, as training runs it (Run.images, an ImageCache of --image_cache_mb): cold = every
     # image decoded (the first epoch, or a data set larger than the cache), warm = the same batches again
-    # (the next epochs of a data set that fits, like the demo city).
+    # (the next epochs of a data set that fits, like the demo city). Per batch after the first (the
+    # iterator's start-up, its threads and the first read, is left out).
     cache = new_cache()
     for kind in ('cold', 'warm'):
+        it = iter(make_ds(cache))
+        next(it)
         t = time.perf_counter()
-        for _ in make_ds(cache):
+        for _ in it:
             pass
-        out[f'pipeline_{kind}_s'] = (time.perf_counter() - t) / n_batches
+        out[f'pipeline_{kind}_s'] = (time.perf_counter() - t) / (n_batches - 1)
     need = len(split.pano_paths) * np.prod(cfg['grd_size']) * 3 + len(split.tile_paths) * cfg['sat_size'] ** 2 * 3
     out['cache_fits'] = bool(need <= cache.max_bytes)
-    say(f'pipeline alone: cold {out["pipeline_cold_s"]:.3f}, warm {out["pipeline_warm_s"]:.3f} s/batch; the '
+    say(f'pipeline alone: cold {out["pipeline_cold_s"]:.4f}, warm {out["pipeline_warm_s"]:.4f} s/batch; the '
         f'train split at this size is {need / 2 ** 20:.0f} MiB, the image cache {cache.max_bytes / 2 ** 20:.0f} MiB')
-    # In memory, pipeline-fed (cold, then warm), in memory again (A B B' A): a drift of the machine's load
-    # hits every feed. Process CPU time counts the pipeline's work whatever else runs on the machine.
-    say(f'{n_params / 1e6:.1f} M trained parameters; {3 * fwd / 1e9:.1f} GFLOP per step; timing in memory')
-    out['mem_times'], out['mem_cpu'] = timed([batch] * n_batches)
-    say(f'in memory: {", ".join(f"{t:.3f}" for t in out["mem_times"])} s; timing the pipeline')
-    for kind in args.feeds.split(','):
-        feed = make_ds(new_cache() if kind == 'cold' else cache)
-        out[f'pipe_{kind}_times'], out[f'pipe_{kind}_cpu'] = timed(run.strategy.experimental_distribute_dataset(feed))
-        say(f'pipeline-fed ({kind}): {", ".join(f"{t:.3f}" for t in out[f"pipe_{kind}_times"])} s')
-    walls, cpus = timed([batch] * n_batches)
-    out['mem_times'] += walls
-    out['mem_cpu'] += cpus
-    say(f'in memory again: {", ".join(f"{t:.3f}" for t in walls)} s; CPU s per step: in memory '
-        f'{np.median(out["mem_cpu"]):.3f}, ' +
-        ', '.join(f'pipeline-fed ({k}) {np.median(out[f"pipe_{k}_cpu"]):.3f}' for k in args.feeds.split(',')))
+    # --rounds rounds of one block per feed: in memory, then pipeline-fed (cold: a fresh cache, warm: the
+    # filled one), in the reverse order every other round (A B B' A ...), so a drift of the machine's load
+    # hits every feed alike. A round's overhead compares its blocks' mean step times, wall and process CPU
+    # time (CPU time counts the pipeline's own work whatever else runs on the machine); the spread of the
+    # rounds shows how far the machine's noise lets the figure be trusted.
+    feeds = [k for k in args.feeds.split(',') if k]
+    say(f'{n_params / 1e6:.1f} M trained parameters; {3 * fwd / 1e9:.1f} GFLOP per step; {args.rounds} rounds '
+        f'of {args.steps} steps per feed (in memory, ' + ', '.join(f'pipeline-fed {k}' for k in feeds) + ')')
+    out['mem_times'], out['mem_cpu'], out['rounds'] = [], [], []
+    for kind in feeds:
+        out[f'pipe_{kind}_times'], out[f'pipe_{kind}_cpu'] = [], []
+    for r in range(args.rounds):
+        order = ['mem'] + feeds
+        rec = {}
+        for kind in (order if r % 2 == 0 else order[::-1]):
+            if kind == 'mem':
+                walls, cpus = timed([batch] * n_batches)
+                out['mem_times'] += walls
+                out['mem_cpu'] += cpus
+            else:
+                feed = make_ds(new_cache() if kind == 'cold' else cache)
+                walls, cpus = timed(run.strategy.experimental_distribute_dataset(feed))
+                out[f'pipe_{kind}_times'] += walls
+                out[f'pipe_{kind}_cpu'] += cpus
+            rec[kind] = [float(np.mean(walls)), float(np.mean(cpus))]
+        out['rounds'].append(rec)
+        say(f'round {r + 1}/{args.rounds}, mean s per step (wall / CPU): ' +
+            ', '.join(f'{k} {rec[k][0]:.3f} / {rec[k][1]:.3f}' for k in order))
     if args.profile:
         for line in profile_ops(step, batch, step.get_concrete_function(batch).graph,
                                 os.path.join(run_dir, 'profile')):
@@ -343,8 +365,8 @@ def report(r, batch):
 
     The machine may be shared: the step time is the best of the timed in-memory steps and the matmul
     rate the best of its two measurements (each a median of repeats), i.e. both as little disturbed as
-    this run saw them; the medians are printed too. The pipeline's overhead compares medians (wall and
-    process CPU time) of the in-memory and pipeline-fed steps.
+    this run saw them; the medians are printed too. The pipeline's overhead is the median over rounds of
+    a pipeline-fed block's mean step time over the same round's in-memory block's, wall and process CPU.
     """
     step_s, step_med = float(np.min(r['mem_times'])), float(np.median(r['mem_times']))
     mm = {k: max(r['matmul_before'][k], r['matmul_after'][k]) for k in ('tf', 'numpy')}
@@ -352,18 +374,20 @@ def report(r, batch):
     achieved = r['flops_step'] / step_s
     ratio, ratio_med = achieved / mm['tf'], r['flops_step'] / step_med / mm_med
     images = (2 if r['stage'] == 'E_1a' else 3) * batch       # E_1a's loss reads no semi-positive
-    cpu_step = float(np.median(r['mem_cpu']))
     feeds = []
     for kind in ('cold', 'warm'):
-        if f'pipe_{kind}_times' not in r:
+        if not r['rounds'] or kind not in r['rounds'][0]:
             continue
-        pipe_med = float(np.median(r[f'pipe_{kind}_times']))
-        overhead = 100.0 * (pipe_med - step_med) / step_med
-        cpu_overhead = 100.0 * (float(np.median(r[f'pipe_{kind}_cpu'])) - cpu_step) / cpu_step
-        feeds.append(f'      pipeline-fed ({kind}) step {pipe_med:.3f} s (median): overhead {overhead:+.1f} % wall '
-                     f'[<= 5 %: {"ok" if overhead <= 5 else "MISSED"}], {cpu_overhead:+.1f} % process CPU time; '
-                     f'pipeline alone {r[f"pipeline_{kind}_s"]:.3f} s/batch = '
-                     f'{100 * r[f"pipeline_{kind}_s"] / step_s:.1f} % of a step')
+        wall = [100.0 * (rec[kind][0] / rec['mem'][0] - 1) for rec in r['rounds']]
+        cpu = [100.0 * (rec[kind][1] / rec['mem'][1] - 1) for rec in r['rounds']]
+        overhead = float(np.median(wall))
+        feeds.append(f'      pipeline-fed ({kind}) vs in memory, median of {len(wall)} rounds [min, max]: '
+                     f'{overhead:+.1f} % [{min(wall):+.1f}, {max(wall):+.1f}] wall '
+                     f'[<= 5 %: {"ok" if overhead <= 5 else "MISSED"}], {float(np.median(cpu)):+.1f} % '
+                     f'[{min(cpu):+.1f}, {max(cpu):+.1f}] process CPU; pipeline alone '
+                     f'{r[f"pipeline_{kind}_s"] * 1e3:.1f} ms/batch = {100 * r[f"pipeline_{kind}_s"] / step_med:.1f} % '
+                     f'of a median step')
+    same_ops = sum(f for t, f in r['flops_by_type'].items() if t in PROFILED)
     return [
         f'{r["size"]:5s} {r["stage"]:5s} oneDNN {"on " if r["onednn"] else "off"}: step {step_s:.3f} s '
         f'(median {step_med:.3f}), {images / step_s:.1f} img/s, peak RSS {r["peak_rss"] / GiB:.2f} GiB, '
@@ -373,8 +397,8 @@ def report(r, batch):
         *feeds,
         f'      {r["trained_params"] / 1e6:.1f} M trained params; train split '
         f'{"fits" if r["cache_fits"] else "does not fit"} the image cache; load avg {r["load_start"]:.1f} -> '
-        f'{r["load_end"]:.1f}' + (f'; tf.profiler conv/matmul FLOPs {r["profiler_flops_step"] / 1e9:.1f} G'
-                                  if 'profiler_flops_step' in r else ''),
+        f'{r["load_end"]:.1f}' + (f'; conv/matmul FLOPs per step: tf.profiler {r["profiler_flops_step"] / 1e9:.2f} G, '
+                                  f'analytic {3 * same_ops / 1e9:.2f} G' if 'profiler_flops_step' in r else ''),
     ]
 
 
@@ -382,7 +406,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--sizes', default='demo', help='comma-separated: demo, paper')
     p.add_argument('--stages', default=','.join(STAGES), help='comma-separated: ' + ', '.join(STAGES))
-    p.add_argument('--steps', type=int, default=10, help='timed steps per feed (warm-up excluded)')
+    p.add_argument('--steps', type=int, default=10, help='timed steps per block (warm-up excluded)')
+    p.add_argument('--rounds', type=int, default=4,
+                   help='rounds of one block per feed (in memory, pipeline-fed), alternating order')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps first (tracing, allocator)')
     p.add_argument('--batch', type=int, default=10)
     p.add_argument('--matmul_n', type=int, default=4096)
@@ -412,7 +438,7 @@ def main():
     for size in sizes:
         dataset_root(args, size)  # generate once, before the children
     print(f'bench_train: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / GiB:.0f} GiB; '
-          f'{args.steps} timed steps after {args.warmup} warm-up; FLOPs = 3 x 2 x forward MACs of '
+          f'{args.rounds} rounds of {args.steps} timed steps per feed after {args.warmup} warm-up; FLOPs = 3 x 2 x forward MACs of '
           f'conv/deconv/matmul/einsum (analytic, from the traced shapes)', flush=True)
     results = []
     for size, stage, mode in [(a, b, c) for a in sizes for b in stages for c in onednn]:

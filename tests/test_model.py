@@ -102,3 +102,29 @@ def test_vgg16_npy_loader(tmp_path):
         small.grd_trunk.load_npy(str(path))
     assert not model.load_imagenet(small, str(tmp_path / 'absent.npy'), logged.append)
     assert 'random' in logged[-1]
+
+
+@pytest.mark.parametrize('stride', [2, 4, 5])
+def test_one_position_deconv_and_conv_equal_the_conv_ops(stride):
+    """The 1x1-map shortcuts (a matmul) give the values and gradients of conv2d / conv2d_transpose."""
+    init = model.Init(3)
+    deconv, conv = model.Deconv(init, 12, 7, stride), model.Conv(init, 12, 9)
+    x = tf.random.stateless_normal([4, 1, 1, 12], seed=(1, stride))
+    dy_dc = tf.random.stateless_normal([4, stride, stride, 7], seed=(2, stride))
+    dy_c = tf.random.stateless_normal([4, 1, 1, 9], seed=(3, stride))
+
+    def reference(x):
+        k = deconv.w
+        y = tf.nn.conv2d_transpose(x, k, [4, stride, stride, 7], stride, 'SAME')
+        return tf.nn.relu(y + deconv.b), tf.nn.relu(tf.nn.conv2d(x, conv.w, 1, 'SAME') + conv.b)
+
+    results = []
+    for fn in (reference, lambda x: (deconv(x), conv(x))):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y_dc, y_c = fn(x)
+            loss = tf.reduce_sum(y_dc * dy_dc) + tf.reduce_sum(y_c * dy_c)
+        results.append([y_dc, y_c] + tape.gradient(loss, [x, deconv.w, conv.w]))
+    for got, want in zip(results[1], results[0]):
+        assert float(tf.reduce_max(tf.abs(want))) > 0
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
