@@ -459,10 +459,11 @@ class BatchSampler:
         return semi
 
 
-def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None):
+def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_semi=True):
     """tf.data over a plan's items (flattened [steps * B]): dict batches of
     grd [B,H,W,3], sat [B,S,S,3], semi [B,S,S,3], delta / delta_semi [B,2], pano, semi_k [B].
-    cache: an ImageCache shared by the epochs' datasets (None: decode every time)."""
+    cache: an ImageCache shared by the epochs' datasets (None: decode every time).
+    with_semi=False: no semi image (a loss that does not look at it; a third fewer images read)."""
     panos, semi = panos.reshape(-1), semi.reshape(-1)
     pos_tile = split.tiles[panos, 0]
     semi_tile = split.tiles[panos, semi]
@@ -480,7 +481,8 @@ def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None):
         out = {k: v for k, v in x.items() if not k.endswith('_path')}
         out['grd'] = _tf_read(x['grd_path'], grd_hw, 'panorama', cache)
         out['sat'] = _tf_read(x['sat_path'], sat_hw, 'aerial', cache)
-        out['semi'] = _tf_read(x['semi_path'], sat_hw, 'aerial', cache)
+        if with_semi:
+            out['semi'] = _tf_read(x['semi_path'], sat_hw, 'aerial', cache)
         return out
 
     ds = tf.data.Dataset.from_tensor_slices(items).batch(batch, drop_remainder=True)

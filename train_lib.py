@@ -571,7 +571,8 @@ class Run:
             panos, semi = sampler.epoch_plan(epoch, self.hard.numpy() if use_hard else None)
             end = min(spe, offset + total - step)
             ds = input_data.train_dataset(split, panos[offset:end], semi[offset:end], cfg['grd_size'],
-                                          cfg['sat_size'], cfg['batch'], cache=self.images)
+                                          cfg['sat_size'], cfg['batch'], cache=self.images,
+                                          with_semi=stage.needs_semi)
             ds = self.strategy.experimental_distribute_dataset(ds)
             # mine at the end of a complete epoch whose successor exists and takes mined batches
             mine_now = (cfg['mining'] and epoch + 2 >= cfg['mining_start_epoch'] and end == spe

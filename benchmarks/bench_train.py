@@ -138,8 +138,11 @@ def profiler_flops(graph):
     import tensorflow as tf
     opts = (tf.compat.v1.profiler.ProfileOptionBuilder(tf.compat.v1.profiler.ProfileOptionBuilder.float_operation())
             .with_empty_output().build())
-    prof = tf.compat.v1.profiler.profile(graph, options=opts, cmd='op')
-    return sum(node.total_float_ops for node in prof.children if node.name in PROFILED)
+    node, total = tf.compat.v1.profiler.profile(graph, options=opts, cmd='op'), 0
+    while node.children:        # the op view is a chain of op types; float_ops is the type's own count
+        node = node.children[0]
+        total += node.float_ops if node.name in PROFILED else 0
+    return total
 
 
 # ----------------------------------------------------------------------------- profile
@@ -263,7 +266,7 @@ def child(args):
     panos = np.concatenate([p for p, _ in plans])[:n_batches]
     semi = np.concatenate([k for _, k in plans])[:n_batches]
     make_ds = lambda cache: input_data.train_dataset(split, panos, semi, cfg['grd_size'], cfg['sat_size'],
-                                                     cfg['batch'], cache=cache)
+                                                     cfg['batch'], cache=cache, with_semi=stage.needs_semi)
     new_cache = lambda: input_data.ImageCache(cfg['image_cache_mb'] * 2 ** 20)
 
     out['onednn'] = onednn_enabled()
@@ -311,13 +314,15 @@ def child(args):
     for kind in ('cold', 'warm'):
         it = iter(make_ds(cache))
         next(it)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in it:
             pass
         out[f'pipeline_{kind}_s'] = (time.perf_counter() - t) / (n_batches - 1)
+        out[f'pipeline_{kind}_cpu'] = (time.process_time() - c) / (n_batches - 1)
     need = len(split.pano_paths) * np.prod(cfg['grd_size']) * 3 + len(split.tile_paths) * cfg['sat_size'] ** 2 * 3
     out['cache_fits'] = bool(need <= cache.max_bytes)
-    say(f'pipeline alone: cold {out["pipeline_cold_s"]:.4f}, warm {out["pipeline_warm_s"]:.4f} s/batch; the '
+    say(f'pipeline alone, s per batch (wall / CPU): cold {out["pipeline_cold_s"]:.4f} / {out["pipeline_cold_cpu"]:.4f}, '
+        f'warm {out["pipeline_warm_s"]:.4f} / {out["pipeline_warm_cpu"]:.4f}; the '
         f'train split at this size is {need / 2 ** 20:.0f} MiB, the image cache {cache.max_bytes / 2 ** 20:.0f} MiB')
     # --rounds rounds of one block per feed: in memory, then pipeline-fed (cold: a fresh cache, warm: the
     # filled one), in the reverse order every other round (A B B' A ...), so a drift of the machine's load
@@ -384,9 +389,11 @@ def report(r, batch):
         feeds.append(f'      pipeline-fed ({kind}) vs in memory, median of {len(wall)} rounds [min, max]: '
                      f'{overhead:+.1f} % [{min(wall):+.1f}, {max(wall):+.1f}] wall '
                      f'[<= 5 %: {"ok" if overhead <= 5 else "MISSED"}], {float(np.median(cpu)):+.1f} % '
-                     f'[{min(cpu):+.1f}, {max(cpu):+.1f}] process CPU; pipeline alone '
-                     f'{r[f"pipeline_{kind}_s"] * 1e3:.1f} ms/batch = {100 * r[f"pipeline_{kind}_s"] / step_med:.1f} % '
-                     f'of a median step')
+                     f'[{min(cpu):+.1f}, {max(cpu):+.1f}] process CPU')
+        feeds.append(f'      pipeline alone ({kind}): {r[f"pipeline_{kind}_s"] * 1e3:.1f} ms wall, '
+                     f'{r[f"pipeline_{kind}_cpu"] * 1e3:.1f} ms CPU per batch = '
+                     f'{100 * r[f"pipeline_{kind}_cpu"] / float(np.median(r["mem_cpu"])):.1f} % of an in-memory '
+                     f'step\'s CPU time (median)')
     same_ops = sum(f for t, f in r['flops_by_type'].items() if t in PROFILED)
     return [
         f'{r["size"]:5s} {r["stage"]:5s} oneDNN {"on " if r["onednn"] else "off"}: step {step_s:.3f} s '

@@ -207,6 +207,19 @@ def test_train_dataset_batches(vigor):
     np.testing.assert_allclose(b['sat'].numpy()[1], direct)
 
 
+
+def test_train_dataset_without_semi_reads_no_semi_tile(vigor):
+    """A stage whose loss ignores the semi-positive (E_1 phase a) decodes only panoramas and positives."""
+    split = input_data.load_vigor(vigor, 'train')
+    panos, semi = input_data.BatchSampler(split, batch=4, seed=0).epoch_plan(0)
+    cache = input_data.ImageCache(2 ** 30)
+    batches = list(input_data.train_dataset(split, panos[:3], semi[:3], (32, 64), 64, 4, cache=cache,
+                                            with_semi=False))
+    assert len(batches) == 3 and all('semi' not in b and b['sat'].shape == (4, 64, 64, 3) for b in batches)
+    read = {(p, (32, 64)) for p in np.array(split.pano_paths)[panos[:3].ravel()]} | \
+        {(split.tile_paths[t], (64, 64)) for t in split.tiles[panos[:3].ravel(), 0]}
+    assert set(cache.images) == read
+
 def test_tf_data_error_is_one_line(vigor_copy):
     split = input_data.load_vigor(vigor_copy, 'train')
     with open(split.tile_paths[0], 'wb') as f:
