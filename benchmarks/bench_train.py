@@ -10,7 +10,8 @@ Each (size, stage[, oneDNN mode]) runs in a fresh subprocess, so its peak RSS (p
 train_lib.Run.build (model, Adam) and Run.make_step (the stage script's loss, GradientTape,
 cross-replica sum, finiteness check, fused Adam). Then it
   1. times the pipeline alone (input_data.train_dataset reading the JPEG/PNG files of a synthetic city
-     through an ImageCache of --image_cache_mb, as Run.train does), per batch after the first: cold
+     through an ImageCache of --image_cache_mb, as Run.train does) over one epoch's dataset (at most 50
+     batches), wall and process CPU time per batch, its per-epoch start-up included: cold
      (every image decoded: a first epoch, or a data set larger than the cache), then warm (the same
      batches again: the next epochs of a data set that fits). On a CPU whose cores the step already keeps
      busy, prefetching cannot hide it;
@@ -262,11 +263,14 @@ def child(args):
     split = input_data.load_vigor(root, 'train', cities=cities)
     sampler = input_data.BatchSampler(split, cfg['batch'], 0)
     n_batches = args.warmup + args.steps
-    plans = [sampler.epoch_plan(e) for e in range(-(-n_batches // sampler.steps_per_epoch))]
-    panos = np.concatenate([p for p, _ in plans])[:n_batches]
-    semi = np.concatenate([k for _, k in plans])[:n_batches]
-    make_ds = lambda cache: input_data.train_dataset(split, panos, semi, cfg['grd_size'], cfg['sat_size'],
-                                                     cfg['batch'], cache=cache, with_semi=stage.needs_semi)
+    n_pipe = args.pipeline_batches or min(sampler.steps_per_epoch, 50)
+    n_plan = max(n_batches, n_pipe)
+    plans = [sampler.epoch_plan(e) for e in range(-(-n_plan // sampler.steps_per_epoch))]
+    panos = np.concatenate([p for p, _ in plans])[:n_plan]
+    semi = np.concatenate([k for _, k in plans])[:n_plan]
+    make_ds = lambda cache, n=n_batches: input_data.train_dataset(
+        split, panos[:n], semi[:n], cfg['grd_size'], cfg['sat_size'], cfg['batch'], cache=cache,
+        with_semi=stage.needs_semi)
     new_cache = lambda: input_data.ImageCache(cfg['image_cache_mb'] * 2 ** 20)
 
     out['onednn'] = onednn_enabled()
@@ -308,17 +312,16 @@ def child(args):
 
     # The pipeline alone, as training runs it (Run.images, an ImageCache of --image_cache_mb): cold = every
     # image decoded (the first epoch, or a data set larger than the cache), warm = the same batches again
-    # (the next epochs of a data set that fits, like the demo city). Per batch after the first (the
-    # iterator's start-up, its threads and the first read, is left out).
+    # (the next epochs of a data set that fits, like the demo city). One epoch's dataset as Run.train builds
+    # it (--pipeline_batches batches; default an epoch, at most 50), timed from its creation: the
+    # per-epoch start-up is part of what training pays.
     cache = new_cache()
     for kind in ('cold', 'warm'):
-        it = iter(make_ds(cache))
-        next(it)
         t, c = time.perf_counter(), time.process_time()
-        for _ in it:
+        for _ in make_ds(cache, n_pipe):
             pass
-        out[f'pipeline_{kind}_s'] = (time.perf_counter() - t) / (n_batches - 1)
-        out[f'pipeline_{kind}_cpu'] = (time.process_time() - c) / (n_batches - 1)
+        out[f'pipeline_{kind}_s'] = (time.perf_counter() - t) / n_pipe
+        out[f'pipeline_{kind}_cpu'] = (time.process_time() - c) / n_pipe
     need = len(split.pano_paths) * np.prod(cfg['grd_size']) * 3 + len(split.tile_paths) * cfg['sat_size'] ** 2 * 3
     out['cache_fits'] = bool(need <= cache.max_bytes)
     say(f'pipeline alone, s per batch (wall / CPU): cold {out["pipeline_cold_s"]:.4f} / {out["pipeline_cold_cpu"]:.4f}, '
@@ -381,6 +384,10 @@ def report(r, batch):
     images = (2 if r['stage'] == 'E_1a' else 3) * batch       # E_1a's loss reads no semi-positive
     feeds = []
     for kind in ('cold', 'warm'):
+        feeds.append(f'      pipeline alone ({kind}): {r[f"pipeline_{kind}_s"] * 1e3:.1f} ms wall, '
+                     f'{r[f"pipeline_{kind}_cpu"] * 1e3:.1f} ms CPU per batch = '
+                     f'{100 * r[f"pipeline_{kind}_cpu"] / float(np.median(r["mem_cpu"])):.1f} % of an in-memory '
+                     f'step\'s CPU time (median)')
         if not r['rounds'] or kind not in r['rounds'][0]:
             continue
         wall = [100.0 * (rec[kind][0] / rec['mem'][0] - 1) for rec in r['rounds']]
@@ -390,10 +397,6 @@ def report(r, batch):
                      f'{overhead:+.1f} % [{min(wall):+.1f}, {max(wall):+.1f}] wall '
                      f'[<= 5 %: {"ok" if overhead <= 5 else "MISSED"}], {float(np.median(cpu)):+.1f} % '
                      f'[{min(cpu):+.1f}, {max(cpu):+.1f}] process CPU')
-        feeds.append(f'      pipeline alone ({kind}): {r[f"pipeline_{kind}_s"] * 1e3:.1f} ms wall, '
-                     f'{r[f"pipeline_{kind}_cpu"] * 1e3:.1f} ms CPU per batch = '
-                     f'{100 * r[f"pipeline_{kind}_cpu"] / float(np.median(r["mem_cpu"])):.1f} % of an in-memory '
-                     f'step\'s CPU time (median)')
     same_ops = sum(f for t, f in r['flops_by_type'].items() if t in PROFILED)
     return [
         f'{r["size"]:5s} {r["stage"]:5s} oneDNN {"on " if r["onednn"] else "off"}: step {step_s:.3f} s '
@@ -418,6 +421,8 @@ def main():
                    help='rounds of one block per feed (in memory, pipeline-fed), alternating order')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps first (tracing, allocator)')
     p.add_argument('--batch', type=int, default=10)
+    p.add_argument('--pipeline_batches', type=int, default=0,
+                   help='batches read to time the pipeline alone (0 = an epoch of the split, at most 50)')
     p.add_argument('--matmul_n', type=int, default=4096)
     p.add_argument('--matmul_repeats', type=int, default=3)
     p.add_argument('--tile_px', type=int, default=640, help='aerial file side of the paper-size synthetic city')
