@@ -1,7 +1,7 @@
 """Speed and memory of every stage's training step, and what the input pipeline costs.
 
-    python benchmarks/bench_train.py                                          # demo size, all 5 steps
-    python benchmarks/bench_train.py --sizes paper --stages E_1a,E_2_1 --steps 2 --warmup 1 --rounds 1
+    python benchmarks/bench_train.py --steps 6 --rounds 8                     # demo size, all 5 steps
+    python benchmarks/bench_train.py --sizes paper --steps 1 --warmup 1 --rounds 1 --feeds ''   # ~30 min
     python benchmarks/bench_train.py --onednn 1,0 --profile 1                 # both CPU kernel libraries
 
 Sizes: demo = grd 64x128, sat 64, width 0.25; paper = grd 320x640, sat 320, width 1.0; batch 10 for both.
