@@ -77,8 +77,9 @@ class Conv(tf.Module):
         w = tf.cast(self.w, x.dtype)
         if x.shape[1] == 1 and x.shape[2] == 1:
             # On a 1x1 map every tap but the centre reads SAME padding, so the conv is the centre tap's
-            # matmul; CPU conv kernels run its weight gradient 5-10x slower. All k*k taps go through one
-            # batched matmul (cheap here) because slicing the kernel has a slow gradient (StridedSliceGrad).
+            # matmul (oneDNN ran this conv's weight gradient at 1-2 GFLOP/s: bench_train.py --profile 1).
+            # All k*k taps go through one batched matmul, cheap at this size, because slicing out the
+            # centre tap has a slow gradient (StridedSliceGrad).
             taps = tf.matmul(tf.reshape(x, [1, -1, x.shape[3]]), tf.reshape(w, [-1, w.shape[2], w.shape[3]]))
             y = taps[w.shape[0] * w.shape[1] // 2][:, None, None, :]
         else:
@@ -103,7 +104,7 @@ class Deconv(tf.Module):
         kernel = tf.cast(self.w, x.dtype)
         if h == 1 and w == 1:
             # One input position: output (r, c) is that position times tap (o + r, o + c), o the SAME
-            # padding before it; one matmul instead of a transposed conv CPU kernels run slowly here.
+            # padding before it: one batched matmul, as in Conv, instead of a slow transposed conv.
             o = max(k - s, 0) // 2
             taps = tf.matmul(tf.reshape(x, [1, -1, cin]), tf.reshape(kernel, [k * k, cout, cin]), transpose_b=True)
             taps = tf.gather(taps, [(o + r) * k + o + c for r in range(s) for c in range(s)])
