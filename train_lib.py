@@ -28,7 +28,7 @@ def _load_tensorflow():
 
     TF_CPP_MIN_LOG_LEVEL 2: an error stays one line. TF_ENABLE_ONEDNN_OPTS 1: oneDNN kernels, also on
     CPUs without AVX-512 where TF 2.21 leaves them off (1.4 to 2.3x faster demo-size steps on this project's
-    AVX2 machine, 1.6x slower paper-size ones: benchmarks/README.md). Both can be set otherwise in the shell.
+    AVX2 machine, 1.4-1.6x slower paper-size ones: benchmarks/README.md). Both can be set otherwise in the shell.
     With oneDNN on, TensorFlow writes a notice to fd 2 before any log level applies, so the import runs
     with fd 2 on a temporary file, whose other lines are passed on.
     """
