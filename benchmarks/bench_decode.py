@@ -33,14 +33,13 @@ def per_image(fn, paths, repeats):
 
 def main():
     import input_data
-    import synthetic_data
+    from bench_train import paper_city
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data_root', default='', help='a VIGOR root (default: the paper-size synthetic city of bench_train)')
     p.add_argument('--n', type=int, default=20)
     p.add_argument('--repeats', type=int, default=3)
     args = p.parse_args()
-    root = args.data_root or synthetic_data.ensure_vigor(os.path.join(ROOT, 'data', 'synthetic_vigor_bench_640_1024'),
-                                                         cities=('NewYork',), grid=8, tile_px=640, pano_hw=(1024, 2048))
+    root = args.data_root or paper_city()
     for kind, pattern, sizes in (('panorama', '*/panorama/*.jpg', [(320, 640), (64, 128)]),
                                  ('aerial', '*/satellite/*.png', [(320, 320), (64, 64)])):
         paths = sorted(glob.glob(os.path.join(root, pattern)))[:args.n]

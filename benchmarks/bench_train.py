@@ -83,11 +83,18 @@ def dataset_root(args, size):
         return args.data_root, None
     if size == 'demo':
         return synthetic_data.ensure_vigor(os.path.join(ROOT, 'data', 'synthetic_vigor')), None
-    cities = ('NewYork',)
-    root = os.path.join(ROOT, 'data', f'synthetic_vigor_bench_{args.tile_px}_{args.pano_h}')
-    synthetic_data.ensure_vigor(root, cities=cities, grid=8, tile_px=args.tile_px,
-                                pano_hw=(args.pano_h, 2 * args.pano_h))
-    return root, cities
+    return paper_city(args.tile_px, args.pano_h), PAPER_CITIES
+
+
+PAPER_CITIES = ('NewYork',)
+
+
+def paper_city(tile_px=640, pano_h=1024):
+    """Root of the full-size synthetic city (one city, 8x8 tiles), generated on first use."""
+    import synthetic_data
+    root = os.path.join(ROOT, 'data', f'synthetic_vigor_bench_{tile_px}_{pano_h}')
+    return synthetic_data.ensure_vigor(root, cities=PAPER_CITIES, grid=8, tile_px=tile_px,
+                                       pano_hw=(pano_h, 2 * pano_h))
 
 
 # ----------------------------------------------------------------------------- FLOPs
