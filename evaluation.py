@@ -400,7 +400,7 @@ def plot_localisation(path, pano_bgr, sat_bgr, gt_rc, pred_rc, heatmap=None, cov
         or None to leave that marker out (e.g. no ground truth in a wrongly retrieved tile).
     heatmap: (h, w) any size, stretched over the tile. cov: (2, 2) pixels² of the 640-px frame in
     (row, col) order, centred on pred_rc; a covariance of (dy, dx) needs its off-diagonal negated
-    (row = 320 + dy, col = 320 - dx). Writes a PNG and returns path.
+    (row = 320 + dy, col = 320 - dx). Writes a PNG and returns path (path None: returns the RGB image).
     """
     pano, sat = _rgb_uint8(pano_bgr, 'pano_bgr'), _rgb_uint8(sat_bgr, 'sat_bgr')
     scale = np.array([sat.shape[0], sat.shape[1]], np.float64) / TILE_PX
@@ -516,8 +516,12 @@ def _figure(figsize):
 
 
 def _save(fig, path):
+    """Write the figure as a PNG at path and return path; with path None return it as RGB uint8 (H, W, 3)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    if path is None:
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    FigureCanvasAgg(fig)
     fig.savefig(path, format='png')
     return path

@@ -391,15 +391,15 @@ class BatchSampler:
     items brings one panorama whose positive is among its hard tiles.
     """
 
-    def __init__(self, split, batch, seed, max_tries=100):
+    def __init__(self, split, batch, seed, steps_per_epoch=None, max_tries=100):
         self.split, self.batch, self.seed, self.max_tries = split, batch, seed, max_tries
         self.panos_of_tile = {}
         for p, t in enumerate(split.tiles[:, 0]):
             self.panos_of_tile.setdefault(int(t), []).append(p)
         self.pos_tiles = np.array(sorted(self.panos_of_tile), np.int64)
-        self.steps_per_epoch = len(split) // batch
+        self.steps_per_epoch = len(split) // batch if steps_per_epoch is None else steps_per_epoch
         if self.steps_per_epoch == 0:
-            _fail(f'{split.name}: {len(split)} panoramas, fewer than one batch of {batch}')
+            _fail(f'{split.name}: {len(split)} panoramas: an epoch of no step (batch {batch})')
         if len(self.pos_tiles) < batch:
             _fail(f'{split.name}: only {len(self.pos_tiles)} positive tiles, a batch of {batch} '
                   'needs that many distinct tiles')

@@ -8,13 +8,15 @@ import math
 import tensorflow as tf
 
 
-def triplet_loss(grd, sat, alpha=10.0, grd_all=None, sat_all=None, row_offset=0):
+def triplet_loss(grd, sat, alpha=10.0, grd_all=None, sat_all=None, row0=0):
     """Weighted soft-margin triplet loss over all in-batch negatives, both directions averaged.
 
-    d = 2 - 2 sat.grd^T; loss = sum_{i != j} log(1 + exp(alpha (d_ii - d_ij))) / (B (B - 1)).
-    grd, sat: [b, D] this replica's anchors. grd_all, sat_all: [B, D] the global batch (all replicas,
-    gathered) whose rows row_offset .. row_offset + b are this replica's; summing the returned value
-    over replicas gives the single-device loss of the global batch exactly.
+    d = 2 - 2 sat.grd^T; an anchor i's loss is sum_{j != i} log(1 + exp(alpha (d_ii - d_ij))) / (B - 1),
+    averaged over its two directions; the loss of a batch is the mean over anchors, i.e.
+    sum_{i != j} ... / (B (B - 1)) as in VIGOR. grd, sat: [b, D] this replica's anchors (normalised);
+    grd_all, sat_all: [B, D] the global batch (every replica's rows; default: this batch) whose rows
+    row0 .. row0 + b - 1 are this replica's. Returns the mean over this replica's b anchors, so the
+    replicas' values averaged give the single-device loss of the global batch exactly.
     """
     grd_all = grd if grd_all is None else grd_all
     sat_all = sat if sat_all is None else sat_all
@@ -23,10 +25,16 @@ def triplet_loss(grd, sat, alpha=10.0, grd_all=None, sat_all=None, row_offset=0)
     d_pos = 2.0 - 2.0 * tf.reduce_sum(grd * sat, -1)                       # (b,)
     d_g2s = 2.0 - 2.0 * tf.matmul(grd, sat_all, transpose_b=True)          # (b, B) ground anchor
     d_s2g = 2.0 - 2.0 * tf.matmul(sat, grd_all, transpose_b=True)          # (b, B) aerial anchor
-    not_self = 1.0 - tf.one_hot(tf.range(b) + row_offset, tf.shape(grd_all)[0])
+    not_self = 1.0 - tf.one_hot(tf.range(b) + row0, tf.shape(grd_all)[0])
     g2s = tf.reduce_sum(tf.nn.softplus(alpha * (d_pos[:, None] - d_g2s)) * not_self)
     s2g = tf.reduce_sum(tf.nn.softplus(alpha * (d_pos[:, None] - d_s2g)) * not_self)
-    return (g2s + s2g) / 2.0 / (n * (n - 1.0))
+    return (g2s + s2g) / 2.0 / (tf.cast(b, tf.float32) * (n - 1.0))
+
+
+def batch_triplet_loss(emb, alpha):
+    """triplet_loss of a training step's embeddings (embedding.embed_batch): this replica's anchors against
+    the global batch."""
+    return triplet_loss(emb['grd'], emb['sat'], alpha, emb['grd_all'], emb['sat_all'], emb['row0'])
 
 
 def iou(delta):
@@ -61,18 +69,26 @@ def heatmap_loss(mu, gt):
     return tf.reduce_mean(dist) / 10000.0
 
 
-def gaussian_nll(mu, chol, gt, eps=1e-6):
-    """Bivariate Gaussian NLL: 1/2 log(det Sigma + eps) + 1/2 r^T Sigma^-1 r + log 2 pi, mean over B.
+def gaussian_nll(mu, chol, gt, form='corrected', eps=1e-6):
+    """Bivariate Gaussian NLL of gt under N(mu, Sigma), Sigma = L L^T, L = [[l0, 0], [l1, l2]]; mean over B.
 
-    chol = (l0, l1, l2), L = [[l0, 0], [l1, l2]], Sigma = L L^T. The Mahalanobis term is solved
-    through L (z = L^-1 r), never by inverting Sigma.
+    'corrected': 1/2 log(det Sigma + eps) + 1/2 r^T Sigma^-1 r + log 2 pi (optimum: the calibrated
+    Sigma = E[r r^T]). 'original' (the released formula): mean(1/2 log det Sigma) + mean(r^T Sigma^-1 r),
+    no 1/2 on the Mahalanobis term, no eps, no constant (optimum: Sigma = 2 E[r r^T], so its u is sqrt 2
+    times a calibrated model's). The Mahalanobis term is solved through L (z = L^-1 r), never by
+    inverting Sigma.
     """
     l0, l1, l2 = chol[:, 0], chol[:, 1], chol[:, 2]
     r = gt - mu
     z0 = r[:, 0] / l0
     z1 = (r[:, 1] - l1 * z0) / l2
+    maha = z0 * z0 + z1 * z1
+    if form == 'original':
+        return tf.reduce_mean(0.5 * tf.math.log((l0 * l2) ** 2)) + tf.reduce_mean(maha)
+    if form != 'corrected':
+        raise ValueError(f"form must be 'corrected' or 'original', got {form!r}")
     log_det = tf.math.log((l0 * l2) ** 2 + eps)
-    return tf.reduce_mean(0.5 * log_det + 0.5 * (z0 * z0 + z1 * z1) + math.log(2.0 * math.pi))
+    return tf.reduce_mean(0.5 * log_det + 0.5 * maha + math.log(2.0 * math.pi))
 
 
 def uncertainty_weight(u, a=0.3, b=75.0, c=2.0):
@@ -91,3 +107,9 @@ def uncertainty_ratio_loss(grd, sat_pos, sat_semi, delta_pos, delta_semi, u_semi
     w_m = uncertainty_weight(u_semi, a, b, c)
     weight = tf.stop_gradient(1.0 + w_m * (ratio * s1 / s2 - 1.0))
     return tf.reduce_mean((weight * s2 / s1 - ratio) ** 2)
+
+
+def u_on_original_scale(u, nll_form):
+    """E_3's constants (b = 75 px) were tuned on u of the released NLL, whose optimum Sigma is twice the
+    calibrated one: u of a model trained with the corrected NLL is put back on that scale (x sqrt 2)."""
+    return u * math.sqrt(2.0) if nll_form == 'corrected' else u

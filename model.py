@@ -10,7 +10,6 @@ Units: points and offsets are pixels of the 640-px aerial tile whatever the inpu
 `mu` = (row, col) of that frame.
 """
 import math
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -58,28 +57,36 @@ class Init:
     def he_normal(self, shape, fan_in):
         return self.truncated_normal(shape, math.sqrt(2.0 / fan_in) / 0.87962566)
 
+    def glorot_uniform(self, shape, fan_in, fan_out):
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        return self.rng.uniform(-limit, limit, shape).astype(np.float32)
+
 
 def _var(value, name):
     return tf.Variable(value, name=name)
 
 
 class Conv(tf.Module):
-    """3x3 (or kxk) stride-1 SAME convolution, NHWC."""
+    """3x3 (or kxk) stride-1 SAME convolution, NHWC.
+
+    bias: a number (constant bias) or 'glorot' (glorot-normal on the bias's own 1-D shape, as Keras's
+    glorot_normal initialiser does when the original passes it for the biases of the decoder).
+    """
 
     def __init__(self, init, cin, cout, k=3, he=False, bias=0.0, name=None):
         super().__init__(name=name)
         fan_in, fan_out = k * k * cin, k * k * cout
         w = init.he_normal((k, k, cin, cout), fan_in) if he else init.glorot_normal((k, k, cin, cout), fan_in, fan_out)
         self.w = _var(w, 'w')
-        self.b = _var(np.full((cout,), bias, np.float32), 'b')
+        self.b = _var(_bias(init, cout, bias), 'b')
 
     def __call__(self, x, relu=True):
         w = tf.cast(self.w, x.dtype)
         if x.shape[1] == 1 and x.shape[2] == 1:
-            # On a 1x1 map every tap but the centre reads SAME padding, so the conv is the centre tap's
-            # matmul (oneDNN ran this conv's weight gradient at 1-2 GFLOP/s: bench_train.py --profile 1).
-            # All k*k taps go through one batched matmul, cheap at this size, because slicing out the
-            # centre tap has a slow gradient (StridedSliceGrad).
+            # Fires only on a 1x1 map: the decoder's conv0 when the aerial side is 64 (the demo size).
+            # Every tap but the centre reads SAME padding, so the conv is the centre tap's matmul (oneDNN
+            # ran this conv's weight gradient at 1-2 GFLOP/s: bench_train.py --profile 1). All k*k taps go
+            # through one batched matmul, because slicing out the centre tap has a slow gradient.
             taps = tf.matmul(tf.reshape(x, [1, -1, x.shape[3]]), tf.reshape(w, [-1, w.shape[2], w.shape[3]]))
             y = taps[w.shape[0] * w.shape[1] // 2][:, None, None, :]
         else:
@@ -88,27 +95,36 @@ class Conv(tf.Module):
         return tf.nn.relu(y) if relu else y
 
 
-class Deconv(tf.Module):
-    """Stride-s transposed convolution (k = max(3, s)), NHWC, output = s x input."""
+def _bias(init, n, bias):
+    if bias == 'glorot':
+        return init.glorot_normal((n,), n, n)
+    return np.full((n,), bias, np.float32)
 
-    def __init__(self, init, cin, cout, stride, name=None):
+
+class Deconv(tf.Module):
+    """Stride-s SAME transposed convolution with a k x k kernel (default k = max(3, s)), NHWC, output s x input."""
+
+    def __init__(self, init, cin, cout, stride, k=None, bias=0.0, name=None):
         super().__init__(name=name)
-        k = max(3, stride)
+        k = k or max(3, stride)
         self.stride = stride
         self.w = _var(init.glorot_normal((k, k, cout, cin), k * k * cin, k * k * cout), 'w')
-        self.b = _var(np.zeros((cout,), np.float32), 'b')
+        self.b = _var(_bias(init, cout, bias), 'b')
 
     def __call__(self, x):
         b, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
         s, k, cout, cin = self.stride, self.w.shape[0], self.w.shape[2], self.w.shape[3]
         kernel = tf.cast(self.w, x.dtype)
         if h == 1 and w == 1:
-            # One input position: output (r, c) is that position times tap (o + r, o + c), o the SAME
-            # padding before it: one batched matmul, as in Conv, instead of a slow transposed conv.
+            # One input position (the decoder's first layer, at every size): output (r, c) is that position
+            # times tap (o + r, o + c), o = the SAME padding before it, and zero where that tap does not
+            # exist (k < s: with k = 3, s = 5 only the top-left 3x3 of the 5x5 output sees the input).
+            # One batched matmul instead of a transposed conv whose CPU weight gradient is slow here.
             o = max(k - s, 0) // 2
             taps = tf.matmul(tf.reshape(x, [1, -1, cin]), tf.reshape(kernel, [k * k, cout, cin]), transpose_b=True)
-            taps = tf.gather(taps, [(o + r) * k + o + c for r in range(s) for c in range(s)])
-            y = tf.transpose(tf.reshape(taps, [s, s, -1, cout]), [2, 0, 1, 3])
+            taps = tf.concat([taps, tf.zeros_like(taps[:1])], 0)                      # row k*k: no tap
+            index = [(o + r) * k + o + c if o + r < k and o + c < k else k * k for r in range(s) for c in range(s)]
+            y = tf.transpose(tf.reshape(tf.gather(taps, index), [s, s, -1, cout]), [2, 0, 1, 3])
         else:
             out_shape = tf.stack([b, h * s, w * s, cout])
             y = tf.nn.conv2d_transpose(x, kernel, out_shape, s, 'SAME')
@@ -117,11 +133,21 @@ class Deconv(tf.Module):
 
 
 class Dense(tf.Module):
-    def __init__(self, init, cin, cout, zero=False, name=None):
+    """x W + b. init: 'fc' = VIGOR's fc_layer (truncated normal std 0.005, bias 0.1), 'glorot_uniform'
+    (Keras Dense defaults, zero bias) or 'zero' (zero weights and bias)."""
+
+    def __init__(self, init, cin, cout, kind='fc', name=None):
         super().__init__(name=name)
-        w = init.glorot_normal((cin, cout), cin, cout)
-        self.w = _var(np.zeros_like(w) if zero else w, 'w')
-        self.b = _var(np.zeros((cout,), np.float32), 'b')
+        if kind == 'fc':
+            w, b = init.truncated_normal((cin, cout), 0.005), np.full((cout,), 0.1, np.float32)
+        elif kind == 'glorot_uniform':
+            w, b = init.glorot_uniform((cin, cout), cin, cout), np.zeros((cout,), np.float32)
+        elif kind == 'zero':
+            w, b = np.zeros((cin, cout), np.float32), np.zeros((cout,), np.float32)
+        else:
+            raise ValueError(f'unknown Dense initialisation {kind!r}')
+        self.w = _var(w, 'w')
+        self.b = _var(b, 'b')
 
     def __call__(self, x):
         return tf.matmul(x, tf.cast(self.w, x.dtype)) + tf.cast(self.b, x.dtype)
@@ -130,6 +156,18 @@ class Dense(tf.Module):
 def channels(c, width):
     """Channel count of a layer that has `c` channels in the paper's network."""
     return max(4, int(round(c * width)))
+
+
+def read_vgg16_npy(path):
+    """The classic TF-VGG `vgg16.npy` -> {layer: (W, b)}; ValueError (one line) if it is not one."""
+    try:
+        weights = np.load(path, allow_pickle=True, encoding='latin1').item()
+    except Exception as e:  # noqa: BLE001 (np.load raises many types on a damaged pickle)
+        raise ValueError(f'{path}: unreadable ImageNet VGG16 weights ({type(e).__name__}); expected the classic '
+                         'TF-VGG vgg16.npy (see data/DATASET.md)') from None
+    if not isinstance(weights, dict):
+        raise ValueError(f'{path}: expected a dict layer -> [W, b] (the classic TF-VGG vgg16.npy)')
+    return weights
 
 
 class VGG16(tf.Module):
@@ -160,18 +198,23 @@ class VGG16(tf.Module):
                 skips[layer[0]] = x
         return tf.nn.max_pool2d(x, 2, 2, 'VALID'), skips
 
-    def load_npy(self, path):
-        """Load ImageNet weights from the classic TF-VGG `vgg16.npy` (dict layer -> [W, b])."""
-        weights = np.load(path, allow_pickle=True, encoding='latin1').item()
+    def vgg16_mismatch(self, weights):
+        """'' if `weights` (read_vgg16_npy) fit every conv of this trunk, else what does not."""
         for conv in self.convs:
             if conv.name not in weights:
-                raise ValueError(f'{path}: layer {conv.name} missing')
+                return f'layer {conv.name} missing'
             w, b = weights[conv.name][0], weights[conv.name][1]
             if tuple(w.shape) != tuple(conv.w.shape) or tuple(b.shape) != tuple(conv.b.shape):
-                raise ValueError(f'{path}: layer {conv.name} has shape {tuple(w.shape)}, the model '
-                                 f'needs {tuple(conv.w.shape)} (ImageNet weights need --width 1)')
-            conv.w.assign(w)
-            conv.b.assign(b)
+                return f'layer {conv.name} has shape {tuple(w.shape)}, this network needs {tuple(conv.w.shape)}'
+        return ''
+
+    def load_weights(self, weights):
+        problem = self.vgg16_mismatch(weights)
+        if problem:
+            raise ValueError(problem)
+        for conv in self.convs:
+            conv.w.assign(weights[conv.name][0])
+            conv.b.assign(weights[conv.name][1])
 
 
 class SAFA(tf.Module):
@@ -197,24 +240,20 @@ class SAFA(tf.Module):
 
 
 class OffsetHead(tf.Module):
-    """VIGOR offset regression: concat(aerial, ground) -> 512 ReLU -> 2 (delta / 320).
+    """VIGOR offset regression: concat(aerial, ground) -> 512 ReLU -> 2 (delta / 320); both layers VIGOR's
+    fc_layer initialisation. zero_init: the output layer starts at zero (the tile centre), an option."""
 
-    The output layer starts at zero, so phase b starts from the tile centre: with un-normalised
-    descriptors (norms in the thousands) a random output layer predicts offsets of many tiles and its
-    gradients wreck the trunks that phase a trained.
-    """
-
-    def __init__(self, init, dim, width=1.0, name=None):
+    def __init__(self, init, dim, width=1.0, zero_init=False, name=None):
         super().__init__(name=name)
         self.fc1 = Dense(init, 2 * dim, channels(512, width), name='fc1')
-        self.fc2 = Dense(init, channels(512, width), 2, zero=True, name='fc2')
+        self.fc2 = Dense(init, channels(512, width), 2, kind='zero' if zero_init else 'fc', name='fc2')
 
     def __call__(self, sat, grd):
         return self.fc2(tf.nn.relu(self.fc1(tf.concat([sat, grd], -1))))
 
 
 class Fusion(tf.Module):
-    """SAMP fusion: concat(aerial, ground) -> 4096 ReLU -> 2048 linear bottleneck."""
+    """SAMP fusion: concat(aerial, ground) -> 4096 ReLU -> 2048 linear bottleneck (fc_layer initialisation)."""
 
     def __init__(self, init, dim, width=1.0, name=None):
         super().__init__(name=name)
@@ -229,8 +268,9 @@ class Fusion(tf.Module):
 class HeatmapDecoder(tf.Module):
     """U-Net decoder from the 2048-d bottleneck to a heatmap of twice the aerial input side.
 
-    1x1 -> (side/64)x -> conv -> 2x -> conv, conv -> five 2x stages with skips from the aerial trunk
-    (conv5_3 ... conv1_2) -> 2x without skip -> conv 4 -> conv 1 (logits).
+    1x1 -> deconv0 (3x3 kernel, stride side/64, SAME: only the top-left 3x3 of its output sees the input,
+    as in the original) -> conv -> 2x -> conv, conv -> five 2x stages with skips from the aerial trunk
+    (conv5_3 ... conv1_2) -> 2x without skip -> conv 4 -> conv 1 (logits). Glorot-normal kernels and biases.
     """
 
     def __init__(self, init, in_dim, sat_side, width=1.0, trunk_channels=None, name=None):
@@ -238,33 +278,27 @@ class HeatmapDecoder(tf.Module):
         if sat_side % 64:
             raise ValueError(f'aerial side {sat_side} must be divisible by 64 for the heatmap decoder')
         ch = lambda c: channels(c, width)
-        self.factor = sat_side // 64
-        self.c2048 = ch(2048)
-        # The 1x1 -> factor x factor deconvolution of a single position is a dense projection.
-        self.project = Dense(init, in_dim, self.factor * self.factor * ch(2048), name='project')
-        self.conv0 = Conv(init, ch(2048), ch(2048), name='conv0')
-        self.up0 = Deconv(init, ch(2048), ch(1024), 2, name='up0')
-        self.conv1a = Conv(init, ch(1024), ch(512), name='conv1a')
-        self.conv1b = Conv(init, ch(512), ch(512), name='conv1b')
+        g = 'glorot'
+        self.deconv0 = Deconv(init, in_dim, ch(2048), sat_side // 64, k=3, bias=g, name='deconv0')
+        self.conv0 = Conv(init, ch(2048), ch(2048), bias=g, name='conv0')
+        self.up0 = Deconv(init, ch(2048), ch(1024), 2, bias=g, name='up0')
+        self.conv1a = Conv(init, ch(1024), ch(512), bias=g, name='conv1a')
+        self.conv1b = Conv(init, ch(512), ch(512), bias=g, name='conv1b')
         self.stages = []
         cin = ch(512)
         for cout, skip in zip((256, 128, 64, 32, 16), SKIP_LAYERS[::-1]):
-            up = Deconv(init, cin, ch(cout), 2, name=f'up_{skip}')
-            conv_a = Conv(init, ch(cout) + trunk_channels[skip], ch(cout), name=f'conv_{skip}_a')
-            conv_b = Conv(init, ch(cout), ch(cout), name=f'conv_{skip}_b')
+            up = Deconv(init, cin, ch(cout), 2, bias=g, name=f'up_{skip}')
+            conv_a = Conv(init, ch(cout) + trunk_channels[skip], ch(cout), bias=g, name=f'conv_{skip}_a')
+            conv_b = Conv(init, ch(cout), ch(cout), bias=g, name=f'conv_{skip}_b')
             self.stages.append((up, conv_a, conv_b))
             cin = ch(cout)
-        self.up_last = Deconv(init, cin, ch(8), 2, name='up_last')
-        self.conv_last = Conv(init, ch(8), ch(4), name='conv_last')
-        # A small positive bias keeps relu(logits) from starting all-zero (a dead soft-argmax).
-        self.logits = Conv(init, ch(4), 1, bias=0.1, name='logits')
+        self.up_last = Deconv(init, cin, ch(8), 2, bias=g, name='up_last')
+        self.conv_last = Conv(init, ch(8), ch(4), bias=g, name='conv_last')
+        self.logits = Conv(init, ch(4), 1, bias=g, name='logits')
 
     def __call__(self, bottleneck, skips):
         """bottleneck [B, 2048w], skips from the aerial trunk -> heatmap [B, 2S, 2S] (>= 0)."""
-        f = self.factor
-        x = tf.nn.relu(self.project(bottleneck))
-        x = tf.reshape(x, [-1, f, f, self.c2048])
-        x = self.conv0(x)
+        x = self.conv0(self.deconv0(bottleneck[:, None, None, :]))
         x = self.conv1b(self.conv1a(self.up0(x)))
         for (up, conv_a, conv_b), skip in zip(self.stages, SKIP_LAYERS[::-1]):
             x = up(x)
@@ -274,24 +308,26 @@ class HeatmapDecoder(tf.Module):
 
 
 class CholeskyHead(tf.Module):
-    """bottleneck -> Dense 512 sigmoid -> Dense 3 -> Cholesky factor (l0, l1, l2) in pixels.
+    """bottleneck -> Dense 512 sigmoid -> Dense 3 (Keras defaults) -> Cholesky factor (l0, l1, l2), pixels.
 
-    Port: diagonal = softplus * scale + floor (always > 0), off-diagonal free, so the correlation
-    can take either sign (the original forced all three positive with elu + 1).
+    'port': l0, l2 = scale (elu(z) + 1) + floor (always > 0), l1 = scale z (free: either sign of
+    correlation). 'original': all three scale (elu(z) + 1) (+ floor on the diagonal), so rho > 0 always.
+    With scale 1 the initial u is ~4.5 px, the original's scale.
     """
 
-    def __init__(self, init, in_dim, width=1.0, scale=32.0, floor=1.0, name=None):
+    def __init__(self, init, in_dim, width=1.0, kind='port', scale=1.0, floor=0.01, name=None):
         super().__init__(name=name)
-        self.fc1 = Dense(init, in_dim, channels(512, width), name='fc1')
-        self.fc2 = Dense(init, channels(512, width), 3, name='fc2')
-        self.scale, self.floor = scale, floor
+        if kind not in ('port', 'original'):
+            raise ValueError(f"cholesky must be 'port' or 'original', got {kind!r}")
+        self.fc1 = Dense(init, in_dim, channels(512, width), kind='glorot_uniform', name='fc1')
+        self.fc2 = Dense(init, channels(512, width), 3, kind='glorot_uniform', name='fc2')
+        self.kind, self.scale, self.floor = kind, scale, floor
 
     def __call__(self, bottleneck):
-        z = self.fc2(tf.sigmoid(self.fc1(bottleneck)))
-        z = tf.cast(z, tf.float32)
-        l0 = tf.nn.softplus(z[:, 0]) * self.scale + self.floor
-        l1 = z[:, 1] * self.scale
-        l2 = tf.nn.softplus(z[:, 2]) * self.scale + self.floor
+        z = tf.cast(self.fc2(tf.sigmoid(self.fc1(bottleneck))), tf.float32)
+        pos = (tf.nn.elu(z) + 1.0) * self.scale
+        l0, l2 = pos[:, 0] + self.floor, pos[:, 2] + self.floor
+        l1 = z[:, 1] * self.scale if self.kind == 'port' else pos[:, 1]
         return tf.stack([l0, l1, l2], -1)                                    # (B, 3)
 
 
@@ -341,7 +377,7 @@ class CrossViewModel(tf.Module):
     """
 
     def __init__(self, grd_hw=(320, 640), sat_side=320, width=1.0, parts=RETRIEVAL_PARTS, seed=0,
-                 safa_heads=8, cholesky_scale=32.0, cholesky_floor=1.0):
+                 safa_heads=8, cholesky='port', cholesky_scale=1.0, cholesky_floor=0.01, offset_zero_init=False):
         super().__init__(name='cross_view_model')
         unknown = set(parts) - set(ALL_PARTS)
         if unknown:
@@ -360,7 +396,7 @@ class CrossViewModel(tf.Module):
         self.dim = safa_heads * c5
         trunk_ch = {conv.name: conv.w.shape[-1] for conv in self.sat_trunk.convs}
         if 'offset_head' in parts:
-            self.offset_head = OffsetHead(init, self.dim, width, name='offset_head')
+            self.offset_head = OffsetHead(init, self.dim, width, offset_zero_init, name='offset_head')
         for branch in ('pos', 'semi'):
             if f'{branch}_fusion' in parts:
                 fusion = Fusion(init, self.dim, width, name=f'{branch}_fusion')
@@ -369,7 +405,7 @@ class CrossViewModel(tf.Module):
                     init, fusion.out_dim, sat_side, width, trunk_ch, name=f'{branch}_decoder'))
             if f'{branch}_cholesky' in parts:
                 setattr(self, f'{branch}_cholesky', CholeskyHead(
-                    init, channels(2048, width), width, cholesky_scale, cholesky_floor,
+                    init, channels(2048, width), width, cholesky, cholesky_scale, cholesky_floor,
                     name=f'{branch}_cholesky'))
 
     def part_variables(self, names):
@@ -392,26 +428,16 @@ class CrossViewModel(tf.Module):
         """VIGOR head -> predicted delta [B, 2] in pixels of the 640-px tile (regression x 320)."""
         return tf.cast(self.offset_head(sat_desc, grd_desc), tf.float32) * (TILE_FRAME / 2)
 
-    def localise(self, branch, sat_desc, grd_desc, skips, with_cholesky=True):
-        """Heatmap branch ('pos' or 'semi') -> dict(heatmap [B,2S,2S], mu [B,2] (row, col), chol [B,3])."""
+    def localise(self, branch, sat_desc, grd_desc, skips):
+        """Heatmap branch ('pos' or 'semi') -> dict(heatmap [B,2S,2S], mu [B,2] (row, col), chol [B,3] when
+        the branch has a covariance head)."""
         bottleneck = getattr(self, f'{branch}_fusion')(sat_desc, grd_desc)
         heatmap = getattr(self, f'{branch}_decoder')(bottleneck, skips)
         out = {'heatmap': heatmap, 'mu': soft_argmax(heatmap)}
-        if with_cholesky and f'{branch}_cholesky' in self.parts:
+        if f'{branch}_cholesky' in self.parts:
             out['chol'] = getattr(self, f'{branch}_cholesky')(bottleneck)
         return out
 
 
 def l2_normalize(x):
     return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
-
-
-def load_imagenet(model, path, log):
-    """ImageNet-initialise both trunks from `path` when it exists; say so either way."""
-    if path and os.path.exists(path):
-        model.grd_trunk.load_npy(path)
-        model.sat_trunk.load_npy(path)
-        log(f'init: ImageNet VGG16 weights from {path}')
-        return True
-    log(f'init: random VGG16 trunks ({path or "no path"} not found; see data/DATASET.md for the weights)')
-    return False

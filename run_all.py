@@ -13,9 +13,9 @@ import subprocess
 import sys
 import time
 
+import train_lib
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-STAGES = (('E_1', 'train_first_E_1.py'), ('E_2_1', 'train_second_E_2_1.py'),
-          ('E_2_2', 'train_second_E_2_2.py'), ('E_3', 'train_third_E_3.py'))
 
 
 def table(results):
@@ -41,13 +41,18 @@ def main(argv=None):
     p.add_argument('--preset', default='demo', choices=('demo', 'paper'))
     p.add_argument('--run_root', default='runs', help='stage run directories go to <run_root>/<stage>')
     args, rest = p.parse_known_args(argv)
+    train_lib.setup_environment()
+    import stages  # imports the stage scripts (and TensorFlow)
     t0 = time.time()
     results = {}
-    for i, (stage, script) in enumerate(STAGES):
-        run_dir = os.path.join(args.run_root, stage)
+    for script, names in stages.main_scripts():
+        first, last = stages.get(names[0]), stages.get(names[-1])
+        run_dir = os.path.join(args.run_root, last.home or last.name)
         common = [sys.executable, os.path.join(HERE, script), '--preset', args.preset, '--run_dir', run_dir] + rest
-        if i:
-            common += ['--init_from', os.path.join(args.run_root, STAGES[i - 1][0])]
+        if first.previous:
+            prev = stages.get(first.previous)
+            common += ['--init_from', os.path.join(args.run_root, prev.home or prev.name, prev.subdir)]
+        stage = last.name
         for cmd in (common, common + ['--test']):
             print(f'\n=== {" ".join(cmd[1:])}', flush=True)
             code = subprocess.call(cmd)

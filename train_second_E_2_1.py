@@ -1,35 +1,40 @@
 """E_2_1: heatmap localisation — SAMP fusion + U-Net decoder + soft-argmax, positive and semi-positive.
 
-  python train_second_E_2_1.py [--preset demo]     # starts from runs/E_1 (train_first_E_1.py)
+  python train_second_E_2_1.py [--preset demo]     # starts from runs/E_1/phase_a (train_first_E_1.py)
   python train_second_E_2_1.py --test              # evaluate runs/E_2_1
 
-Restores the trunks and SAFA of E_1; the fusion MLPs and decoders start fresh.
+Restores the trunks and SAFA of E_1's phase a (the released script loads epoch 30, the end of phase a;
+--init_from runs/E_1 takes phase b instead) with their Adam slots; fusion MLPs and decoders start fresh.
 Loss: triplet + heatmap L2 (mean ||gt - mu|| / 10000) for both branches.
 """
 import sys
 
-import train_lib  # first: it sets TensorFlow's environment (log level, oneDNN) and imports it
-import losses
-import model
+import train_lib
+
+if __name__ == '__main__':
+    train_lib.setup_environment(sys.argv)  # before TensorFlow loads
+
+import losses  # noqa: E402
+import model  # noqa: E402
+import stages  # noqa: E402
 
 PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS
 
 
-def loss(m, batch, ctx):
-    e = train_lib.embed(m, batch, needs_semi=True)
-    triplet = ctx.triplet(e['grd'], e['sat'])
-    pos = m.localise('pos', e['sat_raw'], e['grd_raw'], e['sat_skips'], with_cholesky=False)
-    semi = m.localise('semi', e['semi_raw'], e['grd_raw'], e['semi_skips'], with_cholesky=False)
-    h_pos = ctx.mean(losses.heatmap_loss(pos['mu'], model.delta_to_rc(batch['delta'])))
-    h_semi = ctx.mean(losses.heatmap_loss(semi['mu'], model.delta_to_rc(batch['delta_semi'])))
-    return triplet + h_pos + h_semi, {'triplet': triplet, 'heatmap_pos': h_pos, 'heatmap_semi': h_semi}, \
-        {'grd': e['grd'], 'sat': e['sat']}
+def loss(m, emb, batch, ctx):
+    pos = m.localise('pos', emb['sat_raw'], emb['grd_raw'], emb['sat_skips'])
+    semi = m.localise('semi', emb['semi_raw'], emb['grd_raw'], emb['semi_skips'])
+    w = ctx.cfg.heatmap_weight
+    return {'triplet': losses.batch_triplet_loss(emb, ctx.cfg.alpha),
+            'heatmap_pos': w * losses.heatmap_loss(pos['mu'], model.delta_to_rc(batch['delta'])),
+            'heatmap_semi': w * losses.heatmap_loss(semi['mu'], model.delta_to_rc(batch['delta_semi']))}
 
 
-STAGE = train_lib.Stage(
-    name='E_2_1', parts=PARTS, train_parts=PARTS, loss=loss, restore=model.RETRIEVAL_PARTS,
-    previous='E_1', accepts=('E_1',), previous_cmd='python train_first_E_1.py', localise='heatmap',
-    defaults={'lr': 1e-5, 'lr_decay': 1.0, 'batch': 10, 'epochs': 180, 'mining': 1}, demo={'epochs': 3, 'lr': 1e-4})
+STAGE = stages.Stage(
+    name='E_2_1', parts=PARTS, train_parts=PARTS, loss=loss, previous='E_1a', also_accepts=('E_1',),
+    restore=model.RETRIEVAL_PARTS, defaults={'lr': 1e-5, 'lr_decay': 1.0, 'batch': 10, 'epochs': 180, 'mining': 1},
+    presets={'demo': {'epochs': 3, 'lr': 1e-4}})
+STAGES = [STAGE]
 
 if __name__ == '__main__':
-    sys.exit(train_lib.main([STAGE]))
+    sys.exit(train_lib.main(STAGES))

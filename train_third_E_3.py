@@ -3,62 +3,83 @@
   python train_third_E_3.py [--preset demo]     # starts from runs/E_2_2 (train_second_E_2_2.py)
   python train_third_E_3.py --test              # evaluate runs/E_3
 
-Before training, the E_2_2 model's semi-positive branch gives u (pixels) for every (training
-panorama, semi-positive) pair; the table is saved as <run_dir>/u_table.npz and reused when it was
-computed from the same checkpoint. Only the trunks and SAFA train (triplet + weighted ratio loss).
+Before the first step, the E_2_2 model's semi-positive branch gives u (pixels) for every (training
+panorama, semi-positive) pair: its fusion and covariance heads on descriptors, each panorama and tile
+embedded once. The table is part of the run's state (a resumed run reads it back, never recomputes it)
+and is also written to <run_dir>/u_table.npz with its histogram. Only the trunks and SAFA train:
+triplet + the uncertainty-weighted ratio loss; W_m = 1 / (1 + c exp(a (b - u))) with u on the released
+NLL's scale (x sqrt 2 under the corrected NLL).
 """
 import os
 import sys
 
-import train_lib  # first: it sets TensorFlow's environment (log level, oneDNN) and imports it
-import numpy as np
-import tensorflow as tf
-
-import losses
-import model
-
-PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS + model.CHOLESKY_PARTS
-
-
-def u_table(run):
-    """u[p, k - 1] for training panorama p and its semi-positive k = 1..3 (0 where absent)."""
-    source = train_lib.latest_checkpoint(run.init_from) or ''
-    path = os.path.join(run.run_dir, 'u_table.npz')  # the chief's (other workers write theirs apart)
-    if os.path.exists(path):
-        saved = np.load(path)
-        if str(saved['source']) == source or not source:
-            run.log(f'u table: loaded {path} (from {saved["source"]})')
-            return {'u_table': tf.constant(saved['u'])}
-    split = train_lib.dataset_splits(run.cfg, 'train')
-    pano, k = np.nonzero(split.tiles[:, 1:] >= 0)
-    run.log(f'u table: {len(pano)} (panorama, semi-positive) pairs of the training split with {source}')
-    _, chol, _ = train_lib.localise_pairs(run.model, split, pano, split.tiles[pano, k + 1], run.cfg,
-                                          branch='semi', keep_heatmaps=0, cache=run.images)
-    u = np.zeros((len(split), 3), np.float32)
-    u[pano, k] = model.uncertainty(tf.constant(chol)).numpy()
-    path = os.path.join(run.write_dir, 'u_table.npz')
-    np.savez(path + '.tmp.npz', u=u, source=source)
-    os.replace(path + '.tmp.npz', path)
-    run.log(f'u table: saved {path}; u mean {u[pano, k].mean():.1f} px, range {u[pano, k].min():.1f}-{u[pano, k].max():.1f}')
-    return {'u_table': tf.constant(u)}
-
-
-def loss(m, batch, ctx):
-    e = train_lib.embed(m, batch, needs_semi=True)
-    triplet = ctx.triplet(e['grd'], e['sat'])
-    u = tf.gather_nd(ctx.consts['u_table'], tf.stack([batch['pano'], batch['semi_k'] - 1], -1))
-    ratio = ctx.mean(losses.uncertainty_ratio_loss(e['grd'], e['sat'], e['semi'], batch['delta'],
-                                                   batch['delta_semi'], u))
-    return triplet + ratio, {'triplet': triplet, 'weighted_ratio': ratio}, {'grd': e['grd'], 'sat': e['sat']}
-
-
-STAGE = train_lib.Stage(
-    name='E_3', parts=PARTS, train_parts=model.RETRIEVAL_PARTS, loss=loss, restore=PARTS,
-    previous='E_2_2', accepts=('E_2_2',), previous_cmd='python train_second_E_2_2.py', localise='heatmap',
-    prepare=u_table,
-    defaults={'lr': 1e-6, 'lr_decay': 0.9, 'lr_decay_steps': 0, 'lr_staircase': 1, 'batch': 10, 'epochs': 150,
-              'mining': 0},
-    demo={'epochs': 2, 'lr': 1e-5})
+import train_lib
 
 if __name__ == '__main__':
-    sys.exit(train_lib.main([STAGE]))
+    train_lib.setup_environment(sys.argv)  # before TensorFlow loads
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import losses  # noqa: E402
+import model  # noqa: E402
+import stages  # noqa: E402
+
+PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS + model.CHOLESKY_PARTS
+ACTIVE = (0.1, 0.9)   # W_m strictly inside this band: E_3 reweights the pair (neither ~VIGOR's loss nor ~0)
+
+
+def u_table(m, split, embedder, cfg, log, cache, out_dir):
+    """u[p, k - 1] (pixels, the model's own scale) for training panorama p and its semi-positive k = 1..3."""
+    pano, k = np.nonzero(split.tiles[:, 1:] >= 0)
+    log(f'u table: {len(pano)} (panorama, semi-positive) pairs of the training split')
+    grd = embedder.describe(split.pano_paths, 'panorama', cfg.grd_size, cfg.eval_batch, cache)
+    tiles = np.unique(split.tiles[pano, k + 1])
+    sat = np.zeros((len(split.tile_paths), grd.shape[1]), np.float32)
+    sat[tiles] = embedder.describe([split.tile_paths[t] for t in tiles], 'aerial', (cfg.sat_size,) * 2,
+                                   cfg.eval_batch, cache)
+    chol = embedder.cholesky_from_descriptors('semi', sat[split.tiles[pano, k + 1]], grd[pano])
+    u = np.zeros((len(split), 3), np.float32)
+    u[pano, k] = model.uncertainty(tf.constant(chol)).numpy()
+    summarise(u[pano, k], cfg, log, out_dir)
+    return {'u_table': u}
+
+
+def summarise(u, cfg, log, out_dir):
+    """Log and save how much E_3 will reweight: u's histogram and the share of pairs in the active band."""
+    w = losses.uncertainty_weight(losses.u_on_original_scale(tf.constant(u), cfg.nll), cfg.u_a, cfg.u_b,
+                                  cfg.u_c).numpy()
+    active = float(np.mean((w > ACTIVE[0]) & (w < ACTIVE[1]))) if len(w) else float('nan')
+    counts, edges = np.histogram(u, bins=20)
+    log(f'u table: u mean {u.mean():.1f} px, range {u.min():.1f}-{u.max():.1f}; W_m mean {w.mean():.3f}; '
+        f'active band {ACTIVE[0]} < W_m < {ACTIVE[1]}: {100 * active:.1f} % of pairs')
+    log('u table: histogram (px): ' + ', '.join(f'{edges[i]:.0f}-{edges[i + 1]:.0f}: {c}'
+                                                  for i, c in enumerate(counts) if c))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, 'u_table.npz')
+    np.savez(path + '.tmp.npz', u=u, w_m=w, hist_counts=counts, hist_edges=edges, active_share=active)
+    os.replace(path + '.tmp.npz', path)
+
+
+def loss(m, emb, batch, ctx):
+    cfg = ctx.cfg
+    u = tf.gather_nd(ctx.tables['u_table'], tf.stack([batch['pano'], batch['semi_k'] - 1], -1))
+    u = losses.u_on_original_scale(u, cfg.nll)
+    w = losses.uncertainty_weight(u, cfg.u_a, cfg.u_b, cfg.u_c)
+    ctx.report('active_share', tf.cast((w > ACTIVE[0]) & (w < ACTIVE[1]), tf.float32))
+    ctx.report('w_m', w)
+    ratio = losses.uncertainty_ratio_loss(emb['grd'], emb['sat'], emb['semi'], batch['delta'], batch['delta_semi'],
+                                          u, cfg.u_a, cfg.u_b, cfg.u_c)
+    return {'triplet': losses.batch_triplet_loss(emb, cfg.alpha), 'weighted_ratio': ratio}
+
+
+STAGE = stages.Stage(
+    name='E_3', parts=PARTS, train_parts=model.RETRIEVAL_PARTS, loss=loss, previous='E_2_2', restore=PARTS,
+    tables={'u_table': 3}, prepare=u_table,
+    defaults={'lr': 1e-6, 'lr_decay': 0.9, 'lr_decay_steps': 0, 'lr_staircase': 0, 'batch': 10, 'epochs': 150,
+              'mining': 0},
+    presets={'demo': {'epochs': 2, 'lr': 1e-5}})
+STAGES = [STAGE]
+
+if __name__ == '__main__':
+    sys.exit(train_lib.main(STAGES))

@@ -3,16 +3,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')  # the stage scripts' kernels
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')  # the demo's kernels
 
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The tiny network and run every training test uses: 32x64 panoramas, 64-px tiles, width 1/16, batch 4,
+# the per-batch epoch, no validation.
+TINY = ['--grd_size', '32', '64', '--sat_size', '64', '--width', '0.0625', '--batch', '4', '--epoch_batch', '0',
+        '--val_every', '0', '--log_every', '1', '--eval_batch', '16', '--mining_pool', '20', '--mining_topk', '5']
+
 
 @pytest.fixture(scope='session')
 def tiny_vigor(tmp_path_factory):
-    """tiny_vigor(grid) -> root of a small synthetic VIGOR (64-px tiles, 32x64 panoramas), made once per grid."""
+    """tiny_vigor(grid) -> root of a small synthetic VIGOR (64-px tiles, 32x64 panoramas), made once per grid.
+    grid 3: 36 training panoramas (9 steps of 4); grid 4: 64."""
     import synthetic_data
     made = {}
 

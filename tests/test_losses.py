@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import losses
@@ -34,13 +35,16 @@ def test_triplet_two_by_two_by_hand():
     np.testing.assert_allclose(losses.triplet_loss(eye, eye, 10.0).numpy(), math.log1p(math.exp(-20)), rtol=1e-4)
 
 
-def test_triplet_replica_shares_sum_to_global():
+def test_triplet_replica_means_average_to_global():
+    # two replicas of 3 anchors each, every negative from the global batch of 6: each returns the mean over
+    # its own anchors, so the two values averaged are the single-device loss
     rng = np.random.default_rng(1)
     grd = tf.constant(_unit(rng.normal(size=(6, 4))), tf.float32)
     sat = tf.constant(_unit(rng.normal(size=(6, 4))), tf.float32)
     full = losses.triplet_loss(grd, sat)
-    parts = [losses.triplet_loss(grd[r:r + 3], sat[r:r + 3], 10.0, grd, sat, row_offset=r) for r in (0, 3)]
-    np.testing.assert_allclose(float(parts[0] + parts[1]), float(full), rtol=1e-6)
+    parts = [losses.triplet_loss(grd[r:r + 3], sat[r:r + 3], 10.0, grd, sat, row0=r) for r in (0, 3)]
+    np.testing.assert_allclose(float(parts[0] + parts[1]) / 2, float(full), rtol=1e-6)
+    assert abs(float(parts[0]) - float(parts[1])) > 1e-4      # (the two halves differ: the test can fail)
 
 
 def test_iou_and_ratio_loss():
@@ -90,7 +94,7 @@ def test_nll_identity_diagonal_correlated():
                                   tf.constant([gt], tf.float32), eps=1e-6)
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
     # identity covariance by hand: 1/2 log(1) + 1/2 (4 + 9) + log 2 pi
-    got = losses.gaussian_nll(tf.constant([mu], tf.float32), tf.constant([[1.0, 0.0, 1.0]]), tf.constant([gt], tf.float32), 0.0)
+    got = losses.gaussian_nll(tf.constant([mu], tf.float32), tf.constant([[1.0, 0.0, 1.0]]), tf.constant([gt], tf.float32), eps=0.0)
     np.testing.assert_allclose(got.numpy(), 6.5 + math.log(2 * math.pi), rtol=1e-6)
 
 
@@ -103,6 +107,47 @@ def test_nll_near_singular_is_finite_with_finite_gradients():
     grads = tape.gradient(nll, [mu, chol])
     assert np.isfinite(nll.numpy())
     assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+def test_released_nll_formula():
+    # mean(1/2 log det Sigma) + mean(r^T Sigma^-1 r): no 1/2 on the Mahalanobis term, no eps, no constant.
+    # Sigma = diag(4, 1) (l0 = 2, l2 = 1), r = (2, -3): 1/2 log 4 + (4/4 + 9/1) = log 2 + 10
+    got = losses.gaussian_nll(tf.constant([[10.0, 20.0]]), tf.constant([[2.0, 0.0, 1.0]]),
+                              tf.constant([[12.0, 17.0]]), form='original')
+    np.testing.assert_allclose(got.numpy(), math.log(2.0) + 10.0, rtol=1e-6)
+
+
+def test_nll_optima_differ_by_two():
+    # For residuals of covariance C, the corrected NLL is lowest at Sigma = C, the released one at Sigma = 2 C:
+    # scan Sigma = s C and find the minimising s.
+    rng = np.random.default_rng(0)
+    r = rng.multivariate_normal([0, 0], [[9.0, 2.0], [2.0, 4.0]], size=4000).astype(np.float32)
+    c = np.cov(r.T, bias=True)
+    best = {}
+    for form in ('corrected', 'original'):
+        scores = []
+        for s in np.linspace(0.5, 3.0, 51):
+            L = np.linalg.cholesky(s * c)
+            chol = np.tile([[L[0, 0], L[1, 0], L[1, 1]]], (len(r), 1)).astype(np.float32)
+            scores.append(float(losses.gaussian_nll(tf.zeros_like(r), chol, r, form)))
+        best[form] = np.linspace(0.5, 3.0, 51)[int(np.argmin(scores))]
+    assert best['corrected'] == pytest.approx(1.0, abs=0.05) and best['original'] == pytest.approx(2.0, abs=0.05)
+
+
+def test_e3_weight_under_corrected_nll_equals_released_for_twice_sigma():
+    # A model trained with the corrected NLL predicts Sigma; the released NLL would predict 2 Sigma. E_3 scales
+    # u by sqrt 2 under the corrected NLL, so both select the same pairs: u(2 Sigma) = sqrt 2 u(Sigma).
+    import model
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        A = rng.normal(size=(2, 2)) * rng.uniform(1, 60)
+        sigma = A @ A.T + np.eye(2)
+        L, L2 = np.linalg.cholesky(sigma), np.linalg.cholesky(2 * sigma)
+        u = model.uncertainty(tf.constant([[L[0, 0], L[1, 0], L[1, 1]]], tf.float32))
+        u2 = model.uncertainty(tf.constant([[L2[0, 0], L2[1, 0], L2[1, 1]]], tf.float32))
+        w_corrected = losses.uncertainty_weight(losses.u_on_original_scale(u, 'corrected'))
+        w_released = losses.uncertainty_weight(losses.u_on_original_scale(u2, 'original'))
+        np.testing.assert_allclose(w_corrected.numpy(), w_released.numpy(), rtol=1e-4, atol=1e-7)
 
 
 def test_uncertainty_weight_and_e3_loss():

@@ -92,23 +92,69 @@ def test_vgg16_npy_loader(tmp_path):
     weights['fc6'] = [np.zeros((2, 2), np.float32), np.zeros(2, np.float32)]   # ignored, as in the real file
     path = tmp_path / 'vgg16.npy'
     np.save(path, weights, allow_pickle=True)
-    logged = []
-    assert model.load_imagenet(m, str(path), logged.append)
+    read = model.read_vgg16_npy(str(path))
+    assert m.grd_trunk.vgg16_mismatch(read) == ''
+    m.sat_trunk.load_weights(read)
     np.testing.assert_array_equal(m.sat_trunk.convs[4].w.numpy(), weights['conv3_1'][0])
-    np.testing.assert_array_equal(m.grd_trunk.convs[12].b.numpy(), weights['conv5_3'][1])
-    assert 'ImageNet' in logged[0]
     small = tiny(parts=model.RETRIEVAL_PARTS)
+    assert small.grd_trunk.vgg16_mismatch(read).startswith('layer conv1_1 has shape (3, 3, 3, 64), this network')
     with pytest.raises(ValueError, match='conv1_1'):
-        small.grd_trunk.load_npy(str(path))
-    assert not model.load_imagenet(small, str(tmp_path / 'absent.npy'), logged.append)
-    assert 'random' in logged[-1]
+        small.grd_trunk.load_weights(read)
+    (tmp_path / 'bad.npy').write_bytes(b'not a pickle')
+    with pytest.raises(ValueError, match='unreadable ImageNet VGG16 weights'):
+        model.read_vgg16_npy(str(tmp_path / 'bad.npy'))
 
 
-@pytest.mark.parametrize('stride', [2, 4, 5])
-def test_one_position_deconv_and_conv_equal_the_conv_ops(stride):
+def test_deconv0_output_rows_and_columns_3_4_ignore_the_input():
+    """The original's first decoder layer: 3x3 kernel, stride 5, SAME, on a 1x1 map -> 5x5, of which only
+    the top-left 3x3 depends on the input; rows and columns 3-4 are relu(bias)."""
+    dec = model.HeatmapDecoder(model.Init(0), 16, 320, width=1 / 64,
+                               trunk_channels={s: 4 for s in model.SKIP_LAYERS})
+    assert dec.deconv0.w.shape[:2] == (3, 3) and dec.deconv0.stride == 5
+    a = dec.deconv0(tf.random.stateless_normal([2, 1, 1, 16], seed=(0, 1))).numpy()
+    b = dec.deconv0(tf.random.stateless_normal([2, 1, 1, 16], seed=(0, 2))).numpy()
+    assert a.shape == (2, 5, 5, 32)
+    relu_bias = np.maximum(dec.deconv0.b.numpy(), 0)
+    for out in (a, b):
+        np.testing.assert_array_equal(out[:, 3:, :, :], np.broadcast_to(relu_bias, out[:, 3:, :, :].shape))
+        np.testing.assert_array_equal(out[:, :, 3:, :], np.broadcast_to(relu_bias, out[:, :, 3:, :].shape))
+    assert not np.allclose(a[:, :3, :3], b[:, :3, :3])
+
+
+def test_initial_uncertainty_is_the_originals_scale():
+    """No x32: at initialisation u is ~4.5 px (Sigma ~ [[1, 1], [1, 2]] for the original's elu+1), at width 1."""
+    head = model.CholeskyHead(model.Init(0), 2048, width=1.0)
+    original = model.CholeskyHead(model.Init(0), 2048, width=1.0, kind='original')
+    bottleneck = tf.random.stateless_normal([256, 2048], seed=(4, 2)) * 3.0
+    for h in (head, original):
+        u = model.uncertainty(h(bottleneck)).numpy()
+        assert 3.0 < np.mean(u) < 6.0, np.mean(u)
+    chol = original(bottleneck).numpy()
+    assert np.all(chol > 0)                                   # the original forces rho > 0
+    assert np.any(head(bottleneck).numpy()[:, 1] < 0)         # the port's off-diagonal is free
+
+
+def test_initialisations_follow_the_original():
+    init = model.Init(0)
+    fusion = model.Fusion(init, 64, width=1 / 16)
+    assert np.all(fusion.fc1.b.numpy() == 0.1) and abs(fusion.fc1.w.numpy().std() - 0.005 * 0.88) < 5e-4
+    head = model.CholeskyHead(init, 64, width=1 / 16)
+    assert np.all(head.fc2.b.numpy() == 0)
+    limit = np.sqrt(6 / (32 + 3))
+    assert np.abs(head.fc2.w.numpy()).max() <= limit and np.abs(head.fc2.w.numpy()).max() > 0.8 * limit
+    offset = model.OffsetHead(init, 64, width=1 / 16)
+    assert np.all(offset.fc2.b.numpy() == 0.1) and np.any(offset.fc2.w.numpy() != 0)
+    assert not np.any(model.OffsetHead(init, 64, 1 / 16, zero_init=True).fc2.w.numpy())
+    dec = model.HeatmapDecoder(init, 16, 64, width=1 / 64, trunk_channels={s: 4 for s in model.SKIP_LAYERS})
+    b = dec.conv0.b.numpy()                                  # glorot-normal biases: std ~ sqrt(1/n)/0.88
+    assert np.any(b != 0) and np.abs(b).max() < 2 * np.sqrt(1 / len(b)) / 0.87962566 + 1e-6
+
+
+@pytest.mark.parametrize('stride,k', [(2, None), (4, None), (5, None), (5, 3), (1, 3)])
+def test_one_position_deconv_and_conv_equal_the_conv_ops(stride, k):
     """The 1x1-map shortcuts (a matmul) give the values and gradients of conv2d / conv2d_transpose."""
     init = model.Init(3)
-    deconv, conv = model.Deconv(init, 12, 7, stride), model.Conv(init, 12, 9)
+    deconv, conv = model.Deconv(init, 12, 7, stride, k=k, bias='glorot'), model.Conv(init, 12, 9)
     x = tf.random.stateless_normal([4, 1, 1, 12], seed=(1, stride))
     dy_dc = tf.random.stateless_normal([4, stride, stride, 7], seed=(2, stride))
     dy_c = tf.random.stateless_normal([4, 1, 1, 9], seed=(3, stride))

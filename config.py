@@ -1,0 +1,235 @@
+"""The run configuration: one typed object, its command-line flags, its presets and its config.json.
+
+Precedence, written down once (`resolve`): an explicit flag > the preset (`--preset`, the stage's own
+preset values over the global ones) > the stage's defaults > the defaults below.
+
+Every field says what kind of setting it is:
+  model     the architecture: a checkpoint of other values does not fit (checked against a predecessor)
+  run       fixed for a run: resuming or testing a run directory with another value is refused
+  extend    may grow when a finished run is resumed (epochs, max_steps)
+  volatile  may differ between a run, its resumption and its --test (paths, logging, evaluation)
+TensorFlow-free: importing this module changes nothing.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+
+
+class ConfigError(ValueError):
+    """A bad flag or configuration file; str() is one line."""
+
+
+def _flag(default, help, kind='run', choices=None):
+    return dataclasses.field(default=default, metadata={'help': help, 'kind': kind, 'choices': choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = _flag('vigor', 'vigor or cvact', choices=('vigor', 'cvact'))
+    data_root: str = _flag('', 'dataset root; empty = the built-in synthetic city (generated on first use)', 'volatile')
+    cvact_resampled: str = _flag('', 'resampled CVACT (samples_on_cvact.py output); default <data_root>/resampled',
+                                 'volatile')
+    cvact_mpp: float = _flag(0.0, 'CVACT metres per pixel of the 1200-px aerial (required on a real CVACT tree)')
+    area: str = _flag('same', 'same or cross (VIGOR protocol)', choices=('same', 'cross'))
+    labels: str = _flag('original', 'original or corrected (SliceMatch) VIGOR labels', choices=('original', 'corrected'))
+    # directories
+    run_dir: str = _flag('', 'where checkpoints, logs and results go; default runs/<stage>', 'volatile')
+    init_from: str = _flag('', "previous stage's run directory; default runs/<previous stage>", 'volatile')
+    vgg_weights: str = _flag(os.path.join('data', 'vgg16.npy'), 'ImageNet VGG16 weights (classic TF-VGG npy)',
+                             'volatile')
+    # model
+    seed: int = _flag(0, 'seed of weights, sampling and mining')
+    grd_size: tuple = _flag((320, 640), 'ground input H W', 'model')
+    sat_size: int = _flag(320, 'aerial input side', 'model')
+    width: float = _flag(1.0, 'channel width multiplier (1 = the paper network; <1 for CPU demos)', 'model')
+    cholesky: str = _flag('port', 'covariance parametrisation: port (positive diagonal + floor, free '
+                          'off-diagonal) or original (elu+1 on all three entries)', choices=('port', 'original'))
+    cholesky_scale: float = _flag(1.0, 'covariance head output scale (pixels of the 640 frame per unit)')
+    cholesky_floor: float = _flag(0.01, 'floor added to the Cholesky diagonal (pixels), port parametrisation')
+    offset_zero_init: int = _flag(0, '1 = the offset head output layer starts at zero (tile centre)')
+    # optimisation
+    batch: int = _flag(10, 'global batch size')
+    epochs: int = _flag(1, 'epochs', 'extend')
+    epoch_batch: int = _flag(14, 'an epoch is floor(N / epoch_batch) steps (14: the released code, every stage; '
+                             '0: the training batch)')
+    max_steps: int = _flag(0, 'stop after this many steps of this stage (0 = epochs x steps per epoch)', 'extend')
+    lr: float = _flag(1e-5, 'learning rate')
+    lr_decay: float = _flag(1.0, 'lr x decay^(global step / lr_decay_steps)')
+    lr_decay_steps: int = _flag(0, 'decay period in steps (0 = one epoch)')
+    lr_staircase: int = _flag(0, '1 = decay in steps, 0 = continuous')
+    carry_optimizer: int = _flag(1, "1 = restore the previous stage's Adam slots of the restored variables")
+    # losses
+    alpha: float = _flag(10.0, 'triplet loss weight alpha')
+    nll: str = _flag('corrected', 'Gaussian NLL: corrected (1/2 on the Mahalanobis term) or original (released '
+                     'formula)', choices=('corrected', 'original'))
+    nll_pos_weight: float = _flag(1e-3, 'E_2_2 weight of the positive branch NLL')
+    nll_semi_weight: float = _flag(1e-4, 'E_2_2 weight of the semi-positive branch NLL')
+    heatmap_weight: float = _flag(1.0, 'E_2_1 weight of each branch heatmap loss')
+    u_a: float = _flag(0.3, "E_3 W_m = 1 / (1 + c exp(a (b - u))): a (1/px)")
+    u_b: float = _flag(75.0, 'E_3 weight threshold b (pixels of the 640 frame, on the original NLL scale)')
+    u_c: float = _flag(2.0, 'E_3 weight constant c')
+    # hard-negative mining
+    mining: int = _flag(1, 'hard-negative mining on/off')
+    mining_pool: int = _flag(10000, 'tiles ranked per mining round')
+    mining_topk: int = _flag(100, 'hard tiles kept per panorama')
+    mining_start_epoch: int = _flag(2, 'first (1-based) epoch whose batches are half mined')
+    # logging, validation, evaluation
+    val_every: int = _flag(1, 'validate on the test split every N epochs and at the end (0 = never)', 'volatile')
+    val_queries: int = _flag(1000, 'panoramas per validation (all reference tiles are ranked)', 'volatile')
+    ckpt_every: int = _flag(500, 'checkpoint every N steps (and at every epoch end)', 'volatile')
+    log_every: int = _flag(10, 'progress line and TensorBoard scalars every N steps', 'volatile')
+    eval_batch: int = _flag(32, 'batch size of descriptor extraction', 'volatile')
+    image_cache_mb: int = _flag(1024, 'decoded, resized images kept in memory for later epochs and validations '
+                                '(MiB; 0 = decode every time)', 'volatile')
+    eval_block: int = _flag(4096, 'queries per block of the streamed similarity matrix', 'volatile')
+    max_queries: int = _flag(0, '--test on the first N test panoramas only (0 = all)', 'volatile')
+    plots: int = _flag(1, '--test writes PNG figures (0 = off)', 'volatile')
+    strategy: str = _flag('default', 'default, mirrored (several GPUs) or multiworker (several machines)', 'volatile',
+                          ('default', 'mirrored', 'multiworker'))
+    mixed_precision: int = _flag(0, '1 = mixed_float16 compute with loss scaling (GPU)')
+    # set by the stage script, not flags
+    stage: str = dataclasses.field(default='', metadata={'kind': 'run'})
+    preset: str = dataclasses.field(default='paper', metadata={'kind': 'volatile'})
+    test: bool = dataclasses.field(default=False, metadata={'kind': 'volatile'})
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+FLAGS = tuple(f for f in dataclasses.fields(Config) if 'help' in f.metadata)
+KIND = {f.name: f.metadata['kind'] for f in dataclasses.fields(Config)}
+
+# The global presets; a stage adds its own values (Stage.presets) on top.
+PRESETS = {
+    'paper': {},
+    'demo': {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25, 'batch': 10, 'epoch_batch': 0,
+             'ckpt_every': 100, 'val_every': 4},
+}
+
+
+def parser(doc, presets=PRESETS):
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--test', action='store_true', help="evaluate this stage's checkpoint")
+    p.add_argument('--preset', choices=tuple(presets), default='paper',
+                   help='demo = small inputs and width for a CPU run on the synthetic city')
+    for f in FLAGS:
+        nargs = len(f.default) if isinstance(f.default, tuple) else None
+        typ = type(f.default[0]) if isinstance(f.default, tuple) else type(f.default)
+        p.add_argument('--' + f.name, type=typ, nargs=nargs, default=None, choices=f.metadata['choices'],
+                       help=f.metadata['help'] + f' (default {f.default})')
+    return p
+
+
+def parse_flags(argv, doc=None, presets=PRESETS):
+    """argv -> (explicit flags {name: value}, preset name, test)."""
+    args = vars(parser(doc, presets).parse_args(argv))
+    explicit = {k: v for k, v in args.items() if v is not None and k not in ('test', 'preset')}
+    return explicit, args['preset'], args['test']
+
+
+def resolve(stage_name, explicit, preset='paper', stage_defaults=None, stage_presets=None, test=False):
+    """The precedence: explicit flag > preset (stage's over global) > stage default > global default."""
+    values = {}
+    values.update(stage_defaults or {})
+    values.update(PRESETS.get(preset, {}))
+    values.update((stage_presets or {}).get(preset, {}))
+    values.update(explicit)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    unknown = set(values) - set(KIND)
+    if unknown:
+        raise ConfigError(f'unknown settings {sorted(unknown)}')
+    cfg = Config(**values, stage=stage_name, preset=preset, test=test)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    """Refuse impossible values before anything is read or written (one line each)."""
+    def need(ok, name, what):
+        if not ok:
+            raise ConfigError(f'--{name} {_show(getattr(cfg, name))}: {what}')
+    for name in ('batch', 'log_every', 'ckpt_every', 'eval_batch', 'eval_block', 'epochs', 'mining_topk',
+                 'mining_pool', 'mining_start_epoch'):
+        need(getattr(cfg, name) >= 1, name, 'must be at least 1')
+    for name in ('seed', 'max_steps', 'max_queries', 'val_every', 'val_queries', 'image_cache_mb', 'epoch_batch',
+                 'lr_decay_steps'):
+        need(getattr(cfg, name) >= 0, name, 'must be 0 or more')
+    need(len(cfg.grd_size) == 2 and all(s >= 32 and s % 32 == 0 for s in cfg.grd_size), 'grd_size',
+         'both sides must be positive multiples of 32 (the trunk downsamples 32x)')
+    need(cfg.sat_size >= 32 and cfg.sat_size % 32 == 0, 'sat_size', 'must be a positive multiple of 32')
+    for name in ('width', 'lr', 'lr_decay', 'alpha', 'cholesky_scale'):
+        need(math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0, name, 'must be a positive number')
+    for name in ('cholesky_floor', 'cvact_mpp', 'nll_pos_weight', 'nll_semi_weight', 'heatmap_weight', 'u_a',
+                 'u_c'):
+        need(math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0, name, 'must be 0 or a positive number')
+    need(math.isfinite(cfg.u_b), 'u_b', 'must be a number')
+    for name in ('mining', 'plots', 'mixed_precision', 'lr_staircase', 'carry_optimizer', 'offset_zero_init'):
+        need(getattr(cfg, name) in (0, 1), name, 'must be 0 or 1')
+    for name in ('run_dir', 'init_from'):
+        path = getattr(cfg, name)
+        need(not path or not os.path.exists(path) or os.path.isdir(path), name, 'names a file, not a directory')
+
+
+def _show(v):
+    return ' '.join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+# ----------------------------------------------------------------------------- config.json
+
+def save(cfg, path):
+    """Write cfg as JSON, atomically (a temporary file renamed into place)."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def load(path):
+    """A saved config.json -> dict (lists as tuples), or None when there is none; ConfigError if unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f'{path}: unreadable run configuration ({type(e).__name__}: {str(e).splitlines()[0]}); '
+                          'restore it or use another --run_dir') from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f'{path}: unreadable run configuration (not a JSON object)')
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+
+
+def mismatch(saved, cfg, kinds=('model', 'run')):
+    """The first (key, saved value, value now) whose kind is in `kinds` and differs, else None."""
+    now = cfg.to_dict()
+    for k in sorted(set(saved) | set(now)):
+        if KIND.get(k, 'run') in kinds and saved.get(k) != now.get(k):
+            return k, saved.get(k), now.get(k)
+    return None
+
+
+def check_run_dir(cfg, path):
+    """A run directory holds one configuration: refuse ours if it differs in a model or run setting."""
+    saved = load(path)
+    if saved is None:
+        return None
+    diff = mismatch(saved, cfg)
+    if diff:
+        k, a, b = diff
+        raise ConfigError(f'{path}: this run directory holds another configuration ({k}: {a} there, {b} now); '
+                          'use another --run_dir or the same flags')
+    return saved
+
+
+def model_settings(saved, cfg):
+    """cfg with the model settings (and seed) of a saved run configuration, for --test."""
+    keep = {k: saved[k] for k in saved if KIND.get(k) == 'model' or k in ('seed', 'cholesky', 'cholesky_scale',
+                                                                        'cholesky_floor', 'nll')}
+    return cfg.replace(**keep)

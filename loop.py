@@ -1,0 +1,266 @@
+"""The training loop shared by every stage: the compiled step, epochs, mining rounds, checkpoints,
+validation and logging. A stage brings its parts, its loss and its defaults (stages.Stage).
+"""
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+import config
+import distribute
+import embedding
+import input_data
+import mining
+import testing
+import train_lib
+import train_state
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on (a non-finite step); str() is one line."""
+
+
+# ----------------------------------------------------------------------------- the step
+
+def make_step(state, stage, cfg, strategy):
+    """The compiled training step: embeddings -> the stage's loss terms -> one Adam update.
+
+    Replica scaling happens here, once: every term and report the loss returns is a mean over its
+    replica's examples, so each is divided by the number of replicas and summed across them; gradients
+    are summed. The result equals a single-device step on the global batch (tests/test_distribute.py).
+    -> step(batch) = (total, {term}, {report}, ok, {grd, sat, pano, sat_idx} of the global batch).
+    """
+    model, opt, mixed = state.model, state.optimizer, bool(cfg.mixed_precision)
+    tables = dict(state.tables)
+    if mixed:
+        with strategy.scope():  # finite steps since the loss scale last changed (not checkpointed)
+            good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name='loss_scale_good_steps')
+
+    def replica_step(batch):
+        if mixed:
+            batch = dict(batch, **{k: tf.cast(batch[k], tf.float16) for k in ('grd', 'sat', 'semi') if k in batch})
+        n_replicas, _ = distribute.replica_info()
+        ctx = embedding.LossContext(cfg, tables)
+        with tf.GradientTape() as tape:
+            emb = embedding.embed_batch(model, batch, stage.uses_semi)
+            terms = {k: tf.cast(v, tf.float32) / n_replicas for k, v in stage.loss(model, emb, batch, ctx).items()}
+            total = tf.add_n(list(terms.values()))
+            scaled = total * state.loss_scale if mixed else total
+        grads = tape.gradient(scaled, opt.vars)
+        if mixed:  # (in float32 the division by 1 would be a pass over every gradient: 2.5 % of a paper step)
+            grads = [None if g is None else tf.cast(g, tf.float32) / state.loss_scale for g in grads]
+        reports = {k: v / n_replicas for k, v in ctx.reports.items()}
+        # every worker gets the global batch's descriptors and ids for mining, in row order
+        # (ids as float32, exact below 2^24: collectives of int64 tensors fail across workers)
+        ids = {k: distribute.gather(tf.cast(batch[k], tf.float32)) for k in ('pano', 'sat_idx')}
+        return total, terms, reports, grads, dict(ids, grd=emb['grd_all'], sat=emb['sat_all'])
+
+    def step_fn(batch):
+        total, terms, reports, grads, desc = strategy.run(replica_step, (batch,))
+        red = lambda x: strategy.reduce(tf.distribute.ReduceOp.SUM, x, axis=None)
+        total = red(total)
+        terms = {k: red(v) for k, v in terms.items()}
+        reports = {k: red(v) for k, v in reports.items()}
+        grads = [None if g is None else red(g) for g in grads]
+        finite_grads = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+        ok = tf.logical_and(tf.math.is_finite(total), finite_grads)
+        if mixed:  # dynamic loss scale: an overflow halves it and skips the update; 2000 finite steps double it
+            grow = tf.logical_and(finite_grads, good_steps >= 1999)
+            state.loss_scale.assign(tf.where(finite_grads, tf.where(grow, 2 * state.loss_scale, state.loss_scale),
+                                             state.loss_scale / 2))
+            good_steps.assign(tf.where(tf.logical_and(finite_grads, tf.logical_not(grow)), good_steps + 1, 0))
+        tf.cond(ok, lambda: (opt.apply(grads), tf.constant(True))[1], lambda: tf.constant(False))
+        if mixed:  # a skipped overflow is no reason to stop training, unless the scale has collapsed
+            ok = tf.logical_and(tf.math.is_finite(total), tf.logical_or(finite_grads, state.loss_scale >= 1))
+        desc = {k: strategy.experimental_local_results(v)[0] for k, v in desc.items()}
+        return total, terms, reports, ok, desc
+
+    return tf.function(step_fn, autograph=False)
+
+
+# ----------------------------------------------------------------------------- one stage's run
+
+@dataclasses.dataclass
+class Run:
+    """What a stage's training run holds besides its train state."""
+    stage: object
+    cfg: config.Config
+    run_dir: str
+    init_dir: str
+    strategy: object
+    chief: bool
+    write_dir: str
+    log: object
+    images: object
+    split: object = None
+    test_split: object = None
+
+    def dataset(self, which):
+        return train_lib.dataset_splits(self.cfg, which)
+
+
+def steps_per_epoch(cfg, n_train):
+    """floor(N / epoch_batch) (the released code's epoch: 14 in every stage), or floor(N / batch)."""
+    return n_train // (cfg.epoch_batch or cfg.batch)
+
+
+def start_run(stage, cfg):
+    run_dir, init_dir = stage.run_dirs(cfg)
+    strategy = distribute.make_strategy(cfg.strategy)
+    chief = distribute.is_chief(strategy)
+    # Under MultiWorkerMirroredStrategy only the chief writes the run directory; the other workers read
+    # it (resume, previous stage) and keep their own checkpoints and log in a temporary directory.
+    write_dir = run_dir if chief else tempfile.mkdtemp(prefix=f'geoloc_{stage.name}_worker_')
+    worker = distribute.worker_name(strategy)
+    log = train_lib.open_log(write_dir, f'{stage.name} {worker}'.strip())
+    images = input_data.ImageCache(cfg.image_cache_mb * 2 ** 20) if cfg.image_cache_mb > 0 else None
+    replicas = strategy.num_replicas_in_sync
+    if cfg.batch % replicas:
+        raise config.ConfigError(f'--batch {cfg.batch} must be a multiple of the {replicas} replicas (global batch)')
+    if cfg.strategy != 'default':
+        log(f'strategy: {cfg.strategy}, {replicas} replicas')
+    return Run(stage, cfg, run_dir, init_dir, strategy, chief, write_dir, log, images)
+
+
+def train(stage, cfg):
+    """Train one stage in its run directory; -> the run directory's latest checkpoint."""
+    run = start_run(stage, cfg)
+    config_path = os.path.join(run.run_dir, 'config.json')
+    config.check_run_dir(cfg, config_path)
+    split = run.split = run.dataset('train')
+    spe = steps_per_epoch(cfg, len(split))
+    sampler = input_data.BatchSampler(split, cfg.batch, cfg.seed, spe)
+    with run.strategy.scope():
+        state = train_state.TrainState(stage, cfg, len(split), spe)
+    train_state.initialise(state, stage, cfg, run.run_dir, run.init_dir, run.log)
+    if run.chief:  # only once the run can start: a refused run changes nothing
+        config.save(cfg, config_path)
+    ckpt = state.checkpoint()
+    manager = tf.train.CheckpointManager(ckpt, os.path.join(run.write_dir, 'ckpt'), max_to_keep=2)
+    embedder = embedding.Embedder(state.model)
+    if stage.prepare and not bool(state.tables_ready.numpy()):
+        for name, value in stage.prepare(state.model, split, embedder, cfg, run.log, run.images, run.write_dir).items():
+            state.tables[name].assign(value)
+        state.tables_ready.assign(True)
+    total = cfg.epochs * spe
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    step_fn = make_step(state, stage, cfg, run.strategy)
+    writer = tf.summary.create_file_writer(os.path.join(run.write_dir, 'tb'))
+    run.log(f'{split.name}: {len(split)} panoramas, {len(split.tile_paths)} tiles; batch {cfg.batch}, '
+            f'{spe} steps/epoch, {total} steps; parts trained: {", ".join(stage.train_parts)}')
+    step = int(state.step.numpy())
+    t0 = time.time()
+    if step >= total:
+        run.log(f'already trained ({step} steps); nothing to do')
+    else:
+        step = _epochs(run, state, step_fn, manager, writer, embedder, sampler, spe, total)
+        if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f'-{step}'):
+            manager.save(checkpoint_number=step)   # a max_steps stop inside an epoch
+        run.log(f'done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {manager.latest_checkpoint}')
+    writer.close()
+    return finish(run)
+
+
+def _epochs(run, state, step_fn, manager, writer, embedder, sampler, spe, total):
+    cfg, split = run.cfg, run.split
+    step = int(state.step.numpy())
+    t_last, s_last = time.time(), step
+    while step < total:
+        epoch, offset = divmod(step, spe)
+        use_hard = cfg.mining and bool(state.hard_valid.numpy()) and epoch + 1 >= cfg.mining_start_epoch
+        panos, semi = sampler.epoch_plan(epoch, state.hard.numpy() if use_hard else None)
+        end = min(spe, offset + total - step)
+        ds = input_data.train_dataset(split, panos[offset:end], semi[offset:end], cfg.grd_size, cfg.sat_size,
+                                      cfg.batch, cache=run.images, with_semi=run.stage.uses_semi)
+        ds = run.strategy.experimental_distribute_dataset(ds)
+        # mine at the end of a complete epoch whose successor exists and takes mined batches
+        buf = None
+        if cfg.mining and epoch + 2 >= cfg.mining_start_epoch and end == spe and (epoch + 1) * spe < total:
+            pool = mining.mining_pool(cfg.seed, epoch, len(split.tile_paths), cfg.mining_pool)
+            buf = mining.MiningBuffer(len(split), len(split.tile_paths), pool, state.model.dim)
+        for batch in ds:
+            loss, terms, reports, ok, desc = step_fn(batch)
+            if not bool(ok.numpy()):
+                raise TrainError(f'non-finite loss or gradient at step {step + 1} (loss {float(loss)}); stopped; '
+                                 f'last good checkpoint: {train_state.latest_checkpoint(run.run_dir) or "none yet"}')
+            step += 1
+            state.step.assign(step)
+            if buf is not None:
+                buf.add(desc['pano'].numpy().astype(np.int64), desc['grd'].numpy(),
+                        desc['sat_idx'].numpy().astype(np.int64), desc['sat'].numpy())
+            if step % cfg.log_every == 0 or step == total:
+                now = time.time()
+                rate = (step - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, step
+                _log_step(run, state, writer, step, total, epoch, loss, terms, reports, rate)
+            if step % cfg.ckpt_every == 0 and step % spe != 0:
+                manager.save(checkpoint_number=step)
+        if step % spe == 0:  # the epoch is complete
+            if buf is not None:
+                buf.fill_missing(split, embedder, cfg, run.images)
+                table = mining.hard_negatives(buf.grd, buf.sat, buf.pool, cfg.mining_topk)
+                state.hard.assign(distribute.broadcast(run.strategy, table))
+                state.hard_valid.assign(True)
+                run.log(f'mining: epoch {epoch + 1}: top-{min(cfg.mining_topk, len(buf.pool))} of {len(buf.pool)} '
+                        f'tiles for {len(split)} panoramas')
+            manager.save(checkpoint_number=step)
+            if cfg.val_every and run.chief and ((epoch + 1) % cfg.val_every == 0 or step == total):
+                validate(run, state.model, embedder, writer, step)
+    return step
+
+
+def _log_step(run, state, writer, step, total, epoch, loss, terms, reports, rate):
+    lr = float(state.optimizer.learning_rate())
+    with writer.as_default(step=step):
+        tf.summary.scalar('loss/total', loss)
+        for k, v in terms.items():
+            tf.summary.scalar(f'loss/{k}', v)
+        for k, v in reports.items():
+            tf.summary.scalar(f'diagnostics/{k}', v)
+        tf.summary.scalar('learning_rate', lr)
+        tf.summary.scalar('steps_per_second', rate)
+    writer.flush()  # on disk before the line is printed: a killed run keeps what it showed
+    parts = ' '.join(f'{k} {float(v):.4f}' for k, v in terms.items())
+    extra = ' '.join(f'{k} {float(v):.3g}' for k, v in reports.items())
+    run.log(f'step {step}/{total} epoch {epoch + 1} loss {float(loss):.4f} ({parts}) '
+            + (f'[{extra}] ' if extra else '')
+            + f'lr {lr:.2e} {rate:.2f} step/s ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min')
+
+
+def finish(run):
+    """Wait for every worker (the chief's last checkpoint is then on disk for the next stage), drop a
+    non-chief worker's temporary directory; -> the run directory's latest checkpoint."""
+    distribute.barrier(run.strategy)
+    if not run.chief:
+        run.log.close()
+        shutil.rmtree(run.write_dir, ignore_errors=True)
+    return train_state.latest_checkpoint(run.run_dir)
+
+
+def validate(run, model, embedder, writer, step):
+    """Evaluate on the first --val_queries test panoramas; metrics and example figures to TensorBoard."""
+    cfg = run.cfg
+    if run.test_split is None:          # parsed once per run
+        run.test_split = run.dataset('test')
+    split = run.test_split
+    queries = np.arange(min(cfg.val_queries, len(split)))
+    ev = testing.evaluate_model(run.stage, cfg, model, embedder, split, queries, cache=run.images, keep_heatmaps=3)
+    r, figures = ev.results, testing.localisation_figures(ev, split, cfg, 3)
+    loc = r['localisation']
+    run.log(f'validation at step {step}: ' + testing.format_results(r)[0] + f'; median {loc["all"]["median_m"]:.2f} m')
+    with writer.as_default(step=step):
+        for k in ('R@1', 'R@5', 'R@10', 'R@1%', 'hit_rate'):
+            tf.summary.scalar(f'val/{k}', r['retrieval'][k])
+        for sub in ('all', 'top1_correct'):
+            if loc[sub]['median_m'] is not None and np.isfinite(loc[sub]['median_m']):
+                tf.summary.scalar(f'val/median_m_{sub}', loc[sub]['median_m'])
+        if figures:
+            h = min(p.shape[0] for p in figures)
+            w = min(p.shape[1] for p in figures)
+            tf.summary.image('val/localisation', np.stack([p[:h, :w] for p in figures]), step=step, max_outputs=3)
+    writer.flush()

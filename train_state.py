@@ -1,0 +1,226 @@
+"""The train state (everything a resume needs, in one checkpointed object) and the initialisation order.
+
+    TrainState: model, optimiser (global step, Adam's update count and slots per model part), this
+    stage's step, the mining table, the loss scale and the stage's run tables (E_3's u table).
+
+`initialise` runs the first that applies, and logs which: 1. resume this run's latest checkpoint;
+2. start from the previous stage (its parts, and per Stage.carry its Adam slots, global step and
+mining table); 3. ImageNet VGG16 (data/vgg16.npy); 4. random. A restore that matches nothing is an
+error, not a warning.
+"""
+import os
+
+import numpy as np
+import tensorflow as tf
+
+import config
+import model as model_lib
+import stages
+
+
+class StateError(RuntimeError):
+    """A checkpoint or run directory that cannot be used; str() is one line."""
+
+
+class Adam(tf.Module):
+    """Adam (TF1 defaults, eps 1e-8), lr = base x decay^(global_step / period), staircase or continuous.
+
+    As TF1's AdamOptimizer, the bias correction counts the updates behind the slots (`updates`, TF1's
+    beta powers) apart from the schedule's `global_step`: a stage that restores its predecessor's slots
+    and resets the global step (E_2_2, E_3) keeps the predecessor's bias correction, as the original did.
+    Slots are kept per model part (`slots[part]['m'|'v']`), so a stage restores exactly the slots of the
+    parts it restores. The update is TF's fused ResourceApplyAdam kernel: one pass over var, m and v;
+    benchmarks/bench_adam.py measures it against the same update written as TF ops.
+    """
+
+    def __init__(self, model, parts, lr, decay=1.0, period=1, staircase=False, beta1=0.9, beta2=0.999, eps=1e-8):
+        super().__init__(name='adam')
+        self.strategy = tf.distribute.get_strategy()  # built under the run's strategy.scope()
+        self.parts = tuple(parts)
+        self.lr, self.decay, self.period, self.staircase = lr, decay, max(1, period), staircase
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.global_step = tf.Variable(0, dtype=tf.int64, name='global_step', trainable=False)
+        self.updates = tf.Variable(0, dtype=tf.int64, name='updates', trainable=False)
+        self.slots = {}
+        for part in self.parts:
+            variables = getattr(model, part).trainable_variables
+            self.slots[part] = {'m': [tf.Variable(tf.zeros_like(v), trainable=False, name='m') for v in variables],
+                                'v': [tf.Variable(tf.zeros_like(v), trainable=False, name='v') for v in variables]}
+        self._model = model
+
+    # Flat views in training order; properties, so each slot is checkpointed once, under slots/<part>/.
+    @property
+    def vars(self):
+        return [v for p in self.parts for v in getattr(self._model, p).trainable_variables]
+
+    @property
+    def m(self):
+        return [s for p in self.parts for s in self.slots[p]['m']]
+
+    @property
+    def v(self):
+        return [s for p in self.parts for s in self.slots[p]['v']]
+
+    def learning_rate(self, step=None):
+        step = tf.cast(self.global_step if step is None else step, tf.float32)
+        e = step / self.period
+        if self.staircase:
+            e = tf.floor(e)
+        return self.lr * tf.pow(tf.constant(self.decay, tf.float32), e)
+
+    def apply(self, grads):
+        """One update from the (cross-replica summed) gradients, in cross-replica context."""
+        lr = self.learning_rate()
+        t = tf.cast(self.updates + 1, tf.float32)
+        b1_power, b2_power = self.beta1 ** t, self.beta2 ** t
+
+        def update(var, g, m, v):
+            return tf.raw_ops.ResourceApplyAdam(var=var.handle, m=m.handle, v=v.handle, beta1_power=b1_power,
+                                                beta2_power=b2_power, lr=lr, beta1=self.beta1, beta2=self.beta2,
+                                                epsilon=self.eps, grad=g)
+
+        for var, g, m, v in zip(self.vars, grads, self.m, self.v):
+            if g is not None:
+                self.strategy.extended.update(var, update, args=(g, m, v), group=False)
+        self.updates.assign_add(1)
+        self.global_step.assign_add(1)
+
+
+class TrainState(tf.Module):
+    """Everything a run checkpoints. Build it under the run's strategy.scope()."""
+
+    def __init__(self, stage, cfg, n_train, steps_per_epoch):
+        super().__init__(name='train_state')
+        self.model = stages.build_model(stage, cfg)
+        period = cfg.lr_decay_steps or steps_per_epoch
+        self.optimizer = Adam(self.model, stage.train_parts, cfg.lr, cfg.lr_decay, period, bool(cfg.lr_staircase))
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')   # steps of this stage
+        self.hard = tf.Variable(np.zeros((n_train, cfg.mining_topk), np.int32), trainable=False, name='hard')
+        self.hard_valid = tf.Variable(False, trainable=False, name='hard_valid')
+        self.loss_scale = tf.Variable(2.0 ** 15 if cfg.mixed_precision else 1.0, trainable=False, name='loss_scale')
+        self.tables = {name: tf.Variable(np.zeros((n_train, cols), np.float32), trainable=False, name=name)
+                       for name, cols in stage.tables.items()}
+        self.tables_ready = tf.Variable(False, trainable=False, name='tables_ready')
+
+    def checkpoint(self):
+        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step, hard=self.hard,
+                                   hard_valid=self.hard_valid, loss_scale=self.loss_scale, tables=self.tables,
+                                   tables_ready=self.tables_ready)
+
+
+def latest_checkpoint(run_dir):
+    """The run directory's latest checkpoint path, or None; a damaged index is an error, not a fresh start."""
+    if not run_dir:
+        return None
+    index = os.path.join(run_dir, 'ckpt', 'checkpoint')
+    path = tf.train.latest_checkpoint(os.path.join(run_dir, 'ckpt'))
+    if path is None and os.path.exists(index):
+        raise StateError(f'{index}: damaged checkpoint index (names no checkpoint); restore it, or delete '
+                         f'{os.path.dirname(index)} to start this run again')
+    return path
+
+
+def _read(checkpoint, path, what):
+    """checkpoint.read(path) with one-line errors for unreadable files and architecture mismatches."""
+    try:
+        return checkpoint.read(path)
+    except ValueError as e:  # a variable of another shape
+        raise StateError(f'{path}: checkpoint of another architecture than {what} with these flags '
+                         f'({str(e).splitlines()[0][:160]})') from None
+    except (tf.errors.OpError, OSError) as e:
+        raise StateError(f'{path}: unreadable checkpoint ({type(e).__name__}: '
+                         f'{str(e).strip().splitlines()[0][:160]})') from None
+
+
+def _matched(status, path, what):
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise StateError(f'{path}: restoring {what} matched nothing for some of it '
+                         f'({str(e).splitlines()[0][:160]})') from None
+
+
+def restore_parts(model, parts, path, what):
+    """Restore exactly `parts` of the model from a checkpoint saved with Checkpoint(model=...)."""
+    holder = tf.Module()
+    for p in parts:
+        setattr(holder, p, getattr(model, p))
+    _matched(_read(tf.train.Checkpoint(model=holder), path, what).expect_partial(), path,
+             f'{", ".join(parts)} from {what}')
+
+
+def restore_optimizer(optimizer, parts, path, what, global_step):
+    """The predecessor's Adam slots of `parts` and its update count (and global step if asked)."""
+    holder = tf.Module()
+    holder.slots = {p: optimizer.slots[p] for p in parts}
+    holder.updates = optimizer.updates
+    if global_step:
+        holder.global_step = optimizer.global_step
+    _matched(_read(tf.train.Checkpoint(optimizer=holder), path, what).expect_partial(), path,
+             f'the Adam slots of {", ".join(parts)} from {what}')
+
+
+def check_predecessor(stage, cfg, init_dir):
+    """The previous stage's latest checkpoint, after checking it is of a stage and an architecture we accept."""
+    ckpt = latest_checkpoint(init_dir)
+    if not ckpt:
+        raise StateError(f'{init_dir}: no checkpoint of {stage.previous}; run `{stage.previous_command()}` first '
+                         '(or pass --init_from)')
+    prev = config.load(os.path.join(init_dir, 'config.json'))
+    if prev is not None:
+        if prev.get('stage') not in stage.accepts:
+            raise StateError(f'{init_dir}: holds a {prev.get("stage")} checkpoint, {stage.name} starts from '
+                             f'{" or ".join(stage.accepts)}')
+        diff = config.mismatch(prev, cfg, kinds=('model',))
+        if diff:
+            raise StateError(f'{init_dir}: checkpoint of another architecture ({diff[0]}: {diff[1]} there, '
+                             f'{diff[2]} here)')
+    return ckpt
+
+
+def initialise(state, stage, cfg, run_dir, init_dir, log):
+    """Resume > previous stage > ImageNet > random (see the module docstring). -> which one ran."""
+    latest = latest_checkpoint(run_dir)
+    if latest:
+        _matched(_read(state.checkpoint(), latest, 'this run'), latest, 'this run')
+        log(f'init: resumed this run from {latest} (step {int(state.step.numpy())})')
+        return 'resume'
+    if stage.previous:
+        ckpt = check_predecessor(stage, cfg, init_dir)
+        restore_parts(state.model, stage.restore, ckpt, stage.previous)
+        fresh = [p for p in stage.parts if p not in stage.restore]
+        carried = []
+        slot_parts = [p for p in stage.restore if p in stage.train_parts]
+        if stage.carry != 'none' and cfg.carry_optimizer and slot_parts:
+            restore_optimizer(state.optimizer, slot_parts, ckpt, stage.previous, global_step=stage.carry == 'all')
+            carried.append(f'Adam slots of {", ".join(slot_parts)} ({int(state.optimizer.updates.numpy())} updates)')
+        if stage.carry == 'all':
+            carried.append(f'global step {int(state.optimizer.global_step.numpy())}')
+            holder = tf.train.Checkpoint(hard=state.hard, hard_valid=state.hard_valid)
+            _matched(_read(holder, ckpt, stage.previous).expect_partial(), ckpt, f'the mining table of {stage.previous}')
+            if bool(state.hard_valid.numpy()):
+                carried.append('mining table')
+        log(f'init: {", ".join(stage.restore)} from {ckpt}' + (f'; fresh: {", ".join(fresh)}' if fresh else '')
+            + (f'; carried over: {"; ".join(carried)}' if carried else ''))
+        return 'previous'
+    return 'imagenet' if load_imagenet(state.model, cfg.vgg_weights, log) else 'random'
+
+
+def load_imagenet(model, path, log):
+    """ImageNet-initialise both trunks from `path` when it exists and fits; say what happened either way."""
+    if not path or not os.path.exists(path):
+        log(f'init: random VGG16 trunks ({path or "no path"} not found; see data/DATASET.md for the weights)')
+        return False
+    try:
+        weights = model_lib.read_vgg16_npy(path)
+    except ValueError as e:
+        raise StateError(str(e)) from None
+    problem = model.grd_trunk.vgg16_mismatch(weights)
+    if problem:
+        log(f'init: random VGG16 trunks: the ImageNet weights in {path} do not fit this network ({problem}); '
+            'they fit --width 1 only')
+        return False
+    model.grd_trunk.load_weights(weights)
+    model.sat_trunk.load_weights(weights)
+    log(f'init: ImageNet VGG16 weights from {path}')
+    return True
