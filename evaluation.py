@@ -3,21 +3,16 @@
 Pure numpy; matplotlib is imported only inside the plot functions. Every metric is a pure
 function from arrays to a dict: nothing here prints, reads flags or touches TensorFlow.
 
-Conventions (SPEC §1, §6):
+Conventions (SPEC §6; frames and units in geometry.py):
 - grd (Q, D), sat (N, D): L2-normalised float32 descriptors; similarity = grd · satᵀ (cosine).
-- delta = (dy, dx), pixels of the 640-px aerial tile: dy > 0 means the point lies SOUTH of the
-  tile centre, dx > 0 means WEST of it. In the tile: row = 320 + dy, col = 320 - dx.
-- Metres: great-circle distance with R = 6,371,004 m between (lat, lon) degrees (original GPS
-  labels), or Euclidean distance between (north, east) metres (metric labels).
+- Positions, deltas and metres: geometry.delta_to_position and geometry.distance_m.
 """
 import os
 
 import numpy as np
 
-EARTH_RADIUS_M = 6371004.0
-# BGR mean subtracted from the images (SPEC §2); plot_localisation adds it back to float images.
-VGG_MEAN_BGR = (103.939, 116.779, 123.6)
-TILE_PX = 640                    # the frame of delta, gt_rc, pred_rc and covariances
+from geometry import TILE_PX, VGG_MEAN_BGR
+
 SIM_TILE_BYTES = 256 * 2 ** 20   # default size of one float32 similarity tile
 
 # ---------------------------------------------------------------------------------------------
@@ -215,52 +210,7 @@ def _fraction(mask):
     return float(np.mean(mask)) if np.size(mask) else float('nan')
 
 # ---------------------------------------------------------------------------------------------
-# Metres
-
-
-def offset_to_position(centre, delta_px, mpp, metric):
-    """Position of a point given as a pixel offset from an aerial tile's centre.
-
-    centre: (Q, 2) or (2,) tile centre: (lat, lon) degrees for metric='haversine',
-        (north, east) metres for metric='euclidean'.
-    delta_px: (Q, 2) (dy, dx), pixels of the 640-px tile; dy > 0: south, dx > 0: west.
-    mpp: scalar or (Q,) metres per pixel of the 640-px tile.
-    Returns (Q, 2) float64 in the centre's units. 'haversine' takes an equirectangular step,
-    R = 6,371,004 m: dlat = north / R, dlon = east / (R cos lat), exact to well below 1 mm over
-    a tile (< 60 m).
-    """
-    centre = np.asarray(centre, np.float64)
-    delta_px = _pairs(delta_px, 'delta_px')
-    if centre.shape not in ((2,), delta_px.shape):
-        raise ValueError(f'centre must have shape (2,) or {delta_px.shape}, got {centre.shape}')
-    mpp = np.asarray(mpp, np.float64)
-    if mpp.ndim == 1:
-        mpp = mpp[:, None]
-    north = -delta_px[:, 0:1] * mpp                                      # (Q, 1) metres
-    east = -delta_px[:, 1:2] * mpp
-    if metric == 'euclidean':
-        return centre + np.concatenate([north, east], axis=1)
-    if metric == 'haversine':
-        lat = centre[..., 0:1] + np.degrees(north / EARTH_RADIUS_M)
-        lon = centre[..., 1:2] + np.degrees(east / (EARTH_RADIUS_M * np.cos(np.radians(centre[..., 0:1]))))
-        return np.concatenate([lat, lon], axis=1)
-    raise ValueError(f"metric must be 'haversine' or 'euclidean', got {metric!r}")
-
-
-def position_errors(pred, gt, metric):
-    """(Q,) float64 metres between pred and gt, both (Q, 2): great-circle distance between
-    (lat, lon) degrees with R = 6,371,004 m ('haversine'), or Euclidean distance between metric
-    coordinates ('euclidean')."""
-    pred, gt = _pairs(pred, 'pred'), _pairs(gt, 'gt')
-    if pred.shape != gt.shape:
-        raise ValueError(f'pred {pred.shape} and gt {gt.shape} differ in shape')
-    if metric == 'euclidean':
-        return np.hypot(pred[:, 0] - gt[:, 0], pred[:, 1] - gt[:, 1])
-    if metric == 'haversine':
-        lat1, lon1, lat2, lon2 = np.radians([pred[:, 0], pred[:, 1], gt[:, 0], gt[:, 1]])
-        a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-        return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
-    raise ValueError(f"metric must be 'haversine' or 'euclidean', got {metric!r}")
+# Localisation (metres between positions: geometry.distance_m)
 
 
 def localisation_summary(err_with_offset, err_centre, top1_correct, thresholds=np.arange(1, 41)):

@@ -13,14 +13,8 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from model import VGG_MEAN_BGR
+from geometry import CORRECTED_MPP, CROSS_AREA, ORIGINAL_MPP, VGG_MEAN_BGR, VIGOR_CITIES, delta_to_position
 
-VIGOR_CITIES = ('NewYork', 'Seattle', 'SanFrancisco', 'Chicago')
-CROSS_AREA = {'train': ('NewYork', 'Seattle'), 'test': ('SanFrancisco', 'Chicago')}
-# Metres per pixel of the 640-px tile: SliceMatch's per-city figures (corrected labels); the
-# original labels assume 0.114 everywhere.
-CORRECTED_MPP = {'NewYork': 0.113248, 'Seattle': 0.100817, 'SanFrancisco': 0.118141, 'Chicago': 0.111262}
-ORIGINAL_MPP = 0.114
 BAD_INPUT = 'BAD INPUT: '  # marks our messages when they cross a tf.data boundary
 
 
@@ -106,17 +100,6 @@ def vigor_split_file(root, city, split, area, labels):
     return os.path.join(root, 'splits', city, f'{stem}.txt')
 
 
-def offset_position(centre, delta, mpp, metric):
-    """Move a tile centre by a VIGOR delta (dy > 0: south, dx > 0: west) of `mpp` metres per px."""
-    north, east = -delta[..., 0] * mpp, -delta[..., 1] * mpp
-    if metric == 'euclidean':
-        return np.stack([centre[..., 0] + north, centre[..., 1] + east], -1)
-    r = 6371004.0
-    lat = centre[..., 0] + np.degrees(north / r)
-    lon = centre[..., 1] + np.degrees(east / (r * np.cos(np.radians(centre[..., 0]))))
-    return np.stack([lat, lon], -1)
-
-
 def load_vigor(root, split, area='same', labels='original', cities=None, check_files=True):
     """Parse and validate one VIGOR split. Same-area references: every tile of all cities;
     cross-area: the tiles of that side's cities (train NewYork+Seattle, test SanFrancisco+Chicago)."""
@@ -161,7 +144,7 @@ def load_vigor(root, split, area='same', labels='original', cities=None, check_f
     deltas = np.stack(deltas).astype(np.float32)
     mpp = np.array(mpp, np.float64)
     if labels == 'corrected':  # the corrected deltas, not the names' GPS, are the ground truth
-        gt = offset_position(tile_centres[tiles[:, 0]], deltas[:, 0].astype(np.float64), mpp, 'haversine')
+        gt = delta_to_position(tile_centres[tiles[:, 0]], deltas[:, 0].astype(np.float64), mpp, 'haversine')
     else:
         gt = np.array(pano_gps, np.float64)
     if check_files:

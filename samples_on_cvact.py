@@ -36,8 +36,9 @@ import cv2
 import numpy as np
 import scipy.io
 
+from geometry import TILE_PX
+
 AERIAL_SIZE = 1200  # px, side of a satview_polish aerial; the panorama sits at (AERIAL_SIZE/2, AERIAL_SIZE/2)
-TILE = 640          # px, side of a VIGOR tile: deltas are expressed in this frame
 JPEG_QUALITY = 95
 
 
@@ -190,7 +191,7 @@ def crop_name(pano_id, i):
 
 def vigor_delta(x, y, crop=600):
     """(dy, dx) in px of the 640-px tile for a panorama at (x, y) px of a crop x crop image."""
-    scale = TILE / crop
+    scale = TILE_PX / crop
     return (y - crop / 2) * scale, (crop / 2 - x) * scale
 
 
@@ -286,8 +287,8 @@ def resample(cvact_root, out_root, seed=0, crop=600, progress=True, val_set=None
             lines.append(' '.join(tokens))
         _write_text(os.path.join(split_dir, f'satellite_list_{split}.txt'), names)
         _write_text(os.path.join(split_dir, f'{split}.txt'), lines)
-    config = {'seed': int(seed), 'crop': crop, 'aerial_size': AERIAL_SIZE, 'tile': TILE, 'jpeg_quality': JPEG_QUALITY,
-              'cvact_root': os.path.abspath(cvact_root), 'act_data': os.path.abspath(mat_path),
+    config = {'seed': int(seed), 'crop': crop, 'aerial_size': AERIAL_SIZE, 'tile': TILE_PX,
+              'jpeg_quality': JPEG_QUALITY, 'cvact_root': os.path.abspath(cvact_root), 'act_data': os.path.abspath(mat_path),
               'val_set': act['val_set'], 'n_pano_ids': len(pano_ids), 'n_aerials': len(used),
               'n_crops': 4 * len(used), 'n_train': len(splits['train']), 'n_test': len(splits['test']),
               'n_train_test_overlap': overlap, 'n_left_out': len(pano_ids) - len(used)}

@@ -56,6 +56,7 @@ def _load_tensorflow():
 tf = _load_tensorflow()
 
 import evaluation  # noqa: E402  (after TensorFlow's environment is set)
+import geometry  # noqa: E402
 import input_data  # noqa: E402
 import losses  # noqa: E402
 import model as model_lib  # noqa: E402
@@ -804,17 +805,17 @@ def evaluate_model(stage, cfg, model, split, queries, out_dir, log, ckpt_path=''
         if len(wrong):
             mu_top1[wrong] = localise_pairs(model, split, queries[wrong], top1[wrong], cfg, keep_heatmaps=0,
                                             cache=cache)[0]
-        delta_pos = model_lib.rc_to_delta(tf.constant(mu_pos)).numpy()
-        delta_top1 = model_lib.rc_to_delta(tf.constant(mu_top1)).numpy()
+        delta_pos = geometry.rc_to_delta(mu_pos)
+        delta_top1 = geometry.rc_to_delta(mu_top1)
     method = stage.localise or 'tile centre'
 
     def errors(tiles, delta):
         centre = split.tile_centres[tiles]
-        err_centre = evaluation.position_errors(centre, gt, split.metric)
+        err_centre = geometry.distance_m(centre, gt, split.metric)
         if delta is None:
             return err_centre, err_centre
-        return evaluation.position_errors(evaluation.offset_to_position(centre, delta, mpp, split.metric),
-                                          gt, split.metric), err_centre
+        moved = geometry.delta_to_position(centre, delta, mpp, split.metric)
+        return geometry.distance_m(moved, gt, split.metric), err_centre
 
     results['localisation'] = evaluation.localisation_summary(*errors(top1, delta_top1), correct)
     results['localisation']['method'] = method
@@ -824,7 +825,7 @@ def evaluate_model(stage, cfg, model, split, queries, out_dir, log, ckpt_path=''
     if chol is not None:
         cov = model_lib.cholesky_to_cov(tf.constant(chol)).numpy()
         u = model_lib.uncertainty(tf.constant(chol)).numpy()
-        gt_rc = model_lib.delta_to_rc(tf.constant(split.deltas[queries, 0])).numpy()
+        gt_rc = geometry.delta_to_rc(split.deltas[queries, 0])
         pix_err = np.linalg.norm(mu_pos - gt_rc, axis=1)
         cover = evaluation.ellipse_coverage(mu_pos, cov, gt_rc)
         sp = evaluation.sparsification(u, pix_err)
@@ -854,8 +855,8 @@ def write_plots(out_dir, split, queries, ranks, n_ref, results, delta_pos, chol,
         q = queries[i]
         pano = input_data.read_image(split.pano_paths[q], cfg['grd_size'], 'panorama')
         sat = input_data.read_image(split.tile_paths[split.tiles[q, 0]], (cfg['sat_size'],) * 2, 'aerial')
-        gt_rc = model_lib.delta_to_rc(tf.constant(split.deltas[q, 0])).numpy()
-        pred_rc = None if delta_pos is None else model_lib.delta_to_rc(tf.constant(delta_pos[i])).numpy()
+        gt_rc = geometry.delta_to_rc(split.deltas[q, 0])
+        pred_rc = None if delta_pos is None else geometry.delta_to_rc(delta_pos[i])
         rank = int(ranks['rank'][i])
         evaluation.plot_localisation(os.path.join(out_dir, f'query_{i}.png'), pano, sat, gt_rc, pred_rc,
                                      heatmap=heat.get(i), cov=None if cov is None else cov[i],

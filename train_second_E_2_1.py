@@ -9,6 +9,7 @@ Loss: triplet + heatmap L2 (mean ||gt - mu|| / 10000) for both branches.
 import sys
 
 import train_lib  # first: it sets TensorFlow's environment (log level, oneDNN) and imports it
+import geometry
 import losses
 import model
 
@@ -20,8 +21,8 @@ def loss(m, batch, ctx):
     triplet = ctx.triplet(e['grd'], e['sat'])
     pos = m.localise('pos', e['sat_raw'], e['grd_raw'], e['sat_skips'], with_cholesky=False)
     semi = m.localise('semi', e['semi_raw'], e['grd_raw'], e['semi_skips'], with_cholesky=False)
-    h_pos = ctx.mean(losses.heatmap_loss(pos['mu'], model.delta_to_rc(batch['delta'])))
-    h_semi = ctx.mean(losses.heatmap_loss(semi['mu'], model.delta_to_rc(batch['delta_semi'])))
+    h_pos = ctx.mean(losses.heatmap_loss(pos['mu'], geometry.delta_to_rc(batch['delta'])))
+    h_semi = ctx.mean(losses.heatmap_loss(semi['mu'], geometry.delta_to_rc(batch['delta_semi'])))
     return triplet + h_pos + h_semi, {'triplet': triplet, 'heatmap_pos': h_pos, 'heatmap_semi': h_semi}, \
         {'grd': e['grd'], 'sat': e['sat']}
 

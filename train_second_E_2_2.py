@@ -9,6 +9,7 @@ Loss: triplet + 1e-3 NLL(positive) + 1e-4 NLL(semi-positive), NLL with the 1/2 a
 import sys
 
 import train_lib  # first: it sets TensorFlow's environment (log level, oneDNN) and imports it
+import geometry
 import losses
 import model
 
@@ -20,8 +21,8 @@ def loss(m, batch, ctx):
     triplet = ctx.triplet(e['grd'], e['sat'])
     pos = m.localise('pos', e['sat_raw'], e['grd_raw'], e['sat_skips'])
     semi = m.localise('semi', e['semi_raw'], e['grd_raw'], e['semi_skips'])
-    nll_pos = ctx.mean(losses.gaussian_nll(pos['mu'], pos['chol'], model.delta_to_rc(batch['delta'])))
-    nll_semi = ctx.mean(losses.gaussian_nll(semi['mu'], semi['chol'], model.delta_to_rc(batch['delta_semi'])))
+    nll_pos = ctx.mean(losses.gaussian_nll(pos['mu'], pos['chol'], geometry.delta_to_rc(batch['delta'])))
+    nll_semi = ctx.mean(losses.gaussian_nll(semi['mu'], semi['chol'], geometry.delta_to_rc(batch['delta_semi'])))
     total = triplet + 1e-3 * nll_pos + 1e-4 * nll_semi
     return total, {'triplet': triplet, 'nll_pos': nll_pos, 'nll_semi': nll_semi}, {'grd': e['grd'], 'sat': e['sat']}
 

@@ -146,41 +146,6 @@ def test_bad_inputs_raise():
         ev.retrieval_ranks(GRD, sat, [0])
 
 
-def test_offset_to_position_directions():
-    # dy = +100 px at 0.1 m/px: 10 m south; dx = +50 px: 5 m west.
-    got = ev.offset_to_position([0.0, 0.0], [[100.0, 0.0], [0.0, 50.0]], 0.1, 'euclidean')
-    np.testing.assert_allclose(got, [[-10.0, 0.0], [0.0, -5.0]])
-    # 10 m south in degrees: 10 / 6371004 rad = 8.99321e-5 deg.
-    got = ev.offset_to_position([[41.0, -87.0]], [[100.0, 0.0]], np.array([0.1]), 'haversine')
-    np.testing.assert_allclose(got, [[41.0 - 8.993210e-5, -87.0]], rtol=0, atol=1e-10)
-    assert ev.position_errors(got, [[41.0, -87.0]], 'haversine')[0] == pytest.approx(10.0, abs=1e-6)
-
-
-def test_metres_bad_inputs_raise():
-    with pytest.raises(ValueError, match='metric'):
-        ev.position_errors([[0.0, 0.0]], [[1.0, 1.0]], 'manhattan')
-    with pytest.raises(ValueError, match='centre'):
-        ev.offset_to_position([[0.0, 0.0, 0.0]], [[1.0, 1.0]], 0.1, 'euclidean')
-
-
-def test_haversine_of_one_ten_thousandth_degree():
-    # R · 1e-4 · π / 180 = 6371004 · 1.745329e-6 = 11.1195 m.
-    err = ev.position_errors([[40.0001, -74.0]], [[40.0, -74.0]], 'haversine')
-    assert err[0] == pytest.approx(11.1195, abs=1e-3)
-    assert ev.position_errors([[3.0, 4.0]], [[0.0, 0.0]], 'euclidean')[0] == 5.0
-
-
-def test_offset_round_trip_on_a_vigor_pair():
-    # Chicago pair from SPEC §1: tile centre (41.877971796211014, -87.68943505304125), panorama
-    # (41.877949, -87.689396). By hand: 2.53482 m south, 3.23329 m east of the centre; at
-    # 0.114 m/px that is dy = +22.2353 px, dx = -28.3622 px.
-    centre = [[41.877971796211014, -87.68943505304125]]
-    pano = np.array([[41.877949, -87.689396]])
-    got = ev.offset_to_position(centre, [[22.2353, -28.3622]], 0.114, 'haversine')
-    assert ev.position_errors(got, pano, 'haversine')[0] < 1e-3
-    assert ev.position_errors(pano, centre, 'haversine')[0] == pytest.approx(np.hypot(2.53482, 3.23329), abs=1e-4)
-
-
 def test_localisation_summary_hand_values():
     s = ev.localisation_summary([1.0, 5.0, 50.0], [10.0, 10.0, 100.0], np.array([True, True, False]),
                                 thresholds=[1, 5, 10])

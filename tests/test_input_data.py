@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
+import geometry
 import input_data
 import synthetic_data
-
 
 
 @pytest.fixture(scope='module')
@@ -30,16 +30,15 @@ def test_load_same_and_cross_area(vigor):
 def test_positions_agree_with_names(vigor):
     # original labels: the ground truth is the panorama's GPS; moving the positive tile's centre by the
     # original delta at 0.114 m/px lands on it (up to the 6-decimal rounding of the names, < 0.1 m).
-    from evaluation import position_errors
-    for labels, mpp in (('original', None), ('corrected', input_data.CORRECTED_MPP)):
+    for labels in ('original', 'corrected'):
         s = input_data.load_vigor(vigor, 'test', 'same', labels)
-        moved = input_data.offset_position(s.tile_centres[s.tiles[:, 0]], s.deltas[:, 0].astype(float),
+        moved = geometry.delta_to_position(s.tile_centres[s.tiles[:, 0]], s.deltas[:, 0].astype(float),
                                            s.mpp, 'haversine')
         names = np.array([input_data.vigor_pano_latlon(os.path.basename(p)) for p in s.pano_paths])
-        err = position_errors(moved, names, 'haversine')
+        err = geometry.distance_m(moved, names, 'haversine')
         assert err.max() < 0.2, labels
     corrected = input_data.load_vigor(vigor, 'test', 'same', 'corrected')
-    assert set(np.round(corrected.mpp, 6)) == set(np.round(list(input_data.CORRECTED_MPP.values()), 6))
+    assert set(np.round(corrected.mpp, 6)) == set(np.round(list(geometry.CORRECTED_MPP.values()), 6))
 
 
 def _rewrite_line(path, fn, line=0):
@@ -86,7 +85,7 @@ def test_read_image_checks(tmp_path):
     img = input_data.read_image(str(tmp_path / 'p.jpg'), (32, 64), 'panorama')
     assert img.shape == (32, 64, 3) and img.dtype == np.float32
     # BGR mean subtracted: a uniform 200 image becomes 200 - mean per channel (JPEG: +-2)
-    np.testing.assert_allclose(img.mean((0, 1)), 200 - np.array(input_data.VGG_MEAN_BGR), atol=2.5)
+    np.testing.assert_allclose(img.mean((0, 1)), 200 - np.array(geometry.VGG_MEAN_BGR), atol=2.5)
     cv2.imwrite(str(tmp_path / 'g.png'), np.zeros((40, 80), np.uint8))
     with pytest.raises(input_data.DataError, match='g.png: expected a 3-channel colour panorama, got a grayscale'):
         input_data.read_image(str(tmp_path / 'g.png'), (32, 64), 'panorama')
@@ -239,6 +238,6 @@ def test_cvact_resampled_loader(tmp_path):
     s = input_data.load_cvact(root, str(tmp_path / 'res'), 'test', synthetic_data.CVACT_MPP_1200)
     assert s.metric == 'euclidean' and len(s.tile_paths) == 4 * len(s)
     # the positive crop's centre moved by the label delta lands on the panorama's UTM position
-    moved = input_data.offset_position(s.tile_centres[s.tiles[:, 0]], s.deltas[:, 0].astype(float), s.mpp,
+    moved = geometry.delta_to_position(s.tile_centres[s.tiles[:, 0]], s.deltas[:, 0].astype(float), s.mpp,
                                        'euclidean')
     np.testing.assert_allclose(moved, s.gt_positions, atol=1e-6)
