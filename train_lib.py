@@ -60,6 +60,7 @@ import geometry  # noqa: E402
 import input_data  # noqa: E402
 import losses  # noqa: E402
 import model as model_lib  # noqa: E402
+import pipeline  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -529,8 +530,8 @@ class Run:
             missing = np.flatnonzero(~seen)
             if len(missing) == 0:
                 continue
-            ds = input_data.image_dataset([paths[i] for i in ids[missing]], hw, kind, cfg['eval_batch'],
-                                          cache=self.images)
+            ds = pipeline.image_dataset([paths[i] for i in ids[missing]], hw, kind, cfg['eval_batch'],
+                                        cache=self.images)
             for images, idx in ds:
                 out[missing[idx.numpy()]] = self.describe_fns[kind](images).numpy()
             seen[missing] = True
@@ -571,9 +572,9 @@ class Run:
             use_hard = cfg['mining'] and bool(self.hard_valid.numpy()) and epoch + 1 >= cfg['mining_start_epoch']
             panos, semi = sampler.epoch_plan(epoch, self.hard.numpy() if use_hard else None)
             end = min(spe, offset + total - step)
-            ds = input_data.train_dataset(split, panos[offset:end], semi[offset:end], cfg['grd_size'],
-                                          cfg['sat_size'], cfg['batch'], cache=self.images,
-                                          with_semi=stage.needs_semi)
+            ds = pipeline.train_dataset(split, panos[offset:end], semi[offset:end], cfg['grd_size'],
+                                        cfg['sat_size'], cfg['batch'], cache=self.images,
+                                        with_semi=stage.needs_semi)
             ds = self.strategy.experimental_distribute_dataset(ds)
             # mine at the end of a complete epoch whose successor exists and takes mined batches
             mine_now = (cfg['mining'] and epoch + 2 >= cfg['mining_start_epoch'] and end == spe
@@ -723,7 +724,7 @@ def describe(model, split, queries, cfg, cache=None):
             ('grd', [split.pano_paths[q] for q in queries], 'panorama', cfg['grd_size'], grd_fn),
             ('sat', split.tile_paths, 'aerial', (cfg['sat_size'],) * 2, sat_fn)):
         raw = np.zeros((len(paths), model.dim), np.float32)
-        ds = input_data.image_dataset(paths, hw, kind, cfg['eval_batch'], cache=cache)
+        ds = pipeline.image_dataset(paths, hw, kind, cfg['eval_batch'], cache=cache)
         t = time.time()
         for images, idx in ds:
             raw[idx.numpy()] = fn(images).numpy()
@@ -746,8 +747,8 @@ def localise_pairs(model, split, queries, tiles, cfg, branch='pos', keep_heatmap
 
     n = len(queries)
     mu, chol, heat = np.zeros((n, 2), np.float32), np.zeros((n, 3), np.float32), {}
-    ds = input_data.pair_dataset(split, np.asarray(queries), np.asarray(tiles), cfg['grd_size'], cfg['sat_size'],
-                                 cfg['eval_batch'], cache)
+    ds = pipeline.pair_dataset(split, np.asarray(queries), np.asarray(tiles), cfg['grd_size'], cfg['sat_size'],
+                               cfg['eval_batch'], cache)
     done, t = 0, time.time()
     for grd, sat, rows in ds:
         out = fn(grd, sat)
@@ -942,7 +943,7 @@ def main(stages, argv=None):
         print(f'error: {e}', file=sys.stderr)
         return 2
     except tf.errors.OpError as e:  # bad input met inside tf.data (training, mining or --test)
-        msg = input_data.unwrap_error(e)
+        msg = pipeline.unwrap_error(e)
         if not msg:
             raise
         print(f'error: {msg}', file=sys.stderr)

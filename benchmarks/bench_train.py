@@ -255,6 +255,7 @@ def onednn_enabled():
 def child(args):
     import tensorflow as tf
     import input_data
+    import pipeline
     import train_lib
     size, stage_name = args.child.split(':')
     rss = PeakRSS()
@@ -275,7 +276,7 @@ def child(args):
     plans = [sampler.epoch_plan(e) for e in range(-(-n_plan // sampler.steps_per_epoch))]
     panos = np.concatenate([p for p, _ in plans])[:n_plan]
     semi = np.concatenate([k for _, k in plans])[:n_plan]
-    make_ds = lambda cache, n=n_batches: input_data.train_dataset(
+    make_ds = lambda cache, n=n_batches: pipeline.train_dataset(
         split, panos[:n], semi[:n], cfg['grd_size'], cfg['sat_size'], cfg['batch'], cache=cache,
         with_semi=stage.needs_semi)
     new_cache = lambda: input_data.ImageCache(cfg['image_cache_mb'] * 2 ** 20)

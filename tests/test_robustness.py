@@ -15,9 +15,9 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
-import input_data
 import losses
 import model
+import pipeline
 import synthetic_data
 import train_first_E_1
 import train_lib
@@ -41,13 +41,13 @@ def finite(*tensors):
 
 def poison_third_batch(monkeypatch):
     """train_dataset's third batch (step 3 of a fresh run) gets a NaN delta."""
-    real = input_data.train_dataset
+    real = pipeline.train_dataset
 
     def poisoned(*args, **kwargs):
         def poison(i, batch):
             return dict(batch, delta=tf.where(i == 2, tf.fill(tf.shape(batch['delta']), np.nan), batch['delta']))
         return real(*args, **kwargs).enumerate().map(poison)
-    monkeypatch.setattr(input_data, 'train_dataset', poisoned)
+    monkeypatch.setattr(pipeline, 'train_dataset', poisoned)
 
 
 def nan_loss(m, batch, ctx):        # phase a's loss, NaN when the batch's delta is
