@@ -1,6 +1,6 @@
 """Evaluation: retrieval recall, metre-level localisation, uncertainty quality, and figures.
 
-Pure numpy; matplotlib is imported only inside the plot functions. Every metric is a pure
+numpy and scipy; matplotlib is imported only inside the plot functions. Every metric is a pure
 function from arrays to a dict: nothing here prints, reads flags or touches TensorFlow.
 
 Conventions (SPEC §6; frames and units in geometry.py):
@@ -10,6 +10,8 @@ Conventions (SPEC §6; frames and units in geometry.py):
 import os
 
 import numpy as np
+from scipy.integrate import trapezoid
+from scipy.stats import spearmanr
 
 from geometry import TILE_PX, VGG_MEAN_BGR
 
@@ -289,16 +291,12 @@ def ellipse_coverage(mu, cov, gt):
 
 
 def rank_correlation(u, err):
-    """Spearman rank correlation of uncertainty u (Q,) and error err (Q,); ties get average
-    ranks. NaN when Q < 2 or either array is constant."""
-    from scipy.stats import rankdata
+    """Spearman rank correlation of uncertainty u (Q,) and error err (Q,) (scipy.stats.spearmanr;
+    ties get average ranks). NaN, without a warning, when Q < 2 or either array is constant."""
     u, err = _same_length(u, err)
-    if u.size < 2:
+    if u.size < 2 or np.all(u == u[0]) or np.all(err == err[0]):
         return float('nan')
-    ru, re = rankdata(u), rankdata(err)
-    ru, re = ru - ru.mean(), re - re.mean()
-    denom = np.sqrt((ru * ru).sum() * (re * re).sum())
-    return float((ru * re).sum() / denom) if denom > 0 else float('nan')
+    return float(spearmanr(u, err).statistic)
 
 
 def sparsification(u, err, steps=20):
@@ -324,7 +322,7 @@ def sparsification(u, err, steps=20):
     curve = kept_mean(np.argsort(u, kind='stable'))       # keep the least uncertain first
     oracle = kept_mean(np.argsort(err, kind='stable'))
     return {'fractions': fractions.tolist(), 'curve': curve.tolist(), 'oracle': oracle.tolist(),
-            'ause': _trapezoid(curve - oracle, fractions), 'auc': _trapezoid(curve, fractions)}
+            'ause': float(trapezoid(curve - oracle, fractions)), 'auc': float(trapezoid(curve, fractions))}
 
 
 def _same_length(u, err):
@@ -333,9 +331,6 @@ def _same_length(u, err):
         raise ValueError(f'u and err must be (Q,) arrays of one length, got {u.shape} and {err.shape}')
     return u, err
 
-
-def _trapezoid(y, x):
-    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
 
 # ---------------------------------------------------------------------------------------------
 # Figures (matplotlib's object API with the Agg canvas: no pyplot, no global backend switch)

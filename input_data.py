@@ -6,12 +6,14 @@ arguments; nothing reads flags. Bad input raises DataError with a one-line messa
 (and line) and what was expected. No TensorFlow here: pipeline.py builds the tf.data datasets.
 """
 import dataclasses
+import io
 import os
 import threading
 
 import cv2
 import numpy as np
 import scipy.io
+from PIL import Image
 
 from geometry import CORRECTED_MPP, CROSS_AREA, ORIGINAL_MPP, VGG_MEAN_BGR, VIGOR_CITIES, delta_to_position
 
@@ -320,27 +322,14 @@ def load_cvact(cvact_root, resampled_root, split, mpp_1200):
 
 # ----------------------------------------------------------------------------- images
 
-def _jpeg_header(data):
-    """(height, width, components) from a JPEG's frame header, or None if there is none before the scan."""
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        m = data[i + 1]
-        if m == 0xFF:  # fill byte
-            i += 1
-            continue
-        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
-            i += 2
-            continue
-        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):  # SOFn: precision, height, width, components
-            if i + 10 > n:
-                return None
-            return (int.from_bytes(data[i + 5:i + 7], 'big'), int.from_bytes(data[i + 7:i + 9], 'big'), data[i + 9])
-        if m == 0xDA:
-            return None
-        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
-    return None
+def _jpeg_colour_size(data):
+    """(height, width) of a 3-component (colour) JPEG from its header, read by Pillow; None for any
+    other JPEG or a header Pillow cannot read (OpenCV then decodes, or rejects, the whole file)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=('JPEG',)) as img:     # reads the header only
+            return (img.height, img.width) if img.mode == 'RGB' else None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -368,9 +357,8 @@ def decode_image(path, min_hw=None):
     if data[:2] == b'\xff\xd8':
         if b'\xff\xd9' not in data[-64:]:
             _fail(f'{path}: truncated JPEG (no end-of-image marker)')
-        header = _jpeg_header(data)
-        if min_hw is not None and header is not None and header[2] == 3:
-            shape = header[:2]
+        shape = _jpeg_colour_size(data) if min_hw is not None else None
+        if shape is not None:
             factor = max((f for f in (2, 4, 8) if -(-shape[0] // f) >= min_hw[0] and -(-shape[1] // f) >= min_hw[1]),
                          default=1)
             if factor > 1:

@@ -6,6 +6,8 @@ places of a matrix, so two equal float rows need not score equally. The tie test
 descriptors on a grid of multiples of 1/8, whose dot products are exact in float32 whatever the
 summation order.
 """
+import warnings
+
 import numpy as np
 import pytest
 
@@ -192,7 +194,12 @@ def test_rank_correlation():
     rng = np.random.default_rng(0)
     u, err = rng.integers(0, 5, 100), rng.integers(0, 5, 100)            # many ties
     assert ev.rank_correlation(u, err) == pytest.approx(spearmanr(u, err)[0])
-    assert np.isnan(ev.rank_correlation(np.ones(5), x[:5]))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                                   # NaN without a warning
+        assert np.isnan(ev.rank_correlation(np.ones(5), x[:5]))
+        assert np.isnan(ev.rank_correlation(x[:5], np.ones(5)))
+        assert np.isnan(ev.rank_correlation([1.0], [2.0])) and np.isnan(ev.rank_correlation([], []))
+    assert ev.rank_correlation([1.0, 2.0], [5.0, 3.0]) == pytest.approx(-1.0)
 
 
 def test_sparsification_hand_case_and_oracle_bound():

@@ -1,4 +1,5 @@
 """VIGOR/CVACT parsing and validation, image decoding, the image cache and the batch sampler."""
+import io
 import os
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import scipy.io
+from PIL import Image
 
 import geometry
 import input_data
@@ -115,7 +117,7 @@ def test_jpeg_is_decoded_at_a_reduced_scale_when_read_smaller(tmp_path):
     path = str(tmp_path / 'p.jpg')
     cv2.imwrite(path, _smooth_colour(256, 512), [cv2.IMWRITE_JPEG_QUALITY, 95])
     with open(path, 'rb') as f:
-        assert input_data._jpeg_header(f.read()) == (256, 512, 3)
+        assert input_data._jpeg_colour_size(f.read()) == (256, 512)
     pixels, on_file = input_data.decode_image(path, (64, 128))
     assert pixels.shape == (64, 128, 3) and on_file == (256, 512)       # 1/4 scale in libjpeg
     assert input_data.decode_image(path, (100, 200))[0].shape == (128, 256, 3)  # 1/4 would be < 100 rows
@@ -130,6 +132,22 @@ def test_jpeg_is_decoded_at_a_reduced_scale_when_read_smaller(tmp_path):
     cv2.imwrite(str(tmp_path / 'sq.jpg'), _smooth_colour(256, 256))
     with pytest.raises(input_data.DataError, match='width = 2 x height, got 256x256'):
         input_data.load_image(str(tmp_path / 'sq.jpg'), (32, 64), 'panorama')
+
+
+def test_jpeg_colour_size_reads_only_colour_jpeg_headers():
+    def encoded(fmt, image, **kw):
+        buf = io.BytesIO()
+        image.save(buf, fmt, **kw)
+        return buf.getvalue()
+    colour = encoded('JPEG', Image.new('RGB', (48, 24)))
+    assert input_data._jpeg_colour_size(colour) == (24, 48)                  # (height, width)
+    scan = colour.index(b'\xff\xda')                                         # start of scan
+    assert input_data._jpeg_colour_size(colour[:scan + 20]) == (24, 48)      # the header is enough
+    assert input_data._jpeg_colour_size(encoded('JPEG', Image.new('L', (48, 24)))) is None       # 1 component
+    assert input_data._jpeg_colour_size(encoded('JPEG', Image.new('CMYK', (48, 24)))) is None    # 4 components
+    assert input_data._jpeg_colour_size(encoded('PNG', Image.new('RGB', (48, 24)))) is None
+    assert input_data._jpeg_colour_size(colour[:20]) is None                 # no frame header
+    assert input_data._jpeg_colour_size(b'\xff\xd8garbage') is None
 
 
 def test_no_tensorflow_import():
