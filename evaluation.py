@@ -21,7 +21,7 @@ SIM_TILE_BYTES = 256 * 2 ** 20   # default size of one float32 similarity tile
 # Retrieval
 
 
-def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None, topk=0):
+def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None):
     """Rank each query's positive among all references, streaming sim = grd · satᵀ by tiles.
 
     grd: (Q, D) float32, L2-normalised ground descriptors (queries).
@@ -30,7 +30,6 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
     semi_idx: (Q, S) int or None, rows of sat that are its semi-positives (VIGOR: S = 3);
         -1 marks an absent one; an entry equal to the positive or repeated is ignored.
     block: queries per tile. ref_block: references per tile (default: a 256 MB float32 tile).
-    topk: when > 0, also return each query's topk best references.
 
     Only one (block, ref_block) float32 tile and its boolean mask exist at a time, so memory is
     the descriptors + 5 · block · ref_block + 4 · block · D bytes (0.4 GB at the defaults and
@@ -42,8 +41,6 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
       top1 (Q,) int64   best reference (ties: lowest index)
       hit  (Q,) bool    no reference other than the positive and its semi-positives scores
                         strictly above the positive; present only when semi_idx is given
-      topk (Q, min(topk, N)) int64  best references, best first, ties by lowest index;
-                        present only when topk > 0
 
     Scores are float32 BLAS dot products; the positive's score is a row-wise dot. BLAS rounds
     one and the same dot product differently at different places of a tile (last bit), so two
@@ -66,12 +63,10 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
     if ref_block < 1:
         raise ValueError(f'ref_block must be >= 1, got {ref_block}')
     ref_block = min(ref_block, n_ref)
-    topk = min(int(topk), n_ref)
 
     rank = np.zeros(n_query, np.int64)
     top1 = np.zeros(n_query, np.int64)
     semi_above = np.zeros(n_query, np.int64)
-    top_idx = np.zeros((n_query, max(topk, 0)), np.int64)
     tile_buf = np.empty(min(block, n_query) * ref_block, np.float32)
     mask_buf = np.empty(tile_buf.size, np.bool_)
 
@@ -84,8 +79,6 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
         if not np.isfinite(p).all():
             raise ValueError(f'non-finite positive score for queries {q0 + np.flatnonzero(~np.isfinite(p[:, 0]))[:10]}')
         best = np.full(b, -np.inf, np.float32)
-        best_vals = np.empty((b, 0), np.float32)
-        best_idx = np.empty((b, 0), np.int64)
         for r0 in range(0, n_ref, ref_block):
             r1 = min(r0 + ref_block, n_ref)
             n = r1 - r0
@@ -106,21 +99,9 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
             best[better] = val[better]
             top1[q0:q1][better] = arg[better] + r0
 
-            if topk > 0:
-                vals, cols = _tile_topk(sim, topk)
-                vals = np.concatenate([best_vals, vals], axis=1)
-                idx = np.concatenate([best_idx, cols + r0], axis=1)
-                order = np.lexsort((idx, -vals), axis=1)[:, :topk]       # score desc, index asc
-                best_vals = np.take_along_axis(vals, order, axis=1)
-                best_idx = np.take_along_axis(idx, order, axis=1)
-        if topk > 0:
-            top_idx[q0:q1] = best_idx
-
     out = {'rank': rank, 'top1': top1}
     if semi is not None:
         out['hit'] = (rank - semi_above) == 0
-    if topk > 0:
-        out['topk'] = top_idx
     return out
 
 
@@ -189,23 +170,6 @@ def _count_listed(above, idx, r0):
     rows, cols = np.nonzero((idx >= r0) & (idx < r0 + above.shape[1]))
     marked = above[rows, idx[rows, cols] - r0]
     return np.bincount(rows[marked], minlength=above.shape[0])
-
-
-def _tile_topk(sim, k):
-    """Values and columns of the k best entries of each row of sim (b, n), ties by lowest column."""
-    b, n = sim.shape
-    if n <= k:
-        cols = np.tile(np.arange(n), (b, 1))
-    else:
-        cols = np.argpartition(sim, n - k, axis=1)[:, n - k:]
-        kept = np.take_along_axis(sim, cols, axis=1)
-        kth = kept.min(axis=1, keepdims=True)
-        # argpartition keeps an arbitrary subset of the entries equal to the k-th value:
-        # redo, by a stable sort, the rows where it had to choose.
-        choice = (sim == kth).sum(axis=1) > (kept == kth).sum(axis=1)
-        for r in np.flatnonzero(choice):
-            cols[r] = np.argsort(-sim[r], kind='stable')[:k]
-    return np.take_along_axis(sim, cols, axis=1), cols
 
 
 def _fraction(mask):

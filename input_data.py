@@ -100,7 +100,7 @@ def vigor_split_file(root, city, split, area, labels):
     return os.path.join(root, 'splits', city, f'{stem}.txt')
 
 
-def load_vigor(root, split, area='same', labels='original', cities=None, check_files=True):
+def load_vigor(root, split, area='same', labels='original', cities=None):
     """Parse and validate one VIGOR split. Same-area references: every tile of all cities;
     cross-area: the tiles of that side's cities (train NewYork+Seattle, test SanFrancisco+Chicago)."""
     if not os.path.isdir(root):
@@ -147,9 +147,8 @@ def load_vigor(root, split, area='same', labels='original', cities=None, check_f
         gt = delta_to_position(tile_centres[tiles[:, 0]], deltas[:, 0].astype(np.float64), mpp, 'haversine')
     else:
         gt = np.array(pano_gps, np.float64)
-    if check_files:
-        _check_exist(pano_paths, 'panorama')
-        _check_exist(tile_paths, 'aerial tile')
+    _check_exist(pano_paths, 'panorama')
+    _check_exist(tile_paths, 'aerial tile')
     return Split(f'VIGOR {area}-area {split} ({labels} labels)', pano_paths, tile_paths, tiles, deltas,
                  mpp, tile_centres, gt, 'haversine')
 

@@ -40,9 +40,6 @@ class Init:
     def __init__(self, seed):
         self.rng = np.random.default_rng(seed)
 
-    def normal(self, shape, std):
-        return (self.rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
-
     def truncated_normal(self, shape, std):
         x = self.rng.standard_normal(shape, dtype=np.float32)
         bad = np.abs(x) > 2

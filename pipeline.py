@@ -49,7 +49,9 @@ def pair_dataset(split, queries, tile_idx, grd_hw, sat_side, batch, cache=None):
 
 def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_semi=True):
     """tf.data over a plan's items (flattened [steps * B]): dict batches of
-    grd [B,H,W,3], sat [B,S,S,3], semi [B,S,S,3], delta / delta_semi [B,2], pano, semi_k [B].
+    grd [B,H,W,3], sat [B,S,S,3], semi [B,S,S,3] float32 (VGG mean subtracted), delta / delta_semi [B,2]
+    float32 (pixels of the 640-px tile), pano (panorama index), semi_k (which semi-positive, 1..3) and
+    sat_idx (the positive's tile index) [B] int64.
     cache: an ImageCache shared by the epochs' datasets (None: decode every time).
     with_semi=False: no semi image (a loss that does not look at it; a third fewer images read)."""
     panos, semi = panos.reshape(-1), semi.reshape(-1)
@@ -61,7 +63,7 @@ def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_
         'semi_path': np.array(split.tile_paths)[semi_tile],
         'delta': split.deltas[panos, 0],
         'delta_semi': split.deltas[panos, semi],
-        'pano': panos, 'semi_k': semi, 'sat_idx': pos_tile, 'semi_idx': semi_tile,
+        'pano': panos, 'semi_k': semi, 'sat_idx': pos_tile,
     }
     sat_hw = (sat_side, sat_side)
 

@@ -37,6 +37,7 @@ def test_train_dataset_batches(vigor):
     batches = list(ds)
     assert len(batches) == 2
     b = batches[0]
+    assert set(b) == {'grd', 'sat', 'semi', 'delta', 'delta_semi', 'pano', 'semi_k', 'sat_idx'}
     assert b['grd'].shape == (4, 32, 64, 3) and b['sat'].shape == (4, 64, 64, 3) and b['semi'].shape == (4, 64, 64, 3)
     np.testing.assert_array_equal(b['pano'].numpy(), panos[0])
     np.testing.assert_array_equal(b['semi_k'].numpy(), semi[0])
