@@ -9,7 +9,7 @@ Each (size, stage[, oneDNN mode]) runs in a fresh subprocess, so its peak RSS (p
 50 ms) is its own. The child builds the stage through the training loop's own code with random weights:
 train_lib.Run.build (model, Adam) and Run.make_step (the stage script's loss, GradientTape,
 cross-replica sum, finiteness check, fused Adam). Then it
-  1. times the pipeline alone (input_data.train_dataset reading the JPEG/PNG files of a synthetic city
+  1. times the pipeline alone (pipeline.train_dataset reading the JPEG/PNG files of a synthetic city
      through an ImageCache of --image_cache_mb, as Run.train does) over one epoch's dataset (at most 50
      batches), wall and process CPU time per batch, its per-epoch start-up included: cold
      (every image decoded: a first epoch, or a data set larger than the cache), then warm (the same
