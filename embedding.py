@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import distribute
 import model as model_lib
-import input_data
+import pipeline
 
 
 def embed_batch(model, batch, with_semi=True):
@@ -68,7 +68,7 @@ class Embedder:
         out = np.zeros((len(paths), self.model.dim), np.float32)
         t0 = t = time.time()
         done = 0
-        for images, idx in input_data.image_dataset(paths, hw, kind, batch, cache=cache):
+        for images, idx in pipeline.image_dataset(paths, hw, kind, batch, cache=cache):
             out[idx.numpy()] = fn(images).numpy()
             done += len(idx)
             if progress and time.time() - t > 30:
@@ -96,7 +96,7 @@ class Embedder:
         has_chol = f'{branch}_cholesky' in self.model.parts
         n = len(queries)
         mu, chol, heat = np.zeros((n, 2), np.float32), np.zeros((n, 3), np.float32), {}
-        ds = input_data.pair_dataset(split, np.asarray(queries), np.asarray(tiles), cfg.grd_size, cfg.sat_size,
+        ds = pipeline.pair_dataset(split, np.asarray(queries), np.asarray(tiles), cfg.grd_size, cfg.sat_size,
                                      cfg.eval_batch, cache)
         done, t = 0, time.time()
         for grd, sat, rows in ds:

@@ -1,30 +1,27 @@
 """Evaluation: retrieval recall, metre-level localisation, uncertainty quality, and figures.
 
-Pure numpy; matplotlib is imported only inside the plot functions. Every metric is a pure
+numpy and scipy; matplotlib is imported only inside the plot functions. Every metric is a pure
 function from arrays to a dict: nothing here prints, reads flags or touches TensorFlow.
 
-Conventions (SPEC §1, §6):
+Conventions (SPEC §6; frames and units in geometry.py):
 - grd (Q, D), sat (N, D): L2-normalised float32 descriptors; similarity = grd · satᵀ (cosine).
-- delta = (dy, dx), pixels of the 640-px aerial tile: dy > 0 means the point lies SOUTH of the
-  tile centre, dx > 0 means WEST of it. In the tile: row = 320 + dy, col = 320 - dx.
-- Metres: great-circle distance with R = 6,371,004 m between (lat, lon) degrees (original GPS
-  labels), or Euclidean distance between (north, east) metres (metric labels).
+- Positions, deltas and metres: geometry.delta_to_position and geometry.distance_m.
 """
 import os
 
 import numpy as np
+from scipy.integrate import trapezoid
+from scipy.stats import spearmanr
 
-EARTH_RADIUS_M = 6371004.0
-# BGR mean subtracted from the images (SPEC §2); plot_localisation adds it back to float images.
-VGG_MEAN_BGR = (103.939, 116.779, 123.6)
-TILE_PX = 640                    # the frame of delta, gt_rc, pred_rc and covariances
+from geometry import TILE_PX, VGG_MEAN_BGR
+
 SIM_TILE_BYTES = 256 * 2 ** 20   # default size of one float32 similarity tile
 
 # ---------------------------------------------------------------------------------------------
 # Retrieval
 
 
-def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None, topk=0):
+def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None):
     """Rank each query's positive among all references, streaming sim = grd · satᵀ by tiles.
 
     grd: (Q, D) float32, L2-normalised ground descriptors (queries).
@@ -33,7 +30,6 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
     semi_idx: (Q, S) int or None, rows of sat that are its semi-positives (VIGOR: S = 3);
         -1 marks an absent one; an entry equal to the positive or repeated is ignored.
     block: queries per tile. ref_block: references per tile (default: a 256 MB float32 tile).
-    topk: when > 0, also return each query's topk best references.
 
     Only one (block, ref_block) float32 tile and its boolean mask exist at a time, so memory is
     the descriptors + 5 · block · ref_block + 4 · block · D bytes (0.4 GB at the defaults and
@@ -45,8 +41,6 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
       top1 (Q,) int64   best reference (ties: lowest index)
       hit  (Q,) bool    no reference other than the positive and its semi-positives scores
                         strictly above the positive; present only when semi_idx is given
-      topk (Q, min(topk, N)) int64  best references, best first, ties by lowest index;
-                        present only when topk > 0
 
     Scores are float32 BLAS dot products; the positive's score is a row-wise dot. BLAS rounds
     one and the same dot product differently at different places of a tile (last bit), so two
@@ -69,12 +63,10 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
     if ref_block < 1:
         raise ValueError(f'ref_block must be >= 1, got {ref_block}')
     ref_block = min(ref_block, n_ref)
-    topk = min(int(topk), n_ref)
 
     rank = np.zeros(n_query, np.int64)
     top1 = np.zeros(n_query, np.int64)
     semi_above = np.zeros(n_query, np.int64)
-    top_idx = np.zeros((n_query, max(topk, 0)), np.int64)
     tile_buf = np.empty(min(block, n_query) * ref_block, np.float32)
     mask_buf = np.empty(tile_buf.size, np.bool_)
 
@@ -87,8 +79,6 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
         if not np.isfinite(p).all():
             raise ValueError(f'non-finite positive score for queries {q0 + np.flatnonzero(~np.isfinite(p[:, 0]))[:10]}')
         best = np.full(b, -np.inf, np.float32)
-        best_vals = np.empty((b, 0), np.float32)
-        best_idx = np.empty((b, 0), np.int64)
         for r0 in range(0, n_ref, ref_block):
             r1 = min(r0 + ref_block, n_ref)
             n = r1 - r0
@@ -109,21 +99,9 @@ def retrieval_ranks(grd, sat, pos_idx, semi_idx=None, block=4096, ref_block=None
             best[better] = val[better]
             top1[q0:q1][better] = arg[better] + r0
 
-            if topk > 0:
-                vals, cols = _tile_topk(sim, topk)
-                vals = np.concatenate([best_vals, vals], axis=1)
-                idx = np.concatenate([best_idx, cols + r0], axis=1)
-                order = np.lexsort((idx, -vals), axis=1)[:, :topk]       # score desc, index asc
-                best_vals = np.take_along_axis(vals, order, axis=1)
-                best_idx = np.take_along_axis(idx, order, axis=1)
-        if topk > 0:
-            top_idx[q0:q1] = best_idx
-
     out = {'rank': rank, 'top1': top1}
     if semi is not None:
         out['hit'] = (rank - semi_above) == 0
-    if topk > 0:
-        out['topk'] = top_idx
     return out
 
 
@@ -194,73 +172,11 @@ def _count_listed(above, idx, r0):
     return np.bincount(rows[marked], minlength=above.shape[0])
 
 
-def _tile_topk(sim, k):
-    """Values and columns of the k best entries of each row of sim (b, n), ties by lowest column."""
-    b, n = sim.shape
-    if n <= k:
-        cols = np.tile(np.arange(n), (b, 1))
-    else:
-        cols = np.argpartition(sim, n - k, axis=1)[:, n - k:]
-        kept = np.take_along_axis(sim, cols, axis=1)
-        kth = kept.min(axis=1, keepdims=True)
-        # argpartition keeps an arbitrary subset of the entries equal to the k-th value:
-        # redo, by a stable sort, the rows where it had to choose.
-        choice = (sim == kth).sum(axis=1) > (kept == kth).sum(axis=1)
-        for r in np.flatnonzero(choice):
-            cols[r] = np.argsort(-sim[r], kind='stable')[:k]
-    return np.take_along_axis(sim, cols, axis=1), cols
-
-
 def _fraction(mask):
     return float(np.mean(mask)) if np.size(mask) else float('nan')
 
 # ---------------------------------------------------------------------------------------------
-# Metres
-
-
-def offset_to_position(centre, delta_px, mpp, metric):
-    """Position of a point given as a pixel offset from an aerial tile's centre.
-
-    centre: (Q, 2) or (2,) tile centre: (lat, lon) degrees for metric='haversine',
-        (north, east) metres for metric='euclidean'.
-    delta_px: (Q, 2) (dy, dx), pixels of the 640-px tile; dy > 0: south, dx > 0: west.
-    mpp: scalar or (Q,) metres per pixel of the 640-px tile.
-    Returns (Q, 2) float64 in the centre's units. 'haversine' takes an equirectangular step,
-    R = 6,371,004 m: dlat = north / R, dlon = east / (R cos lat), exact to well below 1 mm over
-    a tile (< 60 m).
-    """
-    centre = np.asarray(centre, np.float64)
-    delta_px = _pairs(delta_px, 'delta_px')
-    if centre.shape not in ((2,), delta_px.shape):
-        raise ValueError(f'centre must have shape (2,) or {delta_px.shape}, got {centre.shape}')
-    mpp = np.asarray(mpp, np.float64)
-    if mpp.ndim == 1:
-        mpp = mpp[:, None]
-    north = -delta_px[:, 0:1] * mpp                                      # (Q, 1) metres
-    east = -delta_px[:, 1:2] * mpp
-    if metric == 'euclidean':
-        return centre + np.concatenate([north, east], axis=1)
-    if metric == 'haversine':
-        lat = centre[..., 0:1] + np.degrees(north / EARTH_RADIUS_M)
-        lon = centre[..., 1:2] + np.degrees(east / (EARTH_RADIUS_M * np.cos(np.radians(centre[..., 0:1]))))
-        return np.concatenate([lat, lon], axis=1)
-    raise ValueError(f"metric must be 'haversine' or 'euclidean', got {metric!r}")
-
-
-def position_errors(pred, gt, metric):
-    """(Q,) float64 metres between pred and gt, both (Q, 2): great-circle distance between
-    (lat, lon) degrees with R = 6,371,004 m ('haversine'), or Euclidean distance between metric
-    coordinates ('euclidean')."""
-    pred, gt = _pairs(pred, 'pred'), _pairs(gt, 'gt')
-    if pred.shape != gt.shape:
-        raise ValueError(f'pred {pred.shape} and gt {gt.shape} differ in shape')
-    if metric == 'euclidean':
-        return np.hypot(pred[:, 0] - gt[:, 0], pred[:, 1] - gt[:, 1])
-    if metric == 'haversine':
-        lat1, lon1, lat2, lon2 = np.radians([pred[:, 0], pred[:, 1], gt[:, 0], gt[:, 1]])
-        a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-        return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
-    raise ValueError(f"metric must be 'haversine' or 'euclidean', got {metric!r}")
+# Localisation (metres between positions: geometry.distance_m)
 
 
 def localisation_summary(err_with_offset, err_centre, top1_correct, thresholds=np.arange(1, 41)):
@@ -339,16 +255,12 @@ def ellipse_coverage(mu, cov, gt):
 
 
 def rank_correlation(u, err):
-    """Spearman rank correlation of uncertainty u (Q,) and error err (Q,); ties get average
-    ranks. NaN when Q < 2 or either array is constant."""
-    from scipy.stats import rankdata
+    """Spearman rank correlation of uncertainty u (Q,) and error err (Q,) (scipy.stats.spearmanr;
+    ties get average ranks). NaN, without a warning, when Q < 2 or either array is constant."""
     u, err = _same_length(u, err)
-    if u.size < 2:
+    if u.size < 2 or np.all(u == u[0]) or np.all(err == err[0]):
         return float('nan')
-    ru, re = rankdata(u), rankdata(err)
-    ru, re = ru - ru.mean(), re - re.mean()
-    denom = np.sqrt((ru * ru).sum() * (re * re).sum())
-    return float((ru * re).sum() / denom) if denom > 0 else float('nan')
+    return float(spearmanr(u, err).statistic)
 
 
 def sparsification(u, err, steps=20):
@@ -374,7 +286,7 @@ def sparsification(u, err, steps=20):
     curve = kept_mean(np.argsort(u, kind='stable'))       # keep the least uncertain first
     oracle = kept_mean(np.argsort(err, kind='stable'))
     return {'fractions': fractions.tolist(), 'curve': curve.tolist(), 'oracle': oracle.tolist(),
-            'ause': _trapezoid(curve - oracle, fractions), 'auc': _trapezoid(curve, fractions)}
+            'ause': float(trapezoid(curve - oracle, fractions)), 'auc': float(trapezoid(curve, fractions))}
 
 
 def _same_length(u, err):
@@ -383,9 +295,6 @@ def _same_length(u, err):
         raise ValueError(f'u and err must be (Q,) arrays of one length, got {u.shape} and {err.shape}')
     return u, err
 
-
-def _trapezoid(y, x):
-    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
 
 # ---------------------------------------------------------------------------------------------
 # Figures (matplotlib's object API with the Agg canvas: no pyplot, no global backend switch)

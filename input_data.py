@@ -1,27 +1,21 @@
-"""VIGOR and (resampled) CVACT: split parsing, validation, batch sampling and tf.data pipelines.
+"""VIGOR and CVACT on disk: split parsing, validation, image decoding and batch sampling.
 
-This is the one place that knows the datasets' file layout (SPEC §1, §7). Everything takes explicit
+This is the one place that knows the datasets' file layout (SPEC §1, §7): VIGOR's split files,
+CVACT's ACT_data.mat and the resampled CVACT of samples_on_cvact.py. Everything takes explicit
 arguments; nothing reads flags. Bad input raises DataError with a one-line message naming the file
-(and line) and what was expected.
+(and line) and what was expected. No TensorFlow here: pipeline.py builds the tf.data datasets.
 """
 import dataclasses
-import math
+import io
 import os
 import threading
 
 import cv2
 import numpy as np
-import tensorflow as tf
+import scipy.io
+from PIL import Image
 
-from model import VGG_MEAN_BGR
-
-VIGOR_CITIES = ('NewYork', 'Seattle', 'SanFrancisco', 'Chicago')
-CROSS_AREA = {'train': ('NewYork', 'Seattle'), 'test': ('SanFrancisco', 'Chicago')}
-# Metres per pixel of the 640-px tile: SliceMatch's per-city figures (corrected labels); the
-# original labels assume 0.114 everywhere.
-CORRECTED_MPP = {'NewYork': 0.113248, 'Seattle': 0.100817, 'SanFrancisco': 0.118141, 'Chicago': 0.111262}
-ORIGINAL_MPP = 0.114
-BAD_INPUT = 'BAD INPUT: '  # marks our messages when they cross a tf.data boundary
+from geometry import CORRECTED_MPP, CROSS_AREA, ORIGINAL_MPP, VGG_MEAN_BGR, VIGOR_CITIES, delta_to_position
 
 
 class DataError(ValueError):
@@ -106,18 +100,7 @@ def vigor_split_file(root, city, split, area, labels):
     return os.path.join(root, 'splits', city, f'{stem}.txt')
 
 
-def offset_position(centre, delta, mpp, metric):
-    """Move a tile centre by a VIGOR delta (dy > 0: south, dx > 0: west) of `mpp` metres per px."""
-    north, east = -delta[..., 0] * mpp, -delta[..., 1] * mpp
-    if metric == 'euclidean':
-        return np.stack([centre[..., 0] + north, centre[..., 1] + east], -1)
-    r = 6371004.0
-    lat = centre[..., 0] + np.degrees(north / r)
-    lon = centre[..., 1] + np.degrees(east / (r * np.cos(np.radians(centre[..., 0]))))
-    return np.stack([lat, lon], -1)
-
-
-def load_vigor(root, split, area='same', labels='original', cities=None, check_files=True):
+def load_vigor(root, split, area='same', labels='original', cities=None):
     """Parse and validate one VIGOR split. Same-area references: every tile of all cities;
     cross-area: the tiles of that side's cities (train NewYork+Seattle, test SanFrancisco+Chicago)."""
     if not os.path.isdir(root):
@@ -161,12 +144,11 @@ def load_vigor(root, split, area='same', labels='original', cities=None, check_f
     deltas = np.stack(deltas).astype(np.float32)
     mpp = np.array(mpp, np.float64)
     if labels == 'corrected':  # the corrected deltas, not the names' GPS, are the ground truth
-        gt = offset_position(tile_centres[tiles[:, 0]], deltas[:, 0].astype(np.float64), mpp, 'haversine')
+        gt = delta_to_position(tile_centres[tiles[:, 0]], deltas[:, 0].astype(np.float64), mpp, 'haversine')
     else:
         gt = np.array(pano_gps, np.float64)
-    if check_files:
-        _check_exist(pano_paths, 'panorama')
-        _check_exist(tile_paths, 'aerial tile')
+    _check_exist(pano_paths, 'panorama')
+    _check_exist(tile_paths, 'aerial tile')
     return Split(f'VIGOR {area}-area {split} ({labels} labels)', pano_paths, tile_paths, tiles, deltas,
                  mpp, tile_centres, gt, 'haversine')
 
@@ -177,13 +159,126 @@ def _check_exist(paths, what):
             _fail(f'{p}: {what} not found')
 
 
+# ----------------------------------------------------------------------------- CVACT: ACT_data.mat, resampled crops
+
+def _as_strings(value):
+    """Flatten whatever loadmat made of a MATLAB char matrix / cell array of strings into a list of str."""
+    if isinstance(value, bytes):
+        return [value.decode()]
+    if isinstance(value, str):
+        return [value]
+    arr = np.asarray(value)
+    if arr.dtype.kind in 'US':
+        if arr.dtype.itemsize == np.dtype(arr.dtype.kind + '1').itemsize and arr.ndim >= 2:
+            arr = np.array([''.join(row) for row in arr.reshape(-1, arr.shape[-1])])  # chars_as_strings=False
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in arr.ravel()]
+    if arr.dtype == object:
+        out = []
+        for element in arr.ravel():  # a cell array: one (possibly wrapped) string per cell
+            strings = _as_strings(element)
+            if len(strings) > 1:
+                raise TypeError('a cell holds several strings')
+            out.append(strings[0] if strings else '')
+        return out
+    raise TypeError(f'not strings: dtype {arr.dtype}')
+
+
+def _unwrap(value):
+    """Strip the 1x1 object arrays loadmat wraps around struct fields and cells."""
+    while isinstance(value, np.ndarray) and value.dtype == object and value.size == 1:
+        value = value.ravel()[0]
+    return value
+
+
+def _struct_field(struct, name):
+    """struct.name for every shape loadmat gives a MATLAB struct (record array, 0-d, mat_struct, dict)."""
+    struct = _unwrap(struct)
+    if isinstance(struct, dict):
+        return struct.get(name)
+    if isinstance(struct, (np.ndarray, np.void)) and struct.dtype.names is not None:
+        if name not in struct.dtype.names:
+            return None
+        if struct.size != 1:
+            raise TypeError(f'a {struct.shape} struct array, expected a single struct')
+        return struct[name] if isinstance(struct, np.void) else struct.reshape(-1)[0][name]
+    if hasattr(struct, '_fieldnames'):  # struct_as_record=False
+        return getattr(struct, name, None)
+    return None
+
+
+def parse_act_data(mat, source='ACT_data.mat', val_set=None):
+    """The dict of load_act_data from an already loaded .mat (any loadmat squeeze_me / struct_as_record mode).
+
+    source: the file name used in error messages. val_set: 'valSetAll', 'valSet' or None (valSetAll if present).
+    """
+    def fail(what):
+        raise ValueError(f'{source}: {what}')
+
+    for key in ('panoIds', 'utm', 'trainSet'):
+        if key not in mat:
+            fail(f"missing field '{key}'")
+    try:
+        pano_ids = [s.strip().strip('\x00') for s in _as_strings(mat['panoIds'])]
+    except TypeError as e:
+        fail(f'panoIds is not a list of strings ({e})')
+    n = len(pano_ids)
+    for i, pid in enumerate(pano_ids):
+        if not pid or any(c.isspace() for c in pid) or '/' in pid:
+            fail(f'panoIds entry {i + 1} = {pid!r} is empty or holds whitespace or "/"')
+
+    utm = np.asarray(_unwrap(mat['utm']), dtype=np.float64)
+    if utm.shape == (2, n) and n != 2:
+        utm = utm.T  # stored as 2xN
+    if utm.shape != (n, 2):
+        fail(f'utm has shape {utm.shape}, expected ({n}, 2) for {n} panoIds')
+
+    def indices(struct_name, field):
+        if struct_name not in mat:
+            fail(f"missing field '{struct_name}'")
+        try:
+            value = _struct_field(mat[struct_name], field)
+        except TypeError as e:
+            fail(f'{struct_name} is not a struct ({e})')
+        if value is None:
+            fail(f"missing field '{struct_name}.{field}'")
+        idx = np.atleast_1d(np.asarray(_unwrap(value), dtype=np.float64)).ravel()
+        if idx.size == 0:
+            fail(f'{struct_name}.{field} is empty')
+        bad = idx[(idx != np.round(idx)) | (idx < 1) | (idx > n)]
+        if bad.size:
+            fail(f'{struct_name}.{field} holds index {bad[0]:g} outside 1..{n} (1-based MATLAB indices)')
+        return idx.astype(np.int64) - 1
+
+    if val_set is None:
+        val_set = 'valSetAll' if 'valSetAll' in mat else 'valSet'
+    if val_set not in ('valSetAll', 'valSet'):
+        raise ValueError(f"val_set must be 'valSetAll' or 'valSet', got {val_set!r}")
+    return {'pano_ids': pano_ids, 'utm': utm, 'train_idx': indices('trainSet', 'trainInd'),
+            'val_idx': indices(val_set, 'valInd'), 'val_set': val_set}
+
+
+def load_act_data(mat_path, val_set=None):
+    """Read CVACT's ACT_data.mat.
+
+    Returns {'pano_ids': list[str] (N), 'utm': (N, 2) float64 easting/northing metres, 'train_idx': int64 0-based
+    indices of trainSet.trainInd, 'val_idx': 0-based indices of valSetAll.valInd if present else valSet.valInd
+    (or of the set named by val_set), 'val_set': the set used}. Raises ValueError naming the file and the field.
+    """
+    if not os.path.isfile(mat_path):
+        raise FileNotFoundError(f'{mat_path}: no such file')
+    try:
+        mat = scipy.io.loadmat(mat_path)
+    except Exception as e:  # scipy raises several types for a corrupt file
+        raise ValueError(f'{mat_path}: not a readable .mat file ({e})') from None
+    return parse_act_data(mat, source=mat_path, val_set=val_set)
+
+
 def load_cvact(cvact_root, resampled_root, split, mpp_1200):
     """Resampled CVACT (samples_on_cvact.py) in VIGOR line format; geometry from ACT_data.mat UTM.
 
     mpp_1200: metres per pixel of the original 1200x1200 aerial; a 600-px crop shown as a 640-px
     tile has mpp_1200 * 600 / 640 m/px.
     """
-    from samples_on_cvact import load_act_data
     for d, what in ((cvact_root, 'CVACT root'), (resampled_root, 'resampled CVACT (run samples_on_cvact.py)')):
         if not os.path.isdir(d):
             _fail(f'{d}: {what} not found')
@@ -226,27 +321,14 @@ def load_cvact(cvact_root, resampled_root, split, mpp_1200):
 
 # ----------------------------------------------------------------------------- images
 
-def _jpeg_header(data):
-    """(height, width, components) from a JPEG's frame header, or None if there is none before the scan."""
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        m = data[i + 1]
-        if m == 0xFF:  # fill byte
-            i += 1
-            continue
-        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
-            i += 2
-            continue
-        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):  # SOFn: precision, height, width, components
-            if i + 10 > n:
-                return None
-            return (int.from_bytes(data[i + 5:i + 7], 'big'), int.from_bytes(data[i + 7:i + 9], 'big'), data[i + 9])
-        if m == 0xDA:
-            return None
-        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
-    return None
+def _jpeg_colour_size(data):
+    """(height, width) of a 3-component (colour) JPEG from its header, read by Pillow; None for any
+    other JPEG or a header Pillow cannot read (OpenCV then decodes, or rejects, the whole file)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=('JPEG',)) as img:     # reads the header only
+            return (img.height, img.width) if img.mode == 'RGB' else None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -274,9 +356,8 @@ def decode_image(path, min_hw=None):
     if data[:2] == b'\xff\xd8':
         if b'\xff\xd9' not in data[-64:]:
             _fail(f'{path}: truncated JPEG (no end-of-image marker)')
-        header = _jpeg_header(data)
-        if min_hw is not None and header is not None and header[2] == 3:
-            shape = header[:2]
+        shape = _jpeg_colour_size(data) if min_hw is not None else None
+        if shape is not None:
             factor = max((f for f in (2, 4, 8) if -(-shape[0] // f) >= min_hw[0] and -(-shape[1] // f) >= min_hw[1]),
                          default=1)
             if factor > 1:
@@ -344,40 +425,6 @@ class ImageCache:
                 self.images[key] = img
                 self.bytes += img.nbytes
         return img
-
-
-def _tf_read(paths, hw, kind, cache=None):
-    """A batch of paths -> float32 [B, H, W, 3], the VGG mean subtracted: one Python call per batch, as a
-    per-image map costs ~0.4 ms of tf.data and Python per image (a warm cache then reads 30 images in ~1 ms)."""
-    load = cache.load if cache is not None else load_image
-
-    def read(ps):
-        try:
-            return np.stack([load(p.decode(), tuple(hw), kind) for p in ps])
-        except DataError as e:  # crosses tf.data as an op error; the CLI unwraps BAD_INPUT
-            raise ValueError(BAD_INPUT + str(e)) from None
-    img = tf.numpy_function(read, [paths], tf.uint8, stateful=False)
-    img = tf.cast(tf.ensure_shape(img, [paths.shape[0], hw[0], hw[1], 3]), tf.float32)
-    return img - tf.constant(VGG_MEAN_BGR, tf.float32)
-
-
-def image_dataset(paths, hw, kind, batch, cache=None):
-    """Deterministic batches of (images, index) over `paths`, for descriptor extraction; cache: an ImageCache."""
-    ds = tf.data.Dataset.from_tensor_slices((np.array(paths), np.arange(len(paths), dtype=np.int64))).batch(batch)
-    ds = ds.map(lambda p, i: (_tf_read(p, hw, kind, cache), i), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
-    return ds.prefetch(2)
-
-
-def pair_dataset(split, queries, tile_idx, grd_hw, sat_side, batch, cache=None):
-    """Batches of (grd, sat, i) for the panorama `queries[i]` with the tile `tile_idx[i]`."""
-    pano = np.array(split.pano_paths)[queries]
-    tile = np.array(split.tile_paths)[tile_idx]
-    ds = tf.data.Dataset.from_tensor_slices((pano, tile, np.arange(len(pano), dtype=np.int64))).batch(batch)
-    ds = ds.map(lambda p, t, q: (_tf_read(p, grd_hw, 'panorama', cache),
-                                 _tf_read(t, (sat_side, sat_side), 'aerial', cache), q),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(2)
 
 
 # ----------------------------------------------------------------------------- training batches
@@ -458,42 +505,3 @@ class BatchSampler:
             valid = [k for k in (1, 2, 3) if self.split.tiles[panos[idx], k] >= 0]
             semi[idx] = valid[rng.integers(len(valid))]
         return semi
-
-
-def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_semi=True):
-    """tf.data over a plan's items (flattened [steps * B]): dict batches of
-    grd [B,H,W,3], sat [B,S,S,3], semi [B,S,S,3], delta / delta_semi [B,2], pano, semi_k [B].
-    cache: an ImageCache shared by the epochs' datasets (None: decode every time).
-    with_semi=False: no semi image (a loss that does not look at it; a third fewer images read)."""
-    panos, semi = panos.reshape(-1), semi.reshape(-1)
-    pos_tile = split.tiles[panos, 0]
-    semi_tile = split.tiles[panos, semi]
-    items = {
-        'grd_path': np.array(split.pano_paths)[panos],
-        'sat_path': np.array(split.tile_paths)[pos_tile],
-        'semi_path': np.array(split.tile_paths)[semi_tile],
-        'delta': split.deltas[panos, 0],
-        'delta_semi': split.deltas[panos, semi],
-        'pano': panos, 'semi_k': semi, 'sat_idx': pos_tile, 'semi_idx': semi_tile,
-    }
-    sat_hw = (sat_side, sat_side)
-
-    def load(x):
-        out = {k: v for k, v in x.items() if not k.endswith('_path')}
-        out['grd'] = _tf_read(x['grd_path'], grd_hw, 'panorama', cache)
-        out['sat'] = _tf_read(x['sat_path'], sat_hw, 'aerial', cache)
-        if with_semi:
-            out['semi'] = _tf_read(x['semi_path'], sat_hw, 'aerial', cache)
-        return out
-
-    ds = tf.data.Dataset.from_tensor_slices(items).batch(batch, drop_remainder=True)
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
-
-
-def unwrap_error(exc):
-    """The one-line message of a DataError raised inside tf.data, or None."""
-    text = str(exc)
-    i = text.find(BAD_INPUT)
-    if i < 0:
-        return None
-    return text[i + len(BAD_INPUT):].splitlines()[0].strip()

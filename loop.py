@@ -15,6 +15,7 @@ import distribute
 import embedding
 import input_data
 import mining
+import pipeline
 import testing
 import train_lib
 import train_state
@@ -130,14 +131,14 @@ def train(stage, cfg):
     """Train one stage in its run directory; -> the run directory's latest checkpoint."""
     run = start_run(stage, cfg)
     config_path = os.path.join(run.run_dir, 'config.json')
-    config.check_run_dir(cfg, config_path)
+    saved = config.check_run_dir(cfg, config_path)
     split = run.split = run.dataset('train')
     spe = steps_per_epoch(cfg, len(split))
     sampler = input_data.BatchSampler(split, cfg.batch, cfg.seed, spe)
     with run.strategy.scope():
         state = train_state.TrainState(stage, cfg, len(split), spe)
     train_state.initialise(state, stage, cfg, run.run_dir, run.init_dir, run.log)
-    if run.chief:  # only once the run can start: a refused run changes nothing
+    if run.chief and saved is None:  # the first start's record, once it can start: a refused run changes nothing
         config.save(cfg, config_path)
     ckpt = state.checkpoint()
     manager = tf.train.CheckpointManager(ckpt, os.path.join(run.write_dir, 'ckpt'), max_to_keep=2)
@@ -175,7 +176,7 @@ def _epochs(run, state, step_fn, manager, writer, embedder, sampler, spe, total)
         use_hard = cfg.mining and bool(state.hard_valid.numpy()) and epoch + 1 >= cfg.mining_start_epoch
         panos, semi = sampler.epoch_plan(epoch, state.hard.numpy() if use_hard else None)
         end = min(spe, offset + total - step)
-        ds = input_data.train_dataset(split, panos[offset:end], semi[offset:end], cfg.grd_size, cfg.sat_size,
+        ds = pipeline.train_dataset(split, panos[offset:end], semi[offset:end], cfg.grd_size, cfg.sat_size,
                                       cfg.batch, cache=run.images, with_semi=run.stage.uses_semi)
         ds = run.strategy.experimental_distribute_dataset(ds)
         # mine at the end of a complete epoch whose successor exists and takes mined batches
@@ -209,8 +210,8 @@ def _epochs(run, state, step_fn, manager, writer, embedder, sampler, spe, total)
                 run.log(f'mining: epoch {epoch + 1}: top-{min(cfg.mining_topk, len(buf.pool))} of {len(buf.pool)} '
                         f'tiles for {len(split)} panoramas')
             manager.save(checkpoint_number=step)
-            if cfg.val_every and run.chief and ((epoch + 1) % cfg.val_every == 0 or step == total):
-                validate(run, state.model, embedder, writer, step)
+        if cfg.val_every and run.chief and (step == total or (step % spe == 0 and (epoch + 1) % cfg.val_every == 0)):
+            validate(run, state.model, embedder, writer, step)
     return step
 
 

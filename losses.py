@@ -7,6 +7,8 @@ import math
 
 import tensorflow as tf
 
+from geometry import TILE_PX
+
 
 def triplet_loss(grd, sat, alpha=10.0, grd_all=None, sat_all=None, row0=0):
     """Weighted soft-margin triplet loss over all in-batch negatives, both directions averaged.
@@ -39,7 +41,7 @@ def batch_triplet_loss(emb, alpha):
 
 def iou(delta):
     """VIGOR's IoU proxy of a tile with a 640-px window centred on the point: [B, 2] -> [B]."""
-    overlap = (1.0 - tf.abs(delta[:, 0]) / 640.0) * (1.0 - tf.abs(delta[:, 1]) / 640.0)
+    overlap = (1.0 - tf.abs(delta[:, 0]) / TILE_PX) * (1.0 - tf.abs(delta[:, 1]) / TILE_PX)
     return 1.0 / (1.0 - overlap / 2.0) - 1.0
 
 
@@ -56,7 +58,7 @@ def iou_ratio_loss(grd, sat_pos, sat_semi, delta_pos, delta_semi):
 
 def offset_loss(pred, delta):
     """VIGOR offset loss: mean(sum (pred - delta/320)^2) / 100; pred = raw head output [B, 2]."""
-    return tf.reduce_mean(tf.reduce_sum((pred - delta / 320.0) ** 2, -1)) / 100.0
+    return tf.reduce_mean(tf.reduce_sum((pred - delta / (TILE_PX / 2)) ** 2, -1)) / 100.0
 
 
 def heatmap_loss(mu, gt):

@@ -7,15 +7,14 @@ so a test can build a 32x64 model in one line. Nothing here reads flags.
 
 Units: points and offsets are pixels of the 640-px aerial tile whatever the input size.
 `delta` = (dy, dx) in VIGOR's convention (point at row 320 + dy, col 320 - dx);
-`mu` = (row, col) of that frame.
+`mu` = (row, col) of that frame (geometry.delta_to_rc and rc_to_delta convert).
 """
 import math
 
 import numpy as np
 import tensorflow as tf
 
-VGG_MEAN_BGR = (103.939, 116.779, 123.6)
-TILE_FRAME = 640.0  # side of the aerial tile in the frame every offset is expressed in
+from geometry import TILE_PX
 
 # (name, channels) of the VGG16 conv layers; 'pool' = 2x2 max-pool (4 of them: no pool5).
 VGG16_LAYERS = (
@@ -39,9 +38,6 @@ class Init:
 
     def __init__(self, seed):
         self.rng = np.random.default_rng(seed)
-
-    def normal(self, shape, std):
-        return (self.rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
 
     def truncated_normal(self, shape, std):
         x = self.rng.standard_normal(shape, dtype=np.float32)
@@ -351,21 +347,12 @@ def soft_argmax(heatmap, eps=1e-6):
     """heatmap [B, h, w] >= 0 -> mu [B, 2] = (row, col) of its mass centre in the 640-px frame."""
     heatmap = tf.cast(heatmap, tf.float32)
     h, w = heatmap.shape[1], heatmap.shape[2]
-    rows = (tf.range(h, dtype=tf.float32) + 0.5) * (TILE_FRAME / h)
-    cols = (tf.range(w, dtype=tf.float32) + 0.5) * (TILE_FRAME / w)
+    rows = (tf.range(h, dtype=tf.float32) + 0.5) * (TILE_PX / h)
+    cols = (tf.range(w, dtype=tf.float32) + 0.5) * (TILE_PX / w)
     mass = tf.reduce_sum(heatmap, [1, 2]) + eps
     row = tf.reduce_sum(heatmap * rows[None, :, None], [1, 2]) / mass
     col = tf.reduce_sum(heatmap * cols[None, None, :], [1, 2]) / mass
     return tf.stack([row, col], -1)
-
-
-def delta_to_rc(delta):
-    """VIGOR delta (dy, dx) -> (row, col) in the 640-px frame."""
-    return tf.stack([TILE_FRAME / 2 + delta[..., 0], TILE_FRAME / 2 - delta[..., 1]], -1)
-
-
-def rc_to_delta(rc):
-    return tf.stack([rc[..., 0] - TILE_FRAME / 2, TILE_FRAME / 2 - rc[..., 1]], -1)
 
 
 class CrossViewModel(tf.Module):
@@ -426,7 +413,7 @@ class CrossViewModel(tf.Module):
 
     def offset(self, sat_desc, grd_desc):
         """VIGOR head -> predicted delta [B, 2] in pixels of the 640-px tile (regression x 320)."""
-        return tf.cast(self.offset_head(sat_desc, grd_desc), tf.float32) * (TILE_FRAME / 2)
+        return tf.cast(self.offset_head(sat_desc, grd_desc), tf.float32) * (TILE_PX / 2)
 
     def localise(self, branch, sat_desc, grd_desc, skips):
         """Heatmap branch ('pos' or 'semi') -> dict(heatmap [B,2S,2S], mu [B,2] (row, col), chol [B,3] when

@@ -3,7 +3,8 @@
 A stage script describes its stage(s) with a `Stage` and hands them to `train_lib.main`; the shared
 code owns everything else (distribution, replica scaling, state, checkpoints, mining, the loop,
 validation, --test). The registry below is the one list of the paper's stages and their scripts,
-read by run_all.py, the benchmarks and the tests. A new stage needs no entry here to train: it names
+read by run_all.py, the benchmarks and the tests. Importing it loads no TensorFlow (get() imports the
+stage scripts, which do). A new stage needs no entry here to train: it names
 its predecessor and its script itself (tests/test_loop.py trains a toy stage defined in the test).
 
 The loss contract: `loss(model, emb, batch, ctx) -> {term name: scalar}`.
@@ -21,8 +22,6 @@ for the replicas, once (embedding.LossContext and loop.make_step).
 import dataclasses
 import importlib
 import os
-
-import model as model_lib
 
 # The paper's stages in training order, and the script that trains each.
 ORDER = ('E_1a', 'E_1', 'E_2_1', 'E_2_2', 'E_3')
@@ -92,6 +91,7 @@ class Stage:
 
 def build_model(stage, cfg):
     """The stage's model parts, as the configuration sizes them (random weights from cfg.seed)."""
+    import model as model_lib
     return model_lib.CrossViewModel(cfg.grd_size, cfg.sat_size, cfg.width, stage.parts, seed=cfg.seed,
                                     cholesky=cfg.cholesky, cholesky_scale=cfg.cholesky_scale,
                                     cholesky_floor=cfg.cholesky_floor, offset_zero_init=bool(cfg.offset_zero_init))

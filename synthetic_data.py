@@ -22,10 +22,11 @@ Rows [H/2, H) are the ground seen from above (pano_ground_distance_m: GROUND_FAR
 metres away in that direction.
 
 Geometry (VIGOR): a tile is 640 px "of the 640-px tile" across; the true ground resolution of the
-rendered images is CITY_MPP[city] m per px of the 640-px tile. Tile centres form a grid x grid lattice
-with step 320 px (50 % overlap), centred on CITY_ORIGIN[city]. Row i of the lattice runs north to south,
-column j west to east. The original labels (splits/) divide metres by ORIGINAL_MPP = 0.114, VIGOR's
-real mistake; the corrected labels (splits__corrected/) divide by CITY_MPP[city], like SliceMatch's.
+rendered images is CORRECTED_MPP[city] m per px of the 640-px tile (geometry.py). Tile centres form a
+grid x grid lattice with step 320 px (50 % overlap), centred on CITY_ORIGIN[city]. Row i of the lattice
+runs north to south, column j west to east. The original labels (splits/) divide metres by
+ORIGINAL_MPP = 0.114, VIGOR's real mistake; the corrected labels (splits__corrected/) divide by
+CORRECTED_MPP[city], like SliceMatch's.
 """
 import argparse
 import inspect
@@ -40,9 +41,8 @@ import cv2
 import numpy as np
 import scipy.io
 
-CITY_MPP = {'NewYork': 0.113248, 'Seattle': 0.100817, 'SanFrancisco': 0.118141, 'Chicago': 0.111262}
-ORIGINAL_MPP = 0.114      # m/px at 640 px that VIGOR's original labels assume in every city
-EARTH_RADIUS_M = 6371004.0
+from geometry import CORRECTED_MPP, ORIGINAL_MPP, TILE_PX, VIGOR_CITIES, gps_delta_px, latlon_offset
+
 # Metres per pixel of a synthetic 1200x1200 CVACT aerial: Google zoom 20 at Canberra is ~0.122 m/px,
 # so a 600x600 crop of the CVACT resampler covers ~72 m, about one VIGOR 640-px tile (~73 m).
 CVACT_MPP_1200 = 0.12
@@ -67,27 +67,7 @@ VIGOR_MARGIN_PX640 = 352         # raster margin around the outer tile centres, 
 OFFSET_RANGE_PX640 = (24.0, 150.0)   # |dy|, |dx| of a panorama from its positive tile's centre
 
 
-# ----------------------------------------------------------------------------------------- geometry
-def latlon_offset(lat, lon, north_m, east_m):
-    """Point `north_m` north and `east_m` east of (lat, lon) degrees: equirectangular, EARTH_RADIUS_M,
-    east scaled by cos(lat) of the start point. Returns (lat, lon) degrees."""
-    lat2 = lat + np.degrees(north_m / EARTH_RADIUS_M)
-    lon2 = lon + np.degrees(east_m / (EARTH_RADIUS_M * np.cos(np.radians(lat))))
-    return lat2, lon2
-
-
-def gps_delta_px(lat_sat, lon_sat, lat_pano, lon_pano, mpp):
-    """VIGOR label delta (dy, dx), pixels of the 640-px tile at `mpp` m/px.
-
-    dy = (lat_sat - lat_pano) in px: positive when the panorama is SOUTH of the tile centre;
-    dx = (lon_sat - lon_pano) in px: positive when the panorama is WEST of it (east scaled by
-    cos(lat_sat)). The panorama then sits at row 320 + dy, column 320 - dx of the 640-px tile.
-    Works on scalars or numpy arrays."""
-    north_m = np.radians(lat_sat - lat_pano) * EARTH_RADIUS_M
-    east_m = np.radians(lon_sat - lon_pano) * EARTH_RADIUS_M * np.cos(np.radians(lat_sat))
-    return north_m / mpp, east_m / mpp
-
-
+# ----------------------------------------------------------------------------------------- names
 def _float6(x):
     """The value a 6-decimal file name gives back when parsed."""
     return float('%.6f' % x)
@@ -255,8 +235,8 @@ def _check_pano_hw(pano_hw):
 def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile):
     """One city: tiles, panoramas and its six label files. Returns its counts."""
     rng = np.random.default_rng([seed, zlib.crc32(city.encode())])
-    unit_m = CITY_MPP[city]                        # metres per px of the 640-px tile
-    scale = tile_px / 640.0                        # raster px per px of the 640-px tile
+    unit_m = CORRECTED_MPP[city]                   # metres per px of the 640-px tile
+    scale = tile_px / TILE_PX                      # raster px per px of the 640-px tile
     px_per_m = scale / unit_m
     half_px = tile_px // 2
     margin_px = int(math.ceil(VIGOR_MARGIN_PX640 * scale))
@@ -327,7 +307,7 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile):
     return {'satellites': grid * grid, 'panoramas': n, 'train': len(train), 'test': len(test)}
 
 
-def write_vigor(root, seed=0, cities=('NewYork', 'Seattle', 'SanFrancisco', 'Chicago'), grid=8,
+def write_vigor(root, seed=0, cities=VIGOR_CITIES, grid=8,
                 tile_px=128, pano_hw=(128, 256), panos_per_tile=2):
     """Write a synthetic VIGOR into `root` (SPEC 1 layout, original and corrected labels).
 
@@ -335,9 +315,9 @@ def write_vigor(root, seed=0, cities=('NewYork', 'Seattle', 'SanFrancisco', 'Chi
     pano_hw: (H, W) of the panoramas, W = 2H. Each of the grid x grid tiles of a city is the positive
     of exactly `panos_per_tile` panoramas; half of a city's panoramas are train, half test.
     A city's content depends only on (seed, city). Returns counts: per city and totals."""
-    unknown = [c for c in cities if c not in CITY_MPP]
+    unknown = [c for c in cities if c not in CORRECTED_MPP]
     if unknown or not cities:
-        raise ValueError('cities must be a non-empty subset of %s, got %r' % (sorted(CITY_MPP), cities))
+        raise ValueError('cities must be a non-empty subset of %s, got %r' % (sorted(CORRECTED_MPP), cities))
     if grid < 2:
         raise ValueError('grid must be >= 2 (a 2x2 block of tiles per panorama), got %r' % grid)
     if tile_px < 8 or tile_px % 2:

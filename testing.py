@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import evaluation
+import geometry
 import input_data
 import model as model_lib
 
@@ -59,16 +60,15 @@ def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep
         if len(wrong):
             mu_top1[wrong] = embedder.localise_pairs(split, queries[wrong], top1[wrong], cfg, cache=cache,
                                                      progress=progress)[0]
-        delta_pos = model_lib.rc_to_delta(tf.constant(mu_pos)).numpy()
-        delta_top1 = model_lib.rc_to_delta(tf.constant(mu_top1)).numpy()
+        delta_pos = geometry.rc_to_delta(mu_pos)
+        delta_top1 = geometry.rc_to_delta(mu_top1)
 
     def errors(tiles, delta):
         centre = split.tile_centres[tiles]
-        err_centre = evaluation.position_errors(centre, gt, split.metric)
+        err_centre = geometry.distance_m(centre, gt, split.metric)
         if delta is None:
             return err_centre, err_centre
-        return evaluation.position_errors(evaluation.offset_to_position(centre, delta, mpp, split.metric),
-                                          gt, split.metric), err_centre
+        return geometry.distance_m(geometry.delta_to_position(centre, delta, mpp, split.metric), gt, split.metric), err_centre
 
     results['localisation'] = evaluation.localisation_summary(*errors(top1, delta_top1), correct)
     results['localisation']['method'] = stage.localise or 'tile centre'
@@ -84,7 +84,7 @@ def uncertainty_summary(mu, chol, delta_gt):
     """Calibration and ranking quality of the predicted Gaussians in the positive tile."""
     cov = model_lib.cholesky_to_cov(tf.constant(chol)).numpy()
     u = model_lib.uncertainty(tf.constant(chol)).numpy()
-    gt_rc = model_lib.delta_to_rc(tf.constant(delta_gt)).numpy()
+    gt_rc = geometry.delta_to_rc(np.asarray(delta_gt, np.float64))
     pix_err = np.linalg.norm(mu - gt_rc, axis=1)
     cover = evaluation.ellipse_coverage(mu, cov, gt_rc)
     return {'n': int(len(mu)), '1sigma': cover['1sigma'], '2sigma': cover['2sigma'],
@@ -107,8 +107,8 @@ def localisation_figures(ev, split, cfg, n, path_of=None):
         q = ev.queries[i]
         pano = input_data.read_image(split.pano_paths[q], cfg.grd_size, 'panorama')
         sat = input_data.read_image(split.tile_paths[split.tiles[q, 0]], (cfg.sat_size,) * 2, 'aerial')
-        gt_rc = model_lib.delta_to_rc(tf.constant(split.deltas[q, 0])).numpy()
-        pred_rc = None if ev.delta_pos is None else model_lib.delta_to_rc(tf.constant(ev.delta_pos[i])).numpy()
+        gt_rc = geometry.delta_to_rc(split.deltas[q, 0])
+        pred_rc = None if ev.delta_pos is None else geometry.delta_to_rc(ev.delta_pos[i])
         rank = int(ev.ranks['rank'][i])
         out.append(evaluation.plot_localisation(
             path_of(i) if path_of else None, pano, sat, gt_rc, pred_rc, heatmap=ev.heatmaps.get(i),

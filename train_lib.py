@@ -13,6 +13,7 @@ A stage script is short: its Stage(s) (stages.py) and
 (testing.run_test). Bad input of any kind ends in one line `error: ...` on stderr and exit status 2.
 Importing this module changes nothing and does not load TensorFlow.
 """
+import itertools
 import logging
 import os
 import sys
@@ -68,13 +69,24 @@ class _Log:
             h.close()
 
 
+class _Stdout(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (a test's captured stream, a redirected one)."""
+
+    def emit(self, record):
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+_LOGGERS = itertools.count()
+
+
 def open_log(run_dir, prefix):
-    """A logger for one run directory (the standard library's logging, one logger per call)."""
+    """A logger for one run directory (the standard library's logging, a new logger per call)."""
     os.makedirs(run_dir, exist_ok=True)
-    logger = logging.getLogger(f'geoloc.{prefix}.{id(object())}')
+    logger = logging.getLogger(f'geoloc.{next(_LOGGERS)}')
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    console = logging.StreamHandler(sys.stdout)
+    console = _Stdout()
     console.setFormatter(logging.Formatter(f'[{prefix}] %(message)s'))
     handlers = [console]
     try:
@@ -124,6 +136,7 @@ def main(stages_, argv=None):
     import input_data
     import tensorflow as tf
     import loop
+    import pipeline
     import testing
     import train_state
     import distribute
@@ -141,7 +154,7 @@ def main(stages_, argv=None):
         print(f'error: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
         return 2
     except tf.errors.OpError as e:  # bad input met inside tf.data (training, mining or --test)
-        msg = input_data.unwrap_error(e)
+        msg = pipeline.unwrap_error(e)
         if not msg:
             raise
         print(f'error: {msg}', file=sys.stderr)

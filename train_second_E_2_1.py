@@ -14,6 +14,7 @@ import train_lib
 if __name__ == '__main__':
     train_lib.setup_environment(sys.argv)  # before TensorFlow loads
 
+import geometry  # noqa: E402
 import losses  # noqa: E402
 import model  # noqa: E402
 import stages  # noqa: E402
@@ -26,8 +27,8 @@ def loss(m, emb, batch, ctx):
     semi = m.localise('semi', emb['semi_raw'], emb['grd_raw'], emb['semi_skips'])
     w = ctx.cfg.heatmap_weight
     return {'triplet': losses.batch_triplet_loss(emb, ctx.cfg.alpha),
-            'heatmap_pos': w * losses.heatmap_loss(pos['mu'], model.delta_to_rc(batch['delta'])),
-            'heatmap_semi': w * losses.heatmap_loss(semi['mu'], model.delta_to_rc(batch['delta_semi']))}
+            'heatmap_pos': w * losses.heatmap_loss(pos['mu'], geometry.delta_to_rc(batch['delta'])),
+            'heatmap_semi': w * losses.heatmap_loss(semi['mu'], geometry.delta_to_rc(batch['delta_semi']))}
 
 
 STAGE = stages.Stage(

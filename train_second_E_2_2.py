@@ -14,6 +14,7 @@ import train_lib
 if __name__ == '__main__':
     train_lib.setup_environment(sys.argv)  # before TensorFlow loads
 
+import geometry  # noqa: E402
 import losses  # noqa: E402
 import model  # noqa: E402
 import stages  # noqa: E402
@@ -29,9 +30,9 @@ def loss(m, emb, batch, ctx):
     ctx.report('u_semi_px', model.uncertainty(semi['chol']))
     return {'triplet': losses.batch_triplet_loss(emb, cfg.alpha),
             'nll_pos': cfg.nll_pos_weight * losses.gaussian_nll(pos['mu'], pos['chol'],
-                                                                model.delta_to_rc(batch['delta']), cfg.nll),
+                                                                geometry.delta_to_rc(batch['delta']), cfg.nll),
             'nll_semi': cfg.nll_semi_weight * losses.gaussian_nll(semi['mu'], semi['chol'],
-                                                                  model.delta_to_rc(batch['delta_semi']), cfg.nll)}
+                                                                  geometry.delta_to_rc(batch['delta_semi']), cfg.nll)}
 
 
 STAGE = stages.Stage(

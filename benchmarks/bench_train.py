@@ -7,9 +7,9 @@
 Sizes: demo = grd 64x128, sat 64, width 0.25; paper = grd 320x640, sat 320, width 1.0; batch 10 for both.
 Each (size, stage[, oneDNN mode]) runs in a fresh subprocess, so its peak RSS (psutil, sampled every
 50 ms) is its own. The child builds the stage through the training loop's own code with random weights:
-train_lib.Run.build (model, Adam) and Run.make_step (the stage script's loss, GradientTape,
-cross-replica sum, finiteness check, fused Adam). Then it
-  1. times the pipeline alone (input_data.train_dataset reading the JPEG/PNG files of a synthetic city
+train_state.TrainState (model, Adam) and loop.make_step (the loop's embeddings, the stage script's loss,
+GradientTape, cross-replica sum, finiteness check, fused Adam). Then it
+  1. times the pipeline alone (pipeline.train_dataset reading the JPEG/PNG files of a synthetic city
      through an ImageCache of --image_cache_mb, as Run.train does) over one epoch's dataset (at most 50
      batches), wall and process CPU time per batch, its per-epoch start-up included: cold
      (every image decoded: a first epoch, or a data set larger than the cache), then warm (the same
@@ -52,11 +52,12 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from stages import ORDER as STAGES  # noqa: E402  (the registry's stage order; TensorFlow-free import)
+
 SIZES = {
     'demo': {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25},
     'paper': {'grd_size': (320, 640), 'sat_size': 320, 'width': 1.0},
 }
-STAGES = ('E_1a', 'E_1', 'E_2_1', 'E_2_2', 'E_3')
 # Ops whose MACs are counted; the profiler cross-check uses the TF names of the same products.
 COUNTED = ('Conv2D', 'Conv2DBackpropInput', 'MatMul', 'BatchMatMul', 'BatchMatMulV2', 'BatchMatMulV3', 'Einsum')
 # BatchMatMul is left out of the cross-check: tf.profiler reads its adjoint flag under MatMul's attribute
@@ -66,13 +67,6 @@ PROFILED = ('Conv2D', 'Conv2DBackpropInput', 'Conv2DBackpropFilter', 'MatMul')
 GiB = 2 ** 30
 
 
-def stage_object(name):
-    """The Stage of a stage script (its loss, parts and trained parts), by name."""
-    if name in ('E_1a', 'E_1'):
-        import train_first_E_1 as script
-        return script.PHASE_A if name == 'E_1a' else script.PHASE_B
-    module = {'E_2_1': 'train_second_E_2_1', 'E_2_2': 'train_second_E_2_2', 'E_3': 'train_third_E_3'}[name]
-    return __import__(module).STAGE
 
 
 def dataset_root(args, size):
@@ -255,50 +249,57 @@ def onednn_enabled():
 def child(args):
     import tensorflow as tf
     import input_data
-    import train_lib
+    import pipeline
+    import config
+    import distribute
+    import embedding
+    import loop
+    import stages
+    import train_state
     size, stage_name = args.child.split(':')
     rss = PeakRSS()
     out = {'size': size, 'stage': stage_name, 'threads': os.cpu_count(), 'load_start': os.getloadavg()[0]}
     say = lambda msg: print(f'  [{size} {stage_name}] {msg}', flush=True)
-    stage = stage_object(stage_name)
+    stage = stages.get(stage_name)
     s = SIZES[size]
-    run_dir = tempfile.mkdtemp(prefix='bench_train_')
-    argv = ['--grd_size', *map(str, s['grd_size']), '--sat_size', str(s['sat_size']), '--width', str(s['width']),
-            '--batch', str(args.batch), '--run_dir', run_dir, '--mixed_precision', str(args.mixed_precision)]
-    cfg = train_lib.parse_config([stage], argv)[0]
+    explicit = {'grd_size': s['grd_size'], 'sat_size': s['sat_size'], 'width': s['width'], 'batch': args.batch,
+                'mixed_precision': args.mixed_precision}
+    cfg = config.resolve(stage.name, explicit, 'paper', stage.defaults, stage.presets)
     root, cities = dataset_root(args, size)
     split = input_data.load_vigor(root, 'train', cities=cities)
-    sampler = input_data.BatchSampler(split, cfg['batch'], 0)
+    sampler = input_data.BatchSampler(split, cfg.batch, 0)
     n_batches = args.warmup + args.steps
     n_pipe = args.pipeline_batches or min(sampler.steps_per_epoch, 50)
     n_plan = max(n_batches, n_pipe)
     plans = [sampler.epoch_plan(e) for e in range(-(-n_plan // sampler.steps_per_epoch))]
     panos = np.concatenate([p for p, _ in plans])[:n_plan]
     semi = np.concatenate([k for _, k in plans])[:n_plan]
-    make_ds = lambda cache, n=n_batches: input_data.train_dataset(
-        split, panos[:n], semi[:n], cfg['grd_size'], cfg['sat_size'], cfg['batch'], cache=cache,
-        with_semi=stage.needs_semi)
-    new_cache = lambda: input_data.ImageCache(cfg['image_cache_mb'] * 2 ** 20)
+    make_ds = lambda cache, n=n_batches: pipeline.train_dataset(
+        split, panos[:n], semi[:n], cfg.grd_size, cfg.sat_size, cfg.batch, cache=cache, with_semi=stage.uses_semi)
+    new_cache = lambda: input_data.ImageCache(cfg.image_cache_mb * 2 ** 20)
 
     out['onednn'] = onednn_enabled()
     out['matmul_before'] = matmul_rates(args.matmul_n, args.matmul_repeats)
     say(f'oneDNN {"on" if out["onednn"] else "off"}; fp32 matmul {args.matmul_n}^3: '
         f'tf {out["matmul_before"]["tf"] / 1e9:.1f}, numpy {out["matmul_before"]["numpy"] / 1e9:.1f} GFLOP/s')
 
-    run = train_lib.Run(stage, cfg)
-    run.build(split)
-    consts = {}
-    if stage_name == 'E_3':  # E_3's u table (pixels) would come from E_2_2; any plausible values time the same
-        consts = {'u_table': tf.constant(np.random.default_rng(0).uniform(20, 150, (len(split), 3)), tf.float32)}
-    step = run.make_step(consts)
-    n_params = sum(int(np.prod(v.shape)) for v in run.opt.vars)
+    strategy = distribute.make_strategy('default')
+    with strategy.scope():
+        state = train_state.TrainState(stage, cfg, len(split), sampler.steps_per_epoch)
+    for table in state.tables.values():  # E_3's u table would come from E_2_2; any plausible values time the same
+        table.assign(np.random.default_rng(0).uniform(20, 150, table.shape).astype(np.float32))
+    step = loop.make_step(state, stage, cfg, strategy)
+    n_params = sum(int(np.prod(v.shape)) for v in state.optimizer.vars)
+    all_params = sum(int(np.prod(v.shape)) for v in state.model.trainable_variables)
     batch = next(iter(make_ds(None)))      # the pipeline's first batch, kept in memory
 
     # FLOPs from the traced forward loss (default strategy: plain tensors, static batch).
-    ctx_graph = tf.function(lambda b: stage.loss(run.model, b, train_lib.LossContext(cfg, consts))[0],
-                            autograph=False)
-    fwd, by_type = forward_flops(ctx_graph.get_concrete_function(batch).graph)
-    out.update(flops_forward=fwd, flops_step=3 * fwd, flops_by_type=by_type, trained_params=n_params)
+    def forward(b):
+        emb = embedding.embed_batch(state.model, b, stage.uses_semi)
+        return sum(stage.loss(state.model, emb, b, embedding.LossContext(cfg, dict(state.tables))).values())
+    fwd, by_type = forward_flops(tf.function(forward, autograph=False).get_concrete_function(batch).graph)
+    out.update(flops_forward=fwd, flops_step=3 * fwd, flops_by_type=by_type, trained_params=n_params,
+               model_params=all_params)
     if args.profiler_check:
         out['profiler_flops_step'] = profiler_flops(step.get_concrete_function(batch).graph)
 
@@ -307,7 +308,7 @@ def child(args):
         walls, cpus = [], []
         t, c = time.perf_counter(), time.process_time()
         for i, b in enumerate(feed):
-            loss, _, ok, _ = step(b)
+            loss, _, _, ok, _ = step(b)
             if not bool(ok.numpy()):
                 raise RuntimeError(f'non-finite step (loss {float(loss)})')
             now, cpu = time.perf_counter(), time.process_time()
@@ -329,7 +330,7 @@ def child(args):
             pass
         out[f'pipeline_{kind}_s'] = (time.perf_counter() - t) / n_pipe
         out[f'pipeline_{kind}_cpu'] = (time.process_time() - c) / n_pipe
-    need = len(split.pano_paths) * np.prod(cfg['grd_size']) * 3 + len(split.tile_paths) * cfg['sat_size'] ** 2 * 3
+    need = len(split.pano_paths) * np.prod(cfg.grd_size) * 3 + len(split.tile_paths) * cfg.sat_size ** 2 * 3
     out['cache_fits'] = bool(need <= cache.max_bytes)
     say(f'pipeline alone, s per batch (wall / CPU): cold {out["pipeline_cold_s"]:.4f} / {out["pipeline_cold_cpu"]:.4f}, '
         f'warm {out["pipeline_warm_s"]:.4f} / {out["pipeline_warm_cpu"]:.4f}; the '
@@ -355,7 +356,7 @@ def child(args):
                 out['mem_cpu'] += cpus
             else:
                 feed = make_ds(new_cache() if kind == 'cold' else cache)
-                walls, cpus = timed(run.strategy.experimental_distribute_dataset(feed))
+                walls, cpus = timed(strategy.experimental_distribute_dataset(feed))
                 out[f'pipe_{kind}_times'] += walls
                 out[f'pipe_{kind}_cpu'] += cpus
             rec[kind] = [float(np.mean(walls)), float(np.mean(cpus))]
@@ -412,7 +413,8 @@ def report(r, batch):
         f'{mm["tf"] / 1e9:.1f} GFLOP/s [>= 75 %: {"ok" if ratio >= 0.75 else "MISSED"}] (medians: '
         f'{100 * ratio_med:.1f} %; numpy matmul {mm["numpy"] / 1e9:.1f})',
         *feeds,
-        f'      {r["trained_params"] / 1e6:.1f} M trained params; train split '
+        f'      {r["trained_params"] / 1e6:.1f} M trained params of {r.get("model_params", 0) / 1e6:.1f} M in the '
+        f'model; train split '
         f'{"fits" if r["cache_fits"] else "does not fit"} the image cache; load avg {r["load_start"]:.1f} -> '
         f'{r["load_end"]:.1f}' + (f'; conv/matmul FLOPs per step: tf.profiler {r["profiler_flops_step"] / 1e9:.2f} G, '
                                   f'analytic {3 * same_ops / 1e9:.2f} G' if 'profiler_flops_step' in r else ''),

@@ -19,6 +19,8 @@ import train_first_E_1
 import train_lib
 import train_second_E_2_1
 import train_second_E_2_2
+import train_third_E_3
+import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--grd_size', '32', '64', '--sat_size', '64', '--width', '0.0625', '--batch', '4', '--epochs', '1',
@@ -201,9 +203,9 @@ def test_init_from_another_stage(vigor, e1_run, tmp_path, capsys):
                                                     '--init_from', e1_run], capsys)
     assert err == f'error: {e1_run}: holds a E_1 checkpoint, E_2_2 starts from E_2_1'
     phase_a = os.path.join(e1_run, 'phase_a')
-    err = fails([train_second_E_2_1.STAGE], TINY + ['--data_root', vigor, '--run_dir', str(tmp_path / 'E_2_1'),
-                                                    '--init_from', phase_a], capsys)
-    assert err == f'error: {phase_a}: holds a E_1a checkpoint, E_2_1 starts from E_1'
+    err = fails([train_third_E_3.STAGE], TINY + ['--data_root', vigor, '--run_dir', str(tmp_path / 'E_3'),
+                                                 '--init_from', phase_a], capsys)
+    assert err == f'error: {phase_a}: holds a E_1a checkpoint, E_3 starts from E_2_2'
 
 
 def test_init_from_another_architecture(vigor, e1_run, tmp_path, capsys):
@@ -218,7 +220,7 @@ def test_init_from_checkpoint_without_config_of_another_architecture(vigor, e1_r
     shutil.copytree(os.path.join(e1_run, 'ckpt'), os.path.join(prev, 'ckpt'))
     argv = TINY + ['--data_root', vigor, '--run_dir', str(tmp_path / 'E_2_1'), '--init_from', prev, '--width', '0.125']
     err = fails([train_second_E_2_1.STAGE], argv, capsys)
-    assert err.startswith(f'error: {train_lib.latest_checkpoint(prev)}: checkpoint of another architecture')
+    assert err.startswith(f'error: {train_state.latest_checkpoint(prev)}: checkpoint of another architecture')
 
 
 def test_run_dir_of_another_configuration_is_refused_and_untouched(vigor, e1_run, capsys):

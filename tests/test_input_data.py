@@ -1,14 +1,22 @@
-"""VIGOR/CVACT parsing and validation, the batch sampler and the tf.data pipelines."""
+"""VIGOR/CVACT parsing and validation, image decoding, the image cache and the batch sampler."""
+import io
 import os
 import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
+import scipy.io
+from PIL import Image
 
+import geometry
 import input_data
 import synthetic_data
+from fake_act_data import PANO_IDS, TRAIN_1BASED, write_act_data
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -30,16 +38,15 @@ def test_load_same_and_cross_area(vigor):
 def test_positions_agree_with_names(vigor):
     # original labels: the ground truth is the panorama's GPS; moving the positive tile's centre by the
     # original delta at 0.114 m/px lands on it (up to the 6-decimal rounding of the names, < 0.1 m).
-    from evaluation import position_errors
-    for labels, mpp in (('original', None), ('corrected', input_data.CORRECTED_MPP)):
+    for labels in ('original', 'corrected'):
         s = input_data.load_vigor(vigor, 'test', 'same', labels)
-        moved = input_data.offset_position(s.tile_centres[s.tiles[:, 0]], s.deltas[:, 0].astype(float),
+        moved = geometry.delta_to_position(s.tile_centres[s.tiles[:, 0]], s.deltas[:, 0].astype(float),
                                            s.mpp, 'haversine')
         names = np.array([input_data.vigor_pano_latlon(os.path.basename(p)) for p in s.pano_paths])
-        err = position_errors(moved, names, 'haversine')
+        err = geometry.distance_m(moved, names, 'haversine')
         assert err.max() < 0.2, labels
     corrected = input_data.load_vigor(vigor, 'test', 'same', 'corrected')
-    assert set(np.round(corrected.mpp, 6)) == set(np.round(list(input_data.CORRECTED_MPP.values()), 6))
+    assert set(np.round(corrected.mpp, 6)) == set(np.round(list(geometry.CORRECTED_MPP.values()), 6))
 
 
 def _rewrite_line(path, fn, line=0):
@@ -86,7 +93,7 @@ def test_read_image_checks(tmp_path):
     img = input_data.read_image(str(tmp_path / 'p.jpg'), (32, 64), 'panorama')
     assert img.shape == (32, 64, 3) and img.dtype == np.float32
     # BGR mean subtracted: a uniform 200 image becomes 200 - mean per channel (JPEG: +-2)
-    np.testing.assert_allclose(img.mean((0, 1)), 200 - np.array(input_data.VGG_MEAN_BGR), atol=2.5)
+    np.testing.assert_allclose(img.mean((0, 1)), 200 - np.array(geometry.VGG_MEAN_BGR), atol=2.5)
     cv2.imwrite(str(tmp_path / 'g.png'), np.zeros((40, 80), np.uint8))
     with pytest.raises(input_data.DataError, match='g.png: expected a 3-channel colour panorama, got a grayscale'):
         input_data.read_image(str(tmp_path / 'g.png'), (32, 64), 'panorama')
@@ -110,7 +117,7 @@ def test_jpeg_is_decoded_at_a_reduced_scale_when_read_smaller(tmp_path):
     path = str(tmp_path / 'p.jpg')
     cv2.imwrite(path, _smooth_colour(256, 512), [cv2.IMWRITE_JPEG_QUALITY, 95])
     with open(path, 'rb') as f:
-        assert input_data._jpeg_header(f.read()) == (256, 512, 3)
+        assert input_data._jpeg_colour_size(f.read()) == (256, 512)
     pixels, on_file = input_data.decode_image(path, (64, 128))
     assert pixels.shape == (64, 128, 3) and on_file == (256, 512)       # 1/4 scale in libjpeg
     assert input_data.decode_image(path, (100, 200))[0].shape == (128, 256, 3)  # 1/4 would be < 100 rows
@@ -127,6 +134,29 @@ def test_jpeg_is_decoded_at_a_reduced_scale_when_read_smaller(tmp_path):
         input_data.load_image(str(tmp_path / 'sq.jpg'), (32, 64), 'panorama')
 
 
+def test_jpeg_colour_size_reads_only_colour_jpeg_headers():
+    def encoded(fmt, image, **kw):
+        buf = io.BytesIO()
+        image.save(buf, fmt, **kw)
+        return buf.getvalue()
+    colour = encoded('JPEG', Image.new('RGB', (48, 24)))
+    assert input_data._jpeg_colour_size(colour) == (24, 48)                  # (height, width)
+    scan = colour.index(b'\xff\xda')                                         # start of scan
+    assert input_data._jpeg_colour_size(colour[:scan + 20]) == (24, 48)      # the header is enough
+    assert input_data._jpeg_colour_size(encoded('JPEG', Image.new('L', (48, 24)))) is None       # 1 component
+    assert input_data._jpeg_colour_size(encoded('JPEG', Image.new('CMYK', (48, 24)))) is None    # 4 components
+    assert input_data._jpeg_colour_size(encoded('PNG', Image.new('RGB', (48, 24)))) is None
+    assert input_data._jpeg_colour_size(colour[:20]) is None                 # no frame header
+    assert input_data._jpeg_colour_size(b'\xff\xd8garbage') is None
+
+
+def test_no_tensorflow_import():
+    """input_data (and so samples_on_cvact and synthetic_data) stays usable without TensorFlow."""
+    code = ('import sys, geometry, input_data, samples_on_cvact, synthetic_data, evaluation; '
+            'assert "tensorflow" not in sys.modules, "TensorFlow imported"')
+    subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
+
+
 def test_image_cache_keeps_the_first_images_up_to_its_budget(vigor):
     split = input_data.load_vigor(vigor, 'train')
     one = 64 * 64 * 3
@@ -139,24 +169,6 @@ def test_image_cache_keeps_the_first_images_up_to_its_budget(vigor):
     assert cache.bytes == 3 * one and set(cache.images) == {(p, (64, 64)) for p in split.tile_paths[:3]}
     assert cache.load(split.tile_paths[4], (64, 64), 'aerial') is not cache.load(split.tile_paths[4], (64, 64), 'aerial')
     assert cache.load(split.tile_paths[0], (32, 32), 'aerial').shape == (32, 32, 3)  # the size is part of the key
-
-
-def test_cached_pipeline_gives_the_same_batches_and_decodes_once(vigor):
-    split = input_data.load_vigor(vigor, 'train')
-    panos, semi = input_data.BatchSampler(split, batch=4, seed=0).epoch_plan(0)
-    plain = list(input_data.train_dataset(split, panos, semi, (32, 64), 64, 4))
-    cache = input_data.ImageCache(2 ** 30)
-    misses = []
-    for _ in range(2):
-        cached = list(input_data.train_dataset(split, panos, semi, (32, 64), 64, 4, cache=cache))
-        for a, b in zip(plain, cached):
-            for k in ('grd', 'sat', 'semi'):
-                np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
-        misses.append(cache.misses)
-    distinct = len(set(panos.ravel())) + len({int(t) for t in split.tiles[panos.ravel(), 0]} |
-                                             {int(t) for t in split.tiles[panos.ravel(), semi.ravel()]})
-    # (two threads may both miss an image wanted by two batches in flight: misses >= distinct)
-    assert len(cache.images) == distinct <= misses[0] == misses[1]
 
 
 def test_sampler_never_repeats_a_tile_and_is_reproducible(vigor):
@@ -191,46 +203,6 @@ def test_mined_half_follows_the_hard_table(vigor):
     assert mined >= 0.6 * panos.shape[0] * 2
 
 
-def test_train_dataset_batches(vigor):
-    split = input_data.load_vigor(vigor, 'train')
-    sampler = input_data.BatchSampler(split, batch=4, seed=0)
-    panos, semi = sampler.epoch_plan(0)
-    ds = input_data.train_dataset(split, panos[:2], semi[:2], (32, 64), 64, 4)
-    batches = list(ds)
-    assert len(batches) == 2
-    b = batches[0]
-    assert b['grd'].shape == (4, 32, 64, 3) and b['sat'].shape == (4, 64, 64, 3) and b['semi'].shape == (4, 64, 64, 3)
-    np.testing.assert_array_equal(b['pano'].numpy(), panos[0])
-    np.testing.assert_allclose(b['delta'].numpy(), split.deltas[panos[0], 0])
-    np.testing.assert_allclose(b['delta_semi'].numpy(), split.deltas[panos[0], semi[0]])
-    direct = input_data.read_image(split.tile_paths[split.tiles[panos[0][1], 0]], (64, 64), 'aerial')
-    np.testing.assert_allclose(b['sat'].numpy()[1], direct)
-
-
-
-def test_train_dataset_without_semi_reads_no_semi_tile(vigor):
-    """A stage whose loss ignores the semi-positive (E_1 phase a) decodes only panoramas and positives."""
-    split = input_data.load_vigor(vigor, 'train')
-    panos, semi = input_data.BatchSampler(split, batch=4, seed=0).epoch_plan(0)
-    cache = input_data.ImageCache(2 ** 30)
-    batches = list(input_data.train_dataset(split, panos[:3], semi[:3], (32, 64), 64, 4, cache=cache,
-                                            with_semi=False))
-    assert len(batches) == 3 and all('semi' not in b and b['sat'].shape == (4, 64, 64, 3) for b in batches)
-    read = {(p, (32, 64)) for p in np.array(split.pano_paths)[panos[:3].ravel()]} | \
-        {(split.tile_paths[t], (64, 64)) for t in split.tiles[panos[:3].ravel(), 0]}
-    assert set(cache.images) == read
-
-def test_tf_data_error_is_one_line(vigor_copy):
-    split = input_data.load_vigor(vigor_copy, 'train')
-    with open(split.tile_paths[0], 'wb') as f:
-        f.write(b'garbage')
-    ds = input_data.image_dataset(split.tile_paths[:2], (64, 64), 'aerial', 2)
-    with pytest.raises(Exception) as e:
-        list(ds)
-    msg = input_data.unwrap_error(e.value)
-    assert msg == f'{split.tile_paths[0]}: unreadable image (missing, corrupt or not JPEG/PNG)'
-
-
 def test_cvact_resampled_loader(tmp_path):
     import samples_on_cvact
     root = str(tmp_path / 'cvact')
@@ -239,6 +211,69 @@ def test_cvact_resampled_loader(tmp_path):
     s = input_data.load_cvact(root, str(tmp_path / 'res'), 'test', synthetic_data.CVACT_MPP_1200)
     assert s.metric == 'euclidean' and len(s.tile_paths) == 4 * len(s)
     # the positive crop's centre moved by the label delta lands on the panorama's UTM position
-    moved = input_data.offset_position(s.tile_centres[s.tiles[:, 0]], s.deltas[:, 0].astype(float), s.mpp,
+    moved = geometry.delta_to_position(s.tile_centres[s.tiles[:, 0]], s.deltas[:, 0].astype(float), s.mpp,
                                        'euclidean')
     np.testing.assert_allclose(moved, s.gt_positions, atol=1e-6)
+
+
+def test_load_act_data_maps_1based_indices(tmp_path):
+    path = str(tmp_path / 'ACT_data.mat')
+    write_act_data(path)
+    act = input_data.load_act_data(path)
+    assert act['pano_ids'] == PANO_IDS
+    assert act['utm'].shape == (9, 2) and act['utm'].dtype == np.float64 and act['utm'][3, 1] == 7.0
+    assert [act['pano_ids'][i] for i in act['train_idx']] == [PANO_IDS[i - 1] for i in TRAIN_1BASED]
+    assert act['train_idx'].tolist() == [2, 0, 4, 6, 1]
+    assert act['val_set'] == 'valSetAll' and act['val_idx'].tolist() == [3, 5, 7]
+    assert input_data.load_act_data(path, val_set='valSet')['val_idx'].tolist() == [3, 5]
+
+
+@pytest.mark.parametrize('oned_as', ['column', 'row'])
+def test_load_act_data_shapes(tmp_path, oned_as):
+    # char-matrix panoIds (equal lengths), 1-D index vectors saved as rows or columns, utm stored 2xN
+    ids = [f'id{k:03d}' for k in range(9)]
+    path = str(tmp_path / 'ACT_data.mat')
+    utm = np.arange(18, dtype=np.float64).reshape(9, 2)
+    write_act_data(path, pano_ids=np.array(ids), utm=utm.T, oned_as=oned_as,
+               trainSet={'trainInd': np.array(TRAIN_1BASED, dtype=np.float64)},
+               valSetAll={'valInd': np.array([9], dtype=np.int32)})
+    act = input_data.load_act_data(path)
+    assert act['pano_ids'] == ids and np.array_equal(act['utm'], utm)
+    assert act['train_idx'].tolist() == [2, 0, 4, 6, 1] and act['val_idx'].tolist() == [8]
+
+
+@pytest.mark.parametrize('kwargs', [{}, {'squeeze_me': True}, {'struct_as_record': False},
+                                    {'squeeze_me': True, 'struct_as_record': False}, {'chars_as_strings': False}])
+def test_parse_act_data_loadmat_modes(tmp_path, kwargs):
+    path = str(tmp_path / 'ACT_data.mat')
+    write_act_data(path, valSet={'valInd': np.array([[4.0]])})  # a single index squeezes to a scalar
+    act = input_data.parse_act_data(scipy.io.loadmat(path, **kwargs), source=path, val_set='valSet')
+    assert act['pano_ids'] == PANO_IDS
+    assert act['train_idx'].tolist() == [2, 0, 4, 6, 1] and act['val_idx'].tolist() == [3]
+
+
+def test_load_act_data_errors(tmp_path):
+    path = str(tmp_path / 'ACT_data.mat')
+    write_act_data(path, drop=('valSet', 'valSetAll'))
+    with pytest.raises(ValueError, match=r"ACT_data\.mat: missing field 'valSet'"):
+        input_data.load_act_data(path)
+    write_act_data(path, drop=('utm',))
+    with pytest.raises(ValueError, match="missing field 'utm'"):
+        input_data.load_act_data(path)
+    write_act_data(path, trainSet={'trainIdx': np.array([[1.0]])})
+    with pytest.raises(ValueError, match=r"missing field 'trainSet\.trainInd'"):
+        input_data.load_act_data(path)
+    write_act_data(path, trainSet={'trainInd': np.array([[1.0], [99.0]])})
+    with pytest.raises(ValueError, match=r'trainSet\.trainInd holds index 99 outside 1\.\.9'):
+        input_data.load_act_data(path)
+    write_act_data(path, valSetAll={'valInd': np.array([[0.0]])})
+    with pytest.raises(ValueError, match=r'valSetAll\.valInd holds index 0'):
+        input_data.load_act_data(path)
+    write_act_data(path, utm=np.zeros((8, 2)))
+    with pytest.raises(ValueError, match=r'utm has shape \(8, 2\), expected \(9, 2\)'):
+        input_data.load_act_data(path)
+    with pytest.raises(FileNotFoundError, match='nope.mat'):
+        input_data.load_act_data(str(tmp_path / 'nope.mat'))
+    (tmp_path / 'junk.mat').write_bytes(b'not a mat file')
+    with pytest.raises(ValueError, match='junk.mat: not a readable .mat file'):
+        input_data.load_act_data(str(tmp_path / 'junk.mat'))

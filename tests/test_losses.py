@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import losses
+import model
 
 
 def _unit(x):
@@ -191,3 +192,68 @@ def test_losses_finite_gradients_on_degenerate_inputs():
                                                                         tf.fill([4, 2], 300.0))
     g = tape.gradient(loss, same)
     assert np.isfinite(loss.numpy()) and np.all(np.isfinite(g.numpy()))
+
+
+# ----------------------------------------------------------------------------- degenerate inputs
+
+def finite(*tensors):
+    return all(np.all(np.isfinite(t.numpy())) for t in tensors)
+
+
+def gradients(loss_fn, *variables):
+    with tf.GradientTape() as tape:
+        loss = loss_fn()
+    return loss, tape.gradient(loss, list(variables))
+
+
+def test_identical_descriptors_give_finite_gradients():
+    same = tf.Variable(tf.math.l2_normalize(tf.ones([4, 8]), -1))     # every grd = every sat = every semi
+    d_pos, d_semi, u = tf.zeros([4, 2]), tf.fill([4, 2], 300.0), tf.constant([0.0, 10.0, 75.0, 500.0])
+    for fn in (lambda: losses.triplet_loss(same, same),
+               lambda: losses.iou_ratio_loss(same, same, same, d_pos, d_semi),
+               lambda: losses.uncertainty_ratio_loss(same, same, same, d_pos, d_semi, u)):
+        loss, (g,) = gradients(fn, same)
+        assert finite(loss, g)
+
+
+def test_zero_heatmap_gives_finite_gradients():
+    heat = tf.Variable(tf.zeros([2, 16, 16]))
+    gt = tf.constant([[100.0, 200.0], [320.0, 320.0]])
+    loss, (g,) = gradients(lambda: losses.heatmap_loss(model.soft_argmax(heat), gt), heat)
+    assert finite(loss, g)
+    # through the decoder: a dead last layer (relu of negative logits) gives a zero heatmap
+    init = model.Init(0)
+    trunk = model.VGG16(init, 0.0625)
+    dec = model.HeatmapDecoder(init, 8, 64, 0.0625, {c.name: c.w.shape[-1] for c in trunk.convs})
+    dec.logits.b.assign(tf.fill(dec.logits.b.shape, -1e3))
+    _, skips = trunk(tf.zeros([2, 64, 64, 3]))
+    bottleneck = tf.Variable(tf.ones([2, 8]))
+    loss, grads = gradients(lambda: losses.heatmap_loss(model.soft_argmax(dec(bottleneck, skips)), gt),
+                            bottleneck, *dec.trainable_variables)
+    assert float(tf.reduce_max(dec(bottleneck, skips))) == 0.0
+    assert finite(loss, *[g for g in grads if g is not None])
+
+
+def test_heatmap_loss_at_the_ground_truth_has_zero_gradient():
+    # a uniform heatmap puts mu at the tile centre (320, 320); a panorama exactly there: distance 0
+    heat = tf.Variable(tf.ones([1, 8, 8]))
+    loss, (g,) = gradients(lambda: losses.heatmap_loss(model.soft_argmax(heat), tf.constant([[320.0, 320.0]])), heat)
+    assert float(loss) == 0.0 and finite(g)
+    mu = tf.Variable([[3.0, 4.0]])
+    loss, (g,) = gradients(lambda: losses.heatmap_loss(mu, tf.zeros([1, 2])), mu)
+    np.testing.assert_allclose(g.numpy(), [[0.6e-4, 0.8e-4]], rtol=1e-5)   # d|mu|/dmu / 10000 away from 0
+
+
+def test_near_singular_sigma_gives_finite_gradients():
+    mu, gt = tf.Variable([[300.0, 300.0], [10.0, 600.0]]), tf.constant([[320.0, 310.0], [600.0, 10.0]])
+    for chol in ([[1e-4, 50.0, 1e-4], [1e-4, 0.0, 1e-4]],       # raw factors: Sigma ~ rank one / ~ 0
+                 [[1.0, 1e4, 1.0], [1.0, -1e4, 1.0]]):          # the head's floor with a huge correlation
+        chol = tf.Variable(chol)
+        loss, grads = gradients(lambda: losses.gaussian_nll(mu, chol, gt), mu, chol)
+        assert finite(loss, *grads)
+    # through the covariance head: saturated inputs
+    head = model.CholeskyHead(model.Init(0), 8, 0.0625)
+    x = tf.Variable(tf.constant([[1e4] * 8, [-1e4] * 8, [0.0] * 8]))
+    loss, grads = gradients(lambda: losses.gaussian_nll(tf.zeros([3, 2]), head(x), tf.fill([3, 2], 640.0)),
+                            x, *head.trainable_variables)
+    assert finite(loss, *grads)

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
+import embedding
 import input_data
-import synthetic_data
-import train_first_E_1
-import train_lib
+import mining
+import model
 
 
 def angles(degrees):
@@ -24,11 +24,11 @@ def test_table_ranks_pool_tiles_by_similarity_by_hand():
     # a panorama at 50 deg: cos of 50, 20, 10, 40, 70 -> 60 deg (8), 30 (7), 90 (20), 0 (3), 120 (31)
     # one at 100 deg:       cos of 100, 70, 40, 10, 20 -> 90 (20), 120 (31), 60 (8), 30 (7), 0 (3)
     grd = angles([50, 100]).astype(np.float16)
-    table = train_lib.hard_negatives(grd, pool_desc, pool, topk=3, rows=1)
+    table = mining.hard_negatives(grd, pool_desc, pool, topk=3, rows=1)
     assert table.shape == (2, 3) and table.dtype == np.int32
     np.testing.assert_array_equal(table, [[8, 7, 20], [20, 31, 8]])
     # more wanted than the pool holds: the ranking repeats
-    table = train_lib.hard_negatives(grd, pool_desc, pool, topk=7)
+    table = mining.hard_negatives(grd, pool_desc, pool, topk=7)
     np.testing.assert_array_equal(table, [[8, 7, 20, 3, 31, 8, 7], [20, 31, 8, 7, 3, 20, 31]])
 
 
@@ -37,7 +37,7 @@ def test_table_matches_brute_force_in_blocks():
     unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     grd, pool_desc = unit(rng.normal(size=(50, 16))), unit(rng.normal(size=(200, 16)))
     pool = np.sort(rng.choice(1000, 200, replace=False))
-    table = train_lib.hard_negatives(grd, pool_desc, pool, topk=10, rows=16)    # 4 blocks, the last short
+    table = mining.hard_negatives(grd, pool_desc, pool, topk=10, rows=16)    # 4 blocks, the last short
     sim = grd @ pool_desc.T
     expected = pool[np.argsort(-sim, axis=1, kind='stable')[:, :10]]
     np.testing.assert_array_equal(table, expected)
@@ -48,17 +48,17 @@ def test_table_matches_brute_force_in_blocks():
         assert np.all(np.diff(kept) <= 0) and kept[-1] >= np.delete(sim[q], [slot[t] for t in table[q]]).max()
 
 
-def test_pool_is_40000_or_all_and_follows_seed_and_epoch():
-    assert len(train_lib.mining_pool(0, 0, 90000, 40000)) == 40000
-    pool = train_lib.mining_pool(0, 0, 90000, 40000)
+def test_pool_follows_seed_and_epoch():
+    assert len(mining.mining_pool(0, 0, 90000, 40000)) == 40000
+    pool = mining.mining_pool(0, 0, 90000, 40000)
     assert np.all(np.diff(pool) > 0) and pool[0] >= 0 and pool[-1] < 90000
-    np.testing.assert_array_equal(pool, train_lib.mining_pool(0, 0, 90000, 40000))
-    assert not np.array_equal(pool, train_lib.mining_pool(0, 1, 90000, 40000))
-    np.testing.assert_array_equal(train_lib.mining_pool(0, 3, 36, 40000), np.arange(36))
+    np.testing.assert_array_equal(pool, mining.mining_pool(0, 0, 90000, 40000))
+    assert not np.array_equal(pool, mining.mining_pool(0, 1, 90000, 40000))
+    np.testing.assert_array_equal(mining.mining_pool(0, 3, 36, 40000), np.arange(36))
 
 
 def test_buffer_keeps_the_pool_tiles_only():
-    buf = train_lib.MiningBuffer(n_panos=4, n_tiles=6, pool=np.array([2, 5]), dim=3)
+    buf = mining.MiningBuffer(n_panos=4, n_tiles=6, pool=np.array([2, 5]), dim=3)
     assert buf.grd.shape == (4, 3) and buf.sat.shape == (2, 3)        # memory: Q + P rows, not Q + N
     buf.add(np.array([0, 3]), angles([0, 90]), np.array([5, 4]), angles([30, 60]))
     np.testing.assert_array_equal(buf.grd_seen, [True, False, False, True])
@@ -71,50 +71,53 @@ def test_buffer_keeps_the_pool_tiles_only():
 
 
 @pytest.fixture(scope='module')
-def tiny_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp('mining')
-    data = str(base / 'VIGOR')
-    synthetic_data.write_vigor(data, grid=3, tile_px=64, pano_hw=(32, 64))
-    argv = ['--grd_size', '32', '64', '--sat_size', '64', '--width', '0.0625', '--batch', '4', '--eval_batch', '8',
-            '--mining_topk', '5', '--data_root', data, '--run_dir', str(base / 'run')]
-    cfg = train_lib.parse_config([train_first_E_1.PHASE_A], argv)[0]
-    run = train_lib.Run(train_first_E_1.PHASE_A, cfg)
-    split = train_lib.dataset_splits(cfg, 'train')
-    run.build(split)
-    return run, split
+def tiny_model(tiny_vigor):
+    import config
+    split = input_data.load_vigor(tiny_vigor(3), 'train')
+    cfg = config.resolve('E_1a', {'grd_size': (32, 64), 'sat_size': 64, 'width': 0.0625, 'eval_batch': 8})
+    m = model.CrossViewModel((32, 64), 64, 0.0625, model.RETRIEVAL_PARTS)
+    return embedding.Embedder(m), split, cfg
 
 
-def test_mine_ranks_with_the_gathered_descriptors(tiny_run):
-    run, split = tiny_run
-    n_panos, n_tiles, dim = len(split), len(split.tile_paths), run.model.dim
-    pool = train_lib.mining_pool(0, 0, n_tiles, 40000)
-    buf = train_lib.MiningBuffer(n_panos, n_tiles, pool, dim)
+def test_round_ranks_with_the_gathered_descriptors(tiny_model):
+    embedder, split, cfg = tiny_model
+    n_panos, n_tiles, dim = len(split), len(split.tile_paths), embedder.model.dim
+    pool = mining.mining_pool(0, 0, n_tiles, 40000)
+    buf = mining.MiningBuffer(n_panos, n_tiles, pool, dim)
     # made-up descriptors for everything, as if gathered: panorama p looks exactly like tile (p + 5) % N
     rng = np.random.default_rng(0)
     tiles = rng.normal(size=(n_tiles, dim)).astype(np.float32)
     tiles /= np.linalg.norm(tiles, axis=1, keepdims=True)
     buf.add(np.arange(n_panos), tiles[(np.arange(n_panos) + 5) % n_tiles], np.arange(n_tiles), tiles)
-    run.mine(0, buf, split)
-    hard = run.hard.numpy()
-    assert hard.shape == (n_panos, 5) and bool(run.hard_valid.numpy())
+    buf.fill_missing(split, embedder, cfg)            # nothing missing: nothing recomputed
+    hard = mining.hard_negatives(buf.grd, buf.sat, buf.pool, 5)
+    assert hard.shape == (n_panos, 5)
     np.testing.assert_array_equal(hard[:, 0], (np.arange(n_panos) + 5) % n_tiles)
-    np.testing.assert_array_equal(hard, train_lib.hard_negatives(buf.grd, buf.sat, pool, 5))
 
 
-def test_mine_computes_only_what_the_epoch_did_not_gather(tiny_run):
-    run, split = tiny_run
-    n_panos, n_tiles, dim = len(split), len(split.tile_paths), run.model.dim
-    buf = train_lib.MiningBuffer(n_panos, n_tiles, np.arange(n_tiles), dim)
+def test_fill_missing_computes_only_what_the_epoch_did_not_gather(tiny_model):
+    embedder, split, cfg = tiny_model
+    n_panos, n_tiles, dim = len(split), len(split.tile_paths), embedder.model.dim
+    buf = mining.MiningBuffer(n_panos, n_tiles, np.arange(n_tiles), dim)
     gathered = np.full((2, dim), 1 / math.sqrt(dim), np.float32)
     buf.add(np.array([0, 1]), gathered, np.array([7, 8]), gathered)
-    run.fill_missing(buf, split)
+    buf.fill_missing(split, embedder, cfg)
     assert buf.grd_seen.all() and buf.sat_seen.all()
     np.testing.assert_allclose(buf.grd[:2], gathered, atol=1e-3)          # kept, not recomputed
     np.testing.assert_array_equal(buf.sat[[7, 8]], gathered)
+    unit = lambda x: x / np.linalg.norm(x)
     image = input_data.read_image(split.pano_paths[5], (32, 64), 'panorama')[None]
-    np.testing.assert_allclose(buf.grd[5], run.describe_fns['panorama'](image).numpy()[0], atol=2e-3)
+    np.testing.assert_allclose(buf.grd[5], unit(embedder.grd(image)[0]), atol=2e-3)
     image = input_data.read_image(split.tile_paths[3], (64, 64), 'aerial')[None]
-    np.testing.assert_allclose(buf.sat[3], run.describe_fns['aerial'](image).numpy()[0], atol=1e-4)
+    np.testing.assert_allclose(buf.sat[3], unit(embedder.sat(image)[0]), atol=1e-4)
+
+
+def test_buffer_state_round_trip():
+    buf = mining.MiningBuffer(n_panos=4, n_tiles=6, pool=np.array([2, 5]), dim=3)
+    buf.add(np.array([0, 3]), angles([0, 90]), np.array([5, 4]), angles([30, 60]))
+    back = mining.MiningBuffer.from_state(6, {k: np.copy(v) for k, v in buf.state().items()})
+    for k in ('pool', 'grd', 'sat', 'grd_seen', 'sat_seen', 'slot'):
+        np.testing.assert_array_equal(getattr(back, k), getattr(buf, k))
 
 
 def ring_split(n=200):

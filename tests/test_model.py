@@ -66,13 +66,6 @@ def test_soft_argmax_zero_heatmap_is_finite():
     assert np.all(np.isfinite(mu.numpy())) and np.all(np.isfinite(tape.gradient(mu, h).numpy()))
 
 
-def test_delta_rc_roundtrip_and_convention():
-    delta = tf.constant([[100.0, -50.0]])   # 100 px south, 50 px east of the centre
-    rc = model.delta_to_rc(delta).numpy()[0]
-    np.testing.assert_allclose(rc, [420.0, 370.0])
-    np.testing.assert_allclose(model.rc_to_delta(tf.constant([rc])).numpy()[0], [100.0, -50.0])
-
-
 def test_cov_and_uncertainty():
     chol = tf.constant([[3.0, 0.0, 2.0], [2.0, 1.0, 1.0]])
     cov = model.cholesky_to_cov(chol).numpy()

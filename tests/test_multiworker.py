@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ARGS = ['--grd_size', '32', '64', '--sat_size', '64', '--width', '0.0625', '--batch', '4', '--epochs', '3',
         '--mining_start_epoch', '2', '--mining_pool', '16', '--mining_topk', '4', '--val_every', '0',
-        '--log_every', '1', '--eval_batch', '8']
+        '--log_every', '1', '--eval_batch', '8', '--epoch_batch', '0']
 STEP = re.compile(r'\[(E_1a?)[^\]]*\] step (\d+)/\d+ epoch \d+ loss ([-\d.e+]+)')
 
 
@@ -50,11 +50,13 @@ def losses(out):
     return [(m[1], int(m[2]), float(m[3])) for m in STEP.finditer(out)]
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-    import synthetic_data
+def runs(tmp_path_factory, tiny_vigor):
     tmp = tmp_path_factory.mktemp('multiworker')
-    data = synthetic_data.ensure_vigor(str(tmp / 'vigor'), grid=3, tile_px=64, pano_hw=(32, 64))
+    data = tiny_vigor(3)
     cluster = {'worker': [f'localhost:{p}' for p in free_ports(2)]}
     procs = [start(ARGS + ['--data_root', data, '--run_dir', str(tmp / 'multi'), '--strategy', 'multiworker'],
                    {'cluster': cluster, 'task': {'type': 'worker', 'index': i}}) for i in range(2)]

@@ -19,9 +19,9 @@ import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 import model
-import synthetic_data
 import train_first_E_1
 import train_lib
+import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 36 training panoramas / batch 4 = 9 steps per epoch; 2 epochs = 18 steps in each phase, the second
@@ -33,10 +33,8 @@ TOTAL = 18
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('resume') / 'VIGOR')
-    synthetic_data.write_vigor(root, grid=3, tile_px=64, pano_hw=(32, 64))
-    return root
+def data(tiny_vigor):
+    return tiny_vigor(3)
 
 
 def command(data, run_dir):
@@ -76,8 +74,8 @@ def losses(run_dir):
 
 def final_state(run_dir, stage, cfg):
     """The latest checkpoint's step and mining table, after checking it restores the stage's model."""
-    path = train_lib.latest_checkpoint(run_dir)
-    m = model.CrossViewModel(cfg['grd_size'], cfg['sat_size'], cfg['width'], stage.parts)
+    path = train_state.latest_checkpoint(run_dir)
+    m = model.CrossViewModel(cfg.grd_size, cfg.sat_size, cfg.width, stage.parts)
     tf.train.Checkpoint(model=m).read(path).expect_partial().assert_existing_objects_matched()
     reader = tf.train.load_checkpoint(path)
     return (int(reader.get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE')),
@@ -85,6 +83,7 @@ def final_state(run_dir, stage, cfg):
             reader.get_tensor('hard/.ATTRIBUTES/VARIABLE_VALUE'))
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data, tmp_path):
     ref_dir, run_dir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'killed')
     ref = {}
@@ -115,7 +114,7 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data, tmp_path):
     assert len(re.findall(r'init: resumed this run from .*ckpt-\d+ \(step \d+\)', log_b)) == 1
     assert f'done: {TOTAL} steps' in lines[-1]
 
-    cfg = train_lib.parse_config([train_first_E_1.PHASE_B], FLAGS)[0]
+    cfg = train_lib.configs([train_first_E_1.PHASE_B], FLAGS)[0]
     rerun = 0
     for sub, stage in (('phase_a', train_first_E_1.PHASE_A), ('', train_first_E_1.PHASE_B)):
         killed, uninterrupted = os.path.join(run_dir, sub), os.path.join(ref_dir, sub)

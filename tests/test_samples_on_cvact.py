@@ -8,17 +8,12 @@ import sys
 import cv2
 import numpy as np
 import pytest
-import scipy.io
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import samples_on_cvact as soc  # noqa: E402
+from fake_act_data import PANO_IDS, TRAIN_1BASED, VAL_1BASED, VAL_ALL_1BASED, write_act_data  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Ids with the characters real Google pano ids use ('-', '_'); the last one is in no split and has no images.
-PANO_IDS = [f'p{k}-Xy_{"z" * k}' for k in range(8)] + ['unlisted-id']
-TRAIN_1BASED = [3, 1, 5, 7, 2]       # deliberately unsorted
-VAL_1BASED = [4, 6]
-VAL_ALL_1BASED = [4, 6, 8]           # pano 8 is only in valSetAll
 MARKER = (slice(594, 606), slice(594, 606))  # 12x12 px pure red block centred on the continuous point (600, 600)
 
 
@@ -33,18 +28,6 @@ def _aerial(rng, size=1200):
     return image
 
 
-def _write_mat(path, pano_ids=PANO_IDS, utm=None, oned_as='column', drop=(), **structs):
-    fields = {'panoIds': np.array(pano_ids, dtype=object),
-              'utm': utm if utm is not None else np.arange(2 * len(pano_ids), dtype=np.float64).reshape(-1, 2),
-              'trainSet': {'trainInd': np.array(TRAIN_1BASED, dtype=np.float64).reshape(-1, 1)},
-              'valSet': {'valInd': np.array(VAL_1BASED, dtype=np.float64).reshape(-1, 1)},
-              'valSetAll': {'valInd': np.array(VAL_ALL_1BASED, dtype=np.float64).reshape(-1, 1)}}
-    fields.update(structs)
-    for key in drop:
-        fields.pop(key)
-    scipy.io.savemat(path, fields, oned_as=oned_as)
-
-
 def _make_cvact(root, aerial_sizes=None):
     """Fake CVACT under root: aerials + small panoramas for the 8 listed panoIds, ACT_data.mat for all 9."""
     rng = np.random.default_rng(123)
@@ -55,7 +38,7 @@ def _make_cvact(root, aerial_sizes=None):
         cv2.imwrite(os.path.join(root, 'satview_polish', f'{pid}_satView_polish.jpg'), _aerial(rng, size),
                     [cv2.IMWRITE_JPEG_QUALITY, 95])
         cv2.imwrite(os.path.join(root, 'streetview', f'{pid}_grdView.jpg'), np.full((16, 32, 3), k, np.uint8))
-    _write_mat(os.path.join(root, 'ACT_data.mat'))
+    write_act_data(os.path.join(root, 'ACT_data.mat'))
     return str(root)
 
 
@@ -131,71 +114,6 @@ def test_vigor_delta():
     assert soc.vigor_delta(450, 150) == pytest.approx((-160.0, -160.0))
     # x = y = 600 (crop started at 0): dy = 320, dx = -320; row = 320 + dy = 640, col = 320 - dx = 640
     assert soc.vigor_delta(600, 600) == pytest.approx((320.0, -320.0))
-
-
-# ----------------------------------------------------------------------------- load_act_data
-
-def test_load_act_data_maps_1based_indices(tmp_path):
-    path = str(tmp_path / 'ACT_data.mat')
-    _write_mat(path)
-    act = soc.load_act_data(path)
-    assert act['pano_ids'] == PANO_IDS
-    assert act['utm'].shape == (9, 2) and act['utm'].dtype == np.float64 and act['utm'][3, 1] == 7.0
-    assert [act['pano_ids'][i] for i in act['train_idx']] == [PANO_IDS[i - 1] for i in TRAIN_1BASED]
-    assert act['train_idx'].tolist() == [2, 0, 4, 6, 1]
-    assert act['val_set'] == 'valSetAll' and act['val_idx'].tolist() == [3, 5, 7]
-    assert soc.load_act_data(path, val_set='valSet')['val_idx'].tolist() == [3, 5]
-
-
-@pytest.mark.parametrize('oned_as', ['column', 'row'])
-def test_load_act_data_shapes(tmp_path, oned_as):
-    # char-matrix panoIds (equal lengths), 1-D index vectors saved as rows or columns, utm stored 2xN
-    ids = [f'id{k:03d}' for k in range(9)]
-    path = str(tmp_path / 'ACT_data.mat')
-    utm = np.arange(18, dtype=np.float64).reshape(9, 2)
-    _write_mat(path, pano_ids=np.array(ids), utm=utm.T, oned_as=oned_as,
-               trainSet={'trainInd': np.array(TRAIN_1BASED, dtype=np.float64)},
-               valSetAll={'valInd': np.array([9], dtype=np.int32)})
-    act = soc.load_act_data(path)
-    assert act['pano_ids'] == ids and np.array_equal(act['utm'], utm)
-    assert act['train_idx'].tolist() == [2, 0, 4, 6, 1] and act['val_idx'].tolist() == [8]
-
-
-@pytest.mark.parametrize('kwargs', [{}, {'squeeze_me': True}, {'struct_as_record': False},
-                                    {'squeeze_me': True, 'struct_as_record': False}, {'chars_as_strings': False}])
-def test_parse_act_data_loadmat_modes(tmp_path, kwargs):
-    path = str(tmp_path / 'ACT_data.mat')
-    _write_mat(path, valSet={'valInd': np.array([[4.0]])})  # a single index squeezes to a scalar
-    act = soc.parse_act_data(scipy.io.loadmat(path, **kwargs), source=path, val_set='valSet')
-    assert act['pano_ids'] == PANO_IDS
-    assert act['train_idx'].tolist() == [2, 0, 4, 6, 1] and act['val_idx'].tolist() == [3]
-
-
-def test_load_act_data_errors(tmp_path):
-    path = str(tmp_path / 'ACT_data.mat')
-    _write_mat(path, drop=('valSet', 'valSetAll'))
-    with pytest.raises(ValueError, match=r"ACT_data\.mat: missing field 'valSet'"):
-        soc.load_act_data(path)
-    _write_mat(path, drop=('utm',))
-    with pytest.raises(ValueError, match="missing field 'utm'"):
-        soc.load_act_data(path)
-    _write_mat(path, trainSet={'trainIdx': np.array([[1.0]])})
-    with pytest.raises(ValueError, match=r"missing field 'trainSet\.trainInd'"):
-        soc.load_act_data(path)
-    _write_mat(path, trainSet={'trainInd': np.array([[1.0], [99.0]])})
-    with pytest.raises(ValueError, match=r'trainSet\.trainInd holds index 99 outside 1\.\.9'):
-        soc.load_act_data(path)
-    _write_mat(path, valSetAll={'valInd': np.array([[0.0]])})
-    with pytest.raises(ValueError, match=r'valSetAll\.valInd holds index 0'):
-        soc.load_act_data(path)
-    _write_mat(path, utm=np.zeros((8, 2)))
-    with pytest.raises(ValueError, match=r'utm has shape \(8, 2\), expected \(9, 2\)'):
-        soc.load_act_data(path)
-    with pytest.raises(FileNotFoundError, match='nope.mat'):
-        soc.load_act_data(str(tmp_path / 'nope.mat'))
-    (tmp_path / 'junk.mat').write_bytes(b'not a mat file')
-    with pytest.raises(ValueError, match='junk.mat: not a readable .mat file'):
-        soc.load_act_data(str(tmp_path / 'junk.mat'))
 
 
 # ----------------------------------------------------------------------------- resample

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import scipy.io
 
+import geometry
 import synthetic_data as sd
 
 SMALL = dict(seed=0, cities=('Chicago', 'Seattle'), grid=4, tile_px=64, pano_hw=(32, 64), panos_per_tile=2)
 SPLITS = {  # folder -> (file suffix, m/px the deltas are divided by)
-    'splits': ('', lambda city: sd.ORIGINAL_MPP),
-    'splits__corrected': ('__corrected', lambda city: sd.CITY_MPP[city]),
+    'splits': ('', lambda city: geometry.ORIGINAL_MPP),
+    'splits__corrected': ('__corrected', lambda city: geometry.CORRECTED_MPP[city]),
 }
 STEMS = ('same_area_balanced_train', 'same_area_balanced_test', 'pano_label_balanced')
 
@@ -70,26 +71,13 @@ def lattice(root, city):
     return {n: (lats.index(sat_latlon(n)[0]), lons.index(sat_latlon(n)[1])) for n in names}
 
 
-def test_gps_delta_px_hand_values():
-    # 0.001 deg of latitude = 0.001 * pi/180 * 6371004 m = 111.1950 m; / 0.114 m/px = 975.395 px.
-    dy, dx = sd.gps_delta_px(40.001, -73.0, 40.0, -73.0, 0.114)
-    assert dy == pytest.approx(975.395, abs=1e-3) and dx == 0.0          # panorama south: dy > 0
-    # 0.001 deg of longitude at 60 deg N = 111.1950 m * cos(60 deg) = 55.5975 m; / 0.1 = 555.975 px.
-    dy, dx = sd.gps_delta_px(60.0, 10.0, 60.0, 10.001, 0.1)
-    assert dy == 0.0 and dx == pytest.approx(-555.975, abs=1e-3)         # panorama east: dx < 0
-    # latlon_offset is its inverse: a point 30 m north and 20 m west of the tile centre.
-    lat, lon = sd.latlon_offset(41.88, -87.63, 30.0, -20.0)
-    dy, dx = sd.gps_delta_px(41.88, -87.63, lat, lon, 1.0)
-    assert (dy, dx) == (pytest.approx(-30.0, abs=1e-9), pytest.approx(20.0, abs=1e-9))
-
-
 def test_labels_agree_with_gps_in_names(vigor_root):
     n_checked = 0
     for city, folder, _, labels in all_label_files(vigor_root):
         mpp = SPLITS[folder][1](city)
         for pano, tiles in labels:
             for sat, dy, dx in tiles:
-                want_dy, want_dx = sd.gps_delta_px(*sat_latlon(sat), *pano_latlon(pano), mpp)
+                want_dy, want_dx = geometry.gps_delta_px(*sat_latlon(sat), *pano_latlon(pano), mpp)
                 assert abs(dy - want_dy) < 1e-5 and abs(dx - want_dx) < 1e-5, (folder, pano, sat)
                 n_checked += 1
     assert n_checked == 2 * 2 * 2 * 32 * 4   # cities x folders x (train+test, all) x panoramas x tiles
@@ -111,8 +99,8 @@ def test_positive_central_and_four_tiles_form_a_2x2_block(vigor_root):
                 for (sat, sdy, sdx), (r, c) in zip(tiles[1:], cells[1:]):
                     assert sdy == pytest.approx(dy - 320 * (r - cells[0][0]), abs=0.1)
                     assert sdx == pytest.approx(dx + 320 * (c - cells[0][1]), abs=0.1)
-            else:                                # VIGOR's mistake: 320 * CITY_MPP / 0.114
-                step = 320 * sd.CITY_MPP[city] / sd.ORIGINAL_MPP
+            else:                                # VIGOR's mistake: 320 * CORRECTED_MPP / 0.114
+                step = 320 * geometry.CORRECTED_MPP[city] / geometry.ORIGINAL_MPP
                 for (sat, sdy, sdx), (r, c) in zip(tiles[1:], cells[1:]):
                     assert sdy == pytest.approx(dy - step * (r - cells[0][0]), abs=0.1)
 
@@ -144,7 +132,7 @@ def test_splits_partition_and_corrected_files_match(vigor_root):
             assert len(names[0]) == len(names[1]) == len(every) // 2 == 16
             by_folder[folder] = every
         # Same panoramas and tiles in the same order; deltas differ by the ratio of the two resolutions.
-        ratio = sd.CITY_MPP[city] / sd.ORIGINAL_MPP
+        ratio = geometry.CORRECTED_MPP[city] / geometry.ORIGINAL_MPP
         for (p0, t0), (p1, t1) in zip(by_folder['splits'], by_folder['splits__corrected']):
             assert p0 == p1 and [t[0] for t in t0] == [t[0] for t in t1]
             assert np.allclose([t[1:] for t in t0], ratio * np.array([t[1:] for t in t1]), atol=1e-5)
@@ -219,7 +207,7 @@ def test_panorama_ground_is_the_tile_seen_from_the_labelled_point(vigor_root):
     scale = SMALL['tile_px'] / 640.0
     errors = []
     for city in SMALL['cities']:
-        px_per_m = scale / sd.CITY_MPP[city]
+        px_per_m = scale / geometry.CORRECTED_MPP[city]
         for pano, tiles in read_labels(vigor_root, 'splits__corrected', city, 'pano_label_balanced'):
             sat, dy, dx = tiles[0]
             img = cv2.imread(os.path.join(vigor_root, city, 'panorama', pano))

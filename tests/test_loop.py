@@ -1,0 +1,144 @@
+"""loop.py: the shared training loop — a stage defined here trains with no edit to the shared code; a
+non-finite step stops the run and keeps the last good checkpoint; the same seed gives the same losses;
+what a run logs to TensorBoard."""
+import dataclasses
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import TINY
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import losses
+import model
+import pipeline
+import stages
+import train_first_E_1
+import train_lib
+import train_state
+
+
+def scalars(run_dir):
+    """tag -> {step: value} of a run's TensorBoard events (scalars are written as tensors)."""
+    acc = EventAccumulator(os.path.join(run_dir, 'tb'), size_guidance={'tensors': 0, 'images': 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()['tensors']:
+        events = [(e.step, tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+        if all(v.ndim == 0 for _, v in events):
+            out[tag] = {step: float(v) for step, v in events}
+    return out, acc
+
+
+# ----------------------------------------------------------------------------- a new stage
+
+def toy_loss(m, emb, batch, ctx):
+    """A stage that exists only here: the triplet loss plus a pull of the raw ground descriptor's norm."""
+    ctx.report('grd_norm', tf.norm(emb['grd_raw'], axis=-1))
+    return {'triplet': losses.batch_triplet_loss(emb, ctx.cfg.alpha),
+            'norm_pull': 1e-6 * tf.reduce_mean(tf.norm(emb['grd_raw'], axis=-1))}
+
+
+TOY = stages.Stage(name='toy', parts=model.RETRIEVAL_PARTS, train_parts=('grd_trunk', 'grd_safa'), loss=toy_loss,
+                   uses_semi=False, script='tests/test_loop.py', defaults={'lr': 1e-4, 'mining': 0})
+
+
+def test_a_stage_defined_in_a_test_trains_two_steps(tiny_vigor, tmp_path):
+    run_dir = str(tmp_path / 'toy')
+    argv = TINY + ['--data_root', tiny_vigor(3), '--run_dir', run_dir, '--max_steps', '2']
+    assert train_lib.main([TOY], argv) == 0
+    ckpt = train_state.latest_checkpoint(run_dir)
+    assert ckpt.endswith('ckpt-2')
+    values, _ = scalars(run_dir)
+    assert sorted(values['loss/total']) == [1, 2] and {'loss/triplet', 'loss/norm_pull', 'diagnostics/grd_norm'} <= set(values)
+    np.testing.assert_allclose(values['loss/total'][1], values['loss/triplet'][1] + values['loss/norm_pull'][1],
+                               rtol=1e-5)
+    # only the parts it trains moved
+    saved = model.CrossViewModel((32, 64), 64, 0.0625, model.RETRIEVAL_PARTS)
+    tf.train.Checkpoint(model=saved).read(ckpt).expect_partial().assert_existing_objects_matched()
+    fresh = model.CrossViewModel((32, 64), 64, 0.0625, model.RETRIEVAL_PARTS)
+    moved = lambda part: not all(np.array_equal(a.numpy(), b.numpy()) for a, b in
+                                 zip(getattr(saved, part).variables, getattr(fresh, part).variables))
+    assert moved('grd_trunk') and moved('grd_safa') and not moved('sat_trunk') and not moved('sat_safa')
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+
+def poison_third_batch(monkeypatch):
+    """train_dataset's third batch (step 3 of a fresh run) gets a NaN delta."""
+    real = pipeline.train_dataset
+
+    def poisoned(*args, **kwargs):
+        def poison(i, batch):
+            return dict(batch, delta=tf.where(i == 2, tf.fill(tf.shape(batch['delta']), np.nan), batch['delta']))
+        return real(*args, **kwargs).enumerate().map(poison)
+    monkeypatch.setattr(pipeline, 'train_dataset', poisoned)
+
+
+def nan_loss(m, emb, batch, ctx):        # phase a's loss, NaN when the batch's delta is
+    return {'triplet': train_first_E_1.loss_a(m, emb, batch, ctx)['triplet'] + 0.0 * tf.reduce_mean(batch['delta'])}
+
+
+def nan_gradient(m, emb, batch, ctx):    # phase a's loss, finite, with NaN gradients when the batch's delta is NaN
+    total = train_first_E_1.loss_a(m, emb, batch, ctx)['triplet']
+    poisoned = tf.math.is_nan(tf.reduce_mean(batch['delta']))
+
+    @tf.custom_gradient
+    def nan_grad(x):
+        return tf.identity(x), lambda dy: dy * tf.where(poisoned, np.nan, 1.0)
+    return {'triplet': nan_grad(total)}
+
+
+@pytest.mark.parametrize('loss', [nan_loss, nan_gradient], ids=['loss', 'gradient'])
+def test_non_finite_step_stops_and_keeps_last_good_checkpoint(tiny_vigor, tmp_path, monkeypatch, capsys, loss):
+    poison_third_batch(monkeypatch)
+    stage = dataclasses.replace(train_first_E_1.PHASE_A, loss=loss)
+    argv = TINY + ['--epochs', '1', '--ckpt_every', '2', '--mining', '0', '--data_root', tiny_vigor(3),
+                   '--run_dir', str(tmp_path)]
+    assert train_lib.main([stage], argv) == 2
+    ckpt = os.path.join(str(tmp_path), 'phase_a', 'ckpt', 'ckpt-2')
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith('error: non-finite loss or gradient at step 3 (loss ' + ('nan' if loss is nan_loss else '0.'))
+    assert err[0].endswith(f'last good checkpoint: {ckpt}')
+    assert train_state.latest_checkpoint(os.path.join(str(tmp_path), 'phase_a')) == ckpt
+    reader = tf.train.load_checkpoint(ckpt)
+    assert int(reader.get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE')) == 2
+    weights = [reader.get_tensor(name) for name, _ in tf.train.list_variables(ckpt) if name.startswith('model/')]
+    assert all(np.all(np.isfinite(w)) for w in weights)
+
+
+# ----------------------------------------------------------------------------- determinism and logging
+
+@pytest.fixture(scope='module')
+def two_runs(tiny_vigor, tmp_path_factory):
+    """Two runs of the same command: 20 steps = two mining rounds and 2 epochs of half-mined batches, with a
+    validation at the end."""
+    dirs = []
+    for name in ('first', 'second'):
+        run_dir = str(tmp_path_factory.mktemp('determinism') / name)
+        argv = TINY + ['--epochs', '3', '--max_steps', '20', '--ckpt_every', '100', '--data_root', tiny_vigor(3),
+                       '--run_dir', run_dir, '--val_every', '3', '--val_queries', '8']
+        assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
+        dirs.append(os.path.join(run_dir, 'phase_a'))
+    return dirs
+
+
+def test_same_seed_same_losses(two_runs):
+    first, second = (scalars(d)[0]['loss/total'] for d in two_runs)
+    assert sorted(first) == list(range(1, 21))
+    assert [first[s] for s in range(1, 21)] == [second[s] for s in range(1, 21)]   # bit for bit
+    assert len(set(first.values())) > 10
+
+
+def test_tensorboard_scalars_and_validation_figures(two_runs):
+    values, acc = scalars(two_runs[0])
+    assert {'loss/total', 'loss/triplet', 'learning_rate', 'steps_per_second', 'val/R@1', 'val/R@10'} <= set(values)
+    assert sorted(values['val/R@1']) == [20]           # the last step validates (20 = max_steps, inside epoch 3)
+    images = [t for t in acc.Tags()['tensors'] if t.startswith('val/localisation')]
+    assert images, acc.Tags()
+    # validation writes no files of its own: no PNG, no descriptor dump
+    assert not glob.glob(os.path.join(two_runs[0], '**', '*.png'), recursive=True)
+    assert not glob.glob(os.path.join(two_runs[0], '**', '*.npy'), recursive=True)
