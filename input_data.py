@@ -1,21 +1,16 @@
-"""VIGOR and CVACT on disk: split parsing, validation, image decoding and batch sampling.
+"""VIGOR and CVACT on disk: split parsing, validation and batch sampling.
 
 This is the one place that knows the datasets' file layout (SPEC §1, §7): VIGOR's split files,
-CVACT's ACT_data.mat and the resampled CVACT of samples_on_cvact.py. Everything takes explicit
+the resampled CVACT of samples_on_cvact.py (ACT_data.mat: act_data.py; image files: images.py). Everything takes explicit
 arguments; nothing reads flags. Bad input raises DataError with a one-line message naming the file
 (and line) and what was expected. No TensorFlow here: pipeline.py builds the tf.data datasets.
 """
 import dataclasses
-import io
 import os
-import threading
 
-import cv2
 import numpy as np
-import scipy.io
-from PIL import Image
 
-from geometry import CORRECTED_MPP, CROSS_AREA, ORIGINAL_MPP, VGG_MEAN_BGR, VIGOR_CITIES, delta_to_position
+from geometry import CORRECTED_MPP, CROSS_AREA, ORIGINAL_MPP, VIGOR_CITIES, delta_to_position
 
 
 class DataError(ValueError):
@@ -159,120 +154,6 @@ def _check_exist(paths, what):
             _fail(f'{p}: {what} not found')
 
 
-# ----------------------------------------------------------------------------- CVACT: ACT_data.mat, resampled crops
-
-def _as_strings(value):
-    """Flatten whatever loadmat made of a MATLAB char matrix / cell array of strings into a list of str."""
-    if isinstance(value, bytes):
-        return [value.decode()]
-    if isinstance(value, str):
-        return [value]
-    arr = np.asarray(value)
-    if arr.dtype.kind in 'US':
-        if arr.dtype.itemsize == np.dtype(arr.dtype.kind + '1').itemsize and arr.ndim >= 2:
-            arr = np.array([''.join(row) for row in arr.reshape(-1, arr.shape[-1])])  # chars_as_strings=False
-        return [s.decode() if isinstance(s, bytes) else str(s) for s in arr.ravel()]
-    if arr.dtype == object:
-        out = []
-        for element in arr.ravel():  # a cell array: one (possibly wrapped) string per cell
-            strings = _as_strings(element)
-            if len(strings) > 1:
-                raise TypeError('a cell holds several strings')
-            out.append(strings[0] if strings else '')
-        return out
-    raise TypeError(f'not strings: dtype {arr.dtype}')
-
-
-def _unwrap(value):
-    """Strip the 1x1 object arrays loadmat wraps around struct fields and cells."""
-    while isinstance(value, np.ndarray) and value.dtype == object and value.size == 1:
-        value = value.ravel()[0]
-    return value
-
-
-def _struct_field(struct, name):
-    """struct.name for every shape loadmat gives a MATLAB struct (record array, 0-d, mat_struct, dict)."""
-    struct = _unwrap(struct)
-    if isinstance(struct, dict):
-        return struct.get(name)
-    if isinstance(struct, (np.ndarray, np.void)) and struct.dtype.names is not None:
-        if name not in struct.dtype.names:
-            return None
-        if struct.size != 1:
-            raise TypeError(f'a {struct.shape} struct array, expected a single struct')
-        return struct[name] if isinstance(struct, np.void) else struct.reshape(-1)[0][name]
-    if hasattr(struct, '_fieldnames'):  # struct_as_record=False
-        return getattr(struct, name, None)
-    return None
-
-
-def parse_act_data(mat, source='ACT_data.mat', val_set=None):
-    """The dict of load_act_data from an already loaded .mat (any loadmat squeeze_me / struct_as_record mode).
-
-    source: the file name used in error messages. val_set: 'valSetAll', 'valSet' or None (valSetAll if present).
-    """
-    def fail(what):
-        raise ValueError(f'{source}: {what}')
-
-    for key in ('panoIds', 'utm', 'trainSet'):
-        if key not in mat:
-            fail(f"missing field '{key}'")
-    try:
-        pano_ids = [s.strip().strip('\x00') for s in _as_strings(mat['panoIds'])]
-    except TypeError as e:
-        fail(f'panoIds is not a list of strings ({e})')
-    n = len(pano_ids)
-    for i, pid in enumerate(pano_ids):
-        if not pid or any(c.isspace() for c in pid) or '/' in pid:
-            fail(f'panoIds entry {i + 1} = {pid!r} is empty or holds whitespace or "/"')
-
-    utm = np.asarray(_unwrap(mat['utm']), dtype=np.float64)
-    if utm.shape == (2, n) and n != 2:
-        utm = utm.T  # stored as 2xN
-    if utm.shape != (n, 2):
-        fail(f'utm has shape {utm.shape}, expected ({n}, 2) for {n} panoIds')
-
-    def indices(struct_name, field):
-        if struct_name not in mat:
-            fail(f"missing field '{struct_name}'")
-        try:
-            value = _struct_field(mat[struct_name], field)
-        except TypeError as e:
-            fail(f'{struct_name} is not a struct ({e})')
-        if value is None:
-            fail(f"missing field '{struct_name}.{field}'")
-        idx = np.atleast_1d(np.asarray(_unwrap(value), dtype=np.float64)).ravel()
-        if idx.size == 0:
-            fail(f'{struct_name}.{field} is empty')
-        bad = idx[(idx != np.round(idx)) | (idx < 1) | (idx > n)]
-        if bad.size:
-            fail(f'{struct_name}.{field} holds index {bad[0]:g} outside 1..{n} (1-based MATLAB indices)')
-        return idx.astype(np.int64) - 1
-
-    if val_set is None:
-        val_set = 'valSetAll' if 'valSetAll' in mat else 'valSet'
-    if val_set not in ('valSetAll', 'valSet'):
-        raise ValueError(f"val_set must be 'valSetAll' or 'valSet', got {val_set!r}")
-    return {'pano_ids': pano_ids, 'utm': utm, 'train_idx': indices('trainSet', 'trainInd'),
-            'val_idx': indices(val_set, 'valInd'), 'val_set': val_set}
-
-
-def load_act_data(mat_path, val_set=None):
-    """Read CVACT's ACT_data.mat.
-
-    Returns {'pano_ids': list[str] (N), 'utm': (N, 2) float64 easting/northing metres, 'train_idx': int64 0-based
-    indices of trainSet.trainInd, 'val_idx': 0-based indices of valSetAll.valInd if present else valSet.valInd
-    (or of the set named by val_set), 'val_set': the set used}. Raises ValueError naming the file and the field.
-    """
-    if not os.path.isfile(mat_path):
-        raise FileNotFoundError(f'{mat_path}: no such file')
-    try:
-        mat = scipy.io.loadmat(mat_path)
-    except Exception as e:  # scipy raises several types for a corrupt file
-        raise ValueError(f'{mat_path}: not a readable .mat file ({e})') from None
-    return parse_act_data(mat, source=mat_path, val_set=val_set)
-
-
 def load_cvact(cvact_root, resampled_root, split, mpp_1200):
     """Resampled CVACT (samples_on_cvact.py) in VIGOR line format; geometry from ACT_data.mat UTM.
 
@@ -282,6 +163,7 @@ def load_cvact(cvact_root, resampled_root, split, mpp_1200):
     for d, what in ((cvact_root, 'CVACT root'), (resampled_root, 'resampled CVACT (run samples_on_cvact.py)')):
         if not os.path.isdir(d):
             _fail(f'{d}: {what} not found')
+    from act_data import load_act_data
     act = load_act_data(os.path.join(cvact_root, 'ACT_data.mat'))
     utm = {pid: act['utm'][i] for i, pid in enumerate(act['pano_ids'])}
     name = 'train' if split == 'train' else 'test'
@@ -317,114 +199,6 @@ def load_cvact(cvact_root, resampled_root, split, mpp_1200):
     return Split(f'CVACT {name}', pano_paths, tile_paths, np.array(tiles, np.int64),
                  np.stack(deltas).astype(np.float32), np.full(q, mpp), tile_centres,
                  np.array(gt, np.float64), 'euclidean')
-
-
-# ----------------------------------------------------------------------------- images
-
-def _jpeg_colour_size(data):
-    """(height, width) of a 3-component (colour) JPEG from its header, read by Pillow; None for any
-    other JPEG or a header Pillow cannot read (OpenCV then decodes, or rejects, the whole file)."""
-    try:
-        with Image.open(io.BytesIO(data), formats=('JPEG',)) as img:     # reads the header only
-            return (img.height, img.width) if img.mode == 'RGB' else None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None
-
-
-_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-
-
-def decode_image(path, min_hw=None):
-    """The 8-bit BGR(A) or grayscale pixels of a JPEG/PNG file and its (height, width) on file; DataError
-    naming what is wrong.
-
-    OpenCV decodes a truncated JPEG without an error (the missing rows come out grey), so a JPEG
-    must end with its end-of-image marker and a PNG with its IEND chunk. With min_hw, a 3-component
-    JPEG at least twice that size is decoded at 1/2, 1/4 or 1/8 scale in libjpeg's DCT (the largest
-    reduction that keeps both sides >= min_hw): a 2048x1024 panorama read at 320x640 costs 2.2x less
-    than a full decode + area resize, read at 64x128 5.0x less, for a result within 0.35 grey levels on
-    average (benchmarks/bench_decode.py).
-    """
-    try:
-        with open(path, 'rb') as f:
-            data = f.read()
-    except OSError as e:
-        _fail(f'{path}: unreadable image ({e.strerror})')
-    if not data:
-        _fail(f'{path}: unreadable image (empty file)')
-    flags, shape = cv2.IMREAD_UNCHANGED, None
-    if data[:2] == b'\xff\xd8':
-        if b'\xff\xd9' not in data[-64:]:
-            _fail(f'{path}: truncated JPEG (no end-of-image marker)')
-        shape = _jpeg_colour_size(data) if min_hw is not None else None
-        if shape is not None:
-            factor = max((f for f in (2, 4, 8) if -(-shape[0] // f) >= min_hw[0] and -(-shape[1] // f) >= min_hw[1]),
-                         default=1)
-            if factor > 1:
-                flags = _REDUCED[factor] | cv2.IMREAD_IGNORE_ORIENTATION
-    if data[:8] == b'\x89PNG\r\n\x1a\n' and b'IEND' not in data[-64:]:
-        _fail(f'{path}: truncated PNG (no IEND chunk)')
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if img is None:
-        _fail(f'{path}: unreadable image (missing, corrupt or not JPEG/PNG)')
-    return img, (shape or img.shape[:2])
-
-
-def load_image(path, hw, kind):
-    """Read with OpenCV (BGR), check, resize with INTER_AREA to hw = (H, W). Returns uint8 [H, W, 3].
-
-    kind: 'panorama' (expects W = 2H) or 'aerial' (expects a square).
-    """
-    if isinstance(path, bytes):
-        path = path.decode()
-    img, (h, w) = decode_image(path, hw)
-    if img.dtype != np.uint8:
-        _fail(f'{path}: expected 8 bits per channel, got {img.dtype}')
-    if img.ndim != 3 or img.shape[2] not in (3, 4):
-        _fail(f'{path}: expected a 3-channel colour {kind}, got a grayscale image')
-    if img.shape[2] == 4:
-        img = img[:, :, :3]
-    if kind == 'panorama' and w != 2 * h:
-        _fail(f'{path}: wrong size: expected a 360-degree panorama with width = 2 x height, got {w}x{h}')
-    if kind == 'aerial' and w != h:
-        _fail(f'{path}: wrong size: expected a square aerial image, got {w}x{h}')
-    if img.shape[:2] != tuple(hw):
-        img = cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(img)
-
-
-def read_image(path, hw, kind):
-    """load_image minus the VGG mean: the network's float32 [H, W, 3] input."""
-    return load_image(path, hw, kind).astype(np.float32) - np.array(VGG_MEAN_BGR, np.float32)
-
-
-class ImageCache:
-    """Decoded, resized images (uint8) kept in memory, up to max_bytes.
-
-    The first images read are kept and never evicted (no lock-step LRU churn when the data set is
-    larger than the budget: the hit rate is then the budget's share of the data). A training run
-    reads every image once per epoch, so from the second epoch on a data set that fits (the demo
-    city, or VIGOR at demo size) costs a copy instead of a decode.
-    """
-
-    def __init__(self, max_bytes):
-        self.max_bytes, self.bytes = int(max_bytes), 0
-        self.images, self.lock = {}, threading.Lock()
-        self.hits = self.misses = 0
-
-    def load(self, path, hw, kind):
-        key = (path, tuple(hw))
-        img = self.images.get(key)
-        if img is not None:
-            self.hits += 1
-            return img
-        self.misses += 1
-        img = load_image(path, hw, kind)
-        with self.lock:
-            if key not in self.images and self.bytes + img.nbytes <= self.max_bytes:
-                self.images[key] = img
-                self.bytes += img.nbytes
-        return img
 
 
 # ----------------------------------------------------------------------------- training batches

@@ -13,6 +13,7 @@ import tensorflow as tf
 import config
 import distribute
 import embedding
+import images
 import input_data
 import mining
 import pipeline
@@ -118,13 +119,13 @@ def start_run(stage, cfg):
     write_dir = run_dir if chief else tempfile.mkdtemp(prefix=f'geoloc_{stage.name}_worker_')
     worker = distribute.worker_name(strategy)
     log = train_lib.open_log(write_dir, f'{stage.name} {worker}'.strip())
-    images = input_data.ImageCache(cfg.image_cache_mb * 2 ** 20) if cfg.image_cache_mb > 0 else None
+    cache = images.ImageCache(cfg.image_cache_mb * 2 ** 20) if cfg.image_cache_mb > 0 else None
     replicas = strategy.num_replicas_in_sync
     if cfg.batch % replicas:
         raise config.ConfigError(f'--batch {cfg.batch} must be a multiple of the {replicas} replicas (global batch)')
     if cfg.strategy != 'default':
         log(f'strategy: {cfg.strategy}, {replicas} replicas')
-    return Run(stage, cfg, run_dir, init_dir, strategy, chief, write_dir, log, images)
+    return Run(stage, cfg, run_dir, init_dir, strategy, chief, write_dir, log, cache)
 
 
 def train(stage, cfg):

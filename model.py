@@ -9,12 +9,11 @@ Units: points and offsets are pixels of the 640-px aerial tile whatever the inpu
 `delta` = (dy, dx) in VIGOR's convention (point at row 320 + dy, col 320 - dx);
 `mu` = (row, col) of that frame (geometry.delta_to_rc and rc_to_delta convert).
 """
-import math
-
 import numpy as np
 import tensorflow as tf
 
 from geometry import TILE_PX
+from layers import Conv, Deconv, Dense, Init, channels, variable
 
 # (name, channels) of the VGG16 conv layers; 'pool' = 2x2 max-pool (4 of them: no pool5).
 VGG16_LAYERS = (
@@ -31,127 +30,6 @@ RETRIEVAL_PARTS = ('grd_trunk', 'sat_trunk', 'grd_safa', 'sat_safa')
 HEATMAP_PARTS = ('pos_fusion', 'pos_decoder', 'semi_fusion', 'semi_decoder')
 CHOLESKY_PARTS = ('pos_cholesky', 'semi_cholesky')
 ALL_PARTS = RETRIEVAL_PARTS + ('offset_head',) + HEATMAP_PARTS + CHOLESKY_PARTS
-
-
-class Init:
-    """Seeded numpy initialisers: the same seed builds bit-identical weights on any device."""
-
-    def __init__(self, seed):
-        self.rng = np.random.default_rng(seed)
-
-    def truncated_normal(self, shape, std):
-        x = self.rng.standard_normal(shape, dtype=np.float32)
-        bad = np.abs(x) > 2
-        while bad.any():  # resample outside 2 sigma, as tf.truncated_normal does
-            x[bad] = self.rng.standard_normal(int(bad.sum()), dtype=np.float32)
-            bad = np.abs(x) > 2
-        return x * np.float32(std)
-
-    def glorot_normal(self, shape, fan_in, fan_out):
-        return self.truncated_normal(shape, math.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566)
-
-    def he_normal(self, shape, fan_in):
-        return self.truncated_normal(shape, math.sqrt(2.0 / fan_in) / 0.87962566)
-
-    def glorot_uniform(self, shape, fan_in, fan_out):
-        limit = math.sqrt(6.0 / (fan_in + fan_out))
-        return self.rng.uniform(-limit, limit, shape).astype(np.float32)
-
-
-def _var(value, name):
-    return tf.Variable(value, name=name)
-
-
-class Conv(tf.Module):
-    """3x3 (or kxk) stride-1 SAME convolution, NHWC.
-
-    bias: a number (constant bias) or 'glorot' (glorot-normal on the bias's own 1-D shape, as Keras's
-    glorot_normal initialiser does when the original passes it for the biases of the decoder).
-    """
-
-    def __init__(self, init, cin, cout, k=3, he=False, bias=0.0, name=None):
-        super().__init__(name=name)
-        fan_in, fan_out = k * k * cin, k * k * cout
-        w = init.he_normal((k, k, cin, cout), fan_in) if he else init.glorot_normal((k, k, cin, cout), fan_in, fan_out)
-        self.w = _var(w, 'w')
-        self.b = _var(_bias(init, cout, bias), 'b')
-
-    def __call__(self, x, relu=True):
-        w = tf.cast(self.w, x.dtype)
-        if x.shape[1] == 1 and x.shape[2] == 1:
-            # Fires only on a 1x1 map: the decoder's conv0 when the aerial side is 64 (the demo size).
-            # Every tap but the centre reads SAME padding, so the conv is the centre tap's matmul (oneDNN
-            # ran this conv's weight gradient at 1-2 GFLOP/s: bench_train.py --profile 1). All k*k taps go
-            # through one batched matmul, because slicing out the centre tap has a slow gradient.
-            taps = tf.matmul(tf.reshape(x, [1, -1, x.shape[3]]), tf.reshape(w, [-1, w.shape[2], w.shape[3]]))
-            y = taps[w.shape[0] * w.shape[1] // 2][:, None, None, :]
-        else:
-            y = tf.nn.conv2d(x, w, 1, 'SAME')
-        y = y + tf.cast(self.b, x.dtype)
-        return tf.nn.relu(y) if relu else y
-
-
-def _bias(init, n, bias):
-    if bias == 'glorot':
-        return init.glorot_normal((n,), n, n)
-    return np.full((n,), bias, np.float32)
-
-
-class Deconv(tf.Module):
-    """Stride-s SAME transposed convolution with a k x k kernel (default k = max(3, s)), NHWC, output s x input."""
-
-    def __init__(self, init, cin, cout, stride, k=None, bias=0.0, name=None):
-        super().__init__(name=name)
-        k = k or max(3, stride)
-        self.stride = stride
-        self.w = _var(init.glorot_normal((k, k, cout, cin), k * k * cin, k * k * cout), 'w')
-        self.b = _var(_bias(init, cout, bias), 'b')
-
-    def __call__(self, x):
-        b, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
-        s, k, cout, cin = self.stride, self.w.shape[0], self.w.shape[2], self.w.shape[3]
-        kernel = tf.cast(self.w, x.dtype)
-        if h == 1 and w == 1:
-            # One input position (the decoder's first layer, at every size): output (r, c) is that position
-            # times tap (o + r, o + c), o = the SAME padding before it, and zero where that tap does not
-            # exist (k < s: with k = 3, s = 5 only the top-left 3x3 of the 5x5 output sees the input).
-            # One batched matmul instead of a transposed conv whose CPU weight gradient is slow here.
-            o = max(k - s, 0) // 2
-            taps = tf.matmul(tf.reshape(x, [1, -1, cin]), tf.reshape(kernel, [k * k, cout, cin]), transpose_b=True)
-            taps = tf.concat([taps, tf.zeros_like(taps[:1])], 0)                      # row k*k: no tap
-            index = [(o + r) * k + o + c if o + r < k and o + c < k else k * k for r in range(s) for c in range(s)]
-            y = tf.transpose(tf.reshape(tf.gather(taps, index), [s, s, -1, cout]), [2, 0, 1, 3])
-        else:
-            out_shape = tf.stack([b, h * s, w * s, cout])
-            y = tf.nn.conv2d_transpose(x, kernel, out_shape, s, 'SAME')
-            y = tf.ensure_shape(y, [None, h * s, w * s, cout])
-        return tf.nn.relu(y + tf.cast(self.b, x.dtype))
-
-
-class Dense(tf.Module):
-    """x W + b. init: 'fc' = VIGOR's fc_layer (truncated normal std 0.005, bias 0.1), 'glorot_uniform'
-    (Keras Dense defaults, zero bias) or 'zero' (zero weights and bias)."""
-
-    def __init__(self, init, cin, cout, kind='fc', name=None):
-        super().__init__(name=name)
-        if kind == 'fc':
-            w, b = init.truncated_normal((cin, cout), 0.005), np.full((cout,), 0.1, np.float32)
-        elif kind == 'glorot_uniform':
-            w, b = init.glorot_uniform((cin, cout), cin, cout), np.zeros((cout,), np.float32)
-        elif kind == 'zero':
-            w, b = np.zeros((cin, cout), np.float32), np.zeros((cout,), np.float32)
-        else:
-            raise ValueError(f'unknown Dense initialisation {kind!r}')
-        self.w = _var(w, 'w')
-        self.b = _var(b, 'b')
-
-    def __call__(self, x):
-        return tf.matmul(x, tf.cast(self.w, x.dtype)) + tf.cast(self.b, x.dtype)
-
-
-def channels(c, width):
-    """Channel count of a layer that has `c` channels in the paper's network."""
-    return max(4, int(round(c * width)))
 
 
 def read_vgg16_npy(path):
@@ -219,10 +97,10 @@ class SAFA(tf.Module):
     def __init__(self, init, hw, heads=8, name=None):
         super().__init__(name=name)
         half = max(1, hw // 2)
-        self.w1 = _var(init.truncated_normal((heads, hw, half), 0.005), 'w1')
-        self.b1 = _var(np.full((heads, half), 0.1, np.float32), 'b1')
-        self.w2 = _var(init.truncated_normal((heads, half, hw), 0.005), 'w2')
-        self.b2 = _var(np.full((heads, hw), 0.1, np.float32), 'b2')
+        self.w1 = variable(init.truncated_normal((heads, hw, half), 0.005), 'w1')
+        self.b1 = variable(np.full((heads, half), 0.1, np.float32), 'b1')
+        self.w2 = variable(init.truncated_normal((heads, half, hw), 0.005), 'w2')
+        self.b2 = variable(np.full((heads, hw), 0.1, np.float32), 'b2')
 
     def __call__(self, x):
         """x: [B, h, w, C] -> un-normalised descriptor [B, heads * C]."""

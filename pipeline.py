@@ -8,7 +8,8 @@ import numpy as np
 import tensorflow as tf
 
 from geometry import VGG_MEAN_BGR
-from input_data import DataError, load_image
+from images import load_image
+from input_data import DataError
 
 BAD_INPUT = 'BAD INPUT: '  # marks our messages when they cross a tf.data boundary
 

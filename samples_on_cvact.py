@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from geometry import TILE_PX
-from input_data import load_act_data
+from act_data import load_act_data
 
 AERIAL_SIZE = 1200  # px, side of a satview_polish aerial; the panorama sits at (AERIAL_SIZE/2, AERIAL_SIZE/2)
 JPEG_QUALITY = 95

@@ -13,8 +13,9 @@ import numpy as np
 import tensorflow as tf
 
 import evaluation
+import figures
 import geometry
-import input_data
+import images
 import model as model_lib
 
 
@@ -105,12 +106,12 @@ def localisation_figures(ev, split, cfg, n, path_of=None):
     out = []
     for i in range(min(n, len(ev.queries))):
         q = ev.queries[i]
-        pano = input_data.read_image(split.pano_paths[q], cfg.grd_size, 'panorama')
-        sat = input_data.read_image(split.tile_paths[split.tiles[q, 0]], (cfg.sat_size,) * 2, 'aerial')
+        pano = images.read_image(split.pano_paths[q], cfg.grd_size, 'panorama')
+        sat = images.read_image(split.tile_paths[split.tiles[q, 0]], (cfg.sat_size,) * 2, 'aerial')
         gt_rc = geometry.delta_to_rc(split.deltas[q, 0])
         pred_rc = None if ev.delta_pos is None else geometry.delta_to_rc(ev.delta_pos[i])
         rank = int(ev.ranks['rank'][i])
-        out.append(evaluation.plot_localisation(
+        out.append(figures.plot_localisation(
             path_of(i) if path_of else None, pano, sat, gt_rc, pred_rc, heatmap=ev.heatmaps.get(i),
             cov=None if cov is None else cov[i], title=f'query {q} in its positive tile (retrieval rank {rank + 1})'))
     return out
@@ -124,12 +125,12 @@ def write_outputs(ev, split, cfg, out_dir, plots=True):
     _atomic(os.path.join(out_dir, 'grd_descriptors.npy'), lambda f: np.save(f, ev.grd))
     _atomic(os.path.join(out_dir, 'sat_descriptors.npy'), lambda f: np.save(f, ev.sat))
     if plots:
-        evaluation.plot_recall_curve(os.path.join(out_dir, 'recall_at_k.png'), ev.ranks['rank'], len(ev.sat))
-        evaluation.plot_accuracy_vs_metres(os.path.join(out_dir, 'accuracy_vs_metres.png'),
+        figures.plot_recall_curve(os.path.join(out_dir, 'recall_at_k.png'), ev.ranks['rank'], len(ev.sat))
+        figures.plot_accuracy_vs_metres(os.path.join(out_dir, 'accuracy_vs_metres.png'),
                                            ev.results['localisation'])
         sp = ev.results.get('uncertainty', {}).get('sparsification')
         if sp:
-            evaluation.plot_sparsification(os.path.join(out_dir, 'sparsification.png'), sp)
+            figures.plot_sparsification(os.path.join(out_dir, 'sparsification.png'), sp)
         localisation_figures(ev, split, cfg, 4, lambda i: os.path.join(out_dir, f'query_{i}.png'))
 
 

@@ -1,6 +1,6 @@
-"""What reading one image costs: a full decode + area resize against input_data.load_image, which
+"""What reading one image costs: a full decode + area resize against images.load_image, which
 decodes a JPEG at 1/2, 1/4 or 1/8 scale in libjpeg when it is read smaller, and against a warm
-input_data.ImageCache (the next epochs of a data set that fits in memory).
+images.ImageCache (the next epochs of a data set that fits in memory).
 
     python benchmarks/bench_decode.py                    # paper-size files (2048x1024 JPEG, 640-px PNG)
     python benchmarks/bench_decode.py --data_root /data/VIGOR
@@ -32,7 +32,7 @@ def per_image(fn, paths, repeats):
 
 
 def main():
-    import input_data
+    import images
     from bench_train import paper_city
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data_root', default='', help='a VIGOR root (default: the paper-size synthetic city of bench_train)')
@@ -46,13 +46,13 @@ def main():
         h, w = cv2.imread(paths[0]).shape[:2]
         for hw in sizes:
             full = lambda q: cv2.resize(cv2.imread(q, cv2.IMREAD_UNCHANGED), (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
-            cache = input_data.ImageCache(2 ** 30)
+            cache = images.ImageCache(2 ** 30)
             for q in paths:
                 cache.load(q, hw, kind)
             t_full = per_image(full, paths, args.repeats)
-            t_load = per_image(lambda q: input_data.load_image(q, hw, kind), paths, args.repeats)
+            t_load = per_image(lambda q: images.load_image(q, hw, kind), paths, args.repeats)
             t_warm = per_image(lambda q: cache.load(q, hw, kind), paths, args.repeats)
-            diff = np.concatenate([np.abs(input_data.load_image(q, hw, kind).astype(int) - full(q)).ravel()
+            diff = np.concatenate([np.abs(images.load_image(q, hw, kind).astype(int) - full(q)).ravel()
                                    for q in paths[:5]])
             print(f'{kind:8s} {w}x{h} file -> {hw[1]}x{hw[0]}: full decode + resize {t_full:6.2f} ms, '
                   f'load_image {t_load:6.2f} ms ({t_full / t_load:.1f}x), warm cache {t_warm:.4f} ms; '

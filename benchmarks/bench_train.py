@@ -248,6 +248,7 @@ def onednn_enabled():
 
 def child(args):
     import tensorflow as tf
+    import images
     import input_data
     import pipeline
     import config
@@ -276,7 +277,7 @@ def child(args):
     semi = np.concatenate([k for _, k in plans])[:n_plan]
     make_ds = lambda cache, n=n_batches: pipeline.train_dataset(
         split, panos[:n], semi[:n], cfg.grd_size, cfg.sat_size, cfg.batch, cache=cache, with_semi=stage.uses_semi)
-    new_cache = lambda: input_data.ImageCache(cfg.image_cache_mb * 2 ** 20)
+    new_cache = lambda: images.ImageCache(cfg.image_cache_mb * 2 ** 20)
 
     out['onednn'] = onednn_enabled()
     out['matmul_before'] = matmul_rates(args.matmul_n, args.matmul_repeats)
@@ -365,7 +366,7 @@ def child(args):
             ', '.join(f'{k} {rec[k][0]:.3f} / {rec[k][1]:.3f}' for k in order))
     if args.profile:
         for line in profile_ops(step, batch, step.get_concrete_function(batch).graph,
-                                os.path.join(run_dir, 'profile')):
+                                os.path.join(tempfile.mkdtemp(prefix='bench_train_'), 'profile')):
             say(line)
     out['matmul_after'] = matmul_rates(args.matmul_n, args.matmul_repeats)
     out['peak_rss'] = rss.close()

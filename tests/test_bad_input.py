@@ -14,7 +14,6 @@ import cv2
 import pytest
 
 import input_data
-import synthetic_data
 import train_first_E_1
 import train_lib
 import train_second_E_2_1

@@ -13,7 +13,6 @@ import pytest
 
 import evaluation as ev
 
-
 def brute_force(grd, sat, pos, semi):
     """SPEC §6 read literally on the full (Q, N) float64 similarity matrix."""
     sim = grd.astype(np.float64) @ sat.astype(np.float64).T              # (Q, N)
@@ -210,28 +209,3 @@ def test_sparsification_hand_case_and_oracle_bound():
     assert len(sp['curve']) == 20 and sp['curve'][0] == pytest.approx(err.mean())
     assert np.all(np.asarray(sp['oracle']) <= np.asarray(sp['curve']) + 1e-12) and sp['ause'] > 0
     assert ev.sparsification(err, err)['ause'] == pytest.approx(0.0)
-
-
-def _check_png(path, min_side=200):
-    from matplotlib.image import imread
-    img = imread(path)
-    assert img.ndim == 3 and min(img.shape[:2]) >= min_side
-    assert img[..., :3].reshape(-1, 3).std(axis=0).max() > 0.01          # not a single colour
-
-
-def test_plots(tmp_path):
-    rng = np.random.default_rng(0)
-    pano = rng.uniform(-100, 100, (320, 640, 3)).astype(np.float32)      # mean-subtracted float
-    sat = rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[:640, :640]
-    heatmap = np.exp(-((yy - 300) ** 2 + (xx - 350) ** 2) / 800.0)
-    _check_png(ev.plot_localisation(str(tmp_path / 'loc.png'), pano, sat, (320, 320), (300, 350),
-                                    heatmap=heatmap, cov=[[400.0, 100.0], [100.0, 200.0]], title='q0'))
-    _check_png(ev.plot_localisation(str(tmp_path / 'sub' / 'plain.png'), pano, sat, (100, 500), (120, 480)))
-    _check_png(ev.plot_localisation(str(tmp_path / 'miss.png'), pano, sat, None, None))   # top-1 wrong
-    ranks = rng.integers(0, 2000, 500)
-    _check_png(ev.plot_recall_curve(str(tmp_path / 'recall.png'), ranks, 20000))
-    err = rng.exponential(10, 300)
-    summary = ev.localisation_summary(err, err + 5, rng.random(300) < 0.6)
-    _check_png(ev.plot_accuracy_vs_metres(str(tmp_path / 'acc.png'), summary))
-    _check_png(ev.plot_sparsification(str(tmp_path / 'sp.png'), ev.sparsification(err + rng.normal(0, 5, 300), err)))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import embedding
+import images
 import input_data
 import mining
 import model
@@ -106,9 +107,9 @@ def test_fill_missing_computes_only_what_the_epoch_did_not_gather(tiny_model):
     np.testing.assert_allclose(buf.grd[:2], gathered, atol=1e-3)          # kept, not recomputed
     np.testing.assert_array_equal(buf.sat[[7, 8]], gathered)
     unit = lambda x: x / np.linalg.norm(x)
-    image = input_data.read_image(split.pano_paths[5], (32, 64), 'panorama')[None]
+    image = images.read_image(split.pano_paths[5], (32, 64), 'panorama')[None]
     np.testing.assert_allclose(buf.grd[5], unit(embedder.grd(image)[0]), atol=2e-3)
-    image = input_data.read_image(split.tile_paths[3], (64, 64), 'aerial')[None]
+    image = images.read_image(split.tile_paths[3], (64, 64), 'aerial')[None]
     np.testing.assert_allclose(buf.sat[3], unit(embedder.sat(image)[0]), atol=1e-4)
 
 

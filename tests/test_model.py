@@ -5,7 +5,6 @@ import tensorflow as tf
 
 import model
 
-
 def tiny(parts=model.ALL_PARTS, **kw):
     return model.CrossViewModel((32, 64), 64, width=0.0625, parts=parts, **kw)
 
@@ -141,29 +140,3 @@ def test_initialisations_follow_the_original():
     dec = model.HeatmapDecoder(init, 16, 64, width=1 / 64, trunk_channels={s: 4 for s in model.SKIP_LAYERS})
     b = dec.conv0.b.numpy()                                  # glorot-normal biases: std ~ sqrt(1/n)/0.88
     assert np.any(b != 0) and np.abs(b).max() < 2 * np.sqrt(1 / len(b)) / 0.87962566 + 1e-6
-
-
-@pytest.mark.parametrize('stride,k', [(2, None), (4, None), (5, None), (5, 3), (1, 3)])
-def test_one_position_deconv_and_conv_equal_the_conv_ops(stride, k):
-    """The 1x1-map shortcuts (a matmul) give the values and gradients of conv2d / conv2d_transpose."""
-    init = model.Init(3)
-    deconv, conv = model.Deconv(init, 12, 7, stride, k=k, bias='glorot'), model.Conv(init, 12, 9)
-    x = tf.random.stateless_normal([4, 1, 1, 12], seed=(1, stride))
-    dy_dc = tf.random.stateless_normal([4, stride, stride, 7], seed=(2, stride))
-    dy_c = tf.random.stateless_normal([4, 1, 1, 9], seed=(3, stride))
-
-    def reference(x):
-        k = deconv.w
-        y = tf.nn.conv2d_transpose(x, k, [4, stride, stride, 7], stride, 'SAME')
-        return tf.nn.relu(y + deconv.b), tf.nn.relu(tf.nn.conv2d(x, conv.w, 1, 'SAME') + conv.b)
-
-    results = []
-    for fn in (reference, lambda x: (deconv(x), conv(x))):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y_dc, y_c = fn(x)
-            loss = tf.reduce_sum(y_dc * dy_dc) + tf.reduce_sum(y_c * dy_c)
-        results.append([y_dc, y_c] + tape.gradient(loss, [x, deconv.w, conv.w]))
-    for got, want in zip(results[1], results[0]):
-        assert float(tf.reduce_max(tf.abs(want))) > 0
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)

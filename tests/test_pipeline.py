@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import images
 import input_data
 import pipeline
 
@@ -15,7 +16,7 @@ def test_cached_pipeline_gives_the_same_batches_and_decodes_once(vigor):
     split = input_data.load_vigor(vigor, 'train')
     panos, semi = input_data.BatchSampler(split, batch=4, seed=0).epoch_plan(0)
     plain = list(pipeline.train_dataset(split, panos, semi, (32, 64), 64, 4))
-    cache = input_data.ImageCache(2 ** 30)
+    cache = images.ImageCache(2 ** 30)
     misses = []
     for _ in range(2):
         cached = list(pipeline.train_dataset(split, panos, semi, (32, 64), 64, 4, cache=cache))
@@ -44,7 +45,7 @@ def test_train_dataset_batches(vigor):
     np.testing.assert_array_equal(b['sat_idx'].numpy(), split.tiles[panos[0], 0])
     np.testing.assert_allclose(b['delta'].numpy(), split.deltas[panos[0], 0])
     np.testing.assert_allclose(b['delta_semi'].numpy(), split.deltas[panos[0], semi[0]])
-    direct = input_data.read_image(split.tile_paths[split.tiles[panos[0][1], 0]], (64, 64), 'aerial')
+    direct = images.read_image(split.tile_paths[split.tiles[panos[0][1], 0]], (64, 64), 'aerial')
     np.testing.assert_allclose(b['sat'].numpy()[1], direct)
 
 
@@ -52,7 +53,7 @@ def test_train_dataset_without_semi_reads_no_semi_tile(vigor):
     """A stage whose loss ignores the semi-positive (E_1 phase a) decodes only panoramas and positives."""
     split = input_data.load_vigor(vigor, 'train')
     panos, semi = input_data.BatchSampler(split, batch=4, seed=0).epoch_plan(0)
-    cache = input_data.ImageCache(2 ** 30)
+    cache = images.ImageCache(2 ** 30)
     batches = list(pipeline.train_dataset(split, panos[:3], semi[:3], (32, 64), 64, 4, cache=cache,
                                           with_semi=False))
     assert len(batches) == 3 and all('semi' not in b and b['sat'].shape == (4, 64, 64, 3) for b in batches)
@@ -69,8 +70,8 @@ def test_pair_dataset_keeps_the_order_of_its_pairs(vigor):
     grd, sat, idx = (np.concatenate([b[k].numpy() for b in batches]) for k in range(3))
     np.testing.assert_array_equal(idx, [0, 1, 2])
     for i, (q, t) in enumerate(zip(queries, tiles)):
-        np.testing.assert_array_equal(grd[i], input_data.read_image(split.pano_paths[q], (32, 64), 'panorama'))
-        np.testing.assert_array_equal(sat[i], input_data.read_image(split.tile_paths[t], (64, 64), 'aerial'))
+        np.testing.assert_array_equal(grd[i], images.read_image(split.pano_paths[q], (32, 64), 'panorama'))
+        np.testing.assert_array_equal(sat[i], images.read_image(split.tile_paths[t], (64, 64), 'aerial'))
 
 
 def test_tf_data_error_is_one_line(vigor_copy):

@@ -1,0 +1,93 @@
+"""images.py: decoding, checks, reduced-scale JPEG decoding and the image cache."""
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import geometry
+import images
+import input_data
+
+
+@pytest.fixture(scope='module')
+def vigor(tiny_vigor):
+    return tiny_vigor(4)
+
+
+def test_read_image_checks(tmp_path):
+    ok = np.full((40, 80, 3), 200, np.uint8)
+    cv2.imwrite(str(tmp_path / 'p.jpg'), ok)
+    img = images.read_image(str(tmp_path / 'p.jpg'), (32, 64), 'panorama')
+    assert img.shape == (32, 64, 3) and img.dtype == np.float32
+    # BGR mean subtracted: a uniform 200 image becomes 200 - mean per channel (JPEG: +-2)
+    np.testing.assert_allclose(img.mean((0, 1)), 200 - np.array(geometry.VGG_MEAN_BGR), atol=2.5)
+    cv2.imwrite(str(tmp_path / 'g.png'), np.zeros((40, 80), np.uint8))
+    with pytest.raises(input_data.DataError, match='g.png: expected a 3-channel colour panorama, got a grayscale'):
+        images.read_image(str(tmp_path / 'g.png'), (32, 64), 'panorama')
+    cv2.imwrite(str(tmp_path / 'sq.png'), np.zeros((40, 40, 3), np.uint8))
+    with pytest.raises(input_data.DataError, match='width = 2 x height, got 40x40'):
+        images.read_image(str(tmp_path / 'sq.png'), (32, 64), 'panorama')
+    with pytest.raises(input_data.DataError, match='square aerial image, got 80x40'):
+        images.read_image(str(tmp_path / 'p.jpg'), (64, 64), 'aerial')
+    (tmp_path / 'bad.png').write_bytes(b'not an image')
+    with pytest.raises(input_data.DataError, match='bad.png: unreadable image'):
+        images.read_image(str(tmp_path / 'bad.png'), (64, 64), 'aerial')
+
+
+def _smooth_colour(h, w):
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([128 + 100 * np.sin(x / 23), 128 + 100 * np.cos(y / 17), 128 + 60 * np.sin((x + y) / 31)],
+                    -1).astype(np.uint8)
+
+
+def test_jpeg_is_decoded_at_a_reduced_scale_when_read_smaller(tmp_path):
+    path = str(tmp_path / 'p.jpg')
+    cv2.imwrite(path, _smooth_colour(256, 512), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    with open(path, 'rb') as f:
+        assert images._jpeg_colour_size(f.read()) == (256, 512)
+    pixels, on_file = images.decode_image(path, (64, 128))
+    assert pixels.shape == (64, 128, 3) and on_file == (256, 512)       # 1/4 scale in libjpeg
+    assert images.decode_image(path, (100, 200))[0].shape == (128, 256, 3)  # 1/4 would be < 100 rows
+    assert images.decode_image(path)[0].shape == (256, 512, 3)
+    full = cv2.resize(cv2.imread(path), (128, 64), interpolation=cv2.INTER_AREA).astype(float)
+    diff = np.abs(images.load_image(path, (64, 128), 'panorama').astype(float) - full)
+    assert diff.mean() < 1 and diff.max() <= 8
+    # the checks still see the file as it is: a grayscale JPEG, a square one read as a panorama
+    cv2.imwrite(str(tmp_path / 'g.jpg'), _smooth_colour(256, 512)[..., 0])
+    with pytest.raises(input_data.DataError, match='g.jpg: expected a 3-channel colour panorama, got a grayscale'):
+        images.load_image(str(tmp_path / 'g.jpg'), (64, 128), 'panorama')
+    cv2.imwrite(str(tmp_path / 'sq.jpg'), _smooth_colour(256, 256))
+    with pytest.raises(input_data.DataError, match='width = 2 x height, got 256x256'):
+        images.load_image(str(tmp_path / 'sq.jpg'), (32, 64), 'panorama')
+
+
+def test_jpeg_colour_size_reads_only_colour_jpeg_headers():
+    def encoded(fmt, image, **kw):
+        buf = io.BytesIO()
+        image.save(buf, fmt, **kw)
+        return buf.getvalue()
+    colour = encoded('JPEG', Image.new('RGB', (48, 24)))
+    assert images._jpeg_colour_size(colour) == (24, 48)                  # (height, width)
+    scan = colour.index(b'\xff\xda')                                         # start of scan
+    assert images._jpeg_colour_size(colour[:scan + 20]) == (24, 48)      # the header is enough
+    assert images._jpeg_colour_size(encoded('JPEG', Image.new('L', (48, 24)))) is None       # 1 component
+    assert images._jpeg_colour_size(encoded('JPEG', Image.new('CMYK', (48, 24)))) is None    # 4 components
+    assert images._jpeg_colour_size(encoded('PNG', Image.new('RGB', (48, 24)))) is None
+    assert images._jpeg_colour_size(colour[:20]) is None                 # no frame header
+    assert images._jpeg_colour_size(b'\xff\xd8garbage') is None
+
+
+def test_image_cache_keeps_the_first_images_up_to_its_budget(vigor):
+    split = input_data.load_vigor(vigor, 'train')
+    one = 64 * 64 * 3
+    cache = images.ImageCache(3 * one + 10)
+    first = cache.load(split.tile_paths[0], (64, 64), 'aerial')
+    np.testing.assert_array_equal(first, images.load_image(split.tile_paths[0], (64, 64), 'aerial'))
+    assert cache.load(split.tile_paths[0], (64, 64), 'aerial') is first and (cache.hits, cache.misses) == (1, 1)
+    for p in split.tile_paths[1:5]:
+        cache.load(p, (64, 64), 'aerial')
+    assert cache.bytes == 3 * one and set(cache.images) == {(p, (64, 64)) for p in split.tile_paths[:3]}
+    assert cache.load(split.tile_paths[4], (64, 64), 'aerial') is not cache.load(split.tile_paths[4], (64, 64), 'aerial')
+    assert cache.load(split.tile_paths[0], (32, 32), 'aerial').shape == (32, 32, 3)  # the size is part of the key
