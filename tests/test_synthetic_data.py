@@ -2,6 +2,7 @@
 CVACT's, generation is deterministic and atomic, and the images carry the signal a network must learn."""
 import collections
 import filecmp
+import hashlib
 import json
 import os
 
@@ -255,6 +256,38 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert mismatch == sats
     assert not set(os.listdir(tmp_path / 'a' / 'SanFrancisco' / 'panorama')) & \
         set(os.listdir(tmp_path / 'c' / 'SanFrancisco' / 'panorama'))
+
+
+def tree_md5(root):
+    """md5 over every file of a tree: relative paths (sorted) and bytes."""
+    h = hashlib.md5()
+    for d, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            path = os.path.join(d, f)
+            h.update(os.path.relpath(path, root).encode() + b'\0')
+            with open(path, 'rb') as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+# Digests of write_vigor(**PINNED) as written by the generator of commit 4503cd6, before anything was added
+# to it: computed with tree_md5 above and hashlib.md5 of the two label files, in the project's venv
+# (OpenCV 5.0.0, numpy 2.4.6). The label files are plain text; the tree digest also covers the PNG/JPEG
+# bytes, so another OpenCV build could change it without the generator having changed.
+PINNED = dict(seed=0, cities=('Chicago', 'Seattle'), grid=3, tile_px=64, pano_hw=(32, 64), panos_per_tile=2)
+PINNED_TREE_MD5 = 'a6b0027c0ffc3dd4c896ecbda6d65917'
+PINNED_FILE_MD5 = {'splits/Chicago/pano_label_balanced.txt': '397487cb12d5a1479f32dbfc367490ad',
+                   'splits__corrected/Seattle/same_area_balanced_test__corrected.txt':
+                       '8b7ad3d55931cb91853f01f610c3ad2a'}
+
+
+def test_plain_city_is_byte_identical_to_the_pinned_generator(tmp_path):
+    root = str(tmp_path / 'pinned')
+    sd.write_vigor(root, **PINNED)
+    for rel, want in PINNED_FILE_MD5.items():
+        with open(os.path.join(root, rel), 'rb') as f:
+            assert hashlib.md5(f.read()).hexdigest() == want, rel
+    assert tree_md5(root) == PINNED_TREE_MD5
 
 
 def test_ensure_vigor_is_idempotent_and_atomic(vigor_root, tmp_path):
