@@ -432,14 +432,14 @@ def test_levels_zero_give_the_plain_panorama_pixel_for_pixel(render_scene):
 
 def test_overlap_fog_hides_a_growing_share_and_keeps_the_near_ground(render_scene):
     """Proxy: share of pixels within 12 grey levels of FOG_BGR. Measured on these 6 points (mean):
-    0 -> 0.000, 0.5 -> 0.383, 1 -> 0.523 (the facades go first, then the ground from the horizon
-    down); the bottom rows (ground < 2.5 m away) stay as they were."""
+    0 -> 0.000, 0.25 -> 0.195, 0.5 -> 0.273, 0.75 -> 0.383, 1 -> 0.523 (the facades go first, then the
+    ground from the horizon down); the bottom rows (ground < 2.5 m away) stay as they were."""
     scene, points = render_scene
     h = RENDER_HW[0]
     for k, point in enumerate(points):
         imgs = [render_dial(scene, point, 'p%d' % k, 'overlap', level) for level in (0.0, 0.5, 1.0)]
         fogged = [np.mean(np.abs(img - sd.FOG_BGR).max(-1) <= 12) for img in imgs]
-        assert fogged[0] < 0.01 and fogged[0] + 0.25 < fogged[1] < fogged[2] - 0.05 and fogged[2] > 0.45, fogged
+        assert fogged[0] < 0.01 and 0.2 < fogged[1] < fogged[2] - 0.15 and fogged[2] > 0.45, fogged
         near = sd.pano_ground_distance_m(h) < 2.5                        # (H/2,) rows that see < 2.5 m
         assert np.array_equal(imgs[2][h // 2:][near], imgs[0][h // 2:][near])
         assert not np.array_equal(imgs[1], imgs[0])
