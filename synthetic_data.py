@@ -505,7 +505,7 @@ class VigorCityScene:
         self.period_px = None           # [H, W] int32: the repetition period at raster pixels of repeated districts
         if self.strengths is not None and self.strengths['aliasing'] > 0:
             self.period_px = _repeat_districts(
-                self.raster, self._stream(b'aliasing'), self.px_per_m, scale, self.half_px,
+                self.raster, self.stream(b'aliasing'), self.px_per_m, scale, self.half_px,
                 ALIAS_CELL_SHARE * self.strengths['aliasing'])
         self.facade = _facade_source(self.raster, self.px_per_m)
 
@@ -521,7 +521,7 @@ class VigorCityScene:
                 self.sat_name[i, j] = vigor_sat_name(lat, lon)
                 self.sat_cell[self.sat_name[i, j]] = (i, j)
 
-    def _stream(self, tag):
+    def stream(self, tag):
         """A random stream of this city's own for one purpose, independent of the main stream."""
         return np.random.default_rng([self.seed, zlib.crc32(self.city.encode()), zlib.crc32(tag)])
 
@@ -541,8 +541,8 @@ class VigorCityScene:
 
         levels: (overlap, foreground, viewpoint) in [0, 1]; a 4th entry (aliasing, as in the sidecar)
         is ignored: aliasing is a property of the place, measured here, not set. The dials' random
-        choices (fog none, objects, tilt direction, colour cast) come from a stream of pano_name's
-        own, so one name gives one scene at every level. rng: the noise of _jitter; None renders
+        choices (higher or lower camera, tilt direction, brighter or darker light, colour cast,
+        objects) come from a stream of pano_name's own, so one name gives one scene at every level. rng: the noise of _jitter; None renders
         without noise. Returns (image [H, W, 3] uint8 BGR, aliasing level: the share of the visible
         scene pixels, ground and facades not hidden by fog or objects, whose source lies in a repeated
         district). All levels 0: the same pixels as the plain renderer."""
@@ -551,7 +551,7 @@ class VigorCityScene:
             raise ValueError('dial levels must lie in [0, 1], got %r' % (tuple(levels),))
         h, w = pano_hw
         half = h // 2
-        draws = self._stream(pano_name.encode())
+        draws = self.stream(pano_name.encode())
         height_sign, gain_sign = draws.choice([-1.0, 1.0], size=2)
         tilt_azimuth = draws.uniform(-np.pi, np.pi)
         cast = draws.standard_normal(3)
@@ -572,7 +572,6 @@ class VigorCityScene:
             fy, fx = (v.astype(np.float32)[None] for v in where['facade_src'])
             aliased[:half] = is_facade & (cv2.remap(mask, fx, fy, cv2.INTER_NEAREST,
                                                     borderMode=cv2.BORDER_REFLECT) > 0)
-        fog = np.ones((h, w), np.float32)
         if overlap > 0:                                   # fog beyond the visibility radius
             dist = np.concatenate([np.where(is_facade, FACADE_M, 0.0),
                                    np.broadcast_to(where['ground_m'][:, None], (h - half, w))], 0)
@@ -619,7 +618,7 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile, 
         for j in range(grid):
             _imwrite(os.path.join(sat_dir, sat_name[i, j]), _jitter(scene.tile(i, j), rng))
 
-    level_rng = scene._stream(b'ambiguity levels')
+    level_rng = scene.stream(b'ambiguity levels')
     lines = {mpp: [] for mpp in (ORIGINAL_MPP, unit_m)}
     level_lines = []
     panoids = set()
