@@ -483,9 +483,9 @@ def test_viewpoint_warps_the_ground_and_shifts_the_colours(render_scene):
 
 def test_aliasing_districts_repeat_one_period_away_and_nowhere_else():
     """Where a repeated district covers everything a panorama sees at a point and one period east of
-    it, the two noise-free panoramas are the same (correlation > 0.99, measured 1.000) and both measure
-    aliasing 1; outside the districts the same shift gives different panoramas (measured 0.49-0.66)
-    and aliasing 0."""
+    it, the two noise-free panoramas are the same (correlation > 0.99; measured 0.997-1.000 on 9 such
+    pairs, short of 1 where the blurred facades reach past the district) and both measure aliasing 1;
+    outside the districts the same shift gives different panoramas (measured 0.38-0.70) and aliasing 0."""
     checked = 0
     for city in ('Chicago', 'NewYork'):
         scene = sd.VigorCityScene(0, city, 8, 128, {'aliasing': 1.0})
