@@ -3,7 +3,7 @@
 They exist so the real loaders can be tested end to end and a short CPU training run can show
 retrieval far above chance, without the 100+ GB real datasets.
 
-    python synthetic_data.py vigor --root data/synthetic_vigor      # 4 cities x 36 tiles x 2 panoramas
+    python synthetic_data.py vigor --root data/synthetic_vigor      # 4 cities x 64 tiles x 2 panoramas
     python synthetic_data.py cvact --root data/synthetic_cvact      # 40 panoramas, 1200x1200 aerials
 
 Both commands are idempotent: the dataset is built in `<root>.tmp-XXXX`, a marker file
@@ -27,6 +27,42 @@ grid x grid lattice with step 320 px (50 % overlap), centred on CITY_ORIGIN[city
 runs north to south, column j west to east. The original labels (splits/) divide metres by
 ORIGINAL_MPP = 0.114, VIGOR's real mistake; the corrected labels (splits__corrected/) divide by
 CORRECTED_MPP[city], like SliceMatch's.
+
+Ambiguity dials (VIGOR only): write_vigor(..., ambiguity='mixed' or {dial: strength in [0, 1]}),
+`python synthetic_data.py vigor --ambiguity mixed` (or `--ambiguity overlap=1,aliasing=0.5`). Each
+panorama gets a level in [0, 1] per dial (DIALS), written beside its city's labels in
+splits/<City>/AMBIGUITY_FILE and splits__corrected/<City>/AMBIGUITY_FILE: a header line
+`# pano overlap foreground viewpoint aliasing`, then `<pano file name> <4 levels, 4 decimals>` per
+panorama (read_ambiguity_levels). The three rendering dials are drawn per panorama from the seed:
+0 with probability DIAL_ZERO_SHARE = 0.4, else uniform in (0, strength], so under 'mixed' a dial's
+median level is 1/6; they change the panorama, never the aerial.
+- overlap (how much of what the panorama sees the aerial shares): fog hides what lies beyond a
+  visibility radius that shrinks linearly from 32 m (nothing hidden) at level 0 to 4 m at level 1,
+  where only a disc of radius ~35 px of the 640-px tile around the camera shows (the bottom ~30 % of the
+  ground rows; at level 0.5 the radius is 18 m, the top ~20 % of the ground rows are hidden). The
+  facades (FACADE_M) are gone from level ~0.2 on; the sky stays.
+- foreground: cars, vans, trucks, pedestrians and bins standing 2.5-18 m from the camera, absent from
+  the aerial, are added until they cover FOREGROUND_MAX_COVER * level (30 % at level 1) of the
+  panorama; those taller than the 2.5-m camera cross the horizon, in front of the facades.
+- viewpoint (and appearance): at level 1 the camera is 1.5 times higher or lower (every ground row
+  sees 1.5 times farther or nearer ground, the facades look shorter or taller), tilted by 8 deg (the
+  horizon becomes a sinusoid of the azimuth, 8 deg high), the light 1.5 times brighter or darker
+  with a colour cast (per-channel log-gains of norm 0.25), and foliage turned 60 deg of hue from
+  green to yellow (autumn). Level v scales each of these (the height ratio as 1.5 ** v).
+- aliasing (perceptual aliasing) is a property of places, not a rendering knob. The city is cut
+  into 60-m cells, and 40 % (times the strength) of them are rebuilt from repeated blocks: each
+  district (chosen cells joined by their sides) tiles one of 3 motifs per city, a square patch of
+  the city, with a period of 160-320 px of the 640-px tile (one that puts neighbouring tiles at
+  least a quarter period out of phase: they are not copies of each other). A point of a district looks
+  like the points one period east or south of it, in its own tile and its neighbours', and
+  districts of one motif look alike; the aerial tiles show the repetition too. A panorama's level is measured, not
+  drawn: the share of its visible scene pixels (ground and facades, not fogged or covered by
+  objects) whose source lies in a repeated district; under 'mixed' (default demo city) 21 % of the
+  panoramas are at 0, 17 % at 1, the median is 0.26.
+The dials' random choices come from streams of their own: positions, names, labels and (without
+aliasing) the tiles are the plain city's, and a panorama at levels 0 is the plain one, pixel for
+pixel. VigorCityScene re-renders any panorama from its label and recorded levels;
+`--preview DIR` writes PNG strips of the dials for a human to look at.
 """
 import argparse
 import inspect
@@ -65,6 +101,35 @@ GROUND_FAR_M = 25.0              # ground distance at the horizon row, ~220 px o
 FACADE_M = 28.0                  # facades show the aerial colour this far away, ~250 px
 VIGOR_MARGIN_PX640 = 352         # raster margin around the outer tile centres, > 320 and > FACADE_M
 OFFSET_RANGE_PX640 = (24.0, 150.0)   # |dy|, |dx| of a panorama from its positive tile's centre
+
+# Ambiguity dials (write_vigor(ambiguity=...); the module docstring says what each one means).
+DIALS = ('overlap', 'foreground', 'viewpoint', 'aliasing')
+AMBIGUITY_FILE = 'ambiguity_levels.txt'      # sidecar beside the label files of a city
+AMBIGUITY_HEADER = '# pano ' + ' '.join(DIALS)
+DIAL_ZERO_SHARE = 0.4            # a rendering dial is 0 for this share of panoramas, else uniform in (0, max]
+FOG_CLEAR_M = 32.0               # overlap: visibility radius at level 0 (> FACADE_M + FOG_RAMP_M / 2: no fog)
+FOG_NEAR_M = 4.0                 # ... at level 1, ~35 px of the 640-px tile; linear in between
+FOG_RAMP_M = 3.0                 # fog opacity rises linearly over this distance around the radius
+FOG_BGR = (205.0, 205.0, 205.0)
+FOREGROUND_MAX_COVER = 0.3       # foreground: share of the panorama's pixels covered at level 1
+FOREGROUND_DISTANCE_M = (2.5, 18.0)   # objects stand this far from the camera (log-uniform)
+CAMERA_HEIGHT_M = 2.5            # objects taller than the camera cross the horizon, in front of the facades
+FOREGROUND_KINDS = (             # kind, width m (side-on .. end-on), height m, share of the objects
+    ('car', (1.8, 4.8), (1.4, 1.7), 0.40),
+    ('van', (2.0, 6.0), (2.0, 2.7), 0.15),
+    ('truck', (2.5, 12.0), (3.0, 4.0), 0.10),
+    ('pedestrian', (0.45, 0.65), (1.5, 1.9), 0.25),
+    ('bin', (0.5, 1.2), (0.8, 1.3), 0.10),
+)
+HEIGHT_RATIO_MAX = 1.5           # viewpoint: camera height x or / this at level 1 (every ground distance too)
+TILT_MAX_DEG = 8.0               # ... camera tilt at level 1: the horizon is a sinusoid of this amplitude
+LIGHT_GAIN_MAX = 1.5             # ... brightness x or / this at level 1
+CAST_MAX = 0.25                  # ... colour cast: per-channel log-gains of this norm at level 1
+SEASON_HUE_DEG = 60.0            # ... foliage hue turned this far from green towards yellow at level 1
+ALIAS_CELL_M = 60.0              # aliasing: the city is cut into square cells of this side (~1.7 tile steps) ...
+ALIAS_CELL_SHARE = 0.4           # ... of which this share (times the dial's strength) is rebuilt ...
+ALIAS_MOTIFS = 3                 # ... from one of this many motifs: a square patch of the city, tiled ...
+ALIAS_PERIOD_PX640 = (160.0, 320.0)   # ... with a period in this range, px of the 640-px tile
 
 
 # ----------------------------------------------------------------------------------------- names
@@ -189,14 +254,20 @@ def pano_ground_distance_m(pano_h):
     return GROUND_FAR_M * (1.0 - t) ** 1.5
 
 
-def _render_panorama(raster, facade, px_per_m, y_m, x_m, pano_hw, rng):
-    """North-aligned panorama [H, W, 3] uint8 BGR seen from raster point (y_m south, x_m east), metres.
+def _scene_layers(raster, facade, px_per_m, y_m, x_m, pano_hw, height_factor=1.0):
+    """The panorama seen from raster point (y_m south, x_m east), metres, before noise: (img, where).
+
+    img: [H, W, 3] float64 BGR in [0, 255]. where: dict of what each pixel shows, for the ambiguity
+    dials: 'ground_m' (H/2,) ground distance of each lower-half row, metres; 'ground_src' (map_y, map_x)
+    [H/2, W] raster pixels the ground rows sample; 'facade_src' (y, x) (W,) raster pixels each column's
+    facade shows; 'is_facade' [H/2, W] bool, upper half. height_factor scales the camera height: every
+    ground distance by it, the facades' apparent height by its inverse (1 = the plain camera).
     facade: _facade_source(raster, px_per_m). Azimuth convention: see the module docstring."""
     h, w = pano_hw
     half = h // 2
     theta = pano_azimuth(w)                                            # (W,) clockwise from north
     north, east = np.cos(theta), np.sin(theta)
-    r = pano_ground_distance_m(h)                                      # (H/2,) metres
+    r = pano_ground_distance_m(h) * height_factor                     # (H/2,) metres
     # Raster pixel k covers [k, k+1) in continuous coordinates; remap samples at index coordinates.
     map_x = ((x_m + r[:, None] * east[None]) * px_per_m - 0.5).astype(np.float32)   # (H/2, W)
     map_y = ((y_m - r[:, None] * north[None]) * px_per_m - 0.5).astype(np.float32)
@@ -210,10 +281,18 @@ def _render_panorama(raster, facade, px_per_m, y_m, x_m, pano_hw, rng):
     fy = ((y_m - FACADE_M * north) * facade_px_per_m - 0.5).astype(np.float32)[None]
     colour = cv2.remap(facade_img, fx, fy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     colour = colour.astype(np.float32)                                 # (1, W, 3)
-    height = half * (0.15 + 0.6 * colour.mean(-1) / 255.0)            # (1, W) facade height, rows
+    height = half * (0.15 + 0.6 * colour.mean(-1) / 255.0) / height_factor   # (1, W) facade height, rows
     is_facade = (half - np.arange(half))[:, None] <= height            # (H/2, W)
     upper = np.where(is_facade[..., None], 0.65 * colour, sky)
-    return _jitter(np.concatenate([upper, ground.astype(np.float32)], 0), rng)
+    where = {'ground_m': r, 'ground_src': (map_y, map_x), 'is_facade': is_facade,
+             'facade_src': ((y_m - FACADE_M * north) * px_per_m - 0.5, (x_m + FACADE_M * east) * px_per_m - 0.5)}
+    return np.concatenate([upper, ground.astype(np.float32)], 0), where
+
+
+def _render_panorama(raster, facade, px_per_m, y_m, x_m, pano_hw, rng):
+    """North-aligned panorama [H, W, 3] uint8 BGR seen from raster point (y_m south, x_m east), metres,
+    with the mild noise of _jitter drawn from rng. facade: _facade_source(raster, px_per_m)."""
+    return _jitter(_scene_layers(raster, facade, px_per_m, y_m, x_m, pano_hw)[0], rng)
 
 
 def _panoid(rng):
@@ -231,37 +310,297 @@ def _check_pano_hw(pano_hw):
         raise ValueError('pano_hw must be (H, 2H) with H even and >= 4, got %r' % (tuple(pano_hw),))
 
 
-# ----------------------------------------------------------------------------------------- VIGOR
-def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile):
-    """One city: tiles, panoramas and its six label files. Returns its counts."""
-    rng = np.random.default_rng([seed, zlib.crc32(city.encode())])
-    unit_m = CORRECTED_MPP[city]                   # metres per px of the 640-px tile
-    scale = tile_px / TILE_PX                      # raster px per px of the 640-px tile
-    px_per_m = scale / unit_m
-    half_px = tile_px // 2
-    margin_px = int(math.ceil(VIGOR_MARGIN_PX640 * scale))
-    side_px = 2 * margin_px + (grid - 1) * half_px
-    raster = _draw_city(rng, side_px, side_px, px_per_m)
-    facade = _facade_source(raster, px_per_m)
+# ----------------------------------------------------------------------------------------- ambiguity dials
+def ambiguity_strengths(ambiguity):
+    """write_vigor's `ambiguity` argument -> None (plain city) or {dial: strength in [0, 1]} for all DIALS.
 
-    # Tile (i, j): centre at raster coordinate margin_px + (i, j) * half_px, i.e. the crop is exact.
+    None: no dial (today's city, byte for byte). 'mixed': every dial at strength 1. A dict
+    {dial: strength}: the dials it names (missing ones 0). For overlap, foreground and viewpoint the
+    strength is the highest level drawn; for aliasing it scales the share of the city rebuilt from
+    repeated blocks (ALIAS_CELL_SHARE at 1)."""
+    if ambiguity is None:
+        return None
+    if isinstance(ambiguity, str):
+        if ambiguity != 'mixed':
+            raise ValueError("ambiguity must be None, 'mixed' or a dict {dial: strength}, got %r" % ambiguity)
+        return {dial: 1.0 for dial in DIALS}
+    if not isinstance(ambiguity, dict):
+        raise ValueError("ambiguity must be None, 'mixed' or a dict {dial: strength}, got %r" % (ambiguity,))
+    unknown = sorted(set(ambiguity) - set(DIALS))
+    if unknown:
+        raise ValueError('ambiguity names unknown dials %s; the dials are %s' % (unknown, DIALS))
+    out = {dial: float(ambiguity.get(dial, 0.0)) for dial in DIALS}
+    bad = {d: v for d, v in out.items() if not 0.0 <= v <= 1.0}
+    if bad:
+        raise ValueError('ambiguity strengths must lie in [0, 1], got %s' % bad)
+    return out
+
+
+def draw_ambiguity_levels(rng, strengths):
+    """(overlap, foreground, viewpoint) levels of one panorama, rounded to the sidecar's 4 decimals:
+    each 0 with probability DIAL_ZERO_SHARE, else uniform in (0, strength]."""
+    levels = []
+    for dial in DIALS[:3]:
+        zero, u = rng.uniform(size=2)
+        levels.append(0.0 if zero < DIAL_ZERO_SHARE or strengths[dial] == 0 else
+                      max(1e-4, round(strengths[dial] * (1.0 - u), 4)))
+    return tuple(levels)
+
+
+def _repeat_districts(raster, rng, px_per_m, scale, half_px, share):
+    """Perceptual aliasing, in place: rebuild a share of the raster's ALIAS_CELL_M cells from repeated
+    blocks. Each district (chosen cells joined by their sides) shows one of ALIAS_MOTIFS motifs (a
+    square patch of the city, side = its period P raster px) tiled with a phase common to the whole
+    city, so every point of a district looks like the points k*P east or south of it, and districts of
+    one motif look alike.
+    A period never divides the tile step: neighbouring tiles differ by at least a quarter period.
+    Returns period [H, W] int32: P at raster pixels in a repeated district, 0 elsewhere."""
+    h, w = raster.shape[:2]
+    lo, hi = (v * scale for v in ALIAS_PERIOD_PX640)
+    allowed = [p for p in range(max(2, int(math.ceil(lo))), int(hi) + 1) if min(half_px % p, p - half_px % p) >= p / 4]
+    periods, patches = [], []
+    for _ in range(ALIAS_MOTIFS):
+        p = int(rng.choice(allowed))       # never empty: [4/7, 4/5] * half_px holds an integer for half_px >= 4
+        y0, x0 = rng.integers(0, h - p), rng.integers(0, w - p)
+        periods.append(p)
+        patches.append(raster[y0:y0 + p, x0:x0 + p].copy())
+    cell = ALIAS_CELL_M * px_per_m
+    off_y, off_x = rng.uniform(0, cell, 2)
+    n_y, n_x = int((h + off_y) // cell) + 1, int((w + off_x) // cell) + 1
+    chosen = rng.uniform(size=(n_y, n_x)) < share
+    # A district (4-connected chosen cells) is built from one motif throughout.
+    n_districts, district = cv2.connectedComponents(chosen.astype(np.uint8), connectivity=4)
+    motif = rng.integers(0, ALIAS_MOTIFS, size=n_districts)[district]
+    period = np.zeros((h, w), np.int32)
+    for cy, cx in zip(*np.nonzero(chosen)):
+        ya, yb = (int(round(np.clip(k * cell - off_y, 0, h))) for k in (cy, cy + 1))
+        xa, xb = (int(round(np.clip(k * cell - off_x, 0, w))) for k in (cx, cx + 1))
+        p, patch = periods[motif[cy, cx]], patches[motif[cy, cx]]
+        raster[ya:yb, xa:xb] = patch[(np.arange(ya, yb) % p)[:, None], (np.arange(xa, xb) % p)[None]]
+        period[ya:yb, xa:xb] = p
+    return period
+
+
+def _fog_transmittance(dist_m, overlap):
+    """How much of the scene shows through the fog at distance dist_m (metres) for an overlap level:
+    1 inside the visibility radius FOG_CLEAR_M - level * (FOG_CLEAR_M - FOG_NEAR_M), 0 beyond it,
+    linear over FOG_RAMP_M around it."""
+    radius = FOG_CLEAR_M - overlap * (FOG_CLEAR_M - FOG_NEAR_M)
+    return np.clip((radius - dist_m) / FOG_RAMP_M + 0.5, 0.0, 1.0)
+
+
+def _foreground_objects(rng, level, pano_hw, height_factor):
+    """Vehicles, pedestrians and bins standing around the camera, absent from the aerial: objects are
+    drawn until they cover FOREGROUND_MAX_COVER * level of the panorama (to within ~10 %).
+    Returns (objects far to near, each (distance m, [(row0, row1, col0, col1, BGR)] parts), covered
+    [H, W] bool)."""
+    h, w = pano_hw
+    half = h // 2
+    target = FOREGROUND_MAX_COVER * level * h * w            # pixels
+    tol = (0.005 + 0.1 * FOREGROUND_MAX_COVER * level) * h * w
+    shares = np.array([k[3] for k in FOREGROUND_KINDS])
+    covered = np.zeros((h, w), bool)
+    objects, n_covered = [], 0
+    for _ in range(400):
+        if n_covered >= target - tol:
+            break
+        kind, width_m, height_m, _ = FOREGROUND_KINDS[rng.choice(len(FOREGROUND_KINDS), p=shares / shares.sum())]
+        width, height = rng.uniform(*width_m), rng.uniform(*height_m)
+        d = math.exp(rng.uniform(*np.log(FOREGROUND_DISTANCE_M)))
+        col = rng.uniform(0, w)                           # centre column (continuous), any azimuth
+        paint = _hsv_colours(np.array([[rng.uniform(0, 180), rng.uniform(60, 230), rng.uniform(40, 240)]]))[0]
+        # Base on the ground row that sees distance d (the panorama's own ground mapping), top at the
+        # elevation of the object's top seen from the camera height: tall vehicles cross the horizon.
+        t = 1.0 - min(1.0, d / (GROUND_FAR_M * height_factor)) ** (2.0 / 3.0)
+        base = half + t * (h - half)
+        top = half - math.atan((height - CAMERA_HEIGHT_M * height_factor) / d) * h / math.pi
+        half_cols = math.atan(width / (2 * d)) * w / (2 * math.pi)
+        box = (top, base, col - half_cols, col + half_cols)
+        dark = (30, 30, 35)
+        if kind == 'pedestrian':
+            parts = [((0.0, 0.14, 0.3, 0.7), (120, 150, 200)), ((0.14, 0.55, 0.0, 1.0), paint),
+                     ((0.55, 1.0, 0.1, 0.9), (60, 50, 45))]
+        elif kind == 'bin':
+            parts = [((0.0, 1.0, 0.0, 1.0), (60, 90, 50)), ((0.0, 0.12, 0.0, 1.0), dark)]
+        else:                                             # vehicle: body, windows, wheels
+            parts = [((0.0, 0.88, 0.0, 1.0), paint), ((0.1, 0.45, 0.1, 0.9), (80, 70, 60)),
+                     ((0.8, 1.0, 0.08, 0.3), dark), ((0.8, 1.0, 0.7, 0.92), dark)]
+        rects = []
+        for (fr0, fr1, fc0, fc1), bgr in parts:
+            r0 = int(round(box[0] + fr0 * (box[1] - box[0])))
+            r1 = max(r0 + 1, int(round(box[0] + fr1 * (box[1] - box[0]))))
+            c0 = int(round(box[2] + fc0 * (box[3] - box[2])))
+            c1 = max(c0 + 1, int(round(box[2] + fc1 * (box[3] - box[2]))))
+            r0, r1 = max(r0, 0), min(r1, h)
+            for shift in (-w, 0, w):                      # the azimuth wraps around
+                a, b = max(c0 + shift, 0), min(c1 + shift, w)
+                if r0 < r1 and a < b:
+                    rects.append((r0, r1, a, b, tuple(float(v) for v in bgr)))
+        mask = covered.copy()
+        for r0, r1, c0, c1, _ in rects:
+            mask[r0:r1, c0:c1] = True
+        n_mask = np.count_nonzero(mask)
+        if n_mask > target + tol:                         # too big for what is left: try another
+            continue
+        covered, n_covered = mask, n_mask
+        objects.append((d, rects))
+    objects.sort(key=lambda o: -o[0])
+    return objects, covered
+
+
+def _light_and_season(img, level, gain_sign, cast):
+    """Lighting and season of the panorama against the aerial, float32 BGR [0, 255] -> same: foliage
+    (green hues) turned level * SEASON_HUE_DEG towards yellow, brightness times LIGHT_GAIN_MAX **
+    (gain_sign * level), a colour cast of per-channel log-gains level * CAST_MAX * cast (|cast| = 1)."""
+    x = np.clip(img, 0, 255).astype(np.float32) / 255.0
+    hsv = cv2.cvtColor(x, cv2.COLOR_BGR2HSV)                   # H in degrees [0, 360)
+    green = np.clip(1.0 - np.abs(hsv[..., 0] - 120.0) / 45.0, 0, 1) * (hsv[..., 1] > 0.2)
+    hsv[..., 0] = (hsv[..., 0] - level * SEASON_HUE_DEG * green) % 360.0
+    x = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    gains = np.exp(level * (gain_sign * math.log(LIGHT_GAIN_MAX) + CAST_MAX * cast)).astype(np.float32)
+    return x * (255.0 * gains)
+
+
+class VigorCityScene:
+    """One synthetic VIGOR city as write_vigor draws it, before any file is written: the aerial raster
+    (with its repeated districts under an aliasing setting), the tile lattice, and a renderer that
+    applies the ambiguity dials. Re-rendering a written panorama from its label and its recorded
+    levels gives the file's pixels up to the JPEG and the noise of _jitter.
+
+    rng: the city's main random stream, advanced past the raster: write_vigor draws the tiles'
+    noise, the panoramas' positions and names and their noise from it, in that order, so the dials
+    (drawn from streams of their own) leave all of that unchanged."""
+
+    def __init__(self, seed, city, grid, tile_px, ambiguity=None):
+        self.seed, self.city = seed, city
+        self.strengths = ambiguity_strengths(ambiguity)
+        self.rng = np.random.default_rng([seed, zlib.crc32(city.encode())])
+        self.unit_m = CORRECTED_MPP[city]                        # metres per px of the 640-px tile
+        scale = tile_px / TILE_PX                            # raster px per px of the 640-px tile
+        self.px_per_m = scale / self.unit_m
+        self.tile_px, self.half_px = tile_px, tile_px // 2
+        self.margin_px = int(math.ceil(VIGOR_MARGIN_PX640 * scale))
+        side_px = 2 * self.margin_px + (grid - 1) * self.half_px
+        self.raster = _draw_city(self.rng, side_px, side_px, self.px_per_m)
+        self.period_px = None           # [H, W] int32: the repetition period at raster pixels of repeated districts
+        if self.strengths is not None and self.strengths['aliasing'] > 0:
+            self.period_px = _repeat_districts(
+                self.raster, self.stream(b'aliasing'), self.px_per_m, scale, self.half_px,
+                ALIAS_CELL_SHARE * self.strengths['aliasing'])
+        self.facade = _facade_source(self.raster, self.px_per_m)
+
+        # Tile (i, j): centre at raster coordinate margin_px + (i, j) * half_px, i.e. the crop is exact.
+        lat0, lon0 = CITY_ORIGIN[city]
+        self.centre_m = (self.margin_px + 0.5 * (grid - 1) * self.half_px) / self.px_per_m   # = city origin
+        self.tile_m = (self.margin_px + np.arange(grid) * self.half_px) / self.px_per_m       # (grid,) metres
+        self.sat_name, self.sat_ll, self.sat_cell = {}, {}, {}
+        for i in range(grid):
+            for j in range(grid):
+                lat, lon = latlon_offset(lat0, lon0, self.centre_m - self.tile_m[i], self.tile_m[j] - self.centre_m)
+                self.sat_ll[i, j] = (float(lat), float(lon))
+                self.sat_name[i, j] = vigor_sat_name(lat, lon)
+                self.sat_cell[self.sat_name[i, j]] = (i, j)
+
+    def stream(self, tag):
+        """A random stream of this city's own for one purpose, independent of the main stream."""
+        return np.random.default_rng([self.seed, zlib.crc32(self.city.encode()), zlib.crc32(tag)])
+
+    def tile(self, i, j):
+        """Un-noised aerial tile (i, j), [tile_px, tile_px, 3] uint8 (a view of the raster)."""
+        r0, c0 = self.margin_px + (i - 1) * self.half_px, self.margin_px + (j - 1) * self.half_px
+        return self.raster[r0:r0 + self.tile_px, c0:c0 + self.tile_px]
+
+    def point_m(self, sat_name, dy, dx):
+        """Raster point (y_m south, x_m east), metres, of a panorama at corrected delta (dy, dx) (px of
+        the 640-px tile) from tile sat_name."""
+        i, j = self.sat_cell[sat_name]
+        return self.tile_m[i] + dy * self.unit_m, self.tile_m[j] - dx * self.unit_m
+
+    def render(self, pano_name, y_m, x_m, pano_hw, levels=(0.0, 0.0, 0.0), rng=None):
+        """Panorama `pano_name` seen from raster point (y_m, x_m), metres, under the dial levels.
+
+        levels: (overlap, foreground, viewpoint) in [0, 1]; a 4th entry (aliasing, as in the sidecar)
+        is ignored: aliasing is a property of the place, measured here, not set. The dials' random
+        choices (higher or lower camera, tilt direction, brighter or darker light, colour cast,
+        objects) come from a stream of pano_name's own, so one name gives one scene at every level. rng: the noise of _jitter; None renders
+        without noise. Returns (image [H, W, 3] uint8 BGR, aliasing level: the share of the visible
+        scene pixels, ground and facades not hidden by fog or objects, whose source lies in a repeated
+        district). All levels 0: the same pixels as the plain renderer."""
+        overlap, foreground, viewpoint = (float(v) for v in tuple(levels)[:3])
+        if not all(0.0 <= v <= 1.0 for v in (overlap, foreground, viewpoint)):
+            raise ValueError('dial levels must lie in [0, 1], got %r' % (tuple(levels),))
+        h, w = pano_hw
+        half = h // 2
+        draws = self.stream(pano_name.encode())
+        height_sign, gain_sign = draws.choice([-1.0, 1.0], size=2)
+        tilt_azimuth = draws.uniform(-np.pi, np.pi)
+        cast = draws.standard_normal(3)
+        cast /= np.linalg.norm(cast)
+        height_factor = HEIGHT_RATIO_MAX ** (height_sign * viewpoint)
+
+        img, where = _scene_layers(self.raster, self.facade, self.px_per_m, y_m, x_m, pano_hw, height_factor)
+        img = img.astype(np.float32)
+        # What each pixel shows: the scene (ground rows and facades; the sky is not part of the overlap),
+        # at which distance, and whether its source lies in a repeated district.
+        is_facade = where['is_facade']
+        visible = np.concatenate([is_facade, np.ones((h - half, w), bool)], 0)          # (H, W)
+        aliased = np.zeros((h, w), bool)
+        if self.period_px is not None:
+            mask = (self.period_px > 0).astype(np.uint8)
+            map_y, map_x = where['ground_src']
+            aliased[half:] = cv2.remap(mask, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT) > 0
+            fy, fx = (v.astype(np.float32)[None] for v in where['facade_src'])
+            aliased[:half] = is_facade & (cv2.remap(mask, fx, fy, cv2.INTER_NEAREST,
+                                                    borderMode=cv2.BORDER_REFLECT) > 0)
+        if overlap > 0:                                   # fog beyond the visibility radius
+            dist = np.concatenate([np.where(is_facade, FACADE_M, 0.0),
+                                   np.broadcast_to(where['ground_m'][:, None], (h - half, w))], 0)
+            fog = _fog_transmittance(dist, overlap).astype(np.float32)
+            img = fog[..., None] * img + (1 - fog[..., None]) * np.float32(FOG_BGR)
+            visible &= fog >= 0.5
+        if foreground > 0:                                # objects in front, painted far to near
+            objects, covered = _foreground_objects(draws, foreground, pano_hw, height_factor)
+            for d, rects in objects:
+                t = float(_fog_transmittance(d, overlap)) if overlap > 0 else 1.0
+                for r0, r1, c0, c1, bgr in rects:
+                    img[r0:r1, c0:c1] = [t * v + (1 - t) * f for v, f in zip(bgr, FOG_BGR)]
+            visible &= ~covered
+        if viewpoint > 0:                                 # tilted camera, other light and season
+            tilt_rows = viewpoint * TILT_MAX_DEG * h / 180.0 * np.sin(pano_azimuth(w) - tilt_azimuth)
+            map_y = (np.arange(h, dtype=np.float32)[:, None] + tilt_rows.astype(np.float32)[None])
+            map_x = np.broadcast_to(np.arange(w, dtype=np.float32)[None], (h, w)).copy()
+            img = cv2.remap(img, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            visible, aliased = (cv2.remap(m.astype(np.uint8), map_x, map_y, cv2.INTER_NEAREST,
+                                          borderMode=cv2.BORDER_REPLICATE) > 0 for m in (visible, aliased))
+            img = _light_and_season(img, viewpoint, gain_sign, cast)
+        n_visible = np.count_nonzero(visible)
+        level = np.count_nonzero(visible & aliased) / n_visible if n_visible else 0.0
+        if rng is None:
+            out = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+        else:
+            out = _jitter(img, rng)
+        return out, float(level)
+
+
+# ----------------------------------------------------------------------------------------- VIGOR
+def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile, ambiguity):
+    """One city: tiles, panoramas, its six label files and, with an ambiguity setting, its level
+    sidecars. Returns its counts."""
+    scene = VigorCityScene(seed, city, grid, tile_px, ambiguity)
+    rng = scene.rng
+    unit_m, tile_m, sat_name, sat_ll = scene.unit_m, scene.tile_m, scene.sat_name, scene.sat_ll
     lat0, lon0 = CITY_ORIGIN[city]
-    centre_m = (margin_px + 0.5 * (grid - 1) * half_px) / px_per_m      # lattice centre = city origin
-    tile_m = (margin_px + np.arange(grid) * half_px) / px_per_m          # (grid,) centre y or x, metres
     sat_dir = os.path.join(root, city, 'satellite')
     pano_dir = os.path.join(root, city, 'panorama')
     os.makedirs(sat_dir, exist_ok=True)
     os.makedirs(pano_dir, exist_ok=True)
-    sat_name, sat_ll = {}, {}
     for i in range(grid):
         for j in range(grid):
-            lat, lon = latlon_offset(lat0, lon0, centre_m - tile_m[i], tile_m[j] - centre_m)
-            sat_ll[i, j] = (float(lat), float(lon))
-            sat_name[i, j] = vigor_sat_name(lat, lon)
-            r0, c0 = margin_px + (i - 1) * half_px, margin_px + (j - 1) * half_px
-            _imwrite(os.path.join(sat_dir, sat_name[i, j]), _jitter(raster[r0:r0 + tile_px, c0:c0 + tile_px], rng))
+            _imwrite(os.path.join(sat_dir, sat_name[i, j]), _jitter(scene.tile(i, j), rng))
 
+    level_rng = scene.stream(b'ambiguity levels')
     lines = {mpp: [] for mpp in (ORIGINAL_MPP, unit_m)}
+    level_lines = []
     panoids = set()
     for i in range(grid):
         for j in range(grid):
@@ -271,8 +610,8 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile):
                 sy = 1 if i == 0 else -1 if i == grid - 1 else int(rng.choice([-1, 1]))
                 sx = -1 if j == 0 else 1 if j == grid - 1 else int(rng.choice([-1, 1]))
                 dy, dx = rng.uniform(*OFFSET_RANGE_PX640, size=2) * (sy, sx)
-                lat, lon = latlon_offset(lat0, lon0, centre_m - (tile_m[i] + dy * unit_m),
-                                         (tile_m[j] - dx * unit_m) - centre_m)
+                lat, lon = latlon_offset(lat0, lon0, scene.centre_m - (tile_m[i] + dy * unit_m),
+                                         (tile_m[j] - dx * unit_m) - scene.centre_m)
                 lat, lon = _float6(lat), _float6(lon)   # what the file name says; labels use these
                 panoid = _panoid(rng)
                 while panoid in panoids:
@@ -287,9 +626,11 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile):
                         tokens += [sat_name[tile], '%.6f' % d[0], '%.6f' % d[1]]
                     out.append(' '.join(tokens))
                 # Render where the corrected label puts it relative to the positive tile.
-                dy_c, dx_c = gps_delta_px(*sat_ll[i, j], lat, lon, unit_m)
-                img = _render_panorama(raster, facade, px_per_m, tile_m[i] + dy_c * unit_m,
-                                       tile_m[j] - dx_c * unit_m, pano_hw, rng)
+                point = scene.point_m(sat_name[i, j], *gps_delta_px(*sat_ll[i, j], lat, lon, unit_m))
+                levels = (0.0, 0.0, 0.0) if scene.strengths is None else draw_ambiguity_levels(level_rng,
+                                                                                               scene.strengths)
+                img, aliasing = scene.render(name, *point, pano_hw, levels, rng)
+                level_lines.append('%s %.4f %.4f %.4f %.4f\n' % ((name,) + levels + (aliasing,)))
                 _imwrite(os.path.join(pano_dir, name), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
 
     n = len(lines[unit_m])
@@ -302,19 +643,27 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile):
                           ('pano_label_balanced', np.arange(n))):
             with open(os.path.join(split_dir, stem + suffix + '.txt'), 'w') as f:
                 f.writelines(lines[mpp][k] + '\n' for k in idx)
+        if scene.strengths is not None:
+            with open(os.path.join(split_dir, AMBIGUITY_FILE), 'w') as f:
+                f.write(AMBIGUITY_HEADER + '\n')
+                f.writelines(level_lines)
     with open(os.path.join(root, 'splits', city, 'satellite_list.txt'), 'w') as f:
         f.writelines(sat_name[i, j] + '\n' for i in range(grid) for j in range(grid))
     return {'satellites': grid * grid, 'panoramas': n, 'train': len(train), 'test': len(test)}
 
 
 def write_vigor(root, seed=0, cities=VIGOR_CITIES, grid=8,
-                tile_px=128, pano_hw=(128, 256), panos_per_tile=2):
+                tile_px=128, pano_hw=(128, 256), panos_per_tile=2, ambiguity=None):
     """Write a synthetic VIGOR into `root` (SPEC 1 layout, original and corrected labels).
 
     tile_px: side of the aerial tiles (even), covering 640 px of the 640-px tile frame.
     pano_hw: (H, W) of the panoramas, W = 2H. Each of the grid x grid tiles of a city is the positive
     of exactly `panos_per_tile` panoramas; half of a city's panoramas are train, half test.
-    A city's content depends only on (seed, city). Returns counts: per city and totals."""
+    ambiguity: None (the plain city), 'mixed' (every dial) or {dial: strength in [0, 1]} (see
+    ambiguity_strengths and the module docstring); with a setting, each city's split folders also get
+    AMBIGUITY_FILE, its panoramas' dial levels (read_ambiguity_levels). Positions, names, labels and,
+    without aliasing, the tiles are the same as the plain city's.
+    A city's content depends only on (seed, city, ambiguity). Returns counts: per city and totals."""
     unknown = [c for c in cities if c not in CORRECTED_MPP]
     if unknown or not cities:
         raise ValueError('cities must be a non-empty subset of %s, got %r' % (sorted(CORRECTED_MPP), cities))
@@ -325,16 +674,55 @@ def write_vigor(root, seed=0, cities=VIGOR_CITIES, grid=8,
     if panos_per_tile < 1:
         raise ValueError('panos_per_tile must be >= 1, got %r' % panos_per_tile)
     _check_pano_hw(pano_hw)
+    ambiguity_strengths(ambiguity)
     summary = {'cities': {}}
     for city in cities:
         summary['cities'][city] = counts = _write_vigor_city(root, city, seed, grid, tile_px, tuple(pano_hw),
-                                                             panos_per_tile)
+                                                             panos_per_tile, ambiguity)
         print('synthetic VIGOR %-12s %3d tiles, %4d panoramas (%d train, %d test)'
               % (city, counts['satellites'], counts['panoramas'], counts['train'], counts['test']),
               flush=True)
     for key in ('satellites', 'panoramas', 'train', 'test'):
         summary[key] = sum(c[key] for c in summary['cities'].values())
     return summary
+
+
+def read_ambiguity_levels(root, city_or_cities, folder='splits'):
+    """{panorama file name: [4] float64 levels in DIALS order} from the AMBIGUITY_FILE of each city
+    under root/folder/<City>/ (the copy in the other split folder when folder's is missing: a tree may
+    hold only splits/ or only splits__corrected/; both copies are the same)."""
+    cities = [city_or_cities] if isinstance(city_or_cities, str) else list(city_or_cities)
+    out = {}
+    for city in cities:
+        paths = [os.path.join(root, f, city, AMBIGUITY_FILE)
+                 for f in (folder, 'splits__corrected' if folder == 'splits' else 'splits')]
+        path = next((p for p in paths if os.path.isfile(p)), None)
+        if path is None:
+            raise FileNotFoundError('no %s for %s under %s (made without an ambiguity setting?)'
+                                    % (AMBIGUITY_FILE, city, root))
+        with open(path) as f:
+            for k, line in enumerate(f, 1):
+                if k == 1:
+                    if line.strip() != AMBIGUITY_HEADER:
+                        raise ValueError('%s line 1: expected the header %r, got %r'
+                                         % (path, AMBIGUITY_HEADER, line.rstrip('\n')))
+                    continue
+                tok = line.split()
+                if not tok:
+                    continue
+                try:
+                    if len(tok) != 1 + len(DIALS):
+                        raise ValueError('%d tokens' % len(tok))
+                    levels = np.array([float(v) for v in tok[1:]])
+                    if not np.all((levels >= 0) & (levels <= 1)):
+                        raise ValueError('a level outside [0, 1]')
+                except ValueError as e:
+                    raise ValueError('%s line %d: expected "<pano> %s" with levels in [0, 1] (%s): %r'
+                                     % (path, k, ' '.join('<%s>' % d for d in DIALS), e, line.rstrip('\n')))
+                if tok[0] in out:
+                    raise ValueError('%s line %d: panorama %s listed twice' % (path, k, tok[0]))
+                out[tok[0]] = levels
+    return out
 
 
 # ----------------------------------------------------------------------------------------- CVACT
@@ -403,9 +791,12 @@ def write_cvact(root, seed=0, n_panos=40, pano_hw=(128, 256), sat_px=1200, val_f
 def _ensure(writer, root, kwargs):
     """Build `root` with writer(tmp, **kwargs) in a sibling temp folder, mark it, rename it into place.
     Returns root at once if its marker holds the same (default-completed) arguments."""
-    bound = inspect.signature(writer).bind(root, **kwargs)
+    signature = inspect.signature(writer)
+    bound = signature.bind(root, **kwargs)
     bound.apply_defaults()
-    params = json.loads(json.dumps({k: v for k, v in bound.arguments.items() if k != 'root'}))
+    # An argument left at a None default is not recorded, so markers written before it existed still match.
+    params = json.loads(json.dumps({k: v for k, v in bound.arguments.items()
+                                    if k != 'root' and not (v is None and signature.parameters[k].default is None)}))
     marker = os.path.join(root, MARKER)
 
     def finished():
@@ -455,6 +846,89 @@ def ensure_cvact(root, **kwargs):
     return _ensure(write_cvact, root, kwargs)
 
 
+# ----------------------------------------------------------------------------------------- preview
+def _labelled(img, text):
+    """img with a 14-px caption band above it."""
+    band = np.full((14, img.shape[1], 3), 255, np.uint8)
+    cv2.putText(band, text, (3, 11), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([band, img], 0)
+
+
+def _strip(images):
+    """Images side by side with 4-px white gaps."""
+    gap = np.full((images[0].shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([part for img in images for part in (img, gap)][:-1], 1)
+
+
+def write_preview(out_dir, seed=0, city='Chicago', grid=8, tile_px=128, pano_hw=(128, 256), ambiguity='mixed',
+                  n_points=3):
+    """PNGs for a human to check the dials, in out_dir (no dataset is written):
+    point<k>.png: one point of the city, one row per rendering dial at levels 0, 0.5 and 1 (others 0);
+    aliasing.png (when the city has repeated districts): points whose measured aliasing level is
+    nearest 0, 0.5 and 1, each beside the point one period east of it (where the level is 1 and the
+    district is large, the two look the same);
+    aerial.png: the city raster with the repeated districts outlined in red and the points in blue.
+    Returns the written paths."""
+    scene = VigorCityScene(seed, city, grid, tile_px, ambiguity)
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng([seed, zlib.crc32(b'preview')])
+    lo, hi = scene.tile_m[0], scene.tile_m[-1]
+    written, marks = [], []
+    for k in range(n_points):
+        y, x = rng.uniform(lo, hi, 2)
+        marks.append((y, x))
+        rows = []
+        for d, dial in enumerate(DIALS[:3]):
+            views = []
+            for level in (0.0, 0.5, 1.0):
+                levels = [0.0, 0.0, 0.0]
+                levels[d] = level
+                views.append(_labelled(scene.render('preview%d' % k, y, x, pano_hw, levels)[0],
+                                       '%s %.1f' % (dial, level)))
+            rows.append(_strip(views))
+        written.append(os.path.join(out_dir, 'point%d.png' % k))
+        _imwrite(written[-1], np.concatenate(rows, 0))
+    if scene.period_px is not None and scene.period_px.any():
+        candidates = rng.uniform(lo, hi, (60, 2))
+        found = [scene.render('preview', y, x, pano_hw)[1] for y, x in candidates]
+        rows = []
+        for target in (0.0, 0.5, 1.0):
+            y, x = candidates[int(np.argmin(np.abs(np.array(found) - target)))]
+            marks.append((y, x))
+            level = scene.render('preview', y, x, pano_hw)[1]
+            at = scene.period_px[int(y * scene.px_per_m), int(x * scene.px_per_m)]
+            period_m = (at or int(np.median(scene.period_px[scene.period_px > 0]))) / scene.px_per_m
+            rows.append(_strip([_labelled(scene.render('preview', y, x, pano_hw)[0], 'aliasing %.2f' % level),
+                                _labelled(scene.render('preview', y, x + period_m, pano_hw)[0],
+                                          'one period (%.1f m) east' % period_m)]))
+        written.append(os.path.join(out_dir, 'aliasing.png'))
+        _imwrite(written[-1], np.concatenate(rows, 0))
+    aerial = scene.raster.copy()
+    if scene.period_px is not None:
+        contours, _ = cv2.findContours((scene.period_px > 0).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(aerial, contours, -1, (0, 0, 255), max(1, aerial.shape[0] // 400))
+    for y, x in marks:
+        cv2.circle(aerial, (int(x * scene.px_per_m), int(y * scene.px_per_m)), max(3, aerial.shape[0] // 150),
+                   (255, 0, 0), -1)
+    written.append(os.path.join(out_dir, 'aerial.png'))
+    _imwrite(written[-1], aerial)
+    return written
+
+
+def _parse_ambiguity(text):
+    """--ambiguity value -> write_vigor's ambiguity: 'none' -> None, 'mixed', 'overlap=1,aliasing=0.5' -> dict."""
+    if text in ('none', 'mixed'):
+        return None if text == 'none' else text
+    try:
+        setting = {k.strip(): float(v) for k, v in (item.split('=') for item in text.split(','))}
+        ambiguity_strengths(setting)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError("expected 'none', 'mixed' or 'dial=strength,...' with dials %s and "
+                                         'strengths in [0, 1], got %r (%s)' % (DIALS, text, e))
+    return setting
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = parser.add_subparsers(dest='dataset', required=True)
@@ -467,6 +941,12 @@ def main(argv=None):
     vigor.add_argument('--pano_h', type=int, default=128)
     vigor.add_argument('--pano_w', type=int, default=256)
     vigor.add_argument('--panos_per_tile', type=int, default=2)
+    vigor.add_argument('--ambiguity', type=_parse_ambiguity, default=None,
+                       help="ambiguity dials: 'none' (default), 'mixed' (all four at strength 1) or "
+                            "'dial=strength,...' with dials %s" % (DIALS,))
+    vigor.add_argument('--preview', metavar='DIR',
+                       help='write PNG previews of the dials for the first city to DIR (at --ambiguity, '
+                            "'mixed' if none) instead of building the data set")
     cvact = sub.add_parser('cvact', help='synthetic raw CVACT (SPEC 7 layout)')
     cvact.add_argument('--root', default='data/synthetic_cvact')
     cvact.add_argument('--seed', type=int, default=0)
@@ -476,9 +956,16 @@ def main(argv=None):
     cvact.add_argument('--sat_px', type=int, default=1200)
     cvact.add_argument('--val_fraction', type=float, default=0.5)
     args = parser.parse_args(argv)
+    if args.dataset == 'vigor' and args.preview:
+        for path in write_preview(args.preview, seed=args.seed, city=args.cities[0], grid=args.grid,
+                                  tile_px=args.tile_px, pano_hw=(args.pano_h, args.pano_w),
+                                  ambiguity=args.ambiguity or 'mixed'):
+            print('wrote %s' % path)
+        return
     if args.dataset == 'vigor':
         ensure_vigor(args.root, seed=args.seed, cities=tuple(args.cities), grid=args.grid, tile_px=args.tile_px,
-                     pano_hw=(args.pano_h, args.pano_w), panos_per_tile=args.panos_per_tile)
+                     pano_hw=(args.pano_h, args.pano_w), panos_per_tile=args.panos_per_tile,
+                     ambiguity=args.ambiguity)
     else:
         ensure_cvact(args.root, seed=args.seed, n_panos=args.n_panos, pano_hw=(args.pano_h, args.pano_w),
                      sat_px=args.sat_px, val_fraction=args.val_fraction)

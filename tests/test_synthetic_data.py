@@ -2,7 +2,9 @@
 CVACT's, generation is deterministic and atomic, and the images carry the signal a network must learn."""
 import collections
 import filecmp
+import hashlib
 import json
+import math
 import os
 
 import cv2
@@ -245,6 +247,38 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         set(os.listdir(tmp_path / 'c' / 'SanFrancisco' / 'panorama'))
 
 
+def tree_md5(root):
+    """md5 over every file of a tree: relative paths (sorted) and bytes."""
+    h = hashlib.md5()
+    for d, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            path = os.path.join(d, f)
+            h.update(os.path.relpath(path, root).encode() + b'\0')
+            with open(path, 'rb') as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+# Digests of write_vigor(**PINNED) as written by the generator of commit 4503cd6, before anything was added
+# to it: computed with tree_md5 above and hashlib.md5 of the two label files, in the project's venv
+# (OpenCV 5.0.0, numpy 2.4.6). The label files are plain text; the tree digest also covers the PNG/JPEG
+# bytes, so another OpenCV build could change it without the generator having changed.
+PINNED = dict(seed=0, cities=('Chicago', 'Seattle'), grid=3, tile_px=64, pano_hw=(32, 64), panos_per_tile=2)
+PINNED_TREE_MD5 = 'a6b0027c0ffc3dd4c896ecbda6d65917'
+PINNED_FILE_MD5 = {'splits/Chicago/pano_label_balanced.txt': '397487cb12d5a1479f32dbfc367490ad',
+                   'splits__corrected/Seattle/same_area_balanced_test__corrected.txt':
+                       '8b7ad3d55931cb91853f01f610c3ad2a'}
+
+
+def test_plain_city_is_byte_identical_to_the_pinned_generator(tmp_path):
+    root = str(tmp_path / 'pinned')
+    sd.write_vigor(root, **PINNED)
+    for rel, want in PINNED_FILE_MD5.items():
+        with open(os.path.join(root, rel), 'rb') as f:
+            assert hashlib.md5(f.read()).hexdigest() == want, rel
+    assert tree_md5(root) == PINNED_TREE_MD5
+
+
 def test_ensure_vigor_is_idempotent_and_atomic(vigor_root, tmp_path):
     marker = os.path.join(vigor_root, sd.MARKER)
     with open(marker) as f:
@@ -334,3 +368,271 @@ def test_cvact_panorama_is_seen_from_the_aerial_centre(cvact_root):
                        ground_mismatch(grd, sat, 600 + 100, 600 - 100, px_per_m)])
     errors = np.array(errors)
     assert np.all(errors[:, 0] < errors[:, 1:].min(1)), errors
+
+
+# ----------------------------------------------------------------------------------------- ambiguity dials
+MIXED = dict(SMALL, grid=5, ambiguity='mixed')
+RENDER_HW = (64, 128)          # panoramas of the proxy tests: large enough for their fractions to be smooth
+
+
+@pytest.fixture(scope='module')
+def mixed_root(tmp_path_factory):
+    return sd.ensure_vigor(str(tmp_path_factory.mktemp('mixed') / 'synthetic_vigor'), **MIXED)
+
+
+@pytest.fixture(scope='module')
+def render_scene():
+    """A demo-size city with the three rendering dials and no repeated districts, and 6 points on it."""
+    scene = sd.VigorCityScene(0, 'Chicago', 6, 128, {'overlap': 1, 'foreground': 1, 'viewpoint': 1})
+    rng = np.random.default_rng(3)
+    cells, shifts = rng.integers(1, 5, (6, 2)), rng.uniform(-15, 15, (6, 2))
+    points = [(scene.tile_m[i] + a, scene.tile_m[j] + b) for (i, j), (a, b) in zip(cells, shifts)]
+    return scene, points
+
+
+def render_dial(scene, point, name, dial, level):
+    """Noise-free panorama at `point` with one rendering dial at `level`, the others 0: float [H, W, 3]."""
+    levels = [0.0, 0.0, 0.0]
+    levels[sd.DIALS.index(dial)] = level
+    img, _ = scene.render(name, *point, RENDER_HW, levels)
+    return img.astype(float)
+
+
+def test_ambiguity_setting_is_validated():
+    assert sd.ambiguity_strengths(None) is None
+    assert sd.ambiguity_strengths('mixed') == {d: 1.0 for d in sd.DIALS}
+    assert sd.ambiguity_strengths({'overlap': 0.5}) == dict(overlap=0.5, foreground=0.0, viewpoint=0.0, aliasing=0.0)
+    for bad in ('all', {'fog': 1.0}, {'overlap': 1.5}, {'aliasing': -0.1}, ['overlap']):
+        with pytest.raises(ValueError):
+            sd.ambiguity_strengths(bad)
+    with pytest.raises(ValueError, match='ambiguity'):
+        sd.write_vigor('/nonexistent', **dict(SMALL, ambiguity='everything'))
+
+
+def test_levels_zero_give_the_plain_panorama_pixel_for_pixel(render_scene):
+    scene, points = render_scene
+    for k, (y, x) in enumerate(points[:3]):
+        dialled, aliasing = scene.render('p%d' % k, y, x, RENDER_HW, (0.0, 0.0, 0.0), np.random.default_rng(k))
+        plain = sd._render_panorama(scene.raster, scene.facade, scene.px_per_m, y, x, RENDER_HW,
+                                    np.random.default_rng(k))
+        assert np.array_equal(dialled, plain) and aliasing == 0.0
+
+
+def test_overlap_fog_hides_a_growing_share_and_keeps_the_near_ground(render_scene):
+    """Proxy: share of pixels within 12 grey levels of FOG_BGR. Measured on these 6 points (mean):
+    0 -> 0.000, 0.25 -> 0.195, 0.5 -> 0.273, 0.75 -> 0.383, 1 -> 0.523 (the facades go first, then the
+    ground from the horizon down); the bottom rows (ground < 2.5 m away) stay as they were."""
+    scene, points = render_scene
+    h = RENDER_HW[0]
+    for k, point in enumerate(points):
+        imgs = [render_dial(scene, point, 'p%d' % k, 'overlap', level) for level in (0.0, 0.5, 1.0)]
+        fogged = [np.mean(np.abs(img - sd.FOG_BGR).max(-1) <= 12) for img in imgs]
+        assert fogged[0] < 0.01 and 0.2 < fogged[1] < fogged[2] - 0.15 and fogged[2] > 0.45, fogged
+        near = sd.pano_ground_distance_m(h) < 2.5                        # (H/2,) rows that see < 2.5 m
+        assert np.array_equal(imgs[2][h // 2:][near], imgs[0][h // 2:][near])
+        assert not np.array_equal(imgs[1], imgs[0])
+
+
+def test_foreground_covers_a_share_that_grows_with_the_level(render_scene):
+    """Proxy: share of pixels that change (some channel by > 10) against level 0, which should be
+    FOREGROUND_MAX_COVER * level (a little less where an object's colour matches the scene). Measured
+    on these 6 points (mean): 0 -> 0, 0.25 -> 0.072, 0.5 -> 0.144, 0.75 -> 0.205, 1 -> 0.269. Objects
+    stand on the ground: the top rows never change."""
+    scene, points = render_scene
+    for k, point in enumerate(points):
+        base = render_dial(scene, point, 'p%d' % k, 'foreground', 0.0)
+        changed = []
+        for level in (0.25, 0.5, 0.75, 1.0):
+            img = render_dial(scene, point, 'p%d' % k, 'foreground', level)
+            changed.append(np.mean(np.abs(img - base).max(-1) > 10))
+            target = sd.FOREGROUND_MAX_COVER * level
+            assert abs(changed[-1] - target) < 0.01 + 0.15 * target, (level, changed)
+            assert np.array_equal(img[:RENDER_HW[0] // 8], base[:RENDER_HW[0] // 8])
+        assert np.all(np.diff(changed) > 0), changed
+
+
+def test_viewpoint_warps_the_ground_and_shifts_the_colours(render_scene):
+    """Proxy: correlation of the ground half with the level-0 ground half of the same point. Measured
+    on these 6 points (mean): 0 -> 1, 0.25 -> 0.82, 0.5 -> 0.64, 0.75 -> 0.53, 1 -> 0.45. The change is
+    geometric (even the best per-channel affine colour map from level 0 leaves the level-1 ground far
+    from it) and a colour shift (the mean colour moves)."""
+    scene, points = render_scene
+    half = RENDER_HW[0] // 2
+    for k, point in enumerate(points):
+        imgs = {level: render_dial(scene, point, 'p%d' % k, 'viewpoint', level)[half:]
+                for level in (0.0, 0.25, 0.5, 1.0)}
+        c = [corr(imgs[level], imgs[0.0]) for level in (0.25, 0.5, 1.0)]
+        assert 1.0 > c[0] > c[1] > c[2] and c[2] < 0.8, c
+        a, b = imgs[0.0].reshape(-1, 3), imgs[1.0].reshape(-1, 3)
+        fitted = np.stack([np.polyval(np.polyfit(a[:, ch], b[:, ch], 1), a[:, ch]) for ch in range(3)], 1)
+        assert corr(fitted, b) < 0.85
+        assert np.abs(a.mean(0) - b.mean(0)).max() > 8
+
+
+def test_aliasing_districts_repeat_one_period_away_and_nowhere_else():
+    """Where a repeated district covers everything a panorama sees at a point and one period east of
+    it, the two noise-free panoramas are the same (correlation > 0.99; measured 0.997-1.000 on 9 such
+    pairs, short of 1 where the blurred facades reach past the district) and both measure aliasing 1;
+    outside the districts the same shift gives different panoramas (measured 0.38-0.70) and aliasing 0."""
+    checked = 0
+    for city in ('Chicago', 'NewYork'):
+        scene = sd.VigorCityScene(0, city, 8, 128, {'aliasing': 1.0})
+        period = scene.period_px
+        reach = int(math.ceil((sd.FACADE_M + 4) * scene.px_per_m))           # raster px a panorama sees
+        rng = np.random.default_rng(0)
+        for p in list(np.unique(period[period > 0])) + [0]:
+            region = np.pad((period == p).astype(np.uint8), 1)
+            deep = cv2.distanceTransform(region, cv2.DIST_L2, 5)[1:-1, 1:-1] > reach
+            shift = p or int(np.median(period[period > 0]))
+            ys, xs = np.nonzero(deep[:, :-shift] & deep[:, shift:])       # the point and its twin
+            for k in rng.permutation(len(ys))[:2]:
+                y, x = (ys[k] + 0.5) / scene.px_per_m, (xs[k] + 0.5) / scene.px_per_m
+                a, level_a = scene.render('a', y, x, RENDER_HW)
+                b, level_b = scene.render('b', y, x + shift / scene.px_per_m, RENDER_HW)
+                if p:
+                    assert corr(a, b) > 0.99 and level_a == level_b == 1.0, (city, p, corr(a, b))
+                else:
+                    assert corr(a, b) < 0.8 and level_a == level_b == 0.0, (city, corr(a, b))
+                checked += bool(p)
+    assert checked >= 2
+
+
+def test_aliasing_changes_the_aerial_only_with_the_aliasing_dial(tmp_path):
+    """The rendering dials leave tiles, names and labels as in the plain city; aliasing rebuilds tiles."""
+    kwargs = dict(SMALL, cities=('Seattle',), grid=3)
+    for name, ambiguity in (('plain', None), ('render', {'overlap': 1, 'foreground': 1, 'viewpoint': 1}),
+                            ('alias', {'aliasing': 1})):
+        sd.write_vigor(str(tmp_path / name), **dict(kwargs, ambiguity=ambiguity))
+    sats = sorted(os.listdir(tmp_path / 'plain' / 'Seattle' / 'satellite'))
+    labels = [os.path.join(folder, 'Seattle', stem + SPLITS[folder][0] + '.txt') for folder in SPLITS for stem in STEMS]
+    for name in ('render', 'alias'):
+        assert sorted(os.listdir(tmp_path / name / 'Seattle' / 'panorama')) == \
+            sorted(os.listdir(tmp_path / 'plain' / 'Seattle' / 'panorama'))
+        _, mismatch, errors = filecmp.cmpfiles(tmp_path / 'plain', tmp_path / name, labels, shallow=False)
+        assert not mismatch and not errors
+    _, mismatch, _ = filecmp.cmpfiles(tmp_path / 'plain' / 'Seattle' / 'satellite',
+                                      tmp_path / 'render' / 'Seattle' / 'satellite', sats, shallow=False)
+    assert not mismatch
+    _, mismatch, _ = filecmp.cmpfiles(tmp_path / 'plain' / 'Seattle' / 'satellite',
+                                      tmp_path / 'alias' / 'Seattle' / 'satellite', sats, shallow=False)
+    assert mismatch
+    assert not os.path.exists(tmp_path / 'plain' / 'splits' / 'Seattle' / sd.AMBIGUITY_FILE)
+
+
+def test_sidecar_lists_every_panorama_in_both_split_folders(mixed_root):
+    for city in MIXED['cities']:
+        copies = []
+        for folder in SPLITS:
+            with open(os.path.join(mixed_root, folder, city, sd.AMBIGUITY_FILE)) as f:
+                copies.append(f.read())
+        assert copies[0] == copies[1]
+        lines = copies[0].splitlines()
+        assert lines[0] == '# pano overlap foreground viewpoint aliasing'
+        names = [p for p, _ in read_labels(mixed_root, 'splits', city, 'pano_label_balanced')]
+        assert [line.split()[0] for line in lines[1:]] == names
+        for line in lines[1:]:
+            assert all(len(v.split('.')[1]) == 4 for v in line.split()[1:]), line
+    levels = sd.read_ambiguity_levels(mixed_root, MIXED['cities'])
+    assert len(levels) == 2 * MIXED['grid'] ** 2 * MIXED['panos_per_tile']
+    assert all(v.shape == (4,) and np.all((v >= 0) & (v <= 1)) for v in levels.values())
+    assert sd.read_ambiguity_levels(mixed_root, 'Chicago', folder='splits__corrected').keys() == \
+        sd.read_ambiguity_levels(mixed_root, 'Chicago').keys()
+
+
+def test_test_split_mixes_every_dial_at_several_levels(mixed_root):
+    levels = sd.read_ambiguity_levels(mixed_root, MIXED['cities'])
+    test = np.array([levels[p] for city in MIXED['cities']
+                     for p, _ in read_labels(mixed_root, 'splits', city, 'same_area_balanced_test')])   # (50, 4)
+    for k, dial in enumerate(sd.DIALS):
+        x = test[:, k]
+        low, mid, high = np.mean(x < 0.05), np.mean((x >= 0.05) & (x <= 0.6)), np.mean(x > 0.6)
+        assert min(low, high) >= 0.1 and mid >= 0.05, (dial, low, mid, high)
+    # The median panorama stays informative: no dial's median above 0.5.
+    assert np.all(np.median(test, 0) < 0.5), np.median(test, 0)
+
+
+def gain_fitted_error(rendered, on_disk):
+    """Mean |g * rendered - on_disk| with the best gain g: _jitter scales each image by 0.96-1.04."""
+    a = rendered.astype(float).ravel()
+    g = a @ on_disk.ravel() / (a @ a)
+    return np.abs(g * a - on_disk.ravel()).mean()
+
+
+def test_sidecar_levels_are_what_was_rendered(mixed_root):
+    """Re-render panoramas from their corrected label and recorded levels: the files match them to
+    within JPEG and sensor noise, the aliasing level measured again is the recorded one, and the same
+    panorama rendered at the opposite levels (1 - round(level) per rendering dial) matches far worse."""
+    h, w = MIXED['pano_hw']
+    levels = sd.read_ambiguity_levels(mixed_root, MIXED['cities'], folder='splits__corrected')
+    n_dialled = 0
+    for city in MIXED['cities']:
+        scene = sd.VigorCityScene(MIXED['seed'], city, MIXED['grid'], MIXED['tile_px'], MIXED['ambiguity'])
+        for pano, tiles in read_labels(mixed_root, 'splits__corrected', city, 'pano_label_balanced')[::3]:
+            sat, dy, dx = tiles[0]
+            point = scene.point_m(sat, dy, dx)
+            on_disk = cv2.imread(os.path.join(mixed_root, city, 'panorama', pano)).astype(float)
+            again, aliasing = scene.render(pano, *point, (h, w), levels[pano])
+            assert round(aliasing, 4) == levels[pano][3]
+            err = gain_fitted_error(again, on_disk)       # measured 2.6-9.5: JPEG's 4:2:0 chroma at 32x64
+            assert err < 12, (pano, err)
+            other = scene.render(pano, *point, (h, w), 1.0 - np.round(levels[pano][:3]))[0]
+            assert gain_fitted_error(other, on_disk) > 2 * err, pano     # measured 4.8-28 times err
+            n_dialled += bool(levels[pano][:3].any())
+    assert n_dialled >= 5
+
+
+def test_read_ambiguity_levels_rejects_bad_files(mixed_root, tmp_path):
+    root = str(tmp_path / 'copy')
+    os.makedirs(os.path.join(root, 'splits__corrected', 'Chicago'))
+    src = os.path.join(mixed_root, 'splits', 'Chicago', sd.AMBIGUITY_FILE)
+    with open(src) as f:
+        lines = f.read().splitlines()
+    path = os.path.join(root, 'splits__corrected', 'Chicago', sd.AMBIGUITY_FILE)
+
+    def write(text_lines):
+        with open(path, 'w') as f:
+            f.write('\n'.join(text_lines) + '\n')
+
+    write(lines)          # only splits__corrected/: read from there whatever the folder asked
+    assert sd.read_ambiguity_levels(root, 'Chicago').keys() == sd.read_ambiguity_levels(mixed_root, 'Chicago').keys()
+    name = lines[1].split()[0]
+    for bad, line_no in (([lines[0], name + ' 0.1 0.2 0.3'], 2), ([lines[0], name + ' 0.1 0.2 x 0.4'], 2),
+                         ([lines[0], lines[1], name + ' 0.1 0.2 1.5 0.4'], 3), ([lines[0], lines[1], lines[1]], 3),
+                         (['pano a b c d'] + lines[1:], 1)):
+        write(bad)
+        with pytest.raises(ValueError, match=r'ambiguity_levels\.txt line %d' % line_no):
+            sd.read_ambiguity_levels(root, 'Chicago')
+    write(lines)
+    with pytest.raises(FileNotFoundError, match='Seattle'):
+        sd.read_ambiguity_levels(root, ['Chicago', 'Seattle'])
+
+
+def test_marker_records_the_ambiguity_setting(mixed_root, vigor_root):
+    with open(os.path.join(mixed_root, sd.MARKER)) as f:
+        assert json.load(f) == json.loads(json.dumps(MIXED))
+    with open(os.path.join(vigor_root, sd.MARKER)) as f:
+        assert 'ambiguity' not in json.load(f)            # None is not recorded: older markers still match
+    with pytest.raises(ValueError, match='delete it or use another root'):
+        sd.ensure_vigor(vigor_root, **dict(SMALL, ambiguity='mixed'))
+    with pytest.raises(ValueError, match='delete it or use another root'):
+        sd.ensure_vigor(mixed_root, **dict(MIXED, ambiguity=None))
+
+
+def test_cli_ambiguity_flag_and_preview(tmp_path, capsys):
+    root = str(tmp_path / 'cli')
+    sd.main(['vigor', '--root', root, '--cities', 'Seattle', '--grid', '2', '--tile_px', '32',
+             '--pano_h', '16', '--pano_w', '32', '--ambiguity', 'overlap=1,aliasing=0.5'])
+    with open(os.path.join(root, sd.MARKER)) as f:
+        assert json.load(f)['ambiguity'] == {'overlap': 1.0, 'aliasing': 0.5}
+    assert len(sd.read_ambiguity_levels(root, 'Seattle')) == 8
+    for bad in ('fog=1', 'overlap=2', 'overlap'):
+        with pytest.raises(SystemExit):
+            sd.main(['vigor', '--root', str(tmp_path / 'bad'), '--ambiguity', bad])
+    assert not os.path.exists(tmp_path / 'bad')
+    preview = str(tmp_path / 'preview')
+    sd.main(['vigor', '--preview', preview, '--cities', 'Chicago', '--grid', '4', '--tile_px', '64',
+             '--pano_h', '32', '--pano_w', '64'])
+    assert sorted(os.listdir(preview)) == ['aerial.png', 'aliasing.png', 'point0.png', 'point1.png', 'point2.png']
+    strip = cv2.imread(os.path.join(preview, 'point0.png'))
+    assert strip.shape == (3 * (14 + 32), 3 * 64 + 2 * 4, 3)
+    assert 'wrote' in capsys.readouterr().out
