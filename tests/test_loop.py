@@ -142,3 +142,21 @@ def test_tensorboard_scalars_and_validation_figures(two_runs):
     # validation writes no files of its own: no PNG, no descriptor dump
     assert not glob.glob(os.path.join(two_runs[0], '**', '*.png'), recursive=True)
     assert not glob.glob(os.path.join(two_runs[0], '**', '*.npy'), recursive=True)
+
+
+def test_an_epoch_is_the_released_codes_in_every_stage():
+    """floor(N / 14) steps in every stage by default, batch 10 included (3,757 at same-area VIGOR's 52,605
+    training panoramas); --epoch_batch 0 gives the per-batch epoch."""
+    import config
+    import loop
+    for name in stages.ORDER:
+        stage = stages.get(name)
+        cfg = config.resolve(name, {}, 'paper', stage.defaults, stage.presets)
+        assert loop.steps_per_epoch(cfg, 52605) == 3757, name
+        assert loop.steps_per_epoch(cfg.replace(epoch_batch=0), 52605) == 52605 // cfg.batch
+    e3 = stages.get('E_3')
+    cfg = config.resolve('E_3', {}, 'paper', e3.defaults)
+    state = train_state.TrainState(e3, cfg.replace(grd_size=(32, 64), sat_size=64, width=0.0625), 52605,
+                                   loop.steps_per_epoch(cfg, 52605))
+    # E_3: lr 1e-6 x 0.9^(step / 3757), continuous
+    assert float(state.optimizer.learning_rate(3757 // 2)) == pytest.approx(1e-6 * 0.9 ** ((3757 // 2) / 3757), rel=1e-5)

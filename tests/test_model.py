@@ -140,3 +140,32 @@ def test_initialisations_follow_the_original():
     dec = model.HeatmapDecoder(init, 16, 64, width=1 / 64, trunk_channels={s: 4 for s in model.SKIP_LAYERS})
     b = dec.conv0.b.numpy()                                  # glorot-normal biases: std ~ sqrt(1/n)/0.88
     assert np.any(b != 0) and np.abs(b).max() < 2 * np.sqrt(1 / len(b)) / 0.87962566 + 1e-6
+
+
+def released_e2_2_parameters():
+    """The paper E_2_2 network's parameter count, from the layer list of the released architecture (SPEC §3),
+    written out independently of model.py: 320x640 ground, 320x320 aerial, width 1."""
+    conv = lambda cin, cout, k=3: k * k * cin * cout + cout
+    vgg = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+           (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+    trunk = sum(conv(a, b) for a, b in vgg)                                  # 14,714,688 (VGG16's convs)
+    safa = lambda hw: 8 * (hw * hw // 2 + hw // 2) + 8 * (hw // 2 * hw + hw)  # 8 heads: hw -> hw/2 -> hw
+    fusion = (8192 * 4096 + 4096) + (4096 * 2048 + 2048)
+    decoder = (conv(2048, 2048)                                # deconv0: 3x3, stride 5 on the 1x1 map
+               + conv(2048, 2048) + conv(2048, 1024) + conv(1024, 512) + conv(512, 512))
+    cin = 512
+    for cout, skip in ((256, 512), (128, 512), (64, 256), (32, 128), (16, 64)):
+        decoder += conv(cin, cout) + conv(cout + skip, cout) + conv(cout, cout)   # deconv x2, concat, 2 convs
+        cin = cout
+    decoder += conv(16, 8) + conv(8, 4) + conv(4, 1)             # deconv to 640, conv 4, conv 1
+    cholesky = (2048 * 512 + 512) + (512 * 3 + 3)
+    return 2 * trunk + safa(200) + safa(100) + 2 * (fusion + decoder + cholesky)
+
+
+@pytest.mark.slow
+def test_paper_e2_2_parameter_count_matches_the_released_architecture():
+    m = model.CrossViewModel((320, 640), 320, 1.0, model.RETRIEVAL_PARTS + model.HEATMAP_PARTS + model.CHOLESKY_PARTS)
+    n = sum(int(np.prod(v.shape)) for v in m.trainable_variables)
+    assert n == released_e2_2_parameters() == 328_961_624
+    # the original's first decoder layer (3x3 kernel) instead of a dense projection to 5x5x2048: 67 M fewer per branch
+    assert 2048 * 25 * 2048 + 25 * 2048 - (9 * 2048 * 2048 + 2048) == 67_158_016
