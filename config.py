@@ -46,9 +46,9 @@ class Config:
     sat_size: int = _flag(320, 'aerial input side', 'model')
     width: float = _flag(1.0, 'channel width multiplier (1 = the paper network; <1 for CPU demos)', 'model')
     cholesky: str = _flag('port', 'covariance parametrisation: port (positive diagonal + floor, free '
-                          'off-diagonal) or original (elu+1 on all three entries)', choices=('port', 'original'))
-    cholesky_scale: float = _flag(1.0, 'covariance head output scale (pixels of the 640 frame per unit)')
-    cholesky_floor: float = _flag(0.01, 'floor added to the Cholesky diagonal (pixels), port parametrisation')
+                          'off-diagonal) or original (elu+1 on all three entries)', 'model', ('port', 'original'))
+    cholesky_scale: float = _flag(1.0, 'covariance head output scale (pixels of the 640 frame per unit)', 'model')
+    cholesky_floor: float = _flag(0.01, 'floor added to the Cholesky diagonal (pixels)', 'model')
     offset_zero_init: int = _flag(0, '1 = the offset head output layer starts at zero (tile centre)')
     # optimisation
     batch: int = _flag(10, 'global batch size')
@@ -230,6 +230,5 @@ def check_run_dir(cfg, path):
 
 def model_settings(saved, cfg):
     """cfg with the model settings (and seed) of a saved run configuration, for --test."""
-    keep = {k: saved[k] for k in saved if KIND.get(k) == 'model' or k in ('seed', 'cholesky', 'cholesky_scale',
-                                                                        'cholesky_floor', 'nll')}
+    keep = {k: saved[k] for k in saved if KIND.get(k) == 'model' or k in ('seed', 'nll')}
     return cfg.replace(**keep)

@@ -171,7 +171,9 @@ def check_predecessor(stage, cfg, init_dir):
         if prev.get('stage') not in stage.accepts:
             raise StateError(f'{init_dir}: holds a {prev.get("stage")} checkpoint, {stage.name} starts from '
                              f'{" or ".join(stage.accepts)}')
-        diff = config.mismatch(prev, cfg, kinds=('model',))
+        # the covariance head's settings matter only when its weights come across (E_3 from E_2_2)
+        ignore = () if any('cholesky' in p for p in stage.restore) else ('cholesky', 'cholesky_scale', 'cholesky_floor')
+        diff = config.mismatch(dict(prev, **{k: getattr(cfg, k) for k in ignore}), cfg, kinds=('model',))
         if diff:
             raise StateError(f'{init_dir}: checkpoint of another architecture ({diff[0]}: {diff[1]} there, '
                              f'{diff[2]} here)')

@@ -53,11 +53,12 @@ def summarise(u, cfg, log, out_dir):
     counts, edges = np.histogram(u, bins=20)
     log(f'u table: u mean {u.mean():.1f} px, range {u.min():.1f}-{u.max():.1f}; W_m mean {w.mean():.3f}; '
         f'active band {ACTIVE[0]} < W_m < {ACTIVE[1]}: {100 * active:.1f} % of pairs')
-    log('u table: histogram (px): ' + ', '.join(f'{edges[i]:.0f}-{edges[i + 1]:.0f}: {c}'
+    log('u table: histogram (px): ' + ', '.join(f'{edges[i]:.4g}-{edges[i + 1]:.4g}: {c}'
                                                   for i, c in enumerate(counts) if c))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'u_table.npz')
-    np.savez(path + '.tmp.npz', u=u, w_m=w, hist_counts=counts, hist_edges=edges, active_share=active)
+    np.savez(path + '.tmp.npz', u=u, w_m=w, hist_counts=counts, hist_edges=edges, active_share=active,
+             active_band=np.array(ACTIVE))
     os.replace(path + '.tmp.npz', path)
 
 
@@ -78,7 +79,7 @@ STAGE = stages.Stage(
     tables={'u_table': 3}, prepare=u_table,
     defaults={'lr': 1e-6, 'lr_decay': 0.9, 'lr_decay_steps': 0, 'lr_staircase': 0, 'batch': 10, 'epochs': 150,
               'mining': 0},
-    presets={'demo': {'epochs': 2, 'lr': 1e-5}})
+    presets={'demo': {'epochs': 2, 'lr': 1e-5, 'cholesky_scale': 16.0}})   # the scale of the E_2_2 it starts from
 STAGES = [STAGE]
 
 if __name__ == '__main__':

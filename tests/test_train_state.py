@@ -160,3 +160,21 @@ def test_every_registered_stage_builds_its_state():
         state = train_state.TrainState(stage, cfg, 8, 2)
         assert set(state.optimizer.slots) == set(stage.train_parts)
         assert set(state.tables) == set(stage.tables)
+
+
+def test_predecessor_architecture_check_covers_what_comes_across(tmp_path):
+    """The covariance head's settings must match only when its weights are restored (E_3 from E_2_2)."""
+    def fake_run(name, **settings):
+        run_dir = tmp_path / name
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), str(run_dir / 'ckpt'), 1)
+        manager.save()
+        config.save(config.resolve(name, settings), str(run_dir / 'config.json'))
+        return str(run_dir)
+    e21 = fake_run('E_2_1', cholesky_scale=1.0)
+    e22 = fake_run('E_2_2', cholesky_scale=1.0)
+    ask = lambda stage, prev, **kw: train_state.check_predecessor(stages.get(stage), config.resolve(stage, kw), prev)
+    assert ask('E_2_2', e21, cholesky_scale=16.0).endswith('ckpt-1')        # E_2_2's heads start fresh
+    with pytest.raises(train_state.StateError, match=r'another architecture \(cholesky_scale: 1.0 there, 16.0 here\)'):
+        ask('E_3', e22, cholesky_scale=16.0)
+    with pytest.raises(train_state.StateError, match=r'another architecture \(width: 1.0 there, 0.5 here\)'):
+        ask('E_2_2', e21, width=0.5)
