@@ -114,7 +114,7 @@ def test_no_tensorflow_import():
     code = ('import os, sys; tf_env = lambda: {k: v for k, v in os.environ.items() if k.startswith("TF_")}; '
             'env = tf_env(); '
             'import geometry, input_data, images, act_data, samples_on_cvact, synthetic_data, evaluation, figures, '
-            'config, stages, train_lib; '
+            'config, protocols, stages, train_lib; '
             'assert "tensorflow" not in sys.modules, "TensorFlow imported"; '
             'assert tf_env() == env, "TensorFlow environment changed"')
     subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
