@@ -155,6 +155,8 @@ def semi_branch_errors(embedder, split, queries, cfg, views=None, cache=None, pr
     k = k + 1
     q = queries[q_row]
     tiles = split.tiles[q, k]
+    if progress:
+        progress(f'semi-positive branch: {len(q)} (panorama, semi-positive tile) pairs')
     mu, _, _ = embedder.localise_pairs(split, q, tiles, cfg, branch='semi', cache=cache, progress=progress,
                                        views=_rows(views, q_row))
     delta = split.deltas[q, k].astype(np.float64)
