@@ -16,6 +16,8 @@ import json
 import math
 import os
 
+import protocols
+
 
 class ConfigError(ValueError):
     """A bad flag or configuration file; str() is one line."""
@@ -86,6 +88,14 @@ class Config:
                                 '(MiB; 0 = decode every time)', 'volatile')
     eval_block: int = _flag(4096, 'queries per block of the streamed similarity matrix', 'volatile')
     max_queries: int = _flag(0, '--test on the first N test panoramas only (0 = all)', 'volatile')
+    yaw: str = _flag('north', "--test orientation protocol: north (north-aligned panoramas), random (each panorama "
+                     'rotated by a yaw drawn from --eval_seed: unknown orientation) or a yaw in degrees for every '
+                     'panorama (protocols.py)', 'volatile')
+    fov: float = _flag(360.0, '--test field of view in degrees around a seeded heading; the rest of the panorama '
+                       'is masked (360 = all of it)', 'volatile')
+    eval_seed: int = _flag(0, "seed of --test's random yaws and field-of-view headings", 'volatile')
+    test_dir: str = _flag('', "where --test writes its settings' directories; default <run_dir>/test (for a "
+                          'read-only run directory)', 'volatile')
     plots: int = _flag(1, '--test writes PNG figures (0 = off)', 'volatile')
     strategy: str = _flag('default', 'default, mirrored (several GPUs) or multiworker (several machines)', 'volatile',
                           ('default', 'mirrored', 'multiworker'))
@@ -157,8 +167,8 @@ def validate(cfg):
     for name in ('batch', 'log_every', 'ckpt_every', 'eval_batch', 'eval_block', 'epochs', 'mining_topk',
                  'mining_pool', 'mining_start_epoch'):
         need(getattr(cfg, name) >= 1, name, 'must be at least 1')
-    for name in ('seed', 'max_steps', 'max_queries', 'val_every', 'val_queries', 'image_cache_mb', 'epoch_batch',
-                 'lr_decay_steps'):
+    for name in ('seed', 'eval_seed', 'max_steps', 'max_queries', 'val_every', 'val_queries', 'image_cache_mb',
+                 'epoch_batch', 'lr_decay_steps'):
         need(getattr(cfg, name) >= 0, name, 'must be 0 or more')
     need(len(cfg.grd_size) == 2 and all(s >= 32 and s % 32 == 0 for s in cfg.grd_size), 'grd_size',
          'both sides must be positive multiples of 32 (the trunk downsamples 32x)')
@@ -169,9 +179,14 @@ def validate(cfg):
                  'u_c'):
         need(math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0, name, 'must be 0 or a positive number')
     need(math.isfinite(cfg.u_b), 'u_b', 'must be a number')
+    need(math.isfinite(cfg.fov) and 0 < cfg.fov <= 360, 'fov', 'must be a number of degrees in (0, 360]')
+    try:
+        protocols.parse_yaw(cfg.yaw)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for name in ('mining', 'plots', 'mixed_precision', 'lr_staircase', 'carry_optimizer', 'offset_zero_init'):
         need(getattr(cfg, name) in (0, 1), name, 'must be 0 or 1')
-    for name in ('run_dir', 'init_from'):
+    for name in ('run_dir', 'init_from', 'test_dir'):
         path = getattr(cfg, name)
         need(not path or not os.path.exists(path) or os.path.isdir(path), name, 'names a file, not a directory')
 

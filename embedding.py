@@ -62,13 +62,14 @@ class Embedder:
         """[B, S, S, 3] aerial tiles -> raw descriptors [B, D] (numpy)."""
         return self._sat(images).numpy()
 
-    def describe(self, paths, kind, hw, batch, cache=None, progress=None):
-        """Raw descriptors [N, D] of image files ('panorama' or 'aerial')."""
+    def describe(self, paths, kind, hw, batch, cache=None, progress=None, views=None):
+        """Raw descriptors [N, D] of image files ('panorama' or 'aerial'); views: [N, 3] of a test protocol
+        (pipeline.apply_views) for panoramas, or None."""
         fn = self._grd if kind == 'panorama' else self._sat
         out = np.zeros((len(paths), self.model.dim), np.float32)
         t0 = t = time.time()
         done = 0
-        for images, idx in pipeline.image_dataset(paths, hw, kind, batch, cache=cache):
+        for images, idx in pipeline.image_dataset(paths, hw, kind, batch, cache=cache, views=views):
             out[idx.numpy()] = fn(images).numpy()
             done += len(idx)
             if progress and time.time() - t > 30:
@@ -89,15 +90,17 @@ class Embedder:
             self._localise[branch] = tf.function(fn, autograph=False, reduce_retracing=True)
         return self._localise[branch]
 
-    def localise_pairs(self, split, queries, tiles, cfg, branch='pos', keep_heatmaps=0, cache=None, progress=None):
+    def localise_pairs(self, split, queries, tiles, cfg, branch='pos', keep_heatmaps=0, cache=None, progress=None,
+                       views=None):
         """A heatmap branch on the pairs (panorama queries[i], tile tiles[i]) ->
-        (mu [n, 2] (row, col) of the 640 frame, chol [n, 3] or None, {i: heatmap} for i < keep_heatmaps)."""
+        (mu [n, 2] (row, col) of the 640 frame, chol [n, 3] or None, {i: heatmap} for i < keep_heatmaps).
+        views: [n, 3] of a test protocol for the panoramas (pipeline.apply_views), or None."""
         fn = self.localiser(branch)
         has_chol = f'{branch}_cholesky' in self.model.parts
         n = len(queries)
         mu, chol, heat = np.zeros((n, 2), np.float32), np.zeros((n, 3), np.float32), {}
         ds = pipeline.pair_dataset(split, np.asarray(queries), np.asarray(tiles), cfg.grd_size, cfg.sat_size,
-                                     cfg.eval_batch, cache)
+                                     cfg.eval_batch, cache, views)
         done, t = 0, time.time()
         for grd, sat, rows in ds:
             out = fn(grd, sat)

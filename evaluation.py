@@ -176,34 +176,68 @@ def _fraction(mask):
 # Localisation (metres between positions: geometry.distance_m)
 
 
-def localisation_summary(err_with_offset, err_centre, top1_correct, thresholds=np.arange(1, 41)):
-    """Metre-level localisation for all queries and for those whose top-1 tile is correct.
+# VIGOR's accuracy curve (its localisation figure): thresholds 1.1^(i/5) m, i = 1..499 (1.02 m .. 13.5 km).
+VIGOR_THRESHOLDS_M = 1.1 ** (np.arange(1, 500) / 5.0)
+RECALL_WITHIN_M = (1, 5, 10)     # retrieval-then-localisation papers' recall within 1 / 5 / 10 m
+
+
+def fraction_below(err, thresholds):
+    """(T,) list: the fraction of err (Q,) strictly below each threshold (VIGOR's `<`); NaN when Q = 0."""
+    err = np.sort(np.asarray(err, np.float64))
+    thresholds = np.asarray(thresholds, np.float64)
+    if err.size == 0:
+        return [float('nan')] * thresholds.size
+    return (np.searchsorted(err, thresholds, side='left') / err.size).tolist()
+
+
+def localisation_summary(err_with_offset, err_centre, top1_correct, thresholds=np.arange(1, 41), top1_hit=None):
+    """Metre-level localisation for all queries, for those whose top-1 tile is correct and, with top1_hit,
+    for those whose top-1 tile is the positive or one of its semi-positives ("hit" queries, VIGOR).
 
     err_with_offset: (Q,) metres from the top-1 tile's centre + predicted offset to the truth.
     err_centre: (Q,) metres from the top-1 tile's centre alone (offset zero).
-    top1_correct: (Q,) bool. thresholds: metres of the accuracy curve.
-    Returns {'thresholds_m': [...], 'all': S, 'top1_correct': S} where S = {'count',
-    'mean_m', 'median_m', 'mean_m_centre', 'median_m_centre', 'accuracy', 'accuracy_centre'};
-    accuracy[i] = fraction of the subset with error <= thresholds[i]. An empty subset gives NaN.
+    top1_correct, top1_hit: (Q,) bool. thresholds: metres of the linear accuracy curve.
+    Returns {'thresholds_m': [...], 'vigor_thresholds_m': VIGOR_THRESHOLDS_M, 'all': S, 'top1_correct': S
+    [, 'top1_hit': S]} where S = {'count', 'mean_m', 'median_m', 'mean_m_centre', 'median_m_centre',
+    'accuracy', 'accuracy_centre', 'vigor_accuracy', 'recall_within_m'}: accuracy[i] = fraction of the
+    subset with error <= thresholds[i]; vigor_accuracy[i] = fraction with error < vigor_thresholds_m[i]
+    (strict, as VIGOR); recall_within_m = {'1', '5', '10'}: fraction with error < 1, 5, 10 m.
+    An empty subset gives NaN.
     """
     err = np.asarray(err_with_offset, np.float64)
     centre = np.asarray(err_centre, np.float64)
     correct = np.asarray(top1_correct)
-    if err.ndim != 1 or centre.shape != err.shape or correct.shape != err.shape:
-        raise ValueError(f'need three (Q,) arrays, got {err.shape}, {centre.shape}, {correct.shape}')
-    if correct.dtype != np.bool_:
-        raise ValueError(f'top1_correct must be bool, got {correct.dtype}')
+    subsets = [('all', np.ones(err.shape, bool)), ('top1_correct', correct)]
+    if top1_hit is not None:
+        subsets.append(('top1_hit', np.asarray(top1_hit)))
+    if err.ndim != 1 or centre.shape != err.shape or any(k.shape != err.shape for _, k in subsets):
+        raise ValueError(f'need (Q,) arrays, got {err.shape}, {centre.shape}, {[k.shape for _, k in subsets[1:]]}')
+    for name, keep in subsets[1:]:
+        if keep.dtype != np.bool_:
+            raise ValueError(f'{name} must be bool, got {keep.dtype}')
     thresholds = np.asarray(thresholds, np.float64)
-    out = {'thresholds_m': thresholds.tolist()}
-    for name, keep in (('all', np.ones_like(correct)), ('top1_correct', correct)):
+    out = {'thresholds_m': thresholds.tolist(), 'vigor_thresholds_m': VIGOR_THRESHOLDS_M.tolist()}
+    for name, keep in subsets:
         e, c = err[keep], centre[keep]
         out[name] = {
             'count': int(e.size),
             'mean_m': _stat(np.mean, e), 'median_m': _stat(np.median, e),
             'mean_m_centre': _stat(np.mean, c), 'median_m_centre': _stat(np.median, c),
             'accuracy': _accuracy(e, thresholds), 'accuracy_centre': _accuracy(c, thresholds),
+            'vigor_accuracy': fraction_below(e, VIGOR_THRESHOLDS_M),
+            'recall_within_m': dict(zip(map(str, RECALL_WITHIN_M), fraction_below(e, RECALL_WITHIN_M))),
         }
     return out
+
+
+def error_summary(err_m, err_px):
+    """Mean and median of errors in metres and pixels (Q,) each -> {'count', 'mean_m', 'median_m',
+    'mean_px', 'median_px'} (NaN when empty)."""
+    err_m, err_px = np.asarray(err_m, np.float64), np.asarray(err_px, np.float64)
+    if err_m.ndim != 1 or err_m.shape != err_px.shape:
+        raise ValueError(f'err_m and err_px must be (Q,) arrays of one length, got {err_m.shape} and {err_px.shape}')
+    return {'count': int(err_m.size), 'mean_m': _stat(np.mean, err_m), 'median_m': _stat(np.median, err_m),
+            'mean_px': _stat(np.mean, err_px), 'median_px': _stat(np.median, err_px)}
 
 
 def _pairs(x, name):

@@ -1,6 +1,7 @@
 """Figures of --test and validation: a query localised in its tile (heatmap, 1-/2-sigma ellipses), recall@k,
-accuracy against metres, sparsification. matplotlib's object API with the Agg canvas (no pyplot, no
-global backend switch); each function writes a PNG, or returns the RGB image when its path is None.
+accuracy against metres (linear, and VIGOR's log-spaced curve), sparsification. matplotlib's object API
+with the Agg canvas (no pyplot, no global backend switch); each function writes a PNG, or returns the
+RGB image when its path is None.
 """
 import os
 
@@ -100,6 +101,32 @@ def plot_accuracy_vs_metres(path, summary):
     ax.set_ylabel('queries within threshold (%)')
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_vigor_accuracy(path, localisation, positive=None, protocol=''):
+    """VIGOR's localisation figure: the fraction of queries with an error below each of its log-spaced
+    thresholds (localisation_summary's 'vigor_accuracy'), for every subset it holds and, when given,
+    the queries localised in their positive tile; log-scaled metres, so curves from VIGOR's own figure
+    can be laid over it."""
+    t = np.asarray(localisation['vigor_thresholds_m'])
+    fig = _figure((5.5, 4.0))
+    ax = fig.add_subplot()
+    labels = {'all': 'top-1 tile, all queries', 'top1_correct': 'top-1 tile is the positive',
+              'top1_hit': 'top-1 tile is the positive or a semi-positive'}
+    curves = [(text, localisation[k]) for k, text in labels.items() if k in localisation]
+    if positive is not None:
+        curves.append(('in the positive tile, all queries', positive))
+    for label, s in curves:
+        ax.plot(t, 100 * np.asarray(s['vigor_accuracy'], np.float64), '-', label=f'{label} (n={s["count"]})')
+    ax.set_xscale('log')
+    ax.set_xlabel('threshold (m), 1.1^(i/5), i = 1..499')
+    ax.set_ylabel('queries below threshold (%)')
+    ax.set_ylim(0, 100)
+    if protocol:
+        ax.set_title(f'protocol: {protocol}', fontsize=9)
+    ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
 

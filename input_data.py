@@ -95,6 +95,18 @@ def vigor_split_file(root, city, split, area, labels):
     return os.path.join(root, 'splits', city, f'{stem}.txt')
 
 
+def vigor_satellite_list(root, city, labels):
+    """Path of a city's satellite_list.txt: splits/<City>/ or splits__corrected/<City>/, the labels' own
+    folder first (SliceMatch's folder holds the list too, and its README has users replace splits/ by
+    it); DataError naming both places when neither has it."""
+    folders = ('splits__corrected', 'splits') if labels == 'corrected' else ('splits', 'splits__corrected')
+    paths = [os.path.join(root, f, city, 'satellite_list.txt') for f in folders]
+    for p in paths:
+        if os.path.isfile(p):
+            return p
+    _fail(f'{paths[0]}: satellite list not found (nor at {paths[1]})')
+
+
 def load_vigor(root, split, area='same', labels='original', cities=None):
     """Parse and validate one VIGOR split. Same-area references: every tile of all cities;
     cross-area: the tiles of that side's cities (train NewYork+Seattle, test SanFrancisco+Chicago)."""
@@ -105,7 +117,7 @@ def load_vigor(root, split, area='same', labels='original', cities=None):
     cities = tuple(cities or (VIGOR_CITIES if area == 'same' else CROSS_AREA[split]))
     tile_paths, tile_index, tile_city = [], {}, []
     for ci, city in enumerate(cities):
-        list_path = os.path.join(root, 'splits', city, 'satellite_list.txt')
+        list_path = vigor_satellite_list(root, city, labels)
         for n, name in _read_lines(list_path, 'satellite list'):
             if name in tile_index:
                 _fail(f'{list_path}:{n}: tile {name} listed twice')

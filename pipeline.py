@@ -29,23 +29,47 @@ def _tf_read(paths, hw, kind, cache=None):
     return img - tf.constant(VGG_MEAN_BGR, tf.float32)
 
 
-def image_dataset(paths, hw, kind, batch, cache=None):
-    """Deterministic batches of (images, index) over `paths`, for descriptor extraction; cache: an ImageCache."""
-    ds = tf.data.Dataset.from_tensor_slices((np.array(paths), np.arange(len(paths), dtype=np.int64))).batch(batch)
-    ds = ds.map(lambda p, i: (_tf_read(p, hw, kind, cache), i), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
-    return ds.prefetch(2)
+def apply_views(img, views):
+    """A test protocol's views (protocols.Protocol.views) on a batch of panoramas.
+
+    img: [B, H, W, 3] float32, the VGG mean subtracted. views: [B, 3] int64 (shift, start, visible):
+    out[b, :, c] = img[b, :, (c + shift) mod W] (a yaw: a circular shift of the columns), times 0 unless
+    that source column is one of the `visible` columns from `start` (a field of view; masked columns
+    become 0, the mean colour).
+    """
+    width = tf.shape(img, out_type=tf.int64)[2]
+    shift, start, visible = views[:, 0:1], views[:, 1:2], views[:, 2:3]     # (B, 1) each
+    source = tf.math.floormod(tf.range(width, dtype=tf.int64)[None] + shift, width)     # (B, W)
+    keep = tf.cast(tf.math.floormod(source - start, width) < visible, img.dtype)        # (B, W)
+    return tf.gather(img, source, axis=2, batch_dims=1) * keep[:, None, :, None]
 
 
-def pair_dataset(split, queries, tile_idx, grd_hw, sat_side, batch, cache=None):
-    """Batches of (grd, sat, i) for the panorama `queries[i]` with the tile `tile_idx[i]`."""
+def image_dataset(paths, hw, kind, batch, cache=None, views=None):
+    """Deterministic batches of (images, index) over `paths`, for descriptor extraction; cache: an ImageCache;
+    views: [len(paths), 3] int64 for apply_views (panoramas under a test protocol), or None."""
+    index = np.arange(len(paths), dtype=np.int64)
+    if views is None:
+        ds = tf.data.Dataset.from_tensor_slices((np.array(paths), index)).batch(batch)
+        read = lambda p, i: (_tf_read(p, hw, kind, cache), i)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((np.array(paths), index, np.asarray(views, np.int64))).batch(batch)
+        read = lambda p, i, v: (apply_views(_tf_read(p, hw, kind, cache), v), i)
+    return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
+
+
+def pair_dataset(split, queries, tile_idx, grd_hw, sat_side, batch, cache=None, views=None):
+    """Batches of (grd, sat, i) for the panorama `queries[i]` with the tile `tile_idx[i]`; views: [n, 3] int64
+    for apply_views on the panoramas (a test protocol), or None."""
     pano = np.array(split.pano_paths)[queries]
     tile = np.array(split.tile_paths)[tile_idx]
-    ds = tf.data.Dataset.from_tensor_slices((pano, tile, np.arange(len(pano), dtype=np.int64))).batch(batch)
-    ds = ds.map(lambda p, t, q: (_tf_read(p, grd_hw, 'panorama', cache),
-                                 _tf_read(t, (sat_side, sat_side), 'aerial', cache), q),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(2)
+    views = np.zeros((len(pano), 0), np.int64) if views is None else np.asarray(views, np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((pano, tile, np.arange(len(pano), dtype=np.int64), views)).batch(batch)
+
+    def read(p, t, q, v):
+        grd = _tf_read(p, grd_hw, 'panorama', cache)
+        return (grd if views.shape[1] == 0 else apply_views(grd, v),
+                _tf_read(t, (sat_side, sat_side), 'aerial', cache), q)
+    return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
 
 
 def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_semi=True):

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+import protocols
 import train_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,12 +91,15 @@ def main(argv=None):
             if code:
                 print(f'run_all: {script} exited with {code}; stopping', file=sys.stderr)
                 return code
-        with open(os.path.join(run_dir, 'test', 'test_results.json')) as f:
+        # --test wrote into the directory of its settings (the same flags as the command above)
+        cfg = train_lib.configs([last], ['--preset', args.preset, '--run_dir', run_dir] + rest)[0]
+        with open(os.path.join(protocols.results_dir(cfg, run_dir), 'test_results.json')) as f:
             results[stage] = json.load(f)
     any_r = next(iter(results.values()))
     print(f'\n{any_r["dataset"]}: {any_r["n_query"]} queries, {any_r["n_ref"]} references, '
-          f'chance R@1 {100 * any_r["chance_R@1"]:.2f}%. Recall and coverage in %; errors are median metres '
-          'in the positive tile (with the stage\'s offset / at the tile centre) and for top-1-correct queries')
+          f'chance R@1 {100 * any_r["chance_R@1"]:.2f}%; protocol: {any_r["protocol"]["text"]}. '
+          'Recall and coverage in %; errors are median metres in the positive tile (with the stage\'s offset / '
+          'at the tile centre) and for top-1-correct queries')
     e3 = os.path.join(args.run_root, 'E_3', 'u_table.npz')
     lines = table(results) + [''] + verdicts(results, np.load(e3) if os.path.exists(e3) else None)
     print('\n'.join(lines))

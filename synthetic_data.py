@@ -836,6 +836,18 @@ def _ensure(writer, root, kwargs):
     return root
 
 
+def synthetic_kind(root):
+    """'vigor' or 'cvact' when root is a complete synthetic dataset (its marker file), else None."""
+    try:
+        with open(os.path.join(root, MARKER)) as f:
+            params = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(params, dict):
+        return None
+    return 'cvact' if 'n_panos' in params else 'vigor' if 'grid' in params else None
+
+
 def ensure_vigor(root, **kwargs):
     """Generate a synthetic VIGOR at `root` (kwargs of write_vigor) unless it is already complete."""
     return _ensure(write_vigor, root, kwargs)

@@ -2,12 +2,26 @@
 
 Retrieval ranks every reference tile for each query; localisation puts the query in its top-1 tile
 (and, for the figures quoted over positives, in its positive tile) with the stage's head: the offset
-head, the heatmap's soft-argmax, or the tile centre. Metrics are evaluation.py's pure functions.
+head, the heatmap's soft-argmax, or the tile centre. A heatmap stage's --test also runs the
+semi-positive branch on each semi-positive tile (SAMP's own measurement). Metrics are evaluation.py's
+pure functions; the protocol (orientation, field of view) is protocols.py's.
+
+--test writes one directory per evaluation setting, <--test_dir or <run_dir>/test>/<settings>
+(protocols.settings_name: labels, area, protocol, query count), built in a temporary sibling and
+moved into place when complete, so a failed --test leaves the previous results of that setting intact:
+  test_results.json   every metric, the protocol, the checkpoint
+  per_query.csv       one row per query (write_per_query)
+  yaws.csv            the yaw and heading each panorama was shown with (a yaw or field-of-view protocol)
+  grd_descriptors.npy, sat_descriptors.npy, and the figures (--plots 1)
 """
+import csv
 import dataclasses
+import io
 import json
 import math
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -17,6 +31,7 @@ import figures
 import geometry
 import images
 import model as model_lib
+import protocols
 
 
 @dataclasses.dataclass
@@ -29,56 +44,139 @@ class Evaluation:
     delta_pos: np.ndarray    # (Q, 2) predicted (dy, dx) in the positive tile, or None
     chol: np.ndarray         # (Q, 3) covariance factors in the positive tile, or None
     heatmaps: dict           # {i: heatmap} for the first queries
+    per_query: dict = None   # {column: (Q,) array} of per_query.csv
+    views: np.ndarray = None  # (Q, 3) the protocol's views (protocols.Protocol.views), or None
+    yaws: dict = None        # {column: (Q,) array} of yaws.csv (view_table), or None
 
 
-def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep_heatmaps=4, progress=None):
-    """Retrieval, localisation and uncertainty metrics of `model` on split[queries] -> Evaluation."""
+def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep_heatmaps=4, progress=None,
+                   protocol=None, semi_branch=False):
+    """Retrieval, localisation and uncertainty metrics of `model` on split[queries] -> Evaluation.
+
+    protocol: a protocols.Protocol (default: north-aligned, full field of view). semi_branch: also run
+    a heatmap stage's semi-positive branch on every semi-positive tile (--test; validation skips it).
+    """
+    queries = np.asarray(queries)
+    protocol = protocol or protocols.Protocol()
+    names = [os.path.basename(split.pano_paths[q]) for q in queries]
+    views = protocol.views(names, cfg.grd_size[1])
     grd_raw = embedder.describe([split.pano_paths[q] for q in queries], 'panorama', cfg.grd_size, cfg.eval_batch,
-                                cache, progress)
+                                cache, progress, views=views)
     sat_raw = embedder.describe(split.tile_paths, 'aerial', (cfg.sat_size,) * 2, cfg.eval_batch, cache, progress)
     grd, sat = _normalise(grd_raw), _normalise(sat_raw)
     pos = split.tiles[queries, 0]
     ranks = evaluation.retrieval_ranks(grd, sat, pos, split.tiles[queries, 1:], block=cfg.eval_block)
     n_ref = len(split.tile_paths)
     results = {'stage': stage.name, 'dataset': split.name, 'n_query': int(len(queries)), 'n_ref': n_ref,
-               'chance_R@1': 1.0 / n_ref, 'retrieval': evaluation.retrieval_metrics(ranks, n_ref)}
+               'chance_R@1': 1.0 / n_ref, 'protocol': {'name': protocol.name, 'text': protocol.describe(),
+                                                       'yaw': protocol.yaw, 'fov_deg': protocol.fov,
+                                                       'seed': protocol.seed},
+               'retrieval': evaluation.retrieval_metrics(ranks, n_ref)}
     top1 = ranks['top1']
     correct = top1 == pos
+    in_block = (split.tiles[queries] == top1[:, None]).any(axis=1)   # top-1 is the positive or a semi-positive
     gt = split.gt_positions[queries]
     mpp = split.mpp[queries]
     # Offsets predicted in the positive tile (every query) and in the top-1 tile (reusing the positive's
     # prediction where the top-1 is right), as VIGOR deltas (dy, dx), pixels of the 640 frame.
-    delta_pos = delta_top1 = chol = None
+    delta_pos = delta_top1 = chol = chol_top1 = None
     heat = {}
     if stage.localise == 'offset':
         delta_pos = model.offset(tf.constant(sat_raw[pos]), tf.constant(grd_raw)).numpy()
         delta_top1 = model.offset(tf.constant(sat_raw[top1]), tf.constant(grd_raw)).numpy()
     elif stage.localise == 'heatmap':
         mu_pos, chol, heat = embedder.localise_pairs(split, queries, pos, cfg, keep_heatmaps=keep_heatmaps,
-                                                     cache=cache, progress=progress)
+                                                     cache=cache, progress=progress, views=views)
         mu_top1 = mu_pos.copy()
+        chol_top1 = None if chol is None else chol.copy()
         wrong = np.flatnonzero(~correct)
         if len(wrong):
-            mu_top1[wrong] = embedder.localise_pairs(split, queries[wrong], top1[wrong], cfg, cache=cache,
-                                                     progress=progress)[0]
+            mu_w, chol_w, _ = embedder.localise_pairs(split, queries[wrong], top1[wrong], cfg, cache=cache,
+                                                      progress=progress, views=_rows(views, wrong))
+            mu_top1[wrong] = mu_w
+            if chol is not None:
+                chol_top1[wrong] = chol_w
         delta_pos = geometry.rc_to_delta(mu_pos)
         delta_top1 = geometry.rc_to_delta(mu_top1)
 
-    def errors(tiles, delta):
+    def locate(tiles, delta):
+        """-> (predicted position, its error in metres, the tile centre's error in metres)."""
         centre = split.tile_centres[tiles]
         err_centre = geometry.distance_m(centre, gt, split.metric)
         if delta is None:
-            return err_centre, err_centre
-        return geometry.distance_m(geometry.delta_to_position(centre, delta, mpp, split.metric), gt, split.metric), err_centre
+            return centre, err_centre, err_centre
+        pred = geometry.delta_to_position(centre, delta, mpp, split.metric)
+        return pred, geometry.distance_m(pred, gt, split.metric), err_centre
 
-    results['localisation'] = evaluation.localisation_summary(*errors(top1, delta_top1), correct)
+    pred_top1, err_top1, err_centre_top1 = locate(top1, delta_top1)
+    _, err_pos, err_centre_pos = locate(pos, delta_pos)
+    results['localisation'] = evaluation.localisation_summary(err_top1, err_centre_top1, correct, top1_hit=in_block)
     results['localisation']['method'] = stage.localise or 'tile centre'
     # Over positives: the offset inside the ground-truth tile, for every query.
-    results['localisation_positive'] = evaluation.localisation_summary(*errors(pos, delta_pos),
+    results['localisation_positive'] = evaluation.localisation_summary(err_pos, err_centre_pos,
                                                                        np.ones(len(queries), bool))['all']
     if chol is not None:
         results['uncertainty'] = uncertainty_summary(mu_pos, chol, split.deltas[queries, 0])
-    return Evaluation(results, np.asarray(queries), grd, sat, ranks, delta_pos, chol, heat)
+
+    top1_is = np.where(correct, 'positive', np.where(in_block, 'semi-positive', 'other'))
+    per_query = {'query': queries, 'panorama': np.array(names), 'positive_tile': _basenames(split.tile_paths, pos),
+                 'rank_of_positive': ranks['rank'] + 1, 'top1_tile': _basenames(split.tile_paths, top1),
+                 'top1_is': top1_is}
+    axes = ('lat', 'lon') if split.metric == 'haversine' else ('north', 'east')
+    for a, name in enumerate(axes):
+        per_query[f'pred_{name}'] = pred_top1[:, a]
+    for a, name in enumerate(axes):
+        per_query[f'gt_{name}'] = gt[:, a]
+    per_query.update(error_m=err_top1, error_m_centre=err_centre_top1, error_m_positive=err_pos)
+    if chol is not None:
+        per_query['u_px'] = model_lib.uncertainty(tf.constant(chol_top1)).numpy()
+        per_query['u_px_positive'] = model_lib.uncertainty(tf.constant(chol)).numpy()
+    if semi_branch and stage.localise == 'heatmap' and 'semi_decoder' in stage.parts:
+        results['localisation_semi'], semi_err = semi_branch_errors(embedder, split, queries, cfg, views, cache,
+                                                                    progress)
+        for k in range(semi_err.shape[1]):
+            per_query[f'error_m_semi{k + 1}'] = semi_err[:, k]
+    yaws = None
+    if views is not None:
+        yaws = view_table(protocol, names, views, cfg.grd_size[1])
+        for column in ('yaw_deg', 'fov_heading_deg'):
+            if column in yaws:
+                per_query[column] = yaws[column]
+    return Evaluation(results, queries, grd, sat, ranks, delta_pos, chol, heat, per_query, views, yaws)
+
+
+def semi_branch_errors(embedder, split, queries, cfg, views=None, cache=None, progress=None):
+    """The semi-positive heatmap branch on each (query, semi-positive tile) pair in the reference set,
+    against the label's delta for that tile (SAMP's measurement) -> (summary, (Q, 3) metres, NaN where
+    the tile is absent). Errors: pixels of the 640 frame x the query's m/px. A corrected-label delta
+    beyond +-320 px puts the truth outside the tile: such pairs are counted in 'outside_tile' and kept
+    (a branch cannot point there, so they weigh on the mean)."""
+    q_row, k = np.nonzero(split.tiles[queries, 1:] >= 0)
+    k = k + 1
+    q = queries[q_row]
+    tiles = split.tiles[q, k]
+    if progress:
+        progress(f'semi-positive branch: {len(q)} (panorama, semi-positive tile) pairs')
+    mu, _, _ = embedder.localise_pairs(split, q, tiles, cfg, branch='semi', cache=cache, progress=progress,
+                                       views=_rows(views, q_row))
+    delta = split.deltas[q, k].astype(np.float64)
+    err_px = np.linalg.norm(mu - geometry.delta_to_rc(delta), axis=1)
+    err_m = err_px * split.mpp[q]
+    outside = (np.abs(delta) > geometry.TILE_PX / 2).any(axis=1)
+    summary = evaluation.error_summary(err_m, err_px)
+    summary['outside_tile'] = int(outside.sum())
+    summary['inside_tile'] = evaluation.error_summary(err_m[~outside], err_px[~outside])
+    per_query = np.full((len(queries), split.tiles.shape[1] - 1), np.nan)
+    per_query[q_row, k - 1] = err_m
+    return summary, per_query
+
+
+def _rows(views, rows):
+    return None if views is None else views[rows]
+
+
+def _basenames(paths, idx):
+    return np.array([os.path.basename(paths[i]) for i in idx])
 
 
 def uncertainty_summary(mu, chol, delta_gt):
@@ -100,13 +198,16 @@ def _normalise(raw):
 
 
 def localisation_figures(ev, split, cfg, n, path_of=None):
-    """The first n queries in their positive tile (heatmap, 1-/2-sigma ellipses): PNG files at
-    path_of(i), or RGB arrays when path_of is None."""
+    """The first n queries in their positive tile (heatmap, 1-/2-sigma ellipses), the panorama as the model
+    saw it (the protocol's view): PNG files at path_of(i), or RGB arrays when path_of is None."""
+    import pipeline
     cov = model_lib.cholesky_to_cov(tf.constant(ev.chol)).numpy() if ev.chol is not None else None
     out = []
     for i in range(min(n, len(ev.queries))):
         q = ev.queries[i]
         pano = images.read_image(split.pano_paths[q], cfg.grd_size, 'panorama')
+        if ev.views is not None:
+            pano = pipeline.apply_views(tf.constant(pano[None]), tf.constant(ev.views[i:i + 1])).numpy()[0]
         sat = images.read_image(split.tile_paths[split.tiles[q, 0]], (cfg.sat_size,) * 2, 'aerial')
         gt_rc = geometry.delta_to_rc(split.deltas[q, 0])
         pred_rc = None if ev.delta_pos is None else geometry.delta_to_rc(ev.delta_pos[i])
@@ -118,32 +219,100 @@ def localisation_figures(ev, split, cfg, n, path_of=None):
 
 
 def write_outputs(ev, split, cfg, out_dir, plots=True):
-    """--test's files: test_results.json, the descriptors, and the figures; each written atomically."""
-    os.makedirs(out_dir, exist_ok=True)
-    _atomic(os.path.join(out_dir, 'test_results.json'),
-            lambda f: f.write(json.dumps(jsonable(ev.results), indent=1).encode()))
-    _atomic(os.path.join(out_dir, 'grd_descriptors.npy'), lambda f: np.save(f, ev.grd))
-    _atomic(os.path.join(out_dir, 'sat_descriptors.npy'), lambda f: np.save(f, ev.sat))
+    """--test's files (see the module docstring) into out_dir, all at once: they are written into a
+    temporary sibling directory that replaces out_dir when complete; a failure leaves out_dir as it was.
+    A parent that cannot be written is a one-line config.ConfigError naming --test_dir."""
+    staging = _staging_dir(out_dir)
+    try:
+        _write_files(ev, split, cfg, staging, plots)
+        _publish(staging, out_dir)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_files(ev, split, cfg, out_dir, plots):
+    with open(os.path.join(out_dir, 'test_results.json'), 'w') as f:
+        f.write(json.dumps(jsonable(ev.results), indent=1))
+    write_per_query(os.path.join(out_dir, 'per_query.csv'), ev.per_query)
+    if ev.yaws is not None:
+        write_per_query(os.path.join(out_dir, 'yaws.csv'), ev.yaws)
+    np.save(os.path.join(out_dir, 'grd_descriptors.npy'), ev.grd)
+    np.save(os.path.join(out_dir, 'sat_descriptors.npy'), ev.sat)
     if plots:
         figures.plot_recall_curve(os.path.join(out_dir, 'recall_at_k.png'), ev.ranks['rank'], len(ev.sat))
         figures.plot_accuracy_vs_metres(os.path.join(out_dir, 'accuracy_vs_metres.png'),
-                                           ev.results['localisation'])
+                                        ev.results['localisation'])
+        figures.plot_vigor_accuracy(os.path.join(out_dir, 'accuracy_vigor.png'), ev.results['localisation'],
+                                    ev.results['localisation_positive'], ev.results['protocol']['name'])
         sp = ev.results.get('uncertainty', {}).get('sparsification')
         if sp:
             figures.plot_sparsification(os.path.join(out_dir, 'sparsification.png'), sp)
         localisation_figures(ev, split, cfg, 4, lambda i: os.path.join(out_dir, f'query_{i}.png'))
 
 
-def _atomic(path, write):
-    """write(file) into path.tmp, then rename: a failure leaves the previous file intact."""
-    tmp = path + '.tmp'
+def view_table(protocol, names, views, width):
+    """yaws.csv's columns: each panorama's drawn yaw, the yaw applied (a whole number of columns at the
+    input width), the column shift, and the field of view's heading and columns."""
+    table = {'panorama': np.asarray(names)}
+    yaws = protocol.yaws(names)
+    if yaws is not None:
+        table.update(yaw_drawn_deg=yaws, yaw_deg=protocol.applied_yaws(views, width), shift_px=views[:, 0])
+    headings = protocol.headings(names)
+    if headings is not None:
+        table.update(fov_heading_deg=headings, fov_first_px=views[:, 1], fov_px=views[:, 2])
+    table['input_width_px'] = np.full(len(names), width)
+    return table
+
+
+def write_per_query(path, columns):
+    """{column: (Q,) array} -> a CSV file with a header row; floats exact (repr), NaN as an empty cell."""
+    names = list(columns)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator='\n')
+    writer.writerow(names)
+    n = len(next(iter(columns.values()))) if columns else 0
+    for i in range(n):
+        writer.writerow([_cell(columns[c][i]) for c in names])
+    with open(path, 'w') as f:
+        f.write(buf.getvalue())
+
+
+def _cell(x):
+    if isinstance(x, (float, np.floating)):
+        return repr(float(x)) if math.isfinite(x) else ''
+    if isinstance(x, (np.integer, np.bool_)):
+        return str(x.item())
+    return str(x)
+
+
+def _staging_dir(out_dir):
+    parent = os.path.dirname(os.path.abspath(out_dir))
     try:
-        with open(tmp, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
+    except OSError as e:
+        import config
+        raise config.ConfigError(f'{parent}: cannot write the --test results there ({e.strerror}); '
+                                 'pass --test_dir DIR to write them elsewhere') from None
+    os.chmod(staging, 0o755)
+    return staging
+
+
+def _publish(staging, out_dir):
+    """Move the complete staging directory to out_dir, replacing (then deleting) what was there."""
+    old = None
+    if os.path.lexists(out_dir):
+        old = staging + '.old'
+        os.rename(out_dir, old)
+    try:
+        os.rename(staging, out_dir)
+    except OSError:
+        if old:
+            os.rename(old, out_dir)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def format_results(r):
@@ -152,15 +321,26 @@ def format_results(r):
              f'R@1% {100 * ret["R@1%"]:.2f}%  hit rate {100 * ret["hit_rate"]:.2f}%  '
              f'(chance R@1 {100 * r["chance_R@1"]:.2f}%)']
     loc = r['localisation']
-    for sub in ('all', 'top1_correct'):
+    for sub in ('all', 'top1_correct', 'top1_hit'):
+        if sub not in loc:
+            continue
         s = loc[sub]
         lines.append(f'localisation ({sub}, {s["count"]} queries): {loc["method"]}: mean {s["mean_m"]:.2f} m, '
                      f'median {s["median_m"]:.2f} m; tile centre: mean {s["mean_m_centre"]:.2f} m, '
                      f'median {s["median_m_centre"]:.2f} m')
+    within = loc['all'].get('recall_within_m')
+    if within:
+        lines.append('recall within ' + ', '.join(f'{t} m {100 * v:.2f}%' for t, v in within.items())
+                     + f' (all {loc["all"]["count"]} queries, top-1 tile + {loc["method"]})')
     s = r['localisation_positive']
     lines.append(f'localisation in the positive tile ({s["count"]} queries): {loc["method"]}: mean {s["mean_m"]:.2f} m, '
                  f'median {s["median_m"]:.2f} m; tile centre: mean {s["mean_m_centre"]:.2f} m, '
                  f'median {s["median_m_centre"]:.2f} m')
+    s = r.get('localisation_semi')
+    if s:
+        lines.append(f'semi-positive branch on {s["count"]} semi-positive tiles: mean {s["mean_m"]:.2f} m, '
+                     f'median {s["median_m"]:.2f} m ({s["outside_tile"]} with the truth outside the tile; '
+                     f'inside: median {s["inside_tile"]["median_m"]:.2f} m)')
     u = r.get('uncertainty')
     if u and u.get('n'):
         lines.append(f'uncertainty: inside 1-sigma {100 * u["1sigma"]:.1f}% (calibrated 39.3%), '
@@ -203,17 +383,21 @@ def run_test(stage, cfg):
             raise train_state.StateError(f'{run_dir}: holds a {saved.get("stage")} run, not {stage.name}; '
                                          f'test it with {stages.get(saved["stage"]).command if saved.get("stage") in stages.SCRIPTS else "its own script"} --test')
         cfg = config.model_settings(saved, cfg)
+    out_dir = protocols.results_dir(cfg, run_dir)
+    shutil.rmtree(_staging_dir(out_dir))      # a place we cannot write is refused before the evaluation
     log = train_lib.open_log(run_dir, stage.name + ' test')
     split = train_lib.dataset_splits(cfg, 'test')
     model = stages.build_model(stage, cfg)
     train_state.restore_parts(model, stage.parts, ckpt, f'{stage.name} ({run_dir})')
     queries = np.arange(len(split) if not cfg.max_queries else min(cfg.max_queries, len(split)))
+    protocol = protocols.Protocol.from_config(cfg)
     log(f'test: {split.name}: {len(queries)} panoramas against {len(split.tile_paths)} tiles; checkpoint {ckpt}')
-    ev = evaluate_model(stage, cfg, model, embedding.Embedder(model), split, queries, progress=lambda m: log(m))
+    log(f'test: protocol {protocol.name}: {protocol.describe()}')
+    ev = evaluate_model(stage, cfg, model, embedding.Embedder(model), split, queries, progress=lambda m: log(m),
+                        protocol=protocol, semi_branch=True)
     ev.results['checkpoint'] = ckpt
-    out_dir = os.path.join(run_dir, 'test')
     write_outputs(ev, split, cfg, out_dir, plots=bool(cfg.plots))
     for line in format_results(ev.results):
         log(line)
-    log(f'test: results in {os.path.join(out_dir, "test_results.json")}')
+    log(f'test: results in {out_dir}')
     return ev.results

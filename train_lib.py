@@ -109,9 +109,15 @@ def dataset_splits(cfg, which):
         if not root:
             root = synthetic_data.ensure_vigor(os.path.join(HERE, 'data', 'synthetic_vigor'))
         return input_data.load_vigor(root, which, cfg.area, cfg.labels)
-    mpp = cfg.cvact_mpp or synthetic_data.CVACT_MPP_1200
     if not root:
         root = synthetic_data.ensure_cvact(os.path.join(HERE, 'data', 'synthetic_cvact'))
+    mpp = cfg.cvact_mpp
+    if not mpp and synthetic_data.synthetic_kind(root) == 'cvact':
+        mpp = synthetic_data.CVACT_MPP_1200      # the synthetic CVACT's own resolution
+    if not mpp:
+        import config
+        raise config.ConfigError(f'{root}: --cvact_mpp is required on a CVACT tree: the metres per pixel of its '
+                                 '1200-px aerial images, which turn localisation errors from pixels into metres')
     resampled = cfg.cvact_resampled or os.path.join(root, 'resampled')
     if not cfg.data_root and not os.path.exists(os.path.join(resampled, 'splits', 'test.txt')):
         import samples_on_cvact

@@ -31,6 +31,11 @@ def test_precedence_flag_over_preset_over_stage_over_global():
     (['--eval_block', '0'], '--eval_block 0: must be at least 1'),
     (['--max_steps', '-1'], '--max_steps -1: must be 0 or more'),
     (['--lr', 'nan'], '--lr nan: must be a positive number'),
+    (['--yaw', 'sideways'], "--yaw sideways: must be 'north', 'random' or a number of degrees"),
+    (['--yaw', 'inf'], "--yaw inf: must be 'north', 'random' or a number of degrees"),
+    (['--fov', '0'], '--fov 0.0: must be a number of degrees in (0, 360]'),
+    (['--fov', '400'], '--fov 400.0: must be a number of degrees in (0, 360]'),
+    (['--eval_seed', '-1'], '--eval_seed -1: must be 0 or more'),
 ])
 def test_impossible_values_are_one_line_errors(argv, message):
     with pytest.raises(config.ConfigError) as e:
@@ -41,8 +46,9 @@ def test_impossible_values_are_one_line_errors(argv, message):
 def test_run_dir_naming_a_file(tmp_path):
     path = tmp_path / 'file'
     path.write_text('x')
-    with pytest.raises(config.ConfigError, match='names a file, not a directory'):
-        resolve(['--run_dir', str(path)])
+    for flag in ('--run_dir', '--test_dir'):
+        with pytest.raises(config.ConfigError, match='names a file, not a directory'):
+            resolve([flag, str(path)])
 
 
 def test_save_load_and_mismatch(tmp_path):

@@ -16,6 +16,7 @@ import train_lib
 import train_state
 
 pytestmark = pytest.mark.slow
+TEST = 'original_same_north_qall'   # --test's default settings directory
 PREVIOUS = {'E_2_1': 'E_1/phase_a', 'E_2_2': 'E_2_1', 'E_3': 'E_2_2'}
 
 
@@ -52,23 +53,27 @@ def test_four_stages_end_to_end(tiny_vigor, tmp_path):
     assert train_lib.main([get('E_1a'), get('E_1')], args(tmp_path, data, 'E_1')) == 0
     assert train_state.latest_checkpoint(str(tmp_path / 'E_1' / 'phase_a')).endswith('-2')
     assert train_lib.main([get('E_1')], args(tmp_path, data, 'E_1', '--test')) == 0
-    r = json.load(open(tmp_path / 'E_1' / 'test' / 'test_results.json'))
+    r = json.load(open(tmp_path / 'E_1' / 'test' / TEST / 'test_results.json'))
     assert r['localisation']['method'] == 'offset' and r['n_query'] == 64 and r['n_ref'] == 64
-    assert np.load(tmp_path / 'E_1' / 'test' / 'grd_descriptors.npy').shape[0] == r['n_query']
-    assert os.path.getsize(tmp_path / 'E_1' / 'test' / 'query_0.png') > 1000
+    assert np.load(tmp_path / 'E_1' / 'test' / TEST / 'grd_descriptors.npy').shape[0] == r['n_query']
+    assert os.path.getsize(tmp_path / 'E_1' / 'test' / TEST / 'query_0.png') > 1000
+    assert os.path.getsize(tmp_path / 'E_1' / 'test' / TEST / 'accuracy_vigor.png') > 1000
+    with open(tmp_path / 'E_1' / 'test' / TEST / 'per_query.csv') as f:
+        assert len(f.read().splitlines()) == 1 + r['n_query']
 
     # E_2_1 from phase a: exactly the retrieval parts; fusion and decoders stay fresh until it trains
     assert train_lib.main([get('E_2_1')], args(tmp_path, data, 'E_2_1')) == 0
     log = open(tmp_path / 'E_2_1' / 'train.log').read()
     assert f'from {tmp_path / "E_1" / "phase_a" / "ckpt" / "ckpt-2"}; fresh: pos_fusion' in log
     assert train_lib.main([get('E_2_1')], args(tmp_path, data, 'E_2_1', '--test')) == 0
-    r = json.load(open(tmp_path / 'E_2_1' / 'test' / 'test_results.json'))
+    r = json.load(open(tmp_path / 'E_2_1' / 'test' / TEST / 'test_results.json'))
     assert r['localisation']['method'] == 'heatmap' and 'uncertainty' not in r
+    assert r['localisation_semi']['count'] == 3 * 64          # the semi-positive branch on every semi-positive
 
     # E_2_2: covariance heads fresh, everything else from E_2_1
     assert train_lib.main([get('E_2_2')], args(tmp_path, data, 'E_2_2')) == 0
     assert train_lib.main([get('E_2_2')], args(tmp_path, data, 'E_2_2', '--test')) == 0
-    r = json.load(open(tmp_path / 'E_2_2' / 'test' / 'test_results.json'))
+    r = json.load(open(tmp_path / 'E_2_2' / 'test' / TEST / 'test_results.json'))
     assert r['uncertainty']['n'] == 64 and r['uncertainty']['mean_u_px'] > 0
 
     # E_3: the u table over the training split, in the state and on disk; only retrieval parts train
@@ -84,7 +89,7 @@ def test_four_stages_end_to_end(tiny_vigor, tmp_path):
         assert same(part(e3, get('E_3'), p), part(e22, get('E_2_2'), p)), p
     assert not same(part(e3, get('E_3'), 'grd_trunk'), part(e22, get('E_2_2'), 'grd_trunk'))
     assert train_lib.main([get('E_3')], args(tmp_path, data, 'E_3', '--test')) == 0
-    r = json.load(open(tmp_path / 'E_3' / 'test' / 'test_results.json'))
+    r = json.load(open(tmp_path / 'E_3' / 'test' / TEST / 'test_results.json'))
     assert r['stage'] == 'E_3' and set(r['retrieval']) >= {'R@1', 'R@5', 'R@10', 'R@1%', 'hit_rate'}
 
 
@@ -98,7 +103,7 @@ def test_cvact_end_to_end(tmp_path):
     e1 = stages.script_stages('train_first_E_1.py')
     assert train_lib.main(e1, argv) == 0
     assert train_lib.main(e1[-1:], argv + ['--test']) == 0
-    r = json.load(open(tmp_path / 'run' / 'test' / 'test_results.json'))
+    r = json.load(open(tmp_path / 'run' / 'test' / 'cvact_north_qall' / 'test_results.json'))
     assert r['dataset'] == 'CVACT test' and r['n_ref'] == 4 * r['n_query'] == 32
     # one synthetic area: even a wrong top-1 crop is within a few hundred metres (UTM, Euclidean)
     assert 0 < r['localisation']['all']['median_m_centre'] < 1000

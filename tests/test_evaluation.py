@@ -162,6 +162,34 @@ def test_localisation_summary_empty_subset_is_nan():
     assert s['all']['accuracy'][2] == 0.5                                 # 3 m <= t = 3 m
 
 
+def test_vigor_curve_is_log_spaced_and_strict():
+    t = ev.VIGOR_THRESHOLDS_M
+    assert len(t) == 499 and t[0] == pytest.approx(1.1 ** 0.2) and t[-1] == pytest.approx(1.1 ** 99.8)
+    assert t[-1] == pytest.approx(13520.4, rel=1e-5)                    # 1.1^99.8 m = 13.5 km, the right end
+    # errors exactly on a threshold do not count (strict <, as VIGOR); 1.1^(5/5) = 1.1 m is threshold i = 5
+    s = ev.localisation_summary([1.1, 1.1 ** 0.2, 0.5, 20.0], [0.0] * 4, np.ones(4, bool))
+    acc = s['all']['vigor_accuracy']
+    assert acc[0] == 0.25 and acc[4] == 0.5 and acc[5] == 0.75         # 0.5 m; + 1.1^0.2 m; + 1.1 m
+    assert s['all']['recall_within_m'] == {'1': 0.25, '5': 0.75, '10': 0.75}
+
+
+def test_vigor_curve_equals_brute_force_count():
+    rng = np.random.default_rng(3)
+    err = np.concatenate([rng.lognormal(2.0, 2.0, 997), ev.VIGOR_THRESHOLDS_M[[10, 200, 498]]])  # 3 exact ties
+    correct = rng.random(err.size) < 0.3
+    hit = correct | (rng.random(err.size) < 0.3)
+    s = ev.localisation_summary(err, err + 1, correct, top1_hit=hit)
+    assert s['vigor_thresholds_m'] == ev.VIGOR_THRESHOLDS_M.tolist()
+    for subset, keep in (('all', np.ones(err.size, bool)), ('top1_correct', correct), ('top1_hit', hit)):
+        assert s[subset]['count'] == keep.sum()
+        for i in (0, 10, 57, 200, 498):
+            brute = sum(1 for e in err[keep] if e < 1.1 ** ((i + 1) / 5)) / keep.sum()
+            assert s[subset]['vigor_accuracy'][i] == pytest.approx(brute, abs=1e-12), (subset, i)
+        for m in (1, 5, 10):
+            assert s[subset]['recall_within_m'][str(m)] == pytest.approx(np.mean(err[keep] < m), abs=1e-12)
+    assert 'top1_hit' not in ev.localisation_summary(err, err, correct)
+
+
 def test_ellipse_coverage_of_calibrated_gaussian():
     rng = np.random.default_rng(0)
     n = 200_000

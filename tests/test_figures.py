@@ -27,4 +27,6 @@ def test_plots(tmp_path):
     err = rng.exponential(10, 300)
     summary = ev.localisation_summary(err, err + 5, rng.random(300) < 0.6)
     _check_png(figures.plot_accuracy_vs_metres(str(tmp_path / 'acc.png'), summary))
+    summary = ev.localisation_summary(err, err + 5, rng.random(300) < 0.6, top1_hit=rng.random(300) < 0.8)
+    _check_png(figures.plot_vigor_accuracy(str(tmp_path / 'vigor.png'), summary, summary['all'], 'yaw180'))
     _check_png(figures.plot_sparsification(str(tmp_path / 'sp.png'), ev.sparsification(err + rng.normal(0, 5, 300), err)))

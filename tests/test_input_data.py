@@ -81,13 +81,40 @@ def test_missing_root_split_and_duplicates(vigor_copy, tmp_path):
         input_data.load_vigor(vigor_copy, 'train')
 
 
+def test_corrected_only_tree_loads(vigor_copy):
+    """SliceMatch's instructions: replace splits/ by splits__corrected/, which holds satellite_list.txt too."""
+    both = input_data.load_vigor(vigor_copy, 'test', 'same', 'corrected')
+    for city in geometry.VIGOR_CITIES:
+        shutil.copy(os.path.join(vigor_copy, 'splits', city, 'satellite_list.txt'),
+                    os.path.join(vigor_copy, 'splits__corrected', city, 'satellite_list.txt'))
+    shutil.rmtree(os.path.join(vigor_copy, 'splits'))
+    only = input_data.load_vigor(vigor_copy, 'test', 'same', 'corrected')
+    assert only.tile_paths == both.tile_paths and only.pano_paths == both.pano_paths
+    np.testing.assert_array_equal(only.tiles, both.tiles)
+    np.testing.assert_array_equal(only.deltas, both.deltas)
+    # the original labels are not there: the error names their split file
+    with pytest.raises(input_data.DataError, match=r'splits/NewYork/same_area_balanced_test.txt: split file not found'):
+        input_data.load_vigor(vigor_copy, 'test', 'same', 'original')
+
+
+def test_tree_without_a_satellite_list_names_both_places(vigor_copy):
+    for city in geometry.VIGOR_CITIES:
+        os.remove(os.path.join(vigor_copy, 'splits', city, 'satellite_list.txt'))
+    for labels, first, second in (('original', 'splits', 'splits__corrected'),
+                                  ('corrected', 'splits__corrected', 'splits')):
+        with pytest.raises(input_data.DataError) as e:
+            input_data.load_vigor(vigor_copy, 'test', 'same', labels)
+        where = [os.path.join(vigor_copy, folder, 'NewYork', 'satellite_list.txt') for folder in (first, second)]
+        assert str(e.value) == f'{where[0]}: satellite list not found (nor at {where[1]})'
+
+
 def test_no_tensorflow_import():
     """The data, metric and configuration modules (and the command-line tools built on them) load no
     TensorFlow, and importing them changes no environment variable."""
     code = ('import os, sys; tf_env = lambda: {k: v for k, v in os.environ.items() if k.startswith("TF_")}; '
             'env = tf_env(); '
             'import geometry, input_data, images, act_data, samples_on_cvact, synthetic_data, evaluation, figures, '
-            'config, stages, train_lib; '
+            'config, protocols, stages, train_lib; '
             'assert "tensorflow" not in sys.modules, "TensorFlow imported"; '
             'assert tf_env() == env, "TensorFlow environment changed"')
     subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)

@@ -1,6 +1,7 @@
 """pipeline.py: the tf.data datasets over input_data's splits (batches, caching, errors crossing tf.data)."""
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import images
 import input_data
@@ -72,6 +73,20 @@ def test_pair_dataset_keeps_the_order_of_its_pairs(vigor):
     for i, (q, t) in enumerate(zip(queries, tiles)):
         np.testing.assert_array_equal(grd[i], images.read_image(split.pano_paths[q], (32, 64), 'panorama'))
         np.testing.assert_array_equal(sat[i], images.read_image(split.tile_paths[t], (64, 64), 'aerial'))
+
+
+def test_apply_views_is_a_column_roll_and_a_mask():
+    img = tf.random.stateless_normal([3, 4, 64, 3], seed=(0, 1))
+    views = np.array([[16, 0, 64], [0, 24, 16], [63, 60, 8]])
+    out = pipeline.apply_views(img, tf.constant(views)).numpy()
+    img = img.numpy()
+    np.testing.assert_array_equal(out[0], np.roll(img[0], -16, axis=1))     # out[:, c] = img[:, c + 16]
+    keep = np.zeros(64, bool)
+    keep[24:40] = True
+    np.testing.assert_array_equal(out[1], img[1] * keep[None, :, None])
+    keep = np.zeros(64, bool)
+    keep[[60, 61, 62, 63, 0, 1, 2, 3]] = True                                # a window across the seam
+    np.testing.assert_array_equal(out[2], np.roll(img[2] * keep[None, :, None], 1, axis=1))
 
 
 def test_tf_data_error_is_one_line(vigor_copy):

@@ -7,8 +7,10 @@ head / heatmap branch return the label's delta (plus a chosen shift): what is te
 between the network and the numbers (rc <-> delta, tile centre + delta -> position, m/px per city,
 great-circle metres, the JSON).
 """
+import csv
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -18,16 +20,20 @@ from conftest import TINY
 import embedding
 import geometry
 import input_data
+import protocols
 import stages
+import testing
 import train_lib
 import train_state
 
 
 class Standin:
-    """Retrieves every query's positive; localises at the label's delta + shift (dy, dx) px."""
+    """Retrieves every query's positive (or, for every `wrong_every`-th query, its first semi-positive);
+    localises at the label's delta + shift (dy, dx) px (the semi-positive heatmap branch: + 2 shift)."""
 
-    def __init__(self, split, shift):
+    def __init__(self, split, shift, wrong_every=0):
         self.split, self.shift = split, np.asarray(shift, np.float32)
+        self.wrong_every = wrong_every
         self.query_of = {p: i for i, p in enumerate(split.pano_paths)}
         self.tile_of = {p: i for i, p in enumerate(split.tile_paths)}
         self.n = len(split.tile_paths)
@@ -49,19 +55,23 @@ class StandinEmbedder:
     def __init__(self, standin):
         self.m = standin
 
-    def describe(self, paths, kind, hw, batch, cache=None, progress=None):
+    def describe(self, paths, kind, hw, batch, cache=None, progress=None, views=None):
         out = np.zeros((len(paths), self.m.dim), np.float32)
         for i, p in enumerate(paths):
             if kind == 'aerial':
                 out[i, self.m.tile_of[p]] = 1.0
             else:
                 q = self.m.query_of[p]
-                out[i, self.m.split.tiles[q, 0]] = 1.0
+                wrong = self.m.wrong_every and q % self.m.wrong_every == self.m.wrong_every - 1
+                out[i, self.m.split.tiles[q, 1 if wrong else 0]] = 1.0
                 out[i, self.m.n] = q + 1          # the query's id rides in a dimension no tile uses
         return out
 
-    def localise_pairs(self, split, queries, tiles, cfg, branch='pos', keep_heatmaps=0, cache=None, progress=None):
-        mu = np.stack([geometry.delta_to_rc(self.m.delta(q, t)) for q, t in zip(queries, tiles)]).astype(np.float32)
+    def localise_pairs(self, split, queries, tiles, cfg, branch='pos', keep_heatmaps=0, cache=None, progress=None,
+                       views=None):
+        extra = self.m.shift if branch == 'semi' else 0.0
+        mu = np.stack([geometry.delta_to_rc(self.m.delta(q, t) + extra) for q, t in zip(queries, tiles)])
+        mu = mu.astype(np.float32)
         chol = np.tile(np.array([[20.0, 0.0, 20.0]], np.float32), (len(queries), 1))
         return mu, chol, {}
 
@@ -71,31 +81,47 @@ def vigor(tiny_vigor):
     return tiny_vigor(3)
 
 
-def run_test(vigor, tmp_path, monkeypatch, stage_name, labels, shift):
-    stage = stages.get(stage_name)
-    run_dir = str(tmp_path / stage_name)
-    os.makedirs(run_dir)
+def use_standin(monkeypatch, vigor, labels, shift, wrong_every=0):
+    """--test runs the Standin instead of a checkpoint's network."""
     split = input_data.load_vigor(vigor, 'test', 'same', labels)
-    standin = Standin(split, shift)
+    standin = Standin(split, shift, wrong_every)
     monkeypatch.setattr(train_state, 'latest_checkpoint', lambda d: os.path.join(d, 'ckpt', 'ckpt-1'))
     monkeypatch.setattr(train_state, 'restore_parts', lambda *a: None)
     monkeypatch.setattr(stages, 'build_model', lambda s, c: standin)
     monkeypatch.setattr(embedding, 'Embedder', StandinEmbedder)
+    return split
+
+
+def run_test(vigor, tmp_path, monkeypatch, stage_name, labels, shift, *extra, wrong_every=0,
+             settings=None):
+    """--test of a Standin through the stage script's main -> (test_results.json, split, results directory)."""
+    stage = stages.get(stage_name)
+    run_dir = str(tmp_path / stage_name)
+    os.makedirs(run_dir, exist_ok=True)
+    split = use_standin(monkeypatch, vigor, labels, shift, wrong_every)
     argv = TINY + ['--data_root', vigor, '--run_dir', run_dir, '--labels', labels, '--plots', '0', '--test']
-    assert train_lib.main([stage], argv) == 0
-    with open(os.path.join(run_dir, 'test', 'test_results.json')) as f:
-        return json.load(f), split
+    assert train_lib.main([stage], argv + list(extra)) == 0
+    out = os.path.join(run_dir, 'test', settings or f'{labels}_same_north_qall')
+    with open(os.path.join(out, 'test_results.json')) as f:
+        return json.load(f), split, out
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize('labels', ['original', 'corrected'])
 @pytest.mark.parametrize('stage_name', ['E_1', 'E_2_2'])
 def test_exact_localisation_scores_zero_metres(vigor, tmp_path, monkeypatch, stage_name, labels):
-    r, split = run_test(vigor, tmp_path, monkeypatch, stage_name, labels, (0.0, 0.0))
+    r, split, _ = run_test(vigor, tmp_path, monkeypatch, stage_name, labels, (0.0, 0.0))
     assert r['retrieval']['R@1'] == 1.0
     assert r['localisation']['method'] == {'E_1': 'offset', 'E_2_2': 'heatmap'}[stage_name]
     for s in (r['localisation_positive'], r['localisation']['all'], r['localisation']['top1_correct']):
         assert s['count'] == len(split) and s['mean_m'] < 1e-3
         assert s['median_m_centre'] > 5            # (the tile centre alone is metres away: the test can fail)
+    if stage_name == 'E_2_2':                      # the semi-positive branch on each of the 3 semi-positive tiles
+        assert r['localisation_semi']['count'] == 3 * len(split) and r['localisation_semi']['mean_m'] < 1e-3
 
 
 @pytest.mark.parametrize('labels', ['original', 'corrected'])
@@ -103,7 +129,7 @@ def test_exact_localisation_scores_zero_metres(vigor, tmp_path, monkeypatch, sta
 def test_known_offset_scores_known_metres(vigor, tmp_path, monkeypatch, stage_name, labels):
     # 30 px south and 40 px west of the truth: 50 px, times the city's m/px (0.114 everywhere with the
     # original labels; SliceMatch's per-city values with the corrected ones)
-    r, split = run_test(vigor, tmp_path, monkeypatch, stage_name, labels, (30.0, 40.0))
+    r, split, _ = run_test(vigor, tmp_path, monkeypatch, stage_name, labels, (30.0, 40.0))
     expected = 50.0 * split.mpp
     assert len(set(np.round(expected, 6))) == (1 if labels == 'original' else 4)
     s = r['localisation_positive']
@@ -111,3 +137,127 @@ def test_known_offset_scores_known_metres(vigor, tmp_path, monkeypatch, stage_na
     assert s['median_m'] == pytest.approx(np.median(expected), abs=2e-3)
     if stage_name == 'E_2_2':   # 50 px against a 20-px isotropic Gaussian: outside 2 sigma (40 px) for every query
         assert r['uncertainty']['2sigma'] == 0.0 and r['uncertainty']['median_error_px'] == pytest.approx(50, abs=1e-3)
+        # the semi-positive branch (the Standin's: 2 x the shift, 100 px) against each semi-positive's own label
+        semi = r['localisation_semi']
+        assert semi['median_px'] == pytest.approx(100, abs=1e-3) and semi['count'] == 3 * len(split)
+        assert semi['median_m'] == pytest.approx(np.median(100 * split.mpp), abs=2e-3)
+    else:
+        assert 'localisation_semi' not in r        # no semi-positive branch in E_1
+
+
+def test_per_query_file_reproduces_the_json(vigor, tmp_path, monkeypatch):
+    """Every third query retrieves its first semi-positive: per_query.csv's rows give back the JSON's medians
+    and VIGOR curve, for all queries, the top-1-correct ones, the hit ones and in the positive tile."""
+    r, split, out = run_test(vigor, tmp_path, monkeypatch, 'E_2_2', 'original', (30.0, 40.0), wrong_every=3)
+    rows = read_csv(os.path.join(out, 'per_query.csv'))
+    assert len(rows) == len(split) == r['n_query']
+    assert [row['panorama'] for row in rows] == [os.path.basename(p) for p in split.pano_paths]
+    col = lambda name, keep=lambda row: True: np.array([float(row[name]) for row in rows if keep(row)])
+    loc = r['localisation']
+    assert np.median(col('error_m')) == pytest.approx(loc['all']['median_m'], rel=1e-12)
+    correct = lambda row: row['top1_is'] == 'positive'
+    assert np.median(col('error_m', correct)) == pytest.approx(loc['top1_correct']['median_m'], rel=1e-12)
+    assert np.median(col('error_m_positive')) == pytest.approx(r['localisation_positive']['median_m'], rel=1e-12)
+    assert np.mean(col('error_m_centre')) == pytest.approx(loc['all']['mean_m_centre'], rel=1e-12)
+    # the wrong third: the positive is second (rank 2), the top-1 tile a semi-positive, so every query is a hit
+    wrong = np.arange(len(rows)) % 3 == 2
+    assert [row['top1_is'] for row in rows] == ['semi-positive' if w else 'positive' for w in wrong]
+    np.testing.assert_array_equal(col('rank_of_positive'), np.where(wrong, 2, 1))
+    assert [row['top1_tile'] for row in rows] == [os.path.basename(split.tile_paths[split.tiles[q, 1 if w else 0]])
+                                                  for q, w in enumerate(wrong)]
+    assert loc['top1_correct']['count'] == (~wrong).sum() and loc['top1_hit']['count'] == len(rows)
+    assert r['retrieval']['R@1'] == pytest.approx(np.mean(~wrong))
+    # localised 50 px from the truth in the semi-positive tile too (its label delta + the shift)
+    np.testing.assert_allclose(col('error_m'), 50 * split.mpp, atol=0.2)
+    t = np.array(loc['vigor_thresholds_m'])
+    brute = [(col('error_m') < t[i]).mean() for i in range(len(t))]
+    np.testing.assert_allclose(loc['all']['vigor_accuracy'], brute, atol=1e-12)
+    assert loc['all']['recall_within_m'] == {'1': 0.0, '5': 0.0, '10': 1.0}      # every error is ~5.7 m
+    # the predicted positions are the ones that give those errors; u of the Standin's 20-px Gaussian: 2*20 + 2*20
+    pred = np.stack([col('pred_lat'), col('pred_lon')], 1)
+    gt = np.stack([col('gt_lat'), col('gt_lon')], 1)
+    np.testing.assert_allclose(geometry.distance_m(pred, gt, 'haversine'), col('error_m'), rtol=1e-9)
+    np.testing.assert_allclose(col('u_px'), 80.0, rtol=1e-5)
+    for k in (1, 2, 3):
+        np.testing.assert_allclose(col(f'error_m_semi{k}'), 100 * split.mpp, rtol=1e-4)
+    assert 'yaw_deg' not in rows[0]                              # north-aligned: no yaw column
+
+
+def test_yaw_protocol_is_reported_and_its_yaws_saved(vigor, tmp_path, monkeypatch):
+    r, split, out = run_test(vigor, tmp_path, monkeypatch, 'E_1', 'original', (0.0, 0.0), '--yaw', 'random',
+                             '--fov', '90', '--max_queries', '5', settings='original_same_yawrandom-s0_fov90-s0_q5')
+    assert r['n_query'] == 5 and r['protocol']['name'] == 'yawrandom-s0_fov90-s0'
+    assert r['protocol']['text'].startswith('unknown orientation: each panorama rotated by a yaw drawn uniformly')
+    names = [os.path.basename(p) for p in split.pano_paths[:5]]
+    yaws = read_csv(os.path.join(out, 'yaws.csv'))
+    assert [row['panorama'] for row in yaws] == names
+    drawn = protocols.seeded_degrees(names, 0, 'yaw')
+    np.testing.assert_array_equal([float(row['yaw_drawn_deg']) for row in yaws], drawn)
+    shift = np.array([int(row['shift_px']) for row in yaws])
+    np.testing.assert_array_equal(shift, np.rint(drawn * 64 / 360).astype(int) % 64)      # 64-px-wide input
+    rows = read_csv(os.path.join(out, 'per_query.csv'))
+    np.testing.assert_allclose([float(row['yaw_deg']) for row in rows], shift * 360 / 64)
+    np.testing.assert_allclose([float(row['fov_heading_deg']) for row in rows],
+                               protocols.seeded_degrees(names, 0, 'fov heading'))
+    assert [int(row['fov_px']) for row in yaws] == [16] * 5                                # 90 deg of 64 px
+
+
+def test_two_settings_write_two_directories(vigor, tmp_path, monkeypatch):
+    first, _, out1 = run_test(vigor, tmp_path, monkeypatch, 'E_1', 'original', (0.0, 0.0))
+    before = snapshot(out1)
+    second, _, out2 = run_test(vigor, tmp_path, monkeypatch, 'E_1', 'corrected', (0.0, 0.0), '--max_queries', '5',
+                               settings='corrected_same_north_q5')
+    assert out1 != out2 and first['n_query'] == 36 and second['n_query'] == 5
+    assert snapshot(out1) == before
+    assert sorted(os.listdir(os.path.dirname(out1))) == ['corrected_same_north_q5', 'original_same_north_qall']
+
+
+def test_failed_test_leaves_the_earlier_results_intact(vigor, tmp_path, monkeypatch):
+    _, _, out = run_test(vigor, tmp_path, monkeypatch, 'E_1', 'original', (0.0, 0.0))
+    before = snapshot(out)
+    assert set(os.path.basename(p) for p in before) == {'test_results.json', 'per_query.csv', 'grd_descriptors.npy',
+                                                        'sat_descriptors.npy'}
+
+    def disk_full(path, columns):
+        with open(path, 'w') as f:
+            f.write('query,pan')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(testing, 'write_per_query', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        run_test(vigor, tmp_path, monkeypatch, 'E_1', 'original', (5.0, 5.0))
+    assert snapshot(out) == before
+    assert os.listdir(os.path.dirname(out)) == [os.path.basename(out)]     # no half-written directory left
+
+
+def test_read_only_run_directory(vigor, tmp_path, monkeypatch, capsys):
+    """Where the run directory cannot be written (simulated: this test may run as root, whom chmod does not
+    stop), --test says in one line where to write instead, before evaluating; with --test_dir it works."""
+    run_dir = str(tmp_path / 'E_1')
+    mkdtemp = tempfile.mkdtemp
+
+    def refuse(*args, dir=None, **kw):
+        if dir and os.path.abspath(dir).startswith(run_dir):
+            raise PermissionError(13, 'Permission denied', dir)
+        return mkdtemp(*args, dir=dir, **kw)
+    monkeypatch.setattr(tempfile, 'mkdtemp', refuse)
+    os.makedirs(run_dir)
+    use_standin(monkeypatch, vigor, 'original', (0.0, 0.0))
+    argv = TINY + ['--data_root', vigor, '--run_dir', run_dir, '--plots', '0', '--test']
+    capsys.readouterr()
+    assert train_lib.main([stages.get('E_1')], argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f'error: {os.path.join(run_dir, "test")}: cannot write the --test results there (Permission denied); '
+        'pass --test_dir DIR to write them elsewhere']
+    elsewhere = tmp_path / 'elsewhere'
+    assert train_lib.main([stages.get('E_1')], argv + ['--test_dir', str(elsewhere)]) == 0
+    assert json.load(open(elsewhere / 'original_same_north_qall' / 'test_results.json'))['n_query'] == 36
+
+
+def snapshot(folder):
+    """path -> bytes of every file under folder."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(d, name), 'rb') as f:
+                out[os.path.join(d, name)] = f.read()
+    return out
