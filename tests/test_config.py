@@ -41,7 +41,8 @@ def test_precedence_flag_over_preset_over_stage_over_global():
     (['--lr', 'nan'], '--lr nan: must be a positive number'),
     (['--mining_topk', '200', '--mining_pool', '100'],
      '--mining_topk 200: must not exceed --mining_pool 100 (the hard tiles are the top of the pool)'),
-    (['--dataset', 'cvact', '--labels', 'corrected'], '--labels corrected: applies to VIGOR only, not to --dataset cvact'),
+    (['--dataset', 'cvact', '--labels', 'corrected'],
+     '--labels corrected: applies to VIGOR only, not to --dataset cvact'),
     (['--area', 'cross', '--dataset', 'cvact'], '--area cross: applies to VIGOR only, not to --dataset cvact'),
     (['--cvact_mpp', '0.1'], '--cvact_mpp 0.1: applies to CVACT only, not to --dataset vigor'),
     (['--dataset', 'cvact', '--data_root', '/data/CVACT'], '--cvact_mpp 0.0: required with a CVACT tree of your own '
