@@ -274,11 +274,13 @@ def start_run(stage, cfg):
 def train(stage, cfg):
     """Train one stage in its run directory; -> the run directory's latest checkpoint.
 
-    Nothing is written before the configuration, the run directory's record and the training split
-    have been checked. Ctrl-C saves a checkpoint and raises Interrupted."""
-    run_dir, _ = stage.run_dirs(cfg)
+    Nothing is written before the configuration, the run directory's record, the previous stage's
+    checkpoint and the training split have been checked. Ctrl-C saves a checkpoint and raises Interrupted."""
+    run_dir, init_dir = stage.run_dirs(cfg)
     config_path = os.path.join(run_dir, 'config.json')
     saved = config.check_run_dir(cfg, config_path)
+    if stage.previous and not train_state.latest_checkpoint(run_dir):   # (reads only)
+        train_state.check_predecessor(stage, cfg, init_dir)
     split = train_lib.dataset_splits(cfg, 'train')
     spe = steps_per_epoch(cfg, len(split))
     sampler = input_data.BatchSampler(split, cfg.batch, cfg.seed, spe)

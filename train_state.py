@@ -113,10 +113,15 @@ def latest_checkpoint(run_dir):
     if not run_dir:
         return None
     index = os.path.join(run_dir, 'ckpt', 'checkpoint')
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel('ERROR')    # a damaged index is reported below, in one line, not in TensorFlow's warnings
     try:
         path = tf.train.latest_checkpoint(os.path.join(run_dir, 'ckpt'))
     except (ValueError, tf.errors.OpError):  # an empty or unparsable index ('Invalid checkpoint state')
         path = None
+    finally:
+        logger.setLevel(level)
     if path is None and os.path.exists(index):
         raise StateError(f'{index}: damaged checkpoint index (names no checkpoint); restore it, or delete '
                          f'{os.path.dirname(index)} to start this run again')
@@ -188,7 +193,9 @@ def initialise(state, stage, cfg, run_dir, init_dir, log):
     """Resume > previous stage > ImageNet > random (see the module docstring). -> which one ran."""
     latest = latest_checkpoint(run_dir)
     if latest:
-        _matched(_read(state.checkpoint(), latest, 'this run'), latest, 'this run')
+        status = _read(state.checkpoint(), latest, 'this run')
+        _matched(status, latest, 'this run')
+        status.expect_partial()   # CheckpointManager's save_counter has no object here (else a stderr warning)
         log(f'init: resumed this run from {latest} (step {int(state.step.numpy())})')
         return 'resume'
     if stage.previous:
