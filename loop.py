@@ -296,8 +296,9 @@ def train(stage, cfg):
     if run.chief and saved is None:  # the first start's record, once it can start: a refused run changes nothing
         config.save(cfg, config_path)
     elif run.chief and step < total and config.mismatch(saved, cfg, kinds=('extend',)):
-        run.log(f'extending the run: epochs {saved.get("epochs")} -> {cfg.epochs}, max_steps {saved.get("max_steps")} '
-                f'-> {cfg.max_steps} ({step} steps done, {total} now)')
+        grown = [f'--{k} {saved.get(k)} -> {getattr(cfg, k)}' for k in ('epochs', 'max_steps')
+                 if saved.get(k) != getattr(cfg, k)]
+        run.log(f'extending the run: {", ".join(grown)} ({step} steps done, {total} now)')
         config.save(cfg, config_path)
     ckpts = Checkpoints(state.checkpoint(), os.path.join(run.write_dir, 'ckpt'))
     resumed_from = train_state.latest_checkpoint(run.run_dir) if how == 'resume' else None

@@ -95,7 +95,7 @@ def test_stopped_and_extended_runs_end_like_an_uninterrupted_one(data, tmp_path,
     capsys.readouterr()
     assert train_lib.main(phase_a, argv + ['--epochs', '2']) == 0              # extended: the round, then epoch 2
     out = capsys.readouterr().out
-    assert 'extending the run: epochs 1 -> 2' in out and 'mining: epoch 1:' in out
+    assert 'extending the run: --epochs 1 -> 2 (9 steps done, 18 now)' in out and 'mining: epoch 1:' in out
     assert json.load(open(os.path.join(run_dir, 'phase_a', 'config.json')))['epochs'] == 2
     assert differing(state_of(os.path.join(run_dir, 'phase_a')), reference) == []
     # and so are the descriptors epoch 2 gathered for a round after it (an extension to 3 epochs would run it)
