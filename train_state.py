@@ -172,8 +172,8 @@ def check_predecessor(stage, cfg, init_dir):
     """The previous stage's latest checkpoint, after checking it is of a stage and an architecture we accept."""
     ckpt = latest_checkpoint(init_dir)
     if not ckpt and cfg.init_from:
-        raise StateError(f'--init_from {init_dir}: no checkpoint there (expected the run directory of '
-                         f'{" or ".join(stage.accepts)})')
+        raise StateError(f'--init_from {init_dir}: no checkpoint of {" or ".join(stage.accepts)} there; run '
+                         f'`{stage.previous_command()}` first, or name its run directory')
     if not ckpt:
         raise StateError(f'{init_dir}: no checkpoint of {stage.previous}; run `{stage.previous_command()}` first '
                          '(or pass --init_from)')

@@ -177,11 +177,13 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data, tmp_path):
     for i, kill_when in enumerate(kills):
         code, lines = run(cmd, kill_when)
         assert code == -9, f'restart {i} was not killed (exit {code}):\n' + '\n'.join(lines[-5:])
-    # Ctrl-C in phase b's epoch 2: a checkpoint of step 15 and one line
+    # Ctrl-C in phase b's epoch 2: one line, and a checkpoint of the step it stopped after (15, or 16 if that
+    # step was already running when the signal came through the pipe)
     code, lines = run(cmd, lambda line: line.startswith(f'[E_1] step 15/{TOTAL} '), sig=signal.SIGINT)
-    ckpt_15 = os.path.join(run_dir, 'ckpt', 'ckpt-15')
-    assert code == 130 and lines[-1] == f'interrupted at step 15 of {TOTAL}: checkpoint {ckpt_15} saved; run the ' \
-        'same command to resume', '\n'.join(lines[-5:])
+    stopped = re.fullmatch(rf'interrupted at step (1[56]) of {TOTAL}: checkpoint (.*) saved; run the same command '
+                           'to resume', lines[-1])
+    assert code == 130 and stopped, '\n'.join(lines[-5:])
+    assert stopped[2] == os.path.join(run_dir, 'ckpt', f'ckpt-{stopped[1]}')
     code, lines = run(cmd)
     assert code == 0, '\n'.join(lines[-5:])
     ref_thread.join()
@@ -192,7 +194,8 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data, tmp_path):
     log_b = open(os.path.join(run_dir, 'train.log')).read()
     # every restart resumed phase a (the one killed on that line may not have written it); the last found it done
     assert log_a.count('init: resumed this run from') >= 2 and f'already trained ({TOTAL} steps)' in log_a
-    assert re.findall(r'init: resumed this run from .*(ckpt-\d+) \(step \d+\)', log_b) == ['ckpt-12', 'ckpt-15']
+    assert re.findall(r'init: resumed this run from .*(ckpt-\d+) \(step \d+\)', log_b) == ['ckpt-12',
+                                                                                          f'ckpt-{stopped[1]}']
     assert f'done: {TOTAL} steps' in lines[-1]
 
     cfg = train_lib.configs([train_first_E_1.PHASE_B], FLAGS)[0]
