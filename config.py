@@ -156,6 +156,7 @@ def resolve(stage_name, explicit, preset='paper', stage_defaults=None, stage_pre
         raise ConfigError(f'unknown settings {sorted(unknown)}')
     cfg = Config(**values, stage=stage_name, preset=preset, test=test)
     validate(cfg)
+    validate_explicit(cfg, explicit)
     return cfg
 
 
@@ -164,15 +165,22 @@ def validate(cfg):
     def need(ok, name, what):
         if not ok:
             raise ConfigError(f'--{name} {_show(getattr(cfg, name))}: {what}')
-    for name in ('batch', 'log_every', 'ckpt_every', 'eval_batch', 'eval_block', 'epochs', 'mining_topk',
-                 'mining_pool', 'mining_start_epoch'):
+    for name in ('log_every', 'ckpt_every', 'eval_batch', 'eval_block', 'epochs', 'mining_topk',
+                 'mining_pool', 'mining_start_epoch', 'val_queries'):
         need(getattr(cfg, name) >= 1, name, 'must be at least 1')
-    for name in ('seed', 'eval_seed', 'max_steps', 'max_queries', 'val_every', 'val_queries', 'image_cache_mb',
-                 'epoch_batch', 'lr_decay_steps'):
+    need(cfg.batch >= 2, 'batch', 'must be at least 2 (the triplet loss needs a negative in the batch)')
+    for name in ('seed', 'eval_seed', 'max_steps', 'max_queries', 'val_every', 'image_cache_mb', 'epoch_batch',
+                 'lr_decay_steps'):
         need(getattr(cfg, name) >= 0, name, 'must be 0 or more')
     need(len(cfg.grd_size) == 2 and all(s >= 32 and s % 32 == 0 for s in cfg.grd_size), 'grd_size',
          'both sides must be positive multiples of 32 (the trunk downsamples 32x)')
-    need(cfg.sat_size >= 32 and cfg.sat_size % 32 == 0, 'sat_size', 'must be a positive multiple of 32')
+    need(cfg.grd_size[1] == 2 * cfg.grd_size[0], 'grd_size',
+         'the width must be twice the height (a 360-degree panorama is read without distortion, H W = 320 640)')
+    need(cfg.sat_size >= 64 and cfg.sat_size % 64 == 0, 'sat_size',
+         'must be a positive multiple of 64 (the heatmap decoder of E_2 and E_3 upsamples the 1x1 bottleneck by '
+         'side / 64, and every stage uses one size)')
+    need(cfg.mining_topk <= cfg.mining_pool, 'mining_topk', f'must not exceed --mining_pool {cfg.mining_pool} '
+         '(the hard tiles are the top of the pool)')
     for name in ('width', 'lr', 'lr_decay', 'alpha', 'cholesky_scale'):
         need(math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0, name, 'must be a positive number')
     for name in ('cholesky_floor', 'cvact_mpp', 'nll_pos_weight', 'nll_semi_weight', 'heatmap_weight', 'u_a',
@@ -186,9 +194,26 @@ def validate(cfg):
         raise ConfigError(str(e)) from None
     for name in ('mining', 'plots', 'mixed_precision', 'lr_staircase', 'carry_optimizer', 'offset_zero_init'):
         need(getattr(cfg, name) in (0, 1), name, 'must be 0 or 1')
-    for name in ('run_dir', 'init_from', 'test_dir'):
+    for name in ('run_dir', 'init_from', 'test_dir', 'data_root', 'cvact_resampled'):
         path = getattr(cfg, name)
         need(not path or not os.path.exists(path) or os.path.isdir(path), name, 'names a file, not a directory')
+    need(not os.path.isdir(cfg.vgg_weights), 'vgg_weights', 'names a directory, not the vgg16.npy file')
+
+
+def validate_explicit(cfg, explicit):
+    """Flags given on the command line that would be ignored, or that name nothing: refused (one line each)."""
+    def need(ok, name, what):
+        if not ok:
+            raise ConfigError(f'--{name} {_show(explicit[name])}: {what}')
+    for name in ('area', 'labels'):
+        if name in explicit:
+            need(cfg.dataset == 'vigor', name, f'applies to VIGOR only, not to --dataset {cfg.dataset}')
+    for name in ('cvact_mpp', 'cvact_resampled'):
+        if name in explicit:
+            need(cfg.dataset == 'cvact', name, f'applies to CVACT only, not to --dataset {cfg.dataset}')
+    if 'vgg_weights' in explicit:
+        need(os.path.isfile(cfg.vgg_weights), 'vgg_weights', 'not found (the default path may be missing; a path '
+             'given on the command line must exist)')
 
 
 def _show(v):
@@ -201,9 +226,13 @@ def save(cfg, path):
     """Write cfg as JSON, atomically (a temporary file renamed into place)."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    finally:  # a full disk leaves no half-written temporary file
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load(path):

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from geometry import CORRECTED_MPP, CROSS_AREA, ORIGINAL_MPP, VIGOR_CITIES, delta_to_position
+from geometry import CORRECTED_MPP, CROSS_AREA, ORIGINAL_MPP, TILE_PX, VIGOR_CITIES, delta_to_position
 
 
 class DataError(ValueError):
@@ -44,18 +44,37 @@ def _fail(msg):
 
 
 def _read_lines(path, what):
+    """The non-blank lines of a UTF-8 text file as (line number, stripped text); a byte-order mark is dropped."""
     if not os.path.isfile(path):
         _fail(f'{path}: {what} not found')
-    with open(path) as f:
-        lines = [(i + 1, line.strip()) for i, line in enumerate(f)]
-    lines = [(n, line) for n, line in lines if line]
+    with open(path, 'rb') as f:
+        data = f.read()
+    lines = []
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode('utf-8-sig' if n == 1 else 'utf-8')
+        except UnicodeDecodeError as e:
+            _fail(f'{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})')
+        if line.strip():
+            lines.append((n, line.strip()))
     if not lines:
         _fail(f'{path}: {what} is empty')
     return lines
 
 
+# The label format's bounds (SPEC §1): the positive tile holds the panorama, so |dy|, |dx| <= 320 px of
+# the 640-px tile; the four tiles are a 2x2 block of a grid of step 320 px, so a semi-positive's delta is
+# the positive's +-320 in each coordinate: |dy|, |dx| <= 640 (corrected labels put some beyond the
+# tile's own 320, legitimately; nothing can lie beyond 640).
+MAX_POSITIVE_DELTA_PX = TILE_PX / 2
+MAX_SEMI_DELTA_PX = TILE_PX
+
+
 def parse_label_file(path):
-    """13-token VIGOR label lines -> list of (line_no, pano, [4 tile names], (4, 2) deltas)."""
+    """13-token VIGOR label lines -> list of (line_no, pano, [4 tile names], (4, 2) deltas).
+
+    Deltas must be finite and within the format's bounds (MAX_POSITIVE_DELTA_PX for the positive,
+    MAX_SEMI_DELTA_PX for the semi-positives); names are checked by the callers."""
     out, seen = [], {}
     for n, line in _read_lines(path, 'split file'):
         tok = line.split()
@@ -63,28 +82,48 @@ def parse_label_file(path):
             _fail(f'{path}:{n}: expected 13 space-separated tokens '
                   f'(pano sat dy dx + 3 x semi dy dx), got {len(tok)}')
         try:
-            deltas = np.array([[float(tok[2 + 3 * k]), float(tok[3 + 3 * k])] for k in range(4)], np.float32)
+            deltas = np.array([[float(tok[2 + 3 * k]), float(tok[3 + 3 * k])] for k in range(4)], np.float64)
         except ValueError:
             _fail(f'{path}:{n}: a delta is not a number')
         if not np.all(np.isfinite(deltas)):
             _fail(f'{path}:{n}: a delta is not finite')
+        for k in range(4):
+            bound = MAX_POSITIVE_DELTA_PX if k == 0 else MAX_SEMI_DELTA_PX
+            if np.abs(deltas[k]).max() > bound:
+                what = 'positive' if k == 0 else f'semi-positive {k}'
+                _fail(f'{path}:{n}: {what} delta ({deltas[k, 0]:g}, {deltas[k, 1]:g}) px lies beyond '
+                      f'+-{bound:g} px (pixels of the 640-px tile; ' +
+                      ('the panorama must lie in its positive tile)' if k == 0 else
+                       'a semi-positive is the positive tile\'s neighbour in a grid of step 320 px)'))
         if tok[0] in seen:
             _fail(f'{path}:{n}: panorama {tok[0]} listed twice (first at line {seen[tok[0]]})')
         seen[tok[0]] = n
-        out.append((n, tok[0], [tok[1 + 3 * k] for k in range(4)], deltas))
+        out.append((n, tok[0], [tok[1 + 3 * k] for k in range(4)], deltas.astype(np.float32)))
     return out
 
 
+def _check_latlon(lat, lon):
+    if not -90 <= lat <= 90:      # (False for nan)
+        raise ValueError(f'latitude {lat:g} is not in [-90, 90]')
+    if not -180 <= lon <= 180:
+        raise ValueError(f'longitude {lon:g} is not in [-180, 180]')
+    return lat, lon
+
+
 def vigor_pano_latlon(name):
-    """`<panoid>,<lat>,<lon>,.jpg` -> (lat, lon)."""
+    """`<panoid>,<lat>,<lon>,.jpg` -> (lat, lon); ValueError unless both are finite and in range."""
     parts = name.split(',')
-    return float(parts[1]), float(parts[2])
+    if len(parts) != 4 or not parts[0]:
+        raise ValueError('expected <id>,<lat>,<lon>,.jpg')
+    return _check_latlon(float(parts[1]), float(parts[2]))
 
 
 def vigor_sat_latlon(name):
-    """`satellite_<lat>_<lon>.png` -> (lat, lon)."""
+    """`satellite_<lat>_<lon>.png` -> (lat, lon); ValueError unless both are finite and in range."""
     parts = name[:-4].split('_')
-    return float(parts[1]), float(parts[2])
+    if len(parts) != 3 or parts[0] != 'satellite' or name[-4:] not in ('.png', '.jpg'):
+        raise ValueError('expected satellite_<lat>_<lon>.png')
+    return _check_latlon(float(parts[1]), float(parts[2]))
 
 
 def vigor_split_file(root, city, split, area, labels):
@@ -115,34 +154,35 @@ def load_vigor(root, split, area='same', labels='original', cities=None):
     if area not in ('same', 'cross') or split not in ('train', 'test') or labels not in ('original', 'corrected'):
         _fail(f'unknown split {split!r} / area {area!r} / labels {labels!r}')
     cities = tuple(cities or (VIGOR_CITIES if area == 'same' else CROSS_AREA[split]))
-    tile_paths, tile_index, tile_city = [], {}, []
-    for ci, city in enumerate(cities):
+    tile_paths, tile_index, tile_centres = [], {}, []
+    for city in cities:
         list_path = vigor_satellite_list(root, city, labels)
         for n, name in _read_lines(list_path, 'satellite list'):
             if name in tile_index:
                 _fail(f'{list_path}:{n}: tile {name} listed twice')
+            try:
+                tile_centres.append(vigor_sat_latlon(name))
+            except (ValueError, IndexError) as e:
+                _fail(f'{list_path}:{n}: tile name {name}: {e}')
             tile_index[name] = len(tile_paths)
             tile_paths.append(os.path.join(root, city, 'satellite', name))
-            tile_city.append(ci)
-    tile_centres = np.array([vigor_sat_latlon(os.path.basename(p)) for p in tile_paths], np.float64)
+    tile_centres = np.array(tile_centres, np.float64)
 
     pano_paths, tiles, deltas, mpp, pano_gps = [], [], [], [], []
     for city in cities:
         path = vigor_split_file(root, city, split, area, labels)
         city_mpp = CORRECTED_MPP.get(city, ORIGINAL_MPP) if labels == 'corrected' else ORIGINAL_MPP
         for n, pano, names, d in parse_label_file(path):
-            idx = []
-            for k, name in enumerate(names):
-                if name not in tile_index:
-                    if k == 0:
-                        _fail(f'{path}:{n}: tile {name} is not in satellite_list.txt of {cities}')
-                    idx.append(-1)  # a semi-positive outside the reference set (cross-area border)
-                else:
-                    idx.append(tile_index[name])
+            idx = [tile_index.get(name, -1) for name in names]
+            if idx[0] < 0:
+                _fail(f'{path}:{n}: tile {names[0]} is not in satellite_list.txt of {cities}')
+            if max(idx[1:]) < 0:  # one may lie outside the reference set (a city's border), not all three
+                _fail(f'{path}:{n}: none of the semi-positive tiles {", ".join(names[1:])} is in '
+                      f'satellite_list.txt of {cities}')
             try:
                 pano_gps.append(vigor_pano_latlon(pano))
-            except (IndexError, ValueError):
-                _fail(f'{path}:{n}: panorama name {pano} is not <id>,<lat>,<lon>,.jpg')
+            except (IndexError, ValueError) as e:
+                _fail(f'{path}:{n}: panorama name {pano}: {e}')
             pano_paths.append(os.path.join(root, city, 'panorama', pano))
             tiles.append(idx)
             deltas.append(d)
@@ -176,7 +216,13 @@ def load_cvact(cvact_root, resampled_root, split, mpp_1200):
         if not os.path.isdir(d):
             _fail(f'{d}: {what} not found')
     from act_data import load_act_data
-    act = load_act_data(os.path.join(cvact_root, 'ACT_data.mat'))
+    mat_path = os.path.join(cvact_root, 'ACT_data.mat')
+    if not os.path.isfile(mat_path):
+        _fail(f'{mat_path}: CVACT ACT_data.mat not found')
+    try:
+        act = load_act_data(mat_path)
+    except (OSError, ValueError) as e:  # act_data's messages name the file and the field
+        _fail(str(e).splitlines()[0])
     utm = {pid: act['utm'][i] for i, pid in enumerate(act['pano_ids'])}
     name = 'train' if split == 'train' else 'test'
     list_path = os.path.join(resampled_root, 'splits', f'satellite_list_{name}.txt')

@@ -1,11 +1,18 @@
 """The training loop shared by every stage: the compiled step, epochs, mining rounds, checkpoints,
 validation and logging. A stage brings its parts, its loss and its defaults (stages.Stage).
+
+A run resumes from its last checkpoint exactly as if it had not stopped (mining included: Checkpoints);
+a finished run given a larger --epochs or --max_steps continues the same way. Ctrl-C finishes the step in
+flight, saves a checkpoint and raises Interrupted; a checkpoint that cannot be written (a full disk) leaves
+no temporary files and raises TrainError.
 """
 import dataclasses
 import os
 import shutil
+import signal
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -84,6 +91,137 @@ def make_step(state, stage, cfg, strategy):
     return tf.function(step_fn, autograph=False)
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+class Interrupted(Exception):
+    """Ctrl-C stopped training after saving a checkpoint; str() is one line."""
+
+
+class _CtrlC:
+    """While training: the first SIGINT asks the loop to stop after the step in flight (it then saves a
+    checkpoint); a second one stops at once (KeyboardInterrupt, nothing saved). Outside the main thread
+    (no signal handler allowed there) Ctrl-C keeps Python's default."""
+
+    def __enter__(self):
+        self.requested = False
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:
+            self.previous = None
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+class Checkpoints:
+    """The run's checkpoints: tf.train.CheckpointManager (the last 2 kept) and, beside a checkpoint taken
+    inside a mining epoch, `ckpt-<N>.mining.npz`: the epoch's MiningBuffer (mining.MiningBuffer.state) as
+    gathered up to step N, so that a resume ranks with the same descriptors as an uninterrupted run. At an
+    epoch end the file exists only when that epoch's mining round has not run (the run stopped there; an
+    extended run runs the round first).
+
+    Each file is complete or absent: the .npz is written to a temporary file and renamed before the
+    checkpoint is saved, and a failed save (a full disk) removes what it left (TensorFlow's ckpt-N_temp/
+    included) before it is reported in one line. Cost at paper size (SPEC §2: ~52,600 training panoramas,
+    a 10,000-tile pool, 4096-d): 52,600 x 4096 x 2 B (float16) + 10,000 x 4096 x 4 B (float32) = 0.59 GB
+    per file, at most 2 on disk (one per kept checkpoint); with --ckpt_every 500 and 3,757-step epochs,
+    7 or 8 files (4.1-4.7 GB) written per mining epoch, about 0.6 s each at 1 GB/s. The same 0.59 GB is in
+    memory during any mining epoch anyway (now the last epoch of a run too, for an extension's round);
+    a resume reads one file (0.59 GB, twice that in memory while it is copied into the buffer).
+    """
+
+    def __init__(self, checkpoint, directory):
+        self.dir = directory
+        self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=2)
+        self.clean()
+
+    @staticmethod
+    def mining_path(ckpt_path):
+        return ckpt_path + '.mining.npz'
+
+    @property
+    def latest(self):
+        return self.manager.latest_checkpoint
+
+    def save(self, step, buf=None):
+        """Checkpoint `step` (and `buf`, the mining epoch's buffer so far); TrainError in one line if it fails."""
+        path = os.path.join(self.dir, f'ckpt-{step}')
+        try:
+            if buf is not None:
+                os.makedirs(self.dir, exist_ok=True)
+                _atomic_npz(self.mining_path(path), buf.state())
+            self.manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as e:
+            self.clean(failed=path)
+            raise TrainError(f'{path}: cannot write the checkpoint of step {step} ({train_lib.error_reason(e)}); '
+                             f'removed what it left; last checkpoint: {self.latest or "none"} (run the same command '
+                             'to resume once the disk has room)') from None
+        self.clean()
+        return self.latest
+
+    def clean(self, failed=None):
+        """Remove what an interrupted or failed save leaves: TensorFlow's ckpt-N_temp/ folders, temporary
+        files, the files of a failed checkpoint, and mining files of checkpoints no longer kept."""
+        if not os.path.isdir(self.dir):
+            return
+        kept = {os.path.basename(k) for k in self.manager.checkpoints}
+        failed = os.path.basename(failed) if failed and os.path.basename(failed) not in kept else None
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            stale = name.endswith('_temp') or '.tmp' in name
+            if name.endswith('.mining.npz'):
+                stale = name[:-len('.mining.npz')] not in kept
+            if failed and (name.startswith(failed + '.') or name == failed + '_temp'):
+                stale = True
+            if stale:
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    try:
+                        os.remove(path)
+                    except OSError:
+                        pass
+
+    def load_mining(self, ckpt_path, n_panos, n_tiles, pool, dim):
+        """The MiningBuffer saved beside `ckpt_path`, or None if there is none; StateError if unusable."""
+        path = self.mining_path(ckpt_path)
+        if not os.path.exists(path):
+            return None
+        try:
+            with np.load(path) as f:
+                saved = {k: f[k] for k in ('pool', 'grd', 'sat', 'grd_seen', 'sat_seen')}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise train_state.StateError(f'{path}: unreadable mining descriptors ({type(e).__name__}: '
+                                         f'{str(e).splitlines()[0][:120] if str(e) else ""}); delete it to resume '
+                                         'with them recomputed (not bit-identical)') from None
+        ok = (np.array_equal(saved['pool'], pool) and saved['grd'].shape == (n_panos, dim)
+              and saved['sat'].shape == (len(pool), dim) and saved['grd_seen'].shape == (n_panos,)
+              and saved['sat_seen'].shape == (len(pool),))
+        if not ok:
+            raise train_state.StateError(f'{path}: mining descriptors of another run (pool or shapes differ); delete '
+                                         'it to resume with them recomputed (not bit-identical)')
+        return mining.MiningBuffer.from_state(n_tiles, saved)
+
+
+def _atomic_npz(path, arrays):
+    """np.savez into path.tmp, then rename: the file is complete or absent."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # ----------------------------------------------------------------------------- one stage's run
 
 @dataclasses.dataclass
@@ -107,12 +245,22 @@ class Run:
 
 def steps_per_epoch(cfg, n_train):
     """floor(N / epoch_batch) (the released code's epoch: 14 in every stage), or floor(N / batch)."""
-    return n_train // (cfg.epoch_batch or cfg.batch)
+    per = cfg.epoch_batch or cfg.batch
+    if n_train // per == 0:
+        name = 'epoch_batch' if cfg.epoch_batch else 'batch'
+        raise config.ConfigError(f'--{name} {per}: {n_train} training panoramas make an epoch of 0 steps '
+                                 f'(floor({n_train} / {per})); ' + ('use a smaller --epoch_batch (0: the training '
+                                                                    'batch)' if cfg.epoch_batch else
+                                                                    'use a smaller --batch'))
+    return n_train // per
 
 
 def start_run(stage, cfg):
     run_dir, init_dir = stage.run_dirs(cfg)
     strategy = distribute.make_strategy(cfg.strategy)
+    replicas = strategy.num_replicas_in_sync
+    if cfg.batch % replicas:
+        raise config.ConfigError(f'--batch {cfg.batch} must be a multiple of the {replicas} replicas (global batch)')
     chief = distribute.is_chief(strategy)
     # Under MultiWorkerMirroredStrategy only the chief writes the run directory; the other workers read
     # it (resume, previous stage) and keep their own checkpoints and log in a temporary directory.
@@ -120,71 +268,120 @@ def start_run(stage, cfg):
     worker = distribute.worker_name(strategy)
     log = train_lib.open_log(write_dir, f'{stage.name} {worker}'.strip())
     cache = images.ImageCache(cfg.image_cache_mb * 2 ** 20) if cfg.image_cache_mb > 0 else None
-    replicas = strategy.num_replicas_in_sync
-    if cfg.batch % replicas:
-        raise config.ConfigError(f'--batch {cfg.batch} must be a multiple of the {replicas} replicas (global batch)')
     if cfg.strategy != 'default':
         log(f'strategy: {cfg.strategy}, {replicas} replicas')
     return Run(stage, cfg, run_dir, init_dir, strategy, chief, write_dir, log, cache)
 
 
 def train(stage, cfg):
-    """Train one stage in its run directory; -> the run directory's latest checkpoint."""
-    run = start_run(stage, cfg)
-    config_path = os.path.join(run.run_dir, 'config.json')
+    """Train one stage in its run directory; -> the run directory's latest checkpoint.
+
+    Nothing is written before the configuration, the run directory's record, the previous stage's
+    checkpoint and the training split have been checked. Ctrl-C saves a checkpoint and raises Interrupted."""
+    run_dir, init_dir = stage.run_dirs(cfg)
+    config_path = os.path.join(run_dir, 'config.json')
     saved = config.check_run_dir(cfg, config_path)
-    split = run.split = run.dataset('train')
+    if stage.previous and not train_state.latest_checkpoint(run_dir):   # (reads only)
+        train_state.check_predecessor(stage, cfg, init_dir)
+    split = train_lib.dataset_splits(cfg, 'train')
     spe = steps_per_epoch(cfg, len(split))
     sampler = input_data.BatchSampler(split, cfg.batch, cfg.seed, spe)
+    run = start_run(stage, cfg)
+    run.split = split
     with run.strategy.scope():
         state = train_state.TrainState(stage, cfg, len(split), spe)
-    train_state.initialise(state, stage, cfg, run.run_dir, run.init_dir, run.log)
-    if run.chief and saved is None:  # the first start's record, once it can start: a refused run changes nothing
-        config.save(cfg, config_path)
-    ckpt = state.checkpoint()
-    manager = tf.train.CheckpointManager(ckpt, os.path.join(run.write_dir, 'ckpt'), max_to_keep=2)
-    embedder = embedding.Embedder(state.model)
-    if stage.prepare and not bool(state.tables_ready.numpy()):
-        for name, value in stage.prepare(state.model, split, embedder, cfg, run.log, run.images, run.write_dir).items():
-            state.tables[name].assign(value)
-        state.tables_ready.assign(True)
+    how = train_state.initialise(state, stage, cfg, run.run_dir, run.init_dir, run.log)
     total = cfg.epochs * spe
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    step_fn = make_step(state, stage, cfg, run.strategy)
-    writer = tf.summary.create_file_writer(os.path.join(run.write_dir, 'tb'))
-    run.log(f'{split.name}: {len(split)} panoramas, {len(split.tile_paths)} tiles; batch {cfg.batch}, '
-            f'{spe} steps/epoch, {total} steps; parts trained: {", ".join(stage.train_parts)}')
     step = int(state.step.numpy())
-    t0 = time.time()
-    if step >= total:
-        run.log(f'already trained ({step} steps); nothing to do')
-    else:
-        step = _epochs(run, state, step_fn, manager, writer, embedder, sampler, spe, total)
-        if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f'-{step}'):
-            manager.save(checkpoint_number=step)   # a max_steps stop inside an epoch
-        run.log(f'done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {manager.latest_checkpoint}')
-    writer.close()
+    if run.chief and saved is None:  # the first start's record, once it can start: a refused run changes nothing
+        config.save(cfg, config_path)
+    elif run.chief and step < total and config.mismatch(saved, cfg, kinds=('extend',)):
+        grown = [f'--{k} {saved.get(k)} -> {getattr(cfg, k)}' for k in ('epochs', 'max_steps')
+                 if saved.get(k) != getattr(cfg, k)]
+        run.log(f'extending the run: {", ".join(grown)} ({step} steps done, {total} now)')
+        config.save(cfg, config_path)
+    ckpts = Checkpoints(state.checkpoint(), os.path.join(run.write_dir, 'ckpt'))
+    resumed_from = train_state.latest_checkpoint(run.run_dir) if how == 'resume' else None
+    embedder = embedding.Embedder(state.model)
+    with _CtrlC() as ctrl_c:
+        if stage.prepare and not bool(state.tables_ready.numpy()):
+            for name, value in stage.prepare(state.model, split, embedder, cfg, run.log, run.images,
+                                             run.write_dir).items():
+                state.tables[name].assign(value)
+            state.tables_ready.assign(True)
+        step_fn = make_step(state, stage, cfg, run.strategy)
+        writer = tf.summary.create_file_writer(os.path.join(run.write_dir, 'tb'))
+        run.log(f'{split.name}: {len(split)} panoramas, {len(split.tile_paths)} tiles; batch {cfg.batch}, '
+                f'{spe} steps/epoch, {total} steps; parts trained: {", ".join(stage.train_parts)}')
+        t0 = time.time()
+        if step >= total:
+            run.log(f'already trained ({step} steps); nothing to do')
+        else:
+            step = _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, resumed_from, ctrl_c)
+            run.log(f'done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpts.latest}')
+        writer.close()
     return finish(run)
 
 
-def _epochs(run, state, step_fn, manager, writer, embedder, sampler, spe, total):
+def _mines_after(cfg, epoch):
+    """Whether a mining round runs at the end of (0-based) `epoch`: its successor takes mined batches."""
+    return bool(cfg.mining) and epoch + 2 >= cfg.mining_start_epoch
+
+
+def _mining_round(run, state, buf, embedder, epoch):
+    cfg, split = run.cfg, run.split
+    buf.fill_missing(split, embedder, cfg, run.images)
+    table = mining.hard_negatives(buf.grd, buf.sat, buf.pool, cfg.mining_topk)
+    state.hard.assign(distribute.broadcast(run.strategy, table))
+    state.hard_valid.assign(True)
+    run.log(f'mining: epoch {epoch + 1}: top-{min(cfg.mining_topk, len(buf.pool))} of {len(buf.pool)} '
+            f'tiles for {len(split)} panoramas')
+
+
+def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, resumed_from, ctrl_c):
+    """Steps from the state's step to `total`, epoch by epoch, with mining rounds, checkpoints and
+    validations; -> the last step. An epoch that feeds a mining round gathers the descriptors of its
+    batches (mining.MiningBuffer); every checkpoint inside such an epoch saves them (Checkpoints)."""
     cfg, split = run.cfg, run.split
     step = int(state.step.numpy())
     t_last, s_last = time.time(), step
+
+    def new_buffer(epoch):
+        pool = mining.mining_pool(cfg.seed, epoch, len(split.tile_paths), cfg.mining_pool)
+        return mining.MiningBuffer(len(split), len(split.tile_paths), pool, state.model.dim)
+
+    def saved_buffer(epoch):
+        pool = mining.mining_pool(cfg.seed, epoch, len(split.tile_paths), cfg.mining_pool)
+        return ckpts.load_mining(resumed_from, len(split), len(split.tile_paths), pool, state.model.dim)
+
+    def stop_if_asked(step):
+        if ctrl_c.requested:   # the checkpoint of `step` is on disk
+            raise Interrupted(f'interrupted at step {step} of {total}: checkpoint {ckpts.latest} saved; run the '
+                              'same command to resume')
+
+    buf = None
+    if resumed_from and step % spe == 0:
+        if _mines_after(cfg, step // spe - 1):
+            pending = saved_buffer(step // spe - 1)
+            if pending is not None:   # the run stopped at this epoch end before its round (an extended run)
+                _mining_round(run, state, pending, embedder, step // spe - 1)
+    elif resumed_from and _mines_after(cfg, step // spe):
+        buf = saved_buffer(step // spe)
+        if buf is None:
+            run.log(f'mining: no descriptors saved with {resumed_from}: those of the steps before it are computed '
+                    'again at the epoch end (the round is not bit-identical to an uninterrupted run)')
     while step < total:
         epoch, offset = divmod(step, spe)
         use_hard = cfg.mining and bool(state.hard_valid.numpy()) and epoch + 1 >= cfg.mining_start_epoch
         panos, semi = sampler.epoch_plan(epoch, state.hard.numpy() if use_hard else None)
         end = min(spe, offset + total - step)
         ds = pipeline.train_dataset(split, panos[offset:end], semi[offset:end], cfg.grd_size, cfg.sat_size,
-                                      cfg.batch, cache=run.images, with_semi=run.stage.uses_semi)
+                                    cfg.batch, cache=run.images, with_semi=run.stage.uses_semi)
         ds = run.strategy.experimental_distribute_dataset(ds)
-        # mine at the end of a complete epoch whose successor exists and takes mined batches
-        buf = None
-        if cfg.mining and epoch + 2 >= cfg.mining_start_epoch and end == spe and (epoch + 1) * spe < total:
-            pool = mining.mining_pool(cfg.seed, epoch, len(split.tile_paths), cfg.mining_pool)
-            buf = mining.MiningBuffer(len(split), len(split.tile_paths), pool, state.model.dim)
+        if _mines_after(cfg, epoch) and buf is None:
+            buf = new_buffer(epoch)
         for batch in ds:
             loss, terms, reports, ok, desc = step_fn(batch)
             if not bool(ok.numpy()):
@@ -200,19 +397,21 @@ def _epochs(run, state, step_fn, manager, writer, embedder, sampler, spe, total)
                 rate = (step - s_last) / max(now - t_last, 1e-9)
                 t_last, s_last = now, step
                 _log_step(run, state, writer, step, total, epoch, loss, terms, reports, rate)
-            if step % cfg.ckpt_every == 0 and step % spe != 0:
-                manager.save(checkpoint_number=step)
-        if step % spe == 0:  # the epoch is complete
-            if buf is not None:
-                buf.fill_missing(split, embedder, cfg, run.images)
-                table = mining.hard_negatives(buf.grd, buf.sat, buf.pool, cfg.mining_topk)
-                state.hard.assign(distribute.broadcast(run.strategy, table))
-                state.hard_valid.assign(True)
-                run.log(f'mining: epoch {epoch + 1}: top-{min(cfg.mining_topk, len(buf.pool))} of {len(buf.pool)} '
-                        f'tiles for {len(split)} panoramas')
-            manager.save(checkpoint_number=step)
+            if step % spe == 0 or step == total:
+                break         # the epoch's end (or the run's): saved below
+            if step % cfg.ckpt_every == 0 or ctrl_c.requested:
+                ckpts.save(step, buf)
+            stop_if_asked(step)
+        if step % spe == 0 and step < total and buf is not None:   # the epoch is complete: its mining round
+            _mining_round(run, state, buf, embedder, epoch)
+            buf = None
+        ckpts.save(step, buf)  # an epoch end or the run's last step (with the round's descriptors if it is pending)
+        if step % spe == 0:
+            buf = None
+        stop_if_asked(step)
         if cfg.val_every and run.chief and (step == total or (step % spe == 0 and (epoch + 1) % cfg.val_every == 0)):
             validate(run, state.model, embedder, writer, step)
+            stop_if_asked(step)   # (Ctrl-C during the validation)
     return step
 
 

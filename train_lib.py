@@ -10,12 +10,15 @@ A stage script is short: its Stage(s) (stages.py) and
         sys.exit(train_lib.main(STAGES))
 
 `main` trains the script's stages in order (loop.train) or, with --test, evaluates the last one
-(testing.run_test). Bad input of any kind ends in one line `error: ...` on stderr and exit status 2.
+(testing.run_test). Bad input of any kind (a flag, data, a checkpoint, a configuration, a full disk) ends in
+one line `error: ...` on stderr and exit status 2; Ctrl-C saves a checkpoint and ends in one line
+`interrupted at step ...` and exit status 130 (a second Ctrl-C stops at once, without a checkpoint).
 Importing this module changes nothing and does not load TensorFlow.
 """
 import itertools
 import logging
 import os
+import re
 import sys
 import tempfile
 
@@ -77,6 +80,15 @@ class _Stdout(logging.StreamHandler):
         super().emit(record)
 
 
+class _QuietFile(logging.FileHandler):
+    """train.log; a write that fails (a full disk) drops the file copy instead of printing a traceback
+    (stdout keeps every line; the checkpoint that then fails says so in one line)."""
+
+    def handleError(self, record):
+        self.close()
+        self.emit = lambda record: None
+
+
 _LOGGERS = itertools.count()
 
 
@@ -90,7 +102,7 @@ def open_log(run_dir, prefix):
     console.setFormatter(logging.Formatter(f'[{prefix}] %(message)s'))
     handlers = [console]
     try:
-        file = logging.FileHandler(os.path.join(run_dir, 'train.log'))
+        file = _QuietFile(os.path.join(run_dir, 'train.log'))
         file.setFormatter(logging.Formatter(f'%(asctime)s [{prefix}] %(message)s', '%Y-%m-%d %H:%M:%S'))
         handlers.append(file)
     except OSError:
@@ -157,11 +169,56 @@ def main(stages_, argv=None):
             loop.train(stage, cfg)
         return 0
     except errors as e:
-        print(f'error: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
-        return 2
-    except tf.errors.OpError as e:  # bad input met inside tf.data (training, mining or --test)
-        msg = pipeline.unwrap_error(e)
+        return _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except loop.Interrupted as e:   # 'interrupted at step ...: checkpoint ... saved; ...'
+        print(str(e), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print('interrupted: stopped at once; what was saved before is intact (run the same command again to resume)',
+              file=sys.stderr)
+        return 130
+    except MemoryError:
+        return _error('out of memory; lower --batch, --eval_batch, --eval_block or --image_cache_mb')
+    except OSError as e:  # the machine's, not the code's: a full disk, a read-only or vanished directory
+        if not e.filename or not e.strerror:
+            raise
+        return _error(f'{e.filename}: {e.strerror}')
+    except tf.errors.OpError as e:  # bad input met inside tf.data (training, mining or --test), or the machine
+        msg = pipeline.unwrap_error(e) or _machine_error(e)
         if not msg:
             raise
-        print(f'error: {msg}', file=sys.stderr)
-        return 2
+        return _error(msg)
+
+
+def _error(msg):
+    print(f'error: {msg}', file=sys.stderr)
+    return 2
+
+
+MACHINE_ERRORS = ('No space left on device', 'File too large', 'Disk quota exceeded', 'Read-only file system',
+                  'Permission denied')
+
+
+def error_reason(e):
+    """Why an operation failed, in a few words: the system's reason (a full disk...) or the first line of
+    TensorFlow's message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return next((known for known in MACHINE_ERRORS if known in str(e)), _first_line(e))
+
+
+def _first_line(e):
+    """An exception's first line, without TensorFlow's op decorations ({{function_node ...}}, [Op:...])."""
+    text = str(getattr(e, 'message', e)).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:\w+\]', '', first)[:200]
+
+
+def _machine_error(e):
+    """One line for a TensorFlow error that the machine caused (memory, disk), else None."""
+    import tensorflow as tf
+    if error_reason(e) in MACHINE_ERRORS:
+        return _first_line(e)
+    if isinstance(e, tf.errors.ResourceExhaustedError):
+        return f'out of memory ({_first_line(e)}); lower --batch, --eval_batch or --eval_block'
+    return None

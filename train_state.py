@@ -115,7 +115,15 @@ def latest_checkpoint(run_dir):
     if not run_dir:
         return None
     index = os.path.join(run_dir, 'ckpt', 'checkpoint')
-    path = tf.train.latest_checkpoint(os.path.join(run_dir, 'ckpt'))
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel('ERROR')    # a damaged index is reported below, in one line, not in TensorFlow's warnings
+    try:
+        path = tf.train.latest_checkpoint(os.path.join(run_dir, 'ckpt'))
+    except (ValueError, tf.errors.OpError):  # an empty or unparsable index ('Invalid checkpoint state')
+        path = None
+    finally:
+        logger.setLevel(level)
     if path is None and os.path.exists(index):
         raise StateError(f'{index}: damaged checkpoint index (names no checkpoint); restore it, or delete '
                          f'{os.path.dirname(index)} to start this run again')
@@ -129,9 +137,9 @@ def _read(checkpoint, path, what):
     except ValueError as e:  # a variable of another shape
         raise StateError(f'{path}: checkpoint of another architecture than {what} with these flags '
                          f'({str(e).splitlines()[0][:160]})') from None
-    except (tf.errors.OpError, OSError) as e:
+    except (tf.errors.OpError, OSError, IndexError) as e:  # IndexError: a truncated data file
         raise StateError(f'{path}: unreadable checkpoint ({type(e).__name__}: '
-                         f'{str(e).strip().splitlines()[0][:160]})') from None
+                         f'{str(e).strip().splitlines()[0][:160]}): a damaged or partly copied file') from None
 
 
 def _matched(status, path, what):
@@ -165,6 +173,9 @@ def restore_optimizer(optimizer, parts, path, what, global_step):
 def check_predecessor(stage, cfg, init_dir):
     """The previous stage's latest checkpoint, after checking it is of a stage and an architecture we accept."""
     ckpt = latest_checkpoint(init_dir)
+    if not ckpt and cfg.init_from:
+        raise StateError(f'--init_from {init_dir}: no checkpoint of {" or ".join(stage.accepts)} there; run '
+                         f'`{stage.previous_command()}` first, or name its run directory')
     if not ckpt:
         raise StateError(f'{init_dir}: no checkpoint of {stage.previous}; run `{stage.previous_command()}` first '
                          '(or pass --init_from)')
@@ -186,7 +197,9 @@ def initialise(state, stage, cfg, run_dir, init_dir, log):
     """Resume > previous stage > ImageNet > random (see the module docstring). -> which one ran."""
     latest = latest_checkpoint(run_dir)
     if latest:
-        _matched(_read(state.checkpoint(), latest, 'this run'), latest, 'this run')
+        status = _read(state.checkpoint(), latest, 'this run')
+        _matched(status, latest, 'this run')
+        status.expect_partial()   # CheckpointManager's save_counter has no object here (else a stderr warning)
         log(f'init: resumed this run from {latest} (step {int(state.step.numpy())})')
         return 'resume'
     if stage.previous:
@@ -224,6 +237,10 @@ def load_imagenet(model, path, log):
         log(f'init: random VGG16 trunks: the ImageNet weights in {path} do not fit this network ({problem}); '
             'they fit --width 1 only')
         return False
+    for conv in model.grd_trunk.convs:
+        if not all(np.all(np.isfinite(np.asarray(a, np.float32))) for a in weights[conv.name][:2]):
+            raise StateError(f'{path}: layer {conv.name} holds non-finite values; expected the classic TF-VGG '
+                             'vgg16.npy (see data/DATASET.md)')
     model.grd_trunk.load_weights(weights)
     model.sat_trunk.load_weights(weights)
     log(f'init: ImageNet VGG16 weights from {path}')

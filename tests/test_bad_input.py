@@ -1,19 +1,29 @@
 """Bad input: each case stops the stage script with one line `error: <file>[:<line>]: <what>` on stderr and
-exit status 2, and leaves an existing run directory as it was.
+exit status 2, and leaves an existing run directory as it was. Also what the scripts accept on purpose
+(a byte-order mark, corrected labels' out-of-tile semi-positives, ImageNet weights of another width), and
+the machine's own failures: Ctrl-C (a checkpoint, one line, status 130) and a full disk (one line, no
+temporary files left).
 
 Most cases call the stage scripts' `train_lib.main` in-process (what `python train_*.py` runs, without
-TensorFlow's start-up per case); `test_truncated_jpeg_through_the_shell` runs the real command line.
+TensorFlow's start-up per case); `test_truncated_jpeg_through_the_shell` and
+`test_flag_errors_through_the_shell` run the real command line.
 """
+import glob
 import hashlib
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
 import cv2
+import numpy as np
 import pytest
 
 import input_data
+import loop
+import model
 import train_first_E_1
 import train_lib
 import train_second_E_2_1
@@ -252,3 +262,282 @@ def test_unknown_flag_value(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith('usage: ') and "argument --dataset: invalid choice: 'vigr'" in err
     assert not os.path.exists(tmp_path / 'run')
+
+
+# ----------------------------------------------------------------------------- flags
+
+E_2_1 = [train_second_E_2_1.STAGE]
+
+
+@pytest.mark.parametrize('stages,extra,message', [
+    (E_1, ['--batch', '0'], '--batch 0: must be at least 2 (the triplet loss needs a negative in the batch)'),
+    (E_1, ['--log_every', '0'], '--log_every 0: must be at least 1'),
+    (E_1, ['--ckpt_every', '0'], '--ckpt_every 0: must be at least 1'),
+    (E_1, ['--seed', '-1'], '--seed -1: must be 0 or more'),
+    (E_1, ['--grd_size', '0', '0'], '--grd_size 0 0: both sides must be positive multiples of 32 (the trunk '
+                                    'downsamples 32x)'),
+    (E_1, ['--sat_size', '1'], '--sat_size 1: must be a positive multiple of 64 (the heatmap decoder of E_2 and E_3 '
+                               'upsamples the 1x1 bottleneck by side / 64, and every stage uses one size)'),
+    (E_1, ['--width', '0'], '--width 0.0: must be a positive number'),
+    # blamed on the flag, not on the missing E_1 phase-a checkpoint E_2_1 would start from
+    (E_2_1, ['--epochs', '0'], '--epochs 0: must be at least 1'),
+    (E_2_1, ['--max_steps', '-1'], '--max_steps -1: must be 0 or more'),
+    (E_1, ['--test', '--eval_block', '0'], '--eval_block 0: must be at least 1'),
+    (E_1, ['--test', '--eval_batch', '0'], '--eval_batch 0: must be at least 1'),
+    (E_1, ['--test', '--max_queries', '-5'], '--max_queries -5: must be 0 or more'),
+], ids=lambda v: ' '.join(v) if isinstance(v, list) and isinstance(v[0], str) else None)
+def test_impossible_flag_values_write_nothing(vigor, tmp_path, capsys, stages, extra, message):
+    run_dir = tmp_path / 'run'
+    argv = TINY + ['--data_root', vigor, '--run_dir', str(run_dir)] + extra
+    assert fails(stages, argv, capsys) == f'error: {message}'
+    assert not run_dir.exists()
+
+
+def test_run_dir_naming_a_file(vigor, tmp_path, capsys):
+    path = tmp_path / 'results.txt'
+    path.write_text('kept')
+    err = fails(E_1, TINY + ['--data_root', vigor, '--run_dir', str(path)], capsys)
+    assert err == f'error: --run_dir {path}: names a file, not a directory'
+    assert path.read_text() == 'kept'
+
+
+def test_an_epoch_of_no_step_blames_the_flag(vigor, tmp_path, capsys):
+    err = fails(E_1, TINY + ['--data_root', vigor, '--run_dir', str(tmp_path / 'run'), '--epoch_batch', '100'], capsys)
+    assert err == ('error: --epoch_batch 100: 36 training panoramas make an epoch of 0 steps (floor(36 / 100)); use a '
+                   'smaller --epoch_batch (0: the training batch)')
+    assert not (tmp_path / 'run').exists()
+
+
+# ----------------------------------------------------------------------------- label files: names and deltas
+
+def set_token(path, line, k, value):
+    """Token k of label line `line` (0-based) := value."""
+    def edit(lines):
+        tok = lines[line].split()
+        tok[k] = value
+        return lines[:line] + [' '.join(tok)] + lines[line + 1:]
+    edit_lines(path, edit)
+
+
+def test_label_line_whose_semi_positives_are_all_unknown(vigor_copy, tmp_path, capsys):
+    for k in (4, 7, 10):
+        set_token(split_file(vigor_copy), 1, k, f'satellite_1.{k}_2.0.png')
+    err = train_e1(vigor_copy, str(tmp_path / 'run'), capsys)
+    assert err == (f'error: {split_file(vigor_copy)}:2: none of the semi-positive tiles satellite_1.4_2.0.png, '
+                   "satellite_1.7_2.0.png, satellite_1.10_2.0.png is in satellite_list.txt of ('NewYork', 'Seattle', "
+                   "'SanFrancisco', 'Chicago')")
+
+
+def test_label_file_not_utf8(vigor_copy, tmp_path, capsys):
+    path = split_file(vigor_copy, 'Chicago')
+    data = open(path, 'rb').read().split(b'\n')
+    data[2] = data[2][:10] + b'\xe9' + data[2][10:]        # a Latin-1 'e acute'
+    open(path, 'wb').write(b'\n'.join(data))
+    err = train_e1(vigor_copy, str(tmp_path / 'run'), capsys)
+    assert err == f'error: {path}:3: not UTF-8 text (byte 0xe9 at column 11)'
+
+
+@pytest.mark.parametrize('token,value,message', [
+    (2, '5000', 'positive delta (5000, {dx}) px lies beyond +-320 px (pixels of the 640-px tile; the panorama must '
+                'lie in its positive tile)'),
+    (3, 'nan', 'a delta is not finite'),
+    (5, '-5000.0', "semi-positive 1 delta (-5000, {sdx}) px lies beyond +-640 px (pixels of the 640-px tile; a "
+                   "semi-positive is the positive tile's neighbour in a grid of step 320 px)"),
+    (0, 'P_LDsi-H061h3R3nGSyWy1,140.0,-73.979650,.jpg', 'panorama name P_LDsi-H061h3R3nGSyWy1,140.0,-73.979650,.jpg: '
+                                                         'latitude 140 is not in [-90, 90]'),
+    (0, 'P_LDsi,40.7,-273.9,.jpg', 'panorama name P_LDsi,40.7,-273.9,.jpg: longitude -273.9 is not in [-180, 180]'),
+], ids=['positive 5000 px', 'nan', 'semi 5000 px', 'latitude', 'longitude'])
+def test_implausible_names_and_deltas(vigor_copy, tmp_path, capsys, token, value, message):
+    path = split_file(vigor_copy)
+    tok = open(path).read().splitlines()[1].split()
+    set_token(path, 1, token, value)
+    err = train_e1(vigor_copy, str(tmp_path / 'run'), capsys)
+    assert err == f'error: {path}:2: ' + message.format(dx=f'{float(tok[3]):g}', sdx=f'{float(tok[6]):g}')
+
+
+def test_implausible_tile_name_in_satellite_list(vigor_copy, tmp_path, capsys):
+    path = os.path.join(vigor_copy, 'splits', 'Seattle', 'satellite_list.txt')
+    edit_lines(path, lambda lines: lines[:4] + ['satellite_47.6_-999.0.png'] + lines[4:])
+    assert train_e1(vigor_copy, str(tmp_path / 'run'), capsys) == \
+        f'error: {path}:5: tile name satellite_47.6_-999.0.png: longitude -999 is not in [-180, 180]'
+    edit_lines(path, lambda lines: lines[:4] + ['sat_47.6.png'] + lines[5:])
+    assert train_e1(vigor_copy, str(tmp_path / 'run'), capsys) == \
+        f'error: {path}:5: tile name sat_47.6.png: expected satellite_<lat>_<lon>.png'
+
+
+def test_accepted_byte_order_mark_and_corrected_out_of_tile_semi_positive(vigor_copy, tmp_path, capsys):
+    """A UTF-8 BOM (Windows editors write one) is dropped; a corrected label's semi-positive delta beyond the
+    tile's +-320 px (SPEC §1: 1.5-27 % of them in the real files) trains."""
+    for path in (os.path.join(vigor_copy, 'splits', 'NewYork', 'satellite_list.txt'),
+                 os.path.join(vigor_copy, 'splits__corrected', 'NewYork', 'same_area_balanced_train__corrected.txt')):
+        data = open(path, 'rb').read()
+        open(path, 'wb').write(b'\xef\xbb\xbf' + data)
+    corrected = os.path.join(vigor_copy, 'splits__corrected', 'NewYork', 'same_area_balanced_train__corrected.txt')
+    set_token(corrected, 0, 5, '-410.0')
+    capsys.readouterr()
+    argv = TINY + ['--data_root', vigor_copy, '--run_dir', str(tmp_path / 'run'), '--labels', 'corrected']
+    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
+    split = input_data.load_vigor(vigor_copy, 'train', labels='corrected')
+    assert split.deltas[0, 1, 0] == -410.0 and len(split) == 36
+
+
+# ----------------------------------------------------------------------------- CVACT's ACT_data.mat
+
+@pytest.mark.parametrize('damage,message', [
+    ('missing', '{mat}: CVACT ACT_data.mat not found'),
+    ('garbage', '{mat}: not a readable .mat file (Unknown mat file type, version 97, 32)'),
+    ('no utm', "{mat}: missing field 'utm'"),
+])
+def test_cvact_act_data_missing_or_corrupt(tmp_path, capsys, damage, message):
+    from fake_act_data import write_act_data
+    root = tmp_path / 'CVACT'
+    os.makedirs(root / 'resampled' / 'splits')
+    mat = str(root / 'ACT_data.mat')
+    if damage == 'garbage':
+        open(mat, 'wb').write(b'not a mat file ' * 20)
+    elif damage == 'no utm':
+        write_act_data(mat, drop=('utm',))
+    argv = TINY + ['--dataset', 'cvact', '--cvact_mpp', '0.12', '--data_root', str(root),
+                   '--run_dir', str(tmp_path / 'run')]
+    err = fails(E_1, argv, capsys)
+    assert err == 'error: ' + message.format(mat=mat)
+    assert not (tmp_path / 'run').exists()
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints and configurations
+
+def damaged_copy(e1_run, tmp_path):
+    run_dir = str(tmp_path / 'E_1')
+    shutil.copytree(e1_run, run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'zeroed'])
+def test_damaged_checkpoint_data_file(vigor, e1_run, tmp_path, capsys, damage):
+    run_dir = damaged_copy(e1_run, tmp_path)
+    ckpt = train_state.latest_checkpoint(run_dir)
+    data_file = glob.glob(ckpt + '.data-*')[0]
+    size = os.path.getsize(data_file)
+    with open(data_file, 'r+b') as f:
+        if damage == 'truncated':
+            f.truncate(size // 2)
+        else:
+            f.write(bytes(size))
+    before = snapshot(run_dir)
+    for extra in ([], ['--test']):       # the same command again (it restores before it finds nothing to do), --test
+        err = train_e1(vigor, run_dir, capsys, *extra)
+        assert err.startswith(f'error: {ckpt}: unreadable checkpoint (')
+        assert err.endswith('): a damaged or partly copied file')
+    assert_untouched(before, run_dir)
+
+
+@pytest.mark.parametrize('content', ['', 'model_checkpoint_path: "ckpt-1', '\0' * 80],
+                         ids=['empty', 'truncated', 'zeroed'])
+def test_damaged_checkpoint_index_is_an_error_not_a_restart(vigor, e1_run, tmp_path, capsys, content):
+    run_dir = damaged_copy(e1_run, tmp_path)
+    index = os.path.join(run_dir, 'ckpt', 'checkpoint')
+    with open(index, 'w') as f:
+        f.write(content)
+    before = snapshot(run_dir)
+    err = train_e1(vigor, run_dir, capsys)
+    assert err == (f'error: {index}: damaged checkpoint index (names no checkpoint); restore it, or delete '
+                   f'{os.path.dirname(index)} to start this run again')
+    assert_untouched(before, run_dir)
+    assert sorted(os.listdir(os.path.dirname(index))) == sorted(os.listdir(os.path.join(e1_run, 'ckpt')))
+
+
+@pytest.mark.parametrize('content', ['', '{"alpha": 10.0, "area": "sa'], ids=['empty', 'truncated'])
+def test_damaged_config_json(vigor, e1_run, tmp_path, capsys, content):
+    run_dir = damaged_copy(e1_run, tmp_path)
+    path = os.path.join(run_dir, 'config.json')
+    with open(path, 'w') as f:
+        f.write(content)
+    for extra in ([], ['--test']):
+        err = train_e1(vigor, run_dir, capsys, *extra)
+        assert err.startswith(f'error: {path}: unreadable run configuration (JSONDecodeError: ')
+        assert err.endswith('); restore it or use another --run_dir')
+
+
+def test_test_of_another_stages_run_directory(vigor, e1_run, capsys):
+    err = fails([train_second_E_2_2.STAGE], TINY + ['--data_root', vigor, '--run_dir', e1_run, '--test'], capsys)
+    assert err == f'error: {e1_run}: holds a E_1 run, not E_2_2; test it with python train_first_E_1.py --test'
+
+
+# ----------------------------------------------------------------------------- ImageNet weights of another width
+
+def test_full_size_imagenet_weights_with_the_demo_preset(vigor, tmp_path, capsys):
+    """data/DATASET.md's vgg16.npy (here: random values of the real shapes) with --preset demo (width 1/4): one
+    line says the trunks start random and why, and the demo trains."""
+    rng = np.random.default_rng(0)
+    weights, cin = {}, 3
+    for layer in model.VGG16_LAYERS:
+        if layer != 'pool':
+            name, cout = layer
+            weights[name] = [rng.normal(0, 0.01, (3, 3, cin, cout)).astype(np.float32), np.zeros(cout, np.float32)]
+            cin = cout
+    path = str(tmp_path / 'vgg16.npy')
+    np.save(path, weights, allow_pickle=True)
+    capsys.readouterr()
+    argv = ['--preset', 'demo', '--data_root', vigor, '--run_dir', str(tmp_path / 'run'), '--vgg_weights', path,
+            '--max_steps', '1', '--val_every', '0', '--batch', '4']   # (the tiny city cannot fill the demo's 10)
+    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
+    out = capsys.readouterr()
+    assert out.err == ''
+    assert (f'[E_1a] init: random VGG16 trunks: the ImageNet weights in {path} do not fit this network (layer conv1_1 '
+            'has shape (3, 3, 3, 64), this network needs (3, 3, 3, 16)); they fit --width 1 only') in out.out
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and a full disk
+
+def test_ctrl_c_saves_a_checkpoint_and_says_so_in_one_line(vigor, tmp_path, monkeypatch, capsys):
+    """SIGINT after step 3 (checkpoints every 100): the step in flight ends, ckpt-3 is saved with the mining
+    descriptors gathered so far, one line, status 130. (tests/test_resume.py resumes such a run and compares
+    its end with an uninterrupted run's.)"""
+    real = loop._log_step
+
+    def log_and_press_ctrl_c(run, state, writer, step, *rest):
+        real(run, state, writer, step, *rest)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(loop, '_log_step', log_and_press_ctrl_c)
+    run_dir = str(tmp_path / 'run')
+    argv = TINY + ['--data_root', vigor, '--run_dir', run_dir, '--max_steps', '6', '--ckpt_every', '100',
+                   '--mining', '1', '--epoch_batch', '0', '--log_every', '1']
+    capsys.readouterr()
+    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 130
+    ckpt = os.path.join(run_dir, 'phase_a', 'ckpt', 'ckpt-3')
+    assert capsys.readouterr().err.splitlines() == [
+        f'interrupted at step 3 of 6: checkpoint {ckpt} saved; run the same command to resume']
+    assert train_state.latest_checkpoint(os.path.join(run_dir, 'phase_a')) == ckpt
+    assert os.path.exists(ckpt + '.mining.npz')
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # Python's handler is back
+    # the mining descriptors saved with it, truncated: resuming says so rather than mining with garbage
+    monkeypatch.setattr(loop, '_log_step', real)
+    with open(ckpt + '.mining.npz', 'r+b') as f:
+        f.truncate(1000)
+    err = fails([train_first_E_1.PHASE_A], argv, capsys)
+    assert err.startswith(f'error: {ckpt}.mining.npz: unreadable mining descriptors (')
+    assert err.endswith('delete it to resume with them recomputed (not bit-identical)')
+
+
+def test_full_disk_one_line_and_no_temporary_files(vigor, tmp_path, capsys):
+    """Files beyond 500 kB cannot be written (RLIMIT_FSIZE; the process ignores SIGXFSZ): the first checkpoint
+    (1.4 MB) fails as on a full disk. One line; TensorFlow's ckpt-N_temp/ and our temporary files are gone."""
+    run_dir = str(tmp_path / 'run')
+    argv = TINY + ['--data_root', vigor, '--run_dir', run_dir, '--max_steps', '3', '--ckpt_every', '2',
+                   '--mining', '1', '--epoch_batch', '0']
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, hard))
+    try:
+        err = fails([train_first_E_1.PHASE_A], argv, capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    ckpt_dir = os.path.join(run_dir, 'phase_a', 'ckpt')
+    assert err == (f'error: {ckpt_dir}/ckpt-2: cannot write the checkpoint of step 2 (File too large); removed what it '
+                   'left; last checkpoint: none (run the same command to resume once the disk has room)')
+    assert os.listdir(ckpt_dir) == []
+    everything = [os.path.join(d, f) for d, dirs, files in os.walk(run_dir) for f in files + dirs]
+    assert not [p for p in everything if '_temp' in p or '.tmp' in p]
+    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0     # with room again, the same command trains

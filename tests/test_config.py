@@ -22,13 +22,21 @@ def test_precedence_flag_over_preset_over_stage_over_global():
 
 
 @pytest.mark.parametrize('argv,message', [
-    (['--batch', '0'], '--batch 0: must be at least 1'),
+    (['--batch', '0'], '--batch 0: must be at least 2 (the triplet loss needs a negative in the batch)'),
+    (['--batch', '1'], '--batch 1: must be at least 2 (the triplet loss needs a negative in the batch)'),
     (['--log_every', '0'], '--log_every 0: must be at least 1'),
     (['--seed', '-1'], '--seed -1: must be 0 or more'),
     (['--grd_size', '0', '0'], '--grd_size 0 0: both sides must be positive multiples of 32 (the trunk downsamples 32x)'),
-    (['--sat_size', '1'], '--sat_size 1: must be a positive multiple of 32'),
+    (['--grd_size', '64', '64'], '--grd_size 64 64: the width must be twice the height (a 360-degree panorama is '
+                                 'read without distortion, H W = 320 640)'),
+    (['--sat_size', '1'], '--sat_size 1: must be a positive multiple of 64 (the heatmap decoder of E_2 and E_3 '
+                          'upsamples the 1x1 bottleneck by side / 64, and every stage uses one size)'),
+    (['--sat_size', '96'], '--sat_size 96: must be a positive multiple of 64 (the heatmap decoder of E_2 and E_3 '
+                           'upsamples the 1x1 bottleneck by side / 64, and every stage uses one size)'),
     (['--width', '0'], '--width 0.0: must be a positive number'),
     (['--eval_block', '0'], '--eval_block 0: must be at least 1'),
+    (['--val_queries', '0'], '--val_queries 0: must be at least 1'),
+    (['--epochs', '0'], '--epochs 0: must be at least 1'),
     (['--max_steps', '-1'], '--max_steps -1: must be 0 or more'),
     (['--lr', 'nan'], '--lr nan: must be a positive number'),
     (['--yaw', 'sideways'], "--yaw sideways: must be 'north', 'random' or a number of degrees"),
@@ -36,6 +44,14 @@ def test_precedence_flag_over_preset_over_stage_over_global():
     (['--fov', '0'], '--fov 0.0: must be a number of degrees in (0, 360]'),
     (['--fov', '400'], '--fov 400.0: must be a number of degrees in (0, 360]'),
     (['--eval_seed', '-1'], '--eval_seed -1: must be 0 or more'),
+    (['--mining_topk', '200', '--mining_pool', '100'],
+     '--mining_topk 200: must not exceed --mining_pool 100 (the hard tiles are the top of the pool)'),
+    (['--dataset', 'cvact', '--labels', 'corrected'],
+     '--labels corrected: applies to VIGOR only, not to --dataset cvact'),
+    (['--area', 'cross', '--dataset', 'cvact'], '--area cross: applies to VIGOR only, not to --dataset cvact'),
+    (['--cvact_mpp', '0.1'], '--cvact_mpp 0.1: applies to CVACT only, not to --dataset vigor'),
+    (['--vgg_weights', '/nonexistent/vgg16.npy'], '--vgg_weights /nonexistent/vgg16.npy: not found (the default '
+                                                  'path may be missing; a path given on the command line must exist)'),
 ])
 def test_impossible_values_are_one_line_errors(argv, message):
     with pytest.raises(config.ConfigError) as e:
@@ -43,12 +59,14 @@ def test_impossible_values_are_one_line_errors(argv, message):
     assert str(e.value) == message
 
 
-def test_run_dir_naming_a_file(tmp_path):
+def test_paths_of_the_wrong_kind(tmp_path):
     path = tmp_path / 'file'
     path.write_text('x')
-    for flag in ('--run_dir', '--test_dir'):
-        with pytest.raises(config.ConfigError, match='names a file, not a directory'):
-            resolve([flag, str(path)])
+    for flag in ('run_dir', 'init_from', 'test_dir', 'data_root', 'cvact_resampled'):
+        with pytest.raises(config.ConfigError, match=f'--{flag} {path}: names a file, not a directory'):
+            resolve([f'--{flag}', str(path)] + (['--dataset', 'cvact'] if flag == 'cvact_resampled' else []))
+    with pytest.raises(config.ConfigError, match=f'--vgg_weights {tmp_path}: names a directory'):
+        resolve(['--vgg_weights', str(tmp_path)])
 
 
 def test_save_load_and_mismatch(tmp_path):

@@ -1,14 +1,28 @@
-"""Training survives SIGKILL: started again with the same command, it continues from its last checkpoint.
+"""Training survives SIGKILL and Ctrl-C, and a finished run can be extended: the end is the same as an
+uninterrupted run's, bit for bit, mining included.
 
-A real `train_first_E_1.py` process is killed three times (just after its first checkpoint appears,
-during a resumed start-up, inside phase b's mined epoch) and restarted each time with the same command;
-it must end at the step count of an uninterrupted run of that command, with a checkpoint that restores.
-A step that two processes both ran (after the checkpoint they share) must give bit-identical losses:
-model, optimiser, step and the mining table behind that epoch's batches all came back from the checkpoint.
+Fast (in-process): one chain of runs of E_1 phase a -- stopped by --max_steps inside epoch 1, extended to the
+epoch's end, extended to 2 epochs -- ends with the weights, Adam slots and mining table of one uninterrupted
+2-epoch run; without the mining descriptors saved beside the mid-epoch checkpoint it would not.
+
+Slow (subprocesses): a real `train_first_E_1.py` process is killed three times (just after its first
+checkpoint appears, during a resumed start-up, inside phase b's mined epoch), stopped once by SIGINT, and
+restarted each time with the same command; it must end at the step count of an uninterrupted run of that
+command, with the same weights and --test metrics. A step that two processes both ran (after the checkpoint
+they share) must give bit-identical losses: model, optimiser, step and the mining table behind that epoch's
+batches all came back from the checkpoint.
+
+Bit for bit, not to a tolerance: on one machine every op here is deterministic (CPU kernels, no atomics),
+the batches are a function of (seed, epoch, mining table), and a resumed process restores every value
+the next step reads (weights, Adam's slots and counts, step, mining table and the epoch's gathered
+mining descriptors), so any difference is a resume bug.
 """
 import glob
+import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +30,7 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import TINY
 from tensorflow.core.util import event_pb2
 
 import model
@@ -37,23 +52,83 @@ def data(tiny_vigor):
     return tiny_vigor(3)
 
 
+# ----------------------------------------------------------------------------- in-process: extend, Ctrl-C, resume
+
+# 9 steps per epoch; a mining round after epoch 1 (pool 20, top 5), epoch 2 half mined; lr 1e-3 so that the
+# weights move enough between steps for stale mining descriptors to change the mining table.
+CHAIN = TINY + ['--mining', '1', '--mining_start_epoch', '2', '--ckpt_every', '100', '--lr', '1e-3']
+
+
+def state_of(run_dir):
+    """name -> value of every variable in the run's latest checkpoint (weights, Adam, step, mining table)."""
+    path = train_state.latest_checkpoint(run_dir)
+    reader = tf.train.load_checkpoint(path)
+    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(path)
+            if not name.startswith('_CHECKPOINTABLE_OBJECT_GRAPH') and 'save_counter' not in name}
+
+
+def differing(a, b):
+    assert a.keys() == b.keys()
+    return sorted(k for k in a if not np.array_equal(a[k], b[k]))
+
+
+def test_stopped_and_extended_runs_end_like_an_uninterrupted_one(data, tmp_path, capsys):
+    """Stopped inside epoch 1 (--max_steps 5), extended to its end (--epochs 1), extended to 2 epochs: the
+    weights, Adam and mining table of one uninterrupted 2-epoch run. The control: without the descriptors of
+    steps 1-5 saved beside ckpt-5 (recomputed at the epoch's end with later weights), the table differs.
+    (Ctrl-C is such a stop too: tests/test_bad_input.py checks its checkpoint, the slow test below its resume.)"""
+    phase_a = [train_first_E_1.PHASE_A]
+    ref_dir, run_dir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'chain')
+    assert train_lib.main(phase_a, CHAIN + ['--data_root', data, '--run_dir', ref_dir, '--epochs', '2']) == 0
+    reference = state_of(os.path.join(ref_dir, 'phase_a'))
+    assert int(reference['step/.ATTRIBUTES/VARIABLE_VALUE']) == 18
+
+    argv = CHAIN + ['--data_root', data, '--run_dir', run_dir]
+    ckpt_dir = os.path.join(run_dir, 'phase_a', 'ckpt')
+    assert train_lib.main(phase_a, argv + ['--epochs', '1', '--max_steps', '5']) == 0    # stops inside epoch 1
+    assert os.path.exists(os.path.join(ckpt_dir, 'ckpt-5.mining.npz'))        # the descriptors gathered so far
+    copy = str(tmp_path / 'chain_without_descriptors')
+    shutil.copytree(run_dir, copy)
+    os.remove(os.path.join(copy, 'phase_a', 'ckpt', 'ckpt-5.mining.npz'))
+    assert train_lib.main(phase_a, argv + ['--epochs', '1']) == 0              # extended to the epoch's end
+    assert os.path.exists(os.path.join(ckpt_dir, 'ckpt-9.mining.npz'))        # the round it did not run
+    capsys.readouterr()
+    assert train_lib.main(phase_a, argv + ['--epochs', '2']) == 0              # extended: the round, then epoch 2
+    out = capsys.readouterr().out
+    assert 'extending the run: --epochs 1 -> 2 (9 steps done, 18 now)' in out and 'mining: epoch 1:' in out
+    assert json.load(open(os.path.join(run_dir, 'phase_a', 'config.json')))['epochs'] == 2
+    assert differing(state_of(os.path.join(run_dir, 'phase_a')), reference) == []
+    # and so are the descriptors epoch 2 gathered for a round after it (an extension to 3 epochs would run it)
+    with np.load(os.path.join(ckpt_dir, 'ckpt-18.mining.npz')) as got, \
+            np.load(os.path.join(ref_dir, 'phase_a', 'ckpt', 'ckpt-18.mining.npz')) as want:
+        assert sorted(got.files) == sorted(want.files) and all(np.array_equal(got[k], want[k]) for k in got.files)
+
+    assert train_lib.main(phase_a, CHAIN + ['--data_root', data, '--run_dir', copy, '--epochs', '2']) == 0
+    assert 'not bit-identical' in capsys.readouterr().out
+    assert 'hard/.ATTRIBUTES/VARIABLE_VALUE' in differing(state_of(os.path.join(copy, 'phase_a')), reference)
+
+
+# ----------------------------------------------------------------------------- subprocesses: SIGKILL and SIGINT
+
 def command(data, run_dir):
     return [sys.executable, 'train_first_E_1.py'] + FLAGS + ['--data_root', data, '--run_dir', run_dir]
 
 
-def run(cmd, kill_when=None, limit_s=150):
-    """Run `cmd`; SIGKILL it as soon as kill_when(line) holds for a line it prints.
-    -> (exit status, printed lines)."""
+def run(cmd, kill_when=None, sig=signal.SIGKILL, limit_s=150):
+    """Run `cmd`; send it `sig` as soon as kill_when(line) holds for a line it prints (SIGKILL: no handler,
+    no flush, no cleanup; SIGINT: Ctrl-C, and its last lines are read too). -> (exit status, printed lines)."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watchdog = threading.Timer(limit_s, proc.kill)
     watchdog.start()
-    lines = []
+    lines, sent = [], False
     try:
         for line in proc.stdout:
             lines.append(line.rstrip('\n'))
-            if kill_when is not None and kill_when(line):
-                proc.kill()  # SIGKILL: no handler, no flush, no cleanup
-                break
+            if kill_when is not None and not sent and kill_when(line):
+                proc.send_signal(sig)
+                sent = True
+                if sig == signal.SIGKILL:
+                    break
         proc.stdout.close()
         return proc.wait(), lines
     finally:
@@ -94,13 +169,21 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data, tmp_path):
     cmd = command(data, run_dir)
     first_ckpt = os.path.join(run_dir, 'phase_a', 'ckpt', 'checkpoint')
     kills = [
-        lambda line: os.path.exists(first_ckpt),                          # just after the first checkpoint (4)
+        lambda line: os.path.exists(first_ckpt),                          # just after the first checkpoint (4),
+                                                                          # inside the epoch that mining ranks after
         lambda line: line.startswith('[E_1a] init: resumed'),             # during a resumed start-up
         lambda line: line.startswith(f'[E_1] step 13/{TOTAL} '),          # phase b, mined epoch 2: from ckpt-12
     ]
     for i, kill_when in enumerate(kills):
         code, lines = run(cmd, kill_when)
         assert code == -9, f'restart {i} was not killed (exit {code}):\n' + '\n'.join(lines[-5:])
+    # Ctrl-C in phase b's epoch 2: one line, and a checkpoint of the step it stopped after (15, or 16 if that
+    # step was already running when the signal came through the pipe)
+    code, lines = run(cmd, lambda line: line.startswith(f'[E_1] step 15/{TOTAL} '), sig=signal.SIGINT)
+    stopped = re.fullmatch(rf'interrupted at step (1[56]) of {TOTAL}: checkpoint (.*) saved; run the same command '
+                           'to resume', lines[-1])
+    assert code == 130 and stopped, '\n'.join(lines[-5:])
+    assert stopped[2] == os.path.join(run_dir, 'ckpt', f'ckpt-{stopped[1]}')
     code, lines = run(cmd)
     assert code == 0, '\n'.join(lines[-5:])
     ref_thread.join()
@@ -111,7 +194,8 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data, tmp_path):
     log_b = open(os.path.join(run_dir, 'train.log')).read()
     # every restart resumed phase a (the one killed on that line may not have written it); the last found it done
     assert log_a.count('init: resumed this run from') >= 2 and f'already trained ({TOTAL} steps)' in log_a
-    assert len(re.findall(r'init: resumed this run from .*ckpt-\d+ \(step \d+\)', log_b)) == 1
+    assert re.findall(r'init: resumed this run from .*(ckpt-\d+) \(step \d+\)', log_b) == ['ckpt-12',
+                                                                                          f'ckpt-{stopped[1]}']
     assert f'done: {TOTAL} steps' in lines[-1]
 
     cfg = train_lib.configs([train_first_E_1.PHASE_B], FLAGS)[0]
@@ -128,7 +212,16 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data, tmp_path):
             assert len(set(values)) == 1, f'{sub or "phase_b"} step {s}: {values}'
             rerun += len(values) > 1
     assert rerun >= 1                                  # the kills did cost re-run steps, and they were compared
-    # epoch 1 of phase a comes before any mining, so it matches the uninterrupted run bit for bit
-    logged, ref_logged = losses(os.path.join(run_dir, 'phase_a')), losses(os.path.join(ref_dir, 'phase_a'))
-    assert [logged[s][0] for s in range(1, 10)] == [ref_logged[s][0] for s in range(1, 10)]
     assert np.all((hard >= 0) & (hard < 36))
+    # the end is the uninterrupted run's, bit for bit: every loss, the final weights, Adam, the mining table
+    for sub in ('phase_a', ''):
+        logged, ref_logged = losses(os.path.join(run_dir, sub)), losses(os.path.join(ref_dir, sub))
+        assert [logged[s][0] for s in range(1, TOTAL + 1)] == [ref_logged[s][0] for s in range(1, TOTAL + 1)], sub
+        assert differing(state_of(os.path.join(run_dir, sub)), state_of(os.path.join(ref_dir, sub))) == [], sub
+    # and so are the --test metrics
+    results = []
+    for d in (run_dir, ref_dir):
+        assert train_lib.main(train_first_E_1.STAGES, FLAGS + ['--data_root', data, '--run_dir', d, '--test']) == 0
+        r = json.load(open(os.path.join(d, 'test', 'test_results.json')))
+        results.append({k: v for k, v in r.items() if k != 'checkpoint'})
+    assert results[0] == results[1]
