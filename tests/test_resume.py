@@ -222,6 +222,6 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data, tmp_path):
     results = []
     for d in (run_dir, ref_dir):
         assert train_lib.main(train_first_E_1.STAGES, FLAGS + ['--data_root', data, '--run_dir', d, '--test']) == 0
-        r = json.load(open(os.path.join(d, 'test', 'test_results.json')))
+        r = json.load(open(os.path.join(d, 'test', 'original_same_north_qall', 'test_results.json')))
         results.append({k: v for k, v in r.items() if k != 'checkpoint'})
     assert results[0] == results[1]
