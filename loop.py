@@ -13,7 +13,6 @@ import tensorflow as tf
 import config
 import distribute
 import embedding
-import images
 import input_data
 import mining
 import pipeline
@@ -119,7 +118,7 @@ def start_run(stage, cfg):
     write_dir = run_dir if chief else tempfile.mkdtemp(prefix=f'geoloc_{stage.name}_worker_')
     worker = distribute.worker_name(strategy)
     log = train_lib.open_log(write_dir, f'{stage.name} {worker}'.strip())
-    cache = images.ImageCache(cfg.image_cache_mb * 2 ** 20) if cfg.image_cache_mb > 0 else None
+    cache = pipeline.ImageCache(cfg.image_cache_mb * 2 ** 20) if cfg.image_cache_mb > 0 else None
     replicas = strategy.num_replicas_in_sync
     if cfg.batch % replicas:
         raise config.ConfigError(f'--batch {cfg.batch} must be a multiple of the {replicas} replicas (global batch)')
