@@ -99,6 +99,18 @@ def read(path, hw, kind):
     return decode(data, branch, hw), status
 
 
+_READERS = {}
+
+
+def reader(hw, kind):
+    """`read` at hw as a tf.function traced once per process (a dataset built each epoch calls it)."""
+    key = (tuple(int(s) for s in hw), kind)
+    if key not in _READERS:
+        _READERS[key] = tf.function(lambda path: read(path, key[0], kind), autograph=False,
+                                    input_signature=[tf.TensorSpec([], tf.string)])
+    return _READERS[key]
+
+
 # ----------------------------------------------------------------------------- the image cache
 
 class ImageCache:
@@ -115,6 +127,7 @@ class ImageCache:
         self.slots = {}       # (path, hw) -> slot
         self.stores = {}      # hw -> (images [capacity, H, W, 3] uint8, filled [capacity] bool) variables
         self.count = {}       # hw -> slots given
+        self._readers = {}    # (hw, kind) -> (the store's pixels it reads, its tf.function)
         with tf.init_scope(), tf.device('/CPU:0'):
             self._decoded = tf.Variable(0, dtype=tf.int64, trainable=False)
 
@@ -153,16 +166,21 @@ class ImageCache:
             self.stores[hw] = (tf.Variable(pixels, trainable=False), tf.Variable(filled, trainable=False))
 
     def reader(self, hw, kind):
-        """(path, slot) -> (image, status) through the store of size hw (built after assign)."""
-        pixels, filled = self.stores[tuple(int(s) for s in hw)]
-        decoded = self._decoded
+        """(path, slot) -> (image, status) through the store of size hw (after assign), a tf.function traced
+        once per store."""
+        hw = tuple(int(s) for s in hw)
+        pixels, filled = self.stores[hw]
+        known = self._readers.get((hw, kind))
+        if known is not None and known[0] is pixels:
+            return known[1]
+        decoded, read_file = self._decoded, reader(hw, kind)
 
         def cached_read(path, slot):
             def hit():
                 return tf.gather(pixels, slot), tf.constant(OK)
 
             def miss():
-                img, status = read(path, hw, kind)
+                img, status = read_file(path)
                 count = tf.raw_ops.AssignAddVariableOp(resource=decoded.handle, value=tf.constant(1, tf.int64))
                 with tf.control_dependencies([count]):
                     img = tf.identity(img)
@@ -178,15 +196,18 @@ class ImageCache:
                 return tf.cond((slot >= 0) & tf.equal(status, OK), keep, lambda: img), status
             known = tf.cond(slot >= 0, lambda: tf.gather(filled, tf.maximum(slot, 0)), lambda: tf.constant(False))
             return tf.cond(known, hit, miss)
-        return cached_read
+        fn = tf.function(cached_read, autograph=False,
+                         input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)])
+        self._readers[(hw, kind)] = (pixels, fn)
+        return fn
 
 
 # ----------------------------------------------------------------------------- datasets
 
-def _batches(columns, readers, batch, cache=None, drop_remainder=False):
-    """Batches of dicts over n items: the numpy `columns` ([n, ...] each) and, for every reader
-    name -> (path column, hw, kind), that item's image, float32 [B, H, W, 3] minus the VGG mean.
-    '_pos' is the item's index."""
+def _batches(columns, readers, batch, output, cache=None, drop_remainder=False):
+    """Batches over n items: output(x) of dicts x of the numpy `columns` ([n, ...] each) and, for every reader
+    name -> (path column, hw, kind), that item's image, float32 [B, H, W, 3] minus the VGG mean; '_pos' is
+    the item's index. (output runs before the prefetch: after it, a map would run on the consumer's thread.)"""
     n = len(next(iter(columns.values())))
     table = {k: np.asarray(v) for k, v in columns.items()}
     table['_pos'] = np.arange(n, dtype=np.int64)
@@ -194,7 +215,7 @@ def _batches(columns, readers, batch, cache=None, drop_remainder=False):
         table['_slot_' + name] = (np.full(n, -1, np.int64) if cache is None else
                                   cache.assign([str(p) for p in table[col]], hw))
     fns = {name: (cache.reader(hw, kind) if cache is not None else
-                  lambda path, slot, hw=hw, kind=kind: read(path, hw, kind))
+                  lambda path, slot, fn=reader(hw, kind): fn(path))
            for name, (col, hw, kind) in readers.items()}
 
     def load(x):
@@ -232,7 +253,7 @@ def _batches(columns, readers, batch, cache=None, drop_remainder=False):
         out = dict(x)
         for name in readers:
             out[name] = tf.cast(x[name], tf.float32) - tf.constant(VGG_MEAN_BGR, tf.float32)
-        return out
+        return output(out)
 
     ds = tf.data.Dataset.from_tensor_slices(table)
     ds = ds.map(load, num_parallel_calls=cores(), deterministic=True).ignore_errors()
@@ -246,15 +267,15 @@ def _batches(columns, readers, batch, cache=None, drop_remainder=False):
 
 def image_dataset(paths, hw, kind, batch, cache=None):
     """Deterministic batches of (images, index) over `paths`, for descriptor extraction; cache: an ImageCache."""
-    ds = _batches({'path': np.array(paths)}, {'img': ('path', tuple(hw), kind)}, batch, cache)
-    return ds.map(lambda x: (x['img'], x['_pos']))
+    return _batches({'path': np.array(paths)}, {'img': ('path', tuple(hw), kind)}, batch,
+                    lambda x: (x['img'], x['_pos']), cache)
 
 
 def pair_dataset(split, queries, tile_idx, grd_hw, sat_side, batch, cache=None):
     """Batches of (grd, sat, i) for the panorama `queries[i]` with the tile `tile_idx[i]`."""
     columns = {'pano': np.array(split.pano_paths)[queries], 'tile': np.array(split.tile_paths)[tile_idx]}
     readers = {'grd': ('pano', tuple(grd_hw), 'panorama'), 'sat': ('tile', (sat_side, sat_side), 'aerial')}
-    return _batches(columns, readers, batch, cache).map(lambda x: (x['grd'], x['sat'], x['_pos']))
+    return _batches(columns, readers, batch, lambda x: (x['grd'], x['sat'], x['_pos']), cache)
 
 
 def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_semi=True):
@@ -279,8 +300,8 @@ def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_
     readers = {'grd': ('grd_path', tuple(grd_hw), 'panorama'), 'sat': ('sat_path', sat_hw, 'aerial')}
     if with_semi:
         readers['semi'] = ('semi_path', sat_hw, 'aerial')
-    ds = _batches(columns, readers, batch, cache, drop_remainder=True)
-    return ds.map(lambda x: {k: v for k, v in x.items() if not k.endswith('_path') and k != '_pos'})
+    output = lambda x: {k: v for k, v in x.items() if not k.endswith('_path') and k != '_pos'}
+    return _batches(columns, readers, batch, output, cache, drop_remainder=True)
 
 
 def unwrap_error(exc):

@@ -278,3 +278,19 @@ def test_tf_data_error_is_one_line(vigor_copy):
         list(ds)
     msg = pipeline.unwrap_error(e.value)
     assert msg == f'{split.tile_paths[0]}: unreadable image (missing, corrupt or not JPEG/PNG)'
+
+
+def test_a_too_small_tile_stops_a_stage_script_in_one_line(vigor_copy, tmp_path, capsys):
+    """Issue 15: an 8x8 tile was upscaled and trained on; now the stage script stops in one line, status 2."""
+    import train_first_E_1
+    import train_lib
+    split = input_data.load_vigor(vigor_copy, 'train')
+    p = input_data.BatchSampler(split, 4, 0).epoch_plan(0)[0][0, 0]
+    tile = split.tile_paths[split.tiles[p, 0]]
+    cv2.imwrite(tile, cv2.imread(tile)[:8, :8])
+    argv = ['--data_root', vigor_copy, '--run_dir', str(tmp_path / 'run'), '--grd_size', '32', '64', '--sat_size', '64',
+            '--width', '0.0625', '--batch', '4', '--max_steps', '1', '--val_every', '0', '--mining', '0']
+    capsys.readouterr()
+    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f'error: {tile}: too small: 8x8, read at 64x64 (images are never upscaled)']
