@@ -1,6 +1,6 @@
 """What reading one image costs on one core, and how far each reader is from SPEC §2's OpenCV full decode +
 INTER_AREA: images.load_image (OpenCV, a JPEG decoded at 1/2, 1/4 or 1/8 scale in libjpeg when read
-smaller), pipeline.read (the same in TensorFlow ops, what tf.data runs) and, with --prepared, the file of a
+smaller), pipeline.reader (the same in TensorFlow ops, what tf.data runs per image) and, with --prepared, the file of a
 prepared copy (prepare_data.py) read at its own size.
 
     python benchmarks/bench_decode.py                    # paper-size files (2048x1024 JPEG, 640-px PNG)
@@ -62,19 +62,19 @@ def main():
         for hw in sizes:
             ref = lambda q: cv2.resize(cv2.imread(q, cv2.IMREAD_COLOR), (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
             opencv = lambda q: images.load_image(q, hw, kind)
-            graph = tf.function(lambda q: pipeline.read(q, hw, kind)[0])
-            tf_read = lambda q: graph(tf.constant(q)).numpy()
+            graph = pipeline.reader(hw, kind)
+            tf_read = lambda q: graph(tf.constant(q))[0].numpy()[..., ::-1]   # RGB (network_input swaps per batch)
             tf_read(paths[0])
             t = {name: per_image(fn, paths, args.repeats)
                  for name, fn in (('ref', ref), ('cv', opencv), ('tf', tf_read))}
             print(f'{kind:8s} {w}x{h} file -> {hw[1]}x{hw[0]}: full decode + INTER_AREA {t["ref"]:6.2f} ms; '
                   f'images.load_image {t["cv"]:6.2f} ms ({difference(opencv, ref, paths[:5])}); '
-                  f'pipeline.read {t["tf"]:6.2f} ms ({difference(tf_read, ref, paths[:5])})', flush=True)
+                  f'pipeline.reader {t["tf"]:6.2f} ms ({difference(tf_read, ref, paths[:5])})', flush=True)
             if args.prepared:
                 copies = [os.path.join(args.prepared, os.path.relpath(q, root)) for q in paths]
                 if cv2.imread(copies[0]).shape[:2] == hw:
                     tf_copy = lambda q: tf_read(os.path.join(args.prepared, os.path.relpath(q, root)))
-                    print(f'{"":8s} the prepared copy at {hw[1]}x{hw[0]}: pipeline.read '
+                    print(f'{"":8s} the prepared copy at {hw[1]}x{hw[0]}: pipeline.reader '
                           f'{per_image(tf_read, copies, args.repeats):6.2f} ms ({difference(tf_copy, ref, paths[:5])})',
                           flush=True)
     return 0
