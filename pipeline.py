@@ -8,13 +8,16 @@ spreads over every core whatever the interpreter lock does (benchmarks/bench_pip
 SPEC §2's OpenCV full decode + INTER_AREA the result differs by 0.35 grey levels on average at paper
 size (docs_pipeline.md; tests/test_pipeline.py bounds it).
 
-A bad image stops the dataset with an op error whose text holds BAD_INPUT + a one-line message naming
-the file (unwrap_error gets it back). The graph only decides that an image is bad (a failed header
-check, or a decode op that failed: tf.data drops that item and a check that follows sees the gap); the
-message is then written by images.load_image, the Python reference reader, in a Python call that runs
-only then.
+A bad image stops the dataset with an op error (an assertion) whose text holds BAD_INPUT and the item;
+unwrap_error turns it into a one-line message naming the file. The graph only decides that an image is
+bad (a failed header check, or a decode op that failed: tf.data drops that item and the count of the
+items that follow is out of step); the message is written by images.load_image, the Python reference
+reader, when unwrap_error asks.
 """
+import collections
+import itertools
 import os
+import re
 
 import cv2
 import numpy as np
@@ -240,40 +243,43 @@ def _batches(columns, readers, batch, output, cache=None, drop_remainder=False):
             out[name], out['_status_' + name] = fns[name](x[col], x['_slot_' + name])
         return out
 
-    def explain(pos, codes):
-        """Runs only for a bad item: the reference reader's one-line message for its first bad image."""
-        pos = int(pos)
+    def explain(count, pos, codes):
+        """The one-line message of a bad item, by the reference reader (unwrap_error runs it): item `count`
+        when `pos` is a later one (its decode op failed and tf.data dropped it), else item pos, whose header
+        check gave `codes`."""
+        item, codes = (count, [-1] * len(readers)) if pos != count else (pos, codes)
         paths = []
-        for (name, (col, hw, kind)), code in zip(readers.items(), codes):
-            path = str(columns[col][pos])
+        for (col, hw, kind), code in zip(readers.values(), codes):
+            path = str(columns[col][item])
             paths.append(path)
             try:
                 images.load_image(path, hw, kind)
             except DataError as e:
-                raise ValueError(BAD_INPUT + str(e)) from None
+                return str(e)
             if code > OK:
-                raise ValueError(BAD_INPUT + f'{path}: {STATUS[code]} (TensorFlow\'s header check)')
-        raise ValueError(BAD_INPUT + f'{" or ".join(paths)}: unreadable image (TensorFlow cannot decode it)')
+                return f'{path}: {STATUS[code]} (TensorFlow\'s header check)'
+        return f'{" or ".join(paths)}: unreadable image (TensorFlow cannot decode it)'
+    key = _register(explain)
 
-    def check(expected, x):
-        pos = x['_pos']
+    def check(count, x):
+        """Item `count` is the next in order and passed the header check, or the dataset stops; the error's
+        text carries BAD_INPUT, this dataset's key and what `explain` needs (no Python runs here)."""
         codes = tf.stack([x['_status_' + name] for name in readers])
-        report = lambda at, c: tf.numpy_function(explain, [at, c], tf.bool, stateful=True)
-        ok = tf.cond(tf.not_equal(pos, expected), lambda: report(expected, -tf.ones_like(codes)),  # a dropped item
-                     lambda: tf.cond(tf.reduce_any(codes != OK), lambda: report(pos, codes), lambda: tf.constant(True)))
-        with tf.control_dependencies([ok]):
-            out = {k: tf.identity(v) for k, v in x.items() if not k.startswith('_status_')}
-        return pos + 1, out
+        ok = tf.equal(count, x['_pos']) & tf.reduce_all(tf.equal(codes, OK))
+        failed = tf.debugging.Assert(ok, [BAD_INPUT + 'item', key, count, x['_pos'], codes], summarize=len(readers))
+        with tf.control_dependencies([failed]):
+            return {k: tf.identity(v) for k, v in x.items() if not k.startswith('_status_')}
 
     def finish(x):
         return output(dict(x, **{name: network_input(x[name]) for name in readers}))
 
     ds = tf.data.Dataset.from_tensor_slices(table)
     ds = ds.map(load, num_parallel_calls=cores(), deterministic=True).ignore_errors()
-    # an item whose decode op failed is dropped: `check` sees the gap, and the end marker catches the last one
+    # An item whose decode op failed is dropped: the items counted after it are out of step with their
+    # positions; an end marker (position n) catches the last item, and take(n) drops it.
     end = tf.data.Dataset.from_tensors({k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()})
     end = end.map(lambda x: dict(x, _pos=tf.constant(n, tf.int64)))
-    ds = ds.concatenate(end).scan(tf.constant(0, tf.int64), check).filter(lambda x: x['_pos'] < n)
+    ds = ds.concatenate(end).enumerate().map(check, num_parallel_calls=cores(), deterministic=True).take(n)
     ds = ds.batch(batch, drop_remainder=drop_remainder)
     return ds.map(finish, num_parallel_calls=cores(), deterministic=True).prefetch(2)
 
@@ -317,10 +323,24 @@ def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_
     return _batches(columns, readers, batch, output, cache, drop_remainder=True)
 
 
+_EXPLAIN = collections.OrderedDict()   # key -> explain(count, pos, codes) of the latest datasets
+_KEYS = itertools.count()
+
+
+def _register(explain):
+    key = f'dataset{next(_KEYS)}'
+    _EXPLAIN[key] = explain
+    while len(_EXPLAIN) > 256:
+        _EXPLAIN.popitem(last=False)
+    return key
+
+
 def unwrap_error(exc):
-    """The one-line message of a DataError raised inside tf.data, or None."""
-    text = str(exc)
-    i = text.find(BAD_INPUT)
-    if i < 0:
+    """The one-line message of a bad image that stopped one of our datasets (an op error), or None."""
+    m = re.search(re.escape(BAD_INPUT) + r'item\] \[(\w+)\] \[(\d+)\] \[(\d+)\] \[([-\d ]+)\]', str(exc))
+    if m is None:
         return None
-    return text[i + len(BAD_INPUT):].splitlines()[0].strip()
+    explain = _EXPLAIN.get(m.group(1))
+    if explain is None:
+        return f'item {m.group(2)} of an input dataset no longer known holds a bad image'
+    return explain(int(m.group(2)), int(m.group(3)), [int(c) for c in m.group(4).split()])
