@@ -15,8 +15,10 @@ child measures, each in a fresh dataset after two warm-up batches and for --seco
   train     samples/s of training batches (pipeline.train_dataset, batch 10, grd + sat + semi: 3 images a
             sample), from the originals, from the prepared copy, and from the originals through a warm
             pipeline.ImageCache (every image decoded once before).
-Printed per repetition: the rates, the parallel efficiency rate(n cores) / (n x rate(1 core)), the speed-up of
-the prepared copy over the originals (same child, same cores), and the interpreter-lock share: the main
+Printed per repetition: the rates, the parallel efficiency rate(n cores) / (n x rate(1 core)), the process CPU
+time per item on 1 and on n cores and how busy the n cores were (a wall-clock efficiency below 1 with the same
+CPU per item and cores less than fully busy means other jobs had the cores), the speed-up of the prepared
+copy over the originals (same child, same cores), and the interpreter-lock share: the main
 thread's CPU time over the process's (the pipeline runs no Python per image; everything Python does,
 iterating the dataset included, runs on the main thread, so this bounds the time any thread can hold the
 lock). From the 1-core rate and that share, Amdahl's law projects the efficiency at 16 cores and the cores
@@ -177,6 +179,26 @@ def load():
     return '/'.join(f'{x:.2f}' for x in os.getloadavg())
 
 
+def idle_share(seconds=2.0):
+    """The share of the machine's CPU time that was idle over the next `seconds` (/proc/stat)."""
+    def sample():
+        with open('/proc/stat') as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)     # idle + iowait, total
+    i0, t0 = sample()
+    time.sleep(seconds)
+    i1, t1 = sample()
+    return (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_for_quiet(min_idle, max_wait):
+    """Wait (at most max_wait s) until the machine is at least min_idle idle; -> the idle share seen."""
+    t0, idle = time.time(), idle_share()
+    while idle < min_idle and time.time() - t0 < max_wait:
+        idle = idle_share()
+    return idle
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--sizes', default='demo,paper')
@@ -185,6 +207,9 @@ def main():
     p.add_argument('--items', type=int, default=0, help='items per dataset (default: 60000 demo, 6000 paper)')
     p.add_argument('--gpu_step', type=float, default=0.1, help='GPU seconds per training step of 10 samples')
     p.add_argument('--gpu_images', type=float, default=2000.0, help='images/s a GPU embeds in descriptor extraction')
+    p.add_argument('--min_idle', type=float, default=0.0,
+                   help='before each repetition wait until the machine is this idle (0-1; a shared machine)')
+    p.add_argument('--max_wait', type=float, default=600.0, help='seconds to wait for --min_idle at most')
     p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--size', default='demo', help=argparse.SUPPRESS)
     p.add_argument('--cpus', default='', help=argparse.SUPPRESS)
@@ -206,10 +231,12 @@ def main():
         prepared = prepared_root(original, grd_hw, sat_side)
         print(f'\n{size} size: grd {grd_hw[0]}x{grd_hw[1]}, sat {sat_side}; originals {original}, copy {prepared}')
         for r in range(args.repeats):
+            if args.min_idle:
+                print(f'  (machine {100 * wait_for_quiet(args.min_idle, args.max_wait):.0f} % idle before rep {r + 1})')
             order = [[all_cpus[0]], all_cpus] if r % 2 == 0 else [all_cpus, [all_cpus[0]]]
             got = {len(c): run_child(size, c, args, original, prepared) for c in order}
             one, many = got[1], got[n]
-            line = [f'  rep {r + 1} (load average {load()} after it):']
+            line = [f'  rep {r + 1} (load average {load()} after it, machine {100 * idle_share(1.0):.0f} % idle after it):']
             for task, source in CASES:
                 key = f'{task}/{source}'
                 eff = many[key]['rate'] / (n * one[key]['rate'])
@@ -218,26 +245,31 @@ def main():
                 probe = (f'lock share {one[key]["lock_share"]:.4f} (1 core '
                          f'{one[key]["rate_beside_spinner"] / one[key]["rate"]:.2f}x beside the spinner); '
                          if 'lock_share' in one[key] else '')
+                busy = many[key]['rate'] * many[key]['cpu_per_item'] / n
                 line.append(f'    {key:18s} 1 core {one[key]["rate"]:8.1f} {unit:9s} {n} cores {many[key]["rate"]:8.1f}  '
-                            f'efficiency {eff:.3f}  {probe}main thread {one[key]["main_share"]:.4f} / '
-                            f'{many[key]["main_share"]:.4f} ({1e6 * one[key]["main_per_batch"]:.0f} us/batch)')
+                            f'efficiency {eff:.3f}  CPU/item {1e3 * one[key]["cpu_per_item"]:.2f} / '
+                            f'{1e3 * many[key]["cpu_per_item"]:.2f} ms ({n} cores {100 * busy:.0f} % busy)  {probe}'
+                            f'main thread {one[key]["main_share"]:.4f} / {many[key]["main_share"]:.4f} '
+                            f'({1e6 * one[key]["main_per_batch"]:.0f} us/batch)')
             for task in ('tiles', 'panoramas', 'train'):
                 line.append(f'    {task}: prepared copy / originals: 1 core '
                             f'{one[task + "/prepared"]["rate"] / one[task + "/original"]["rate"]:.2f}x, {n} cores '
                             f'{many[task + "/prepared"]["rate"] / many[task + "/original"]["rate"]:.2f}x')
             print('\n'.join(line), flush=True)
     print(f'\nsummary over {args.repeats} repetitions (load average {load()} at the end). Amdahl from the median 1-core '
-          'rate and the largest share measured: the main thread\'s (all Python runs there) and the spinner\'s:')
+          'rate and the largest main-thread share (all Python runs there: a bound on the interpreter-lock share; the '
+          'spinner probe above checks it, and reads high whenever other jobs take the spare core):')
     for (size, key), rows in summary.items():
         effs = [e for _, _, e in rows]
         rate_1 = float(np.median([a['rate'] for a, _, _ in rows]))
-        main = max(max(a['main_share'], b['main_share']) for a, b, _ in rows)
-        s = max([main] + [a['lock_share'] for a, _, _ in rows if 'lock_share' in a])
+        s = max(max(a['main_share'], b['main_share']) for a, b, _ in rows)
+        probe = [a['lock_share'] for a, _, _ in rows if 'lock_share' in a]
         task = key.split('/')[0]
         need = TRAIN_BATCH / args.gpu_step if task == 'train' else args.gpu_images
         unit = 'samples/s' if task == 'train' else 'img/s'
         print(f'  {size:5s} {key:18s} efficiency on {n} cores {" ".join(f"{e:.3f}" for e in effs)} (min {min(effs):.3f}); '
-              f'serial share {s:.4f} (main thread {main:.4f}): 16 cores -> efficiency {amdahl(s, 16) / 16:.3f}, '
+              f'lock share {s:.4f} (spinner {" ".join(f"{x:.2f}" for x in probe)}): '
+              f'16 cores -> efficiency {amdahl(s, 16) / 16:.3f}, '
               f'{rate_1 * amdahl(s, 16):.0f} {unit}; {need:.0f} {unit} need {cores_needed(rate_1, s, need)} cores')
     return 0
 
