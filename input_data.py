@@ -6,6 +6,7 @@ arguments; nothing reads flags. Bad input raises DataError with a one-line messa
 (and line) and what was expected. No TensorFlow here: pipeline.py builds the tf.data datasets.
 """
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -257,6 +258,27 @@ def load_cvact(cvact_root, resampled_root, split, mpp_1200):
     return Split(f'CVACT {name}', pano_paths, tile_paths, np.array(tiles, np.int64),
                  np.stack(deltas).astype(np.float32), np.full(q, mpp), tile_centres,
                  np.array(gt, np.float64), 'euclidean')
+
+
+PREPARED = 'prepared.json'   # written last by prepare_data.py in a resized copy: its sizes
+
+
+def check_prepared(root, grd_hw, sat_side):
+    """A copy written by prepare_data.py holds its images at one size: refuse a run that reads them at another
+    (it would resize resized images, or upscale them). A tree without the marker passes."""
+    path = os.path.join(root, PREPARED)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            made = json.load(f)
+        grd, sat = tuple(made['grd_size']), made['sat_size']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        _fail(f'{path}: unreadable marker of a prepared copy ({type(e).__name__}); prepare it again')
+    if grd != tuple(grd_hw) or sat != sat_side:
+        _fail(f'{path}: this copy holds images prepared for --grd_size {grd[0]} {grd[1]} --sat_size {sat}, this run '
+              f'reads --grd_size {grd_hw[0]} {grd_hw[1]} --sat_size {sat_side}; use those sizes, the original tree '
+              'or another copy (prepare_data.py)')
 
 
 # ----------------------------------------------------------------------------- training batches

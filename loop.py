@@ -20,7 +20,6 @@ import tensorflow as tf
 import config
 import distribute
 import embedding
-import images
 import input_data
 import mining
 import pipeline
@@ -267,7 +266,7 @@ def start_run(stage, cfg):
     write_dir = run_dir if chief else tempfile.mkdtemp(prefix=f'geoloc_{stage.name}_worker_')
     worker = distribute.worker_name(strategy)
     log = train_lib.open_log(write_dir, f'{stage.name} {worker}'.strip())
-    cache = images.ImageCache(cfg.image_cache_mb * 2 ** 20) if cfg.image_cache_mb > 0 else None
+    cache = pipeline.ImageCache(cfg.image_cache_mb * 2 ** 20) if cfg.image_cache_mb > 0 else None
     if cfg.strategy != 'default':
         log(f'strategy: {cfg.strategy}, {replicas} replicas')
     return Run(stage, cfg, run_dir, init_dir, strategy, chief, write_dir, log, cache)

@@ -1,32 +1,287 @@
 """tf.data pipelines over input_data's splits: descriptor extraction, (panorama, tile) pairs, training batches.
 
-Images are decoded by input_data (OpenCV, one Python call per batch through tf.numpy_function) and
-arrive as float32 with the VGG mean subtracted. A DataError raised while reading crosses tf.data as
-an op error whose text holds BAD_INPUT + the one-line message; unwrap_error gets the message back.
+Every image is read by TensorFlow's own ops inside one tf.data map with one call in flight per core
+(`cores()`): the file's header is checked in the graph, a JPEG is decoded at 1/2, 1/4 or 1/8 scale in
+libjpeg's DCT when it is read smaller (images.reduction), a PNG in full; then an area resize and rounding
+to uint8, and per batch RGB -> BGR and float32 minus the VGG mean (network_input). No Python runs per image, so decoding
+spreads over every core whatever the interpreter lock does (benchmarks/bench_pipeline.py). Against
+SPEC §2's OpenCV full decode + INTER_AREA the result differs by 0.35 grey levels on average at paper
+size (docs_pipeline.md; tests/test_pipeline.py bounds it).
+
+A bad image stops the dataset with an op error (an assertion) whose text holds BAD_INPUT and the item;
+unwrap_error turns it into a one-line message naming the file. The graph only decides that an image is
+bad (a failed header check, or a decode op that failed: tf.data drops that item and the count of the
+items that follow is out of step); the message is written by images.load_image, the Python reference
+reader, when unwrap_error asks.
 """
+import collections
+import itertools
+import os
+import re
+
+import cv2
 import numpy as np
 import tensorflow as tf
 
+import images
 from geometry import VGG_MEAN_BGR
-from images import load_image
 from input_data import DataError
 
 BAD_INPUT = 'BAD INPUT: '  # marks our messages when they cross a tf.data boundary
 
+# What the graph's header check found (images.load_image words the message).
+OK, EMPTY, NOT_IMAGE, TRUNCATED, NOT_8_BIT, NOT_COLOUR, WRONG_SIZE, TOO_SMALL = range(8)
+STATUS = ('ok', 'empty file', 'not JPEG/PNG', 'truncated', 'not 8 bits per channel', 'not a colour image',
+          'wrong size', 'too small')
+_JPEG, _PNG, _NONE = 0, 4, 5           # decode branches: JPEG at 1/1, 1/2, 1/4, 1/8 = 0..3, PNG, nothing
+_SMALL_JPEG = cv2.imencode('.jpg', np.zeros((8, 8, 3), np.uint8))[1].tobytes()
 
-def _tf_read(paths, hw, kind, cache=None):
-    """A batch of paths -> float32 [B, H, W, 3], the VGG mean subtracted: one Python call per batch, as a
-    per-image map costs ~0.4 ms of tf.data and Python per image (a warm cache then reads 30 images in ~1 ms)."""
-    load = cache.load if cache is not None else load_image
 
-    def read(ps):
-        try:
-            return np.stack([load(p.decode(), tuple(hw), kind) for p in ps])
-        except DataError as e:  # crosses tf.data as an op error; the CLI unwraps BAD_INPUT
-            raise ValueError(BAD_INPUT + str(e)) from None
-    img = tf.numpy_function(read, [paths], tf.uint8, stateful=False)
-    img = tf.cast(tf.ensure_shape(img, [paths.shape[0], hw[0], hw[1], 3]), tf.float32)
-    return img - tf.constant(VGG_MEAN_BGR, tf.float32)
+def cores():
+    """The CPU cores this process may run on (its affinity mask): the map's calls in flight."""
+    return len(os.sched_getaffinity(0))
+
+
+# ----------------------------------------------------------------------------- one image in the graph
+
+def _field(data, size, start, n, dtype=tf.uint8):
+    """n bytes of `data` (of length size) from `start` (zero-padded past its end), as dtype (big-endian)."""
+    padded = tf.strings.join([tf.strings.substr(data, tf.minimum(start, size), n), tf.constant(b'\0' * n)])
+    return tf.io.decode_raw(tf.strings.substr(padded, 0, n), dtype, little_endian=False)
+
+
+def inspect(data, hw, kind):
+    """The header check of an encoded image read at hw = (H, W) as a 'panorama' (W = 2H) or an 'aerial'
+    (square): -> (status (int32, OK or what is wrong), decode branch (int32)). Mirrors images.load_image:
+    a JPEG must end with its end-of-image marker and a PNG with IEND; 8-bit colour; the kind's shape;
+    at least hw (never upscaled). (Few, vectorised ops, no control flow: ~0.05 ms an image.)"""
+    n = tf.strings.length(data)
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 2), b'\xff\xd8')
+    is_png = tf.equal(tf.strings.substr(data, 0, 8), b'\x89PNG\r\n\x1a\n')
+    tail = tf.cast(tf.io.decode_raw(tf.strings.substr(data, tf.maximum(n - 64, 0), 64), tf.uint8), tf.int32)
+    pairs = tail[:-1] * 256 + tail[1:]
+    eoi = tf.reduce_any(tf.equal(pairs, 0xFFD9))
+    iend = tf.reduce_any(tf.equal(pairs[:-2] * 65536 + pairs[2:], 0x49454E44))            # 'IEND'
+    png_wh = tf.cast(_field(data, n, 16, 8, tf.int32), tf.int64)                            # IHDR width, height
+    png_depth_type = _field(data, n, 24, 2)                                               # bit depth, colour type
+    # libjpeg reads the header of a JPEG, of a stand-in otherwise (a select, not a cond: ~0.07 ms less);
+    # a JPEG header it cannot read fails the op
+    jpeg_hwc = tf.io.extract_jpeg_shape(tf.where(is_jpeg & eoi, data, _SMALL_JPEG), tf.int64)
+    h = tf.where(is_jpeg, jpeg_hwc[0], png_wh[1])
+    w = tf.where(is_jpeg, jpeg_hwc[1], png_wh[0])
+    colour_type = png_depth_type[1]
+    colour = tf.where(is_jpeg, jpeg_hwc[2] >= 3, (colour_type == 2) | (colour_type == 3) | (colour_type == 6))
+    eight_bit = is_jpeg | (png_depth_type[0] == 8) | (colour_type == 3)   # palette indices <= 8 bits: 8-bit colour
+    shape_ok = tf.equal(w, 2 * h) if kind == 'panorama' else tf.equal(w, h)
+    problems = tf.stack([tf.equal(n, 0), ~(is_jpeg | is_png), (is_jpeg & ~eoi) | (is_png & ~iend), ~eight_bit,
+                         ~colour, ~shape_ok, (h < hw[0]) | (w < hw[1]), tf.constant(True)])   # in STATUS order
+    status = (tf.cast(tf.argmax(problems), tf.int32) + 1) % len(STATUS)   # the first problem; none: OK
+    # images.reduction: the largest 1/f leaving >= 1.5x to the area resize
+    f = tf.constant([2, 4, 8], tf.int64)
+    fits = tf.reduce_sum(tf.cast((2 * ((h + f - 1) // f) >= 3 * hw[0]) & (2 * ((w + f - 1) // f) >= 3 * hw[1]),
+                                 tf.int32))
+    branch = tf.where(status != OK, _NONE, tf.where(is_jpeg, _JPEG + fits, _PNG))
+    return status, branch
+
+
+def decode(data, branch, hw):
+    """An encoded image -> uint8 [H, W, 3] RGB at hw = (H, W) (zeros for the branch of a bad image)."""
+    def jpeg(ratio):
+        # INTEGER_ACCURATE: libjpeg's islow IDCT, OpenCV's; fancy upsampling is on in both
+        return lambda: tf.io.decode_jpeg(data, channels=3, ratio=ratio, dct_method='INTEGER_ACCURATE')
+    rgb = tf.switch_case(branch, [jpeg(1), jpeg(2), jpeg(4), jpeg(8), lambda: tf.io.decode_png(data, channels=3),
+                                  lambda: tf.zeros([hw[0], hw[1], 3], tf.uint8)])
+    same = tf.reduce_all(tf.equal(tf.shape(rgb)[:2], hw))
+    rgb = tf.cond(same, lambda: rgb, lambda: tf.cast(tf.round(tf.image.resize(rgb, hw, method='area')), tf.uint8))
+    return tf.ensure_shape(rgb, [hw[0], hw[1], 3])
+
+
+def read(path, hw, kind):
+    """A file -> (uint8 [H, W, 3] RGB, status): read, check, decode, resize (network_input makes it BGR)."""
+    data = tf.io.read_file(path)
+    status, branch = inspect(data, hw, kind)
+    return decode(data, branch, hw), status
+
+
+_RGB_TO_BGR = np.eye(3, dtype=np.float32)[::-1]
+
+
+def network_input(rgb):
+    """uint8 [..., H, W, 3] RGB -> the network's float32 BGR minus the VGG mean (SPEC §2).
+
+    The channel swap is a [3, 3] matmul and the mean is subtracted from rows of W x 3 values: on one
+    core, for 10 images of 320x640, 8 ms against 18 for `cast - mean` alone (TensorFlow's broadcast over
+    an innermost axis of 3, and its reverse of uint8 channels, are slow)."""
+    shape, width = tf.shape(rgb), rgb.shape[-2]
+    bgr = tf.matmul(tf.reshape(tf.cast(rgb, tf.float32), [-1, 3]), _RGB_TO_BGR)
+    rows = tf.reshape(bgr, [-1, 3 * width]) - tf.tile(tf.constant(VGG_MEAN_BGR, tf.float32), [width])
+    return tf.reshape(rows, shape)
+
+
+_READERS = {}
+
+
+def reader(hw, kind):
+    """`read` at hw as a tf.function traced once per process (a dataset built each epoch calls it)."""
+    key = (tuple(int(s) for s in hw), kind)
+    if key not in _READERS:
+        _READERS[key] = tf.function(lambda path: read(path, key[0], kind), autograph=False,
+                                    input_signature=[tf.TensorSpec([], tf.string)])
+    return _READERS[key]
+
+
+# ----------------------------------------------------------------------------- the image cache
+
+class ImageCache:
+    """Decoded, resized images (uint8) kept in memory across epochs, up to max_bytes, read and written
+    inside the tf.data graph (TensorFlow variables in host memory, one per image size).
+
+    A path gets a slot when a dataset that reads it is built, while the budget lasts; the first paths
+    are kept and never evicted (the hit rate of a data set larger than the budget is the budget's share).
+    Its image is written the first time it is decoded and read from the slot from then on.
+    """
+
+    def __init__(self, max_bytes):
+        self.max_bytes, self.bytes = int(max_bytes), 0
+        self.slots = {}       # (path, hw) -> slot
+        self.stores = {}      # hw -> (images [capacity, H, W, 3] uint8, filled [capacity] bool) variables
+        self.count = {}       # hw -> slots given
+        self._readers = {}    # (hw, kind) -> (the store's pixels it reads, its tf.function)
+        with tf.init_scope(), tf.device('/CPU:0'):
+            self._decoded = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    @property
+    def decoded(self):
+        """Images decoded through this cache (the misses)."""
+        return int(self._decoded.numpy())
+
+    def assign(self, paths, hw):
+        """Slots of `paths` at hw (-1: not cached), new paths getting one while the budget lasts."""
+        hw, one = tuple(int(s) for s in hw), int(np.prod(hw)) * 3
+        out = np.full(len(paths), -1, np.int64)
+        for i, p in enumerate(paths):
+            slot = self.slots.get((p, hw))
+            if slot is None and self.bytes + one <= self.max_bytes:
+                slot = self.slots[(p, hw)] = self.count.get(hw, 0)
+                self.count[hw] = slot + 1
+                self.bytes += one
+            out[i] = -1 if slot is None else slot
+        self._grow(hw, one)
+        return out
+
+    def _grow(self, hw, one):
+        need = self.count.get(hw, 0)
+        old = self.stores.get(hw)
+        have = 0 if old is None else int(old[1].shape[0])
+        if need <= have:
+            return
+        # doubling (bounded by what the budget still allows) keeps the copies few
+        capacity = max(need, min(2 * have, need + (self.max_bytes - self.bytes) // one))
+        with tf.init_scope(), tf.device('/CPU:0'):
+            pixels = tf.zeros([capacity - have, hw[0], hw[1], 3], tf.uint8)
+            filled = tf.zeros([capacity - have], tf.bool)
+            if old is not None:   # datasets built before keep the old variables
+                pixels, filled = tf.concat([old[0], pixels], 0), tf.concat([old[1], filled], 0)
+            self.stores[hw] = (tf.Variable(pixels, trainable=False), tf.Variable(filled, trainable=False))
+
+    def reader(self, hw, kind):
+        """(path, slot) -> (image, status) through the store of size hw (after assign), a tf.function traced
+        once per store."""
+        hw = tuple(int(s) for s in hw)
+        pixels, filled = self.stores[hw]
+        known = self._readers.get((hw, kind))
+        if known is not None and known[0] is pixels:
+            return known[1]
+        decoded, read_file = self._decoded, reader(hw, kind)
+
+        def cached_read(path, slot):
+            def hit():
+                return tf.gather(pixels, slot), tf.constant(OK)
+
+            def miss():
+                img, status = read_file(path)
+                count = tf.raw_ops.AssignAddVariableOp(resource=decoded.handle, value=tf.constant(1, tf.int64))
+                with tf.control_dependencies([count]):
+                    img = tf.identity(img)
+
+                def keep():   # pixels first, then the flag: a reader that sees the flag sees the pixels
+                    put = tf.raw_ops.ResourceScatterUpdate(resource=pixels.handle, indices=slot[None],
+                                                           updates=img[None])
+                    with tf.control_dependencies([put]):
+                        flag = tf.raw_ops.ResourceScatterUpdate(resource=filled.handle, indices=slot[None],
+                                                                updates=tf.constant([True]))
+                    with tf.control_dependencies([flag]):
+                        return tf.identity(img)
+                return tf.cond((slot >= 0) & tf.equal(status, OK), keep, lambda: img), status
+            known = tf.cond(slot >= 0, lambda: tf.gather(filled, tf.maximum(slot, 0)), lambda: tf.constant(False))
+            return tf.cond(known, hit, miss)
+        fn = tf.function(cached_read, autograph=False,
+                         input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)])
+        self._readers[(hw, kind)] = (pixels, fn)
+        return fn
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def _batches(columns, readers, batch, output, cache=None, drop_remainder=False):
+    """Batches over n items: output(x) of dicts x of the numpy `columns` ([n, ...] each) and, for every reader
+    name -> (path column, hw, kind), that item's image, float32 [B, H, W, 3] minus the VGG mean; '_pos' is
+    the item's index. (output runs before the prefetch: after it, a map would run on the consumer's thread.)"""
+    n = len(next(iter(columns.values())))
+    table = {k: np.asarray(v) for k, v in columns.items()}
+    table['_pos'] = np.arange(n, dtype=np.int64)
+    for name, (col, hw, kind) in readers.items():   # every slot first: assign may grow (replace) a store
+        table['_slot_' + name] = (np.full(n, -1, np.int64) if cache is None else
+                                  cache.assign([str(p) for p in table[col]], hw))
+    fns = {name: (cache.reader(hw, kind) if cache is not None else
+                  lambda path, slot, fn=reader(hw, kind): fn(path))
+           for name, (col, hw, kind) in readers.items()}
+
+    def load(x):
+        out = {k: v for k, v in x.items() if not k.startswith('_slot_')}
+        for name, (col, _, _) in readers.items():
+            out[name], out['_status_' + name] = fns[name](x[col], x['_slot_' + name])
+        return out
+
+    def explain(count, pos, codes):
+        """The one-line message of a bad item, by the reference reader (unwrap_error runs it): item `count`
+        when `pos` is a later one (its decode op failed and tf.data dropped it), else item pos, whose header
+        check gave `codes`."""
+        item, codes = (count, [-1] * len(readers)) if pos != count else (pos, codes)
+        paths = []
+        for (col, hw, kind), code in zip(readers.values(), codes):
+            path = str(columns[col][item])
+            paths.append(path)
+            try:
+                images.load_image(path, hw, kind)
+            except DataError as e:
+                return str(e)
+            if code > OK:
+                return f'{path}: {STATUS[code]} (TensorFlow\'s header check)'
+        return f'{" or ".join(paths)}: unreadable image (TensorFlow cannot decode it)'
+    key = _register(explain)
+
+    def check(count, x):
+        """Item `count` is the next in order and passed the header check, or the dataset stops; the error's
+        text carries BAD_INPUT, this dataset's key and what `explain` needs (no Python runs here)."""
+        codes = tf.stack([x['_status_' + name] for name in readers])
+        ok = tf.equal(count, x['_pos']) & tf.reduce_all(tf.equal(codes, OK))
+        failed = tf.debugging.Assert(ok, [BAD_INPUT + 'item', key, count, x['_pos'], codes], summarize=len(readers))
+        with tf.control_dependencies([failed]):
+            return {k: tf.identity(v) for k, v in x.items() if not k.startswith('_status_')}
+
+    def finish(x):
+        return output(dict(x, **{name: network_input(x[name]) for name in readers}))
+
+    ds = tf.data.Dataset.from_tensor_slices(table)
+    ds = ds.map(load, num_parallel_calls=cores(), deterministic=True).ignore_errors()
+    # An item whose decode op failed is dropped: the items counted after it are out of step with their
+    # positions; an end marker (position n) catches the last item, and take(n) drops it.
+    end = tf.data.Dataset.from_tensors({k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()})
+    end = end.map(lambda x: dict(x, _pos=tf.constant(n, tf.int64)))
+    ds = ds.concatenate(end).enumerate().map(check, num_parallel_calls=cores(), deterministic=True).take(n)
+    ds = ds.batch(batch, drop_remainder=drop_remainder)
+    return ds.map(finish, num_parallel_calls=cores(), deterministic=True).prefetch(2)
 
 
 def apply_views(img, views):
@@ -47,29 +302,26 @@ def apply_views(img, views):
 def image_dataset(paths, hw, kind, batch, cache=None, views=None):
     """Deterministic batches of (images, index) over `paths`, for descriptor extraction; cache: an ImageCache;
     views: [len(paths), 3] int64 for apply_views (panoramas under a test protocol), or None."""
-    index = np.arange(len(paths), dtype=np.int64)
+    columns = {'path': np.array(paths)}
     if views is None:
-        ds = tf.data.Dataset.from_tensor_slices((np.array(paths), index)).batch(batch)
-        read = lambda p, i: (_tf_read(p, hw, kind, cache), i)
+        output = lambda x: (x['img'], x['_pos'])
     else:
-        ds = tf.data.Dataset.from_tensor_slices((np.array(paths), index, np.asarray(views, np.int64))).batch(batch)
-        read = lambda p, i, v: (apply_views(_tf_read(p, hw, kind, cache), v), i)
-    return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
+        columns['views'] = np.asarray(views, np.int64).reshape(len(paths), 3)
+        output = lambda x: (apply_views(x['img'], x['views']), x['_pos'])
+    return _batches(columns, {'img': ('path', tuple(hw), kind)}, batch, output, cache)
 
 
 def pair_dataset(split, queries, tile_idx, grd_hw, sat_side, batch, cache=None, views=None):
     """Batches of (grd, sat, i) for the panorama `queries[i]` with the tile `tile_idx[i]`; views: [n, 3] int64
     for apply_views on the panoramas (a test protocol), or None."""
-    pano = np.array(split.pano_paths)[queries]
-    tile = np.array(split.tile_paths)[tile_idx]
-    views = np.zeros((len(pano), 0), np.int64) if views is None else np.asarray(views, np.int64)
-    ds = tf.data.Dataset.from_tensor_slices((pano, tile, np.arange(len(pano), dtype=np.int64), views)).batch(batch)
-
-    def read(p, t, q, v):
-        grd = _tf_read(p, grd_hw, 'panorama', cache)
-        return (grd if views.shape[1] == 0 else apply_views(grd, v),
-                _tf_read(t, (sat_side, sat_side), 'aerial', cache), q)
-    return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
+    columns = {'pano': np.array(split.pano_paths)[queries], 'tile': np.array(split.tile_paths)[tile_idx]}
+    readers = {'grd': ('pano', tuple(grd_hw), 'panorama'), 'sat': ('tile', (sat_side, sat_side), 'aerial')}
+    if views is None:
+        output = lambda x: (x['grd'], x['sat'], x['_pos'])
+    else:
+        columns['views'] = np.asarray(views, np.int64).reshape(len(columns['pano']), 3)
+        output = lambda x: (apply_views(x['grd'], x['views']), x['sat'], x['_pos'])
+    return _batches(columns, readers, batch, output, cache)
 
 
 def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_semi=True):
@@ -82,7 +334,7 @@ def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_
     panos, semi = panos.reshape(-1), semi.reshape(-1)
     pos_tile = split.tiles[panos, 0]
     semi_tile = split.tiles[panos, semi]
-    items = {
+    columns = {
         'grd_path': np.array(split.pano_paths)[panos],
         'sat_path': np.array(split.tile_paths)[pos_tile],
         'semi_path': np.array(split.tile_paths)[semi_tile],
@@ -91,23 +343,31 @@ def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_
         'pano': panos, 'semi_k': semi, 'sat_idx': pos_tile,
     }
     sat_hw = (sat_side, sat_side)
+    readers = {'grd': ('grd_path', tuple(grd_hw), 'panorama'), 'sat': ('sat_path', sat_hw, 'aerial')}
+    if with_semi:
+        readers['semi'] = ('semi_path', sat_hw, 'aerial')
+    output = lambda x: {k: v for k, v in x.items() if not k.endswith('_path') and k != '_pos'}
+    return _batches(columns, readers, batch, output, cache, drop_remainder=True)
 
-    def load(x):
-        out = {k: v for k, v in x.items() if not k.endswith('_path')}
-        out['grd'] = _tf_read(x['grd_path'], grd_hw, 'panorama', cache)
-        out['sat'] = _tf_read(x['sat_path'], sat_hw, 'aerial', cache)
-        if with_semi:
-            out['semi'] = _tf_read(x['semi_path'], sat_hw, 'aerial', cache)
-        return out
 
-    ds = tf.data.Dataset.from_tensor_slices(items).batch(batch, drop_remainder=True)
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
+_EXPLAIN = collections.OrderedDict()   # key -> explain(count, pos, codes) of the latest datasets
+_KEYS = itertools.count()
+
+
+def _register(explain):
+    key = f'dataset{next(_KEYS)}'
+    _EXPLAIN[key] = explain
+    while len(_EXPLAIN) > 256:
+        _EXPLAIN.popitem(last=False)
+    return key
 
 
 def unwrap_error(exc):
-    """The one-line message of a DataError raised inside tf.data, or None."""
-    text = str(exc)
-    i = text.find(BAD_INPUT)
-    if i < 0:
+    """The one-line message of a bad image that stopped one of our datasets (an op error), or None."""
+    m = re.search(re.escape(BAD_INPUT) + r'item\] \[(\w+)\] \[(\d+)\] \[(\d+)\] \[([-\d ]+)\]', str(exc))
+    if m is None:
         return None
-    return text[i + len(BAD_INPUT):].splitlines()[0].strip()
+    explain = _EXPLAIN.get(m.group(1))
+    if explain is None:
+        return f'item {m.group(2)} of an input dataset no longer known holds a bad image'
+    return explain(int(m.group(2)), int(m.group(3)), [int(c) for c in m.group(4).split()])

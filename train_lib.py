@@ -120,6 +120,7 @@ def dataset_splits(cfg, which):
     if cfg.dataset == 'vigor':
         if not root:
             root = synthetic_data.ensure_vigor(os.path.join(HERE, 'data', 'synthetic_vigor'))
+        input_data.check_prepared(root, cfg.grd_size, cfg.sat_size)   # a copy from prepare_data.py
         return input_data.load_vigor(root, which, cfg.area, cfg.labels)
     if not root:
         root = synthetic_data.ensure_cvact(os.path.join(HERE, 'data', 'synthetic_cvact'))
@@ -134,6 +135,8 @@ def dataset_splits(cfg, which):
     if not cfg.data_root and not os.path.exists(os.path.join(resampled, 'splits', 'test.txt')):
         import samples_on_cvact
         samples_on_cvact.resample(root, resampled, seed=0)
+    for folder in (root, resampled):
+        input_data.check_prepared(folder, cfg.grd_size, cfg.sat_size)
     return input_data.load_cvact(root, resampled, which, mpp)
 
 

@@ -248,7 +248,6 @@ def onednn_enabled():
 
 def child(args):
     import tensorflow as tf
-    import images
     import input_data
     import pipeline
     import config
@@ -277,7 +276,7 @@ def child(args):
     semi = np.concatenate([k for _, k in plans])[:n_plan]
     make_ds = lambda cache, n=n_batches: pipeline.train_dataset(
         split, panos[:n], semi[:n], cfg.grd_size, cfg.sat_size, cfg.batch, cache=cache, with_semi=stage.uses_semi)
-    new_cache = lambda: images.ImageCache(cfg.image_cache_mb * 2 ** 20)
+    new_cache = lambda: pipeline.ImageCache(cfg.image_cache_mb * 2 ** 20)
 
     out['onednn'] = onednn_enabled()
     out['matmul_before'] = matmul_rates(args.matmul_n, args.matmul_repeats)

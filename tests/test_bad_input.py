@@ -479,7 +479,8 @@ def test_full_size_imagenet_weights_with_the_demo_preset(vigor, tmp_path, capsys
     np.save(path, weights, allow_pickle=True)
     capsys.readouterr()
     argv = ['--preset', 'demo', '--data_root', vigor, '--run_dir', str(tmp_path / 'run'), '--vgg_weights', path,
-            '--max_steps', '1', '--val_every', '0', '--batch', '4']   # (the tiny city cannot fill the demo's 10)
+            '--max_steps', '1', '--val_every', '0', '--batch', '4',   # (the tiny city cannot fill the demo's 10,
+            '--grd_size', '32', '64', '--sat_size', '64']           #  nor its 64x128 panoramas: never upscaled)
     assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
     out = capsys.readouterr()
     assert out.err == ''

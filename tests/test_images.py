@@ -1,4 +1,4 @@
-"""images.py: decoding, checks, reduced-scale JPEG decoding and the image cache."""
+"""images.py: the reference reader: decoding, checks, reduced-scale JPEG decoding, the size rule."""
 import io
 
 import cv2
@@ -9,11 +9,6 @@ from PIL import Image
 import geometry
 import images
 import input_data
-
-
-@pytest.fixture(scope='module')
-def vigor(tiny_vigor):
-    return tiny_vigor(4)
 
 
 def test_read_image_checks(tmp_path):
@@ -48,12 +43,14 @@ def test_jpeg_is_decoded_at_a_reduced_scale_when_read_smaller(tmp_path):
     with open(path, 'rb') as f:
         assert images._jpeg_colour_size(f.read()) == (256, 512)
     pixels, on_file = images.decode_image(path, (64, 128))
-    assert pixels.shape == (64, 128, 3) and on_file == (256, 512)       # 1/4 scale in libjpeg
-    assert images.decode_image(path, (100, 200))[0].shape == (128, 256, 3)  # 1/4 would be < 100 rows
+    assert pixels.shape == (128, 256, 3) and on_file == (256, 512)      # 1/2 in libjpeg: 1/4 would leave 1x to resize
+    assert images.decode_image(path, (32, 64))[0].shape == (64, 128, 3)    # 1/4: 2x left
+    assert images.decode_image(path, (100, 200))[0].shape == (256, 512, 3)  # 1/2 would leave 1.28x
     assert images.decode_image(path)[0].shape == (256, 512, 3)
     full = cv2.resize(cv2.imread(path), (128, 64), interpolation=cv2.INTER_AREA).astype(float)
     diff = np.abs(images.load_image(path, (64, 128), 'panorama').astype(float) - full)
     assert diff.mean() < 1 and diff.max() <= 8
+    np.testing.assert_array_equal(images.load_image(path, (64, 128), 'panorama', exact=True), full)  # SPEC §2 exactly
     # the checks still see the file as it is: a grayscale JPEG, a square one read as a panorama
     cv2.imwrite(str(tmp_path / 'g.jpg'), _smooth_colour(256, 512)[..., 0])
     with pytest.raises(input_data.DataError, match='g.jpg: expected a 3-channel colour panorama, got a grayscale'):
@@ -61,6 +58,23 @@ def test_jpeg_is_decoded_at_a_reduced_scale_when_read_smaller(tmp_path):
     cv2.imwrite(str(tmp_path / 'sq.jpg'), _smooth_colour(256, 256))
     with pytest.raises(input_data.DataError, match='width = 2 x height, got 256x256'):
         images.load_image(str(tmp_path / 'sq.jpg'), (32, 64), 'panorama')
+
+
+def test_images_are_never_upscaled(tmp_path):
+    """Issue 15: an 8x8 tile and a 16x8 panorama were silently upscaled; anything smaller than the size it is
+    read at is refused, the size itself is fine."""
+    cv2.imwrite(str(tmp_path / 't.png'), _smooth_colour(8, 8))
+    with pytest.raises(input_data.DataError) as e:
+        images.load_image(str(tmp_path / 't.png'), (64, 64), 'aerial')
+    assert str(e.value) == f'{tmp_path / "t.png"}: too small: 8x8, read at 64x64 (images are never upscaled)'
+    cv2.imwrite(str(tmp_path / 'p.jpg'), _smooth_colour(8, 16))
+    with pytest.raises(input_data.DataError, match=r'p.jpg: too small: 16x8, read at 128x64 \(images are never'):
+        images.load_image(str(tmp_path / 'p.jpg'), (64, 128), 'panorama')
+    cv2.imwrite(str(tmp_path / 'q.jpg'), _smooth_colour(32, 64))
+    with pytest.raises(input_data.DataError, match='too small: 64x32, read at 66x33'):
+        images.load_image(str(tmp_path / 'q.jpg'), (33, 66), 'panorama')
+    assert images.load_image(str(tmp_path / 'q.jpg'), (32, 64), 'panorama').shape == (32, 64, 3)
+    assert images.load_image(str(tmp_path / 'q.jpg'), (31, 62), 'panorama').shape == (31, 62, 3)
 
 
 def test_jpeg_colour_size_reads_only_colour_jpeg_headers():
@@ -77,17 +91,3 @@ def test_jpeg_colour_size_reads_only_colour_jpeg_headers():
     assert images._jpeg_colour_size(encoded('PNG', Image.new('RGB', (48, 24)))) is None
     assert images._jpeg_colour_size(colour[:20]) is None                 # no frame header
     assert images._jpeg_colour_size(b'\xff\xd8garbage') is None
-
-
-def test_image_cache_keeps_the_first_images_up_to_its_budget(vigor):
-    split = input_data.load_vigor(vigor, 'train')
-    one = 64 * 64 * 3
-    cache = images.ImageCache(3 * one + 10)
-    first = cache.load(split.tile_paths[0], (64, 64), 'aerial')
-    np.testing.assert_array_equal(first, images.load_image(split.tile_paths[0], (64, 64), 'aerial'))
-    assert cache.load(split.tile_paths[0], (64, 64), 'aerial') is first and (cache.hits, cache.misses) == (1, 1)
-    for p in split.tile_paths[1:5]:
-        cache.load(p, (64, 64), 'aerial')
-    assert cache.bytes == 3 * one and set(cache.images) == {(p, (64, 64)) for p in split.tile_paths[:3]}
-    assert cache.load(split.tile_paths[4], (64, 64), 'aerial') is not cache.load(split.tile_paths[4], (64, 64), 'aerial')
-    assert cache.load(split.tile_paths[0], (32, 32), 'aerial').shape == (32, 32, 3)  # the size is part of the key
