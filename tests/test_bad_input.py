@@ -192,6 +192,7 @@ def test_wrong_size_image(vigor_copy, tmp_path, capsys):
                    'got 40x32')
 
 
+@pytest.mark.slow
 def test_truncated_jpeg_through_the_shell(vigor_copy, tmp_path):
     """The real command, with TensorFlow's own logging left at the script's default: one stderr line."""
     pano, _ = first_batch_files(vigor_copy)

@@ -72,6 +72,7 @@ def differing(a, b):
     return sorted(k for k in a if not np.array_equal(a[k], b[k]))
 
 
+@pytest.mark.slow
 def test_stopped_and_extended_runs_end_like_an_uninterrupted_one(data, tmp_path, capsys):
     """Stopped inside epoch 1 (--max_steps 5), extended to its end (--epochs 1), extended to 2 epochs: the
     weights, Adam and mining table of one uninterrupted 2-epoch run. The control: without the descriptors of
