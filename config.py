@@ -120,6 +120,11 @@ PRESETS = {
     'paper': {},
     'demo': {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25, 'batch': 10, 'epoch_batch': 0,
              'ckpt_every': 100, 'val_every': 4},
+    # study.py (issue 16): the demo's network on the dials city (2,048 training panoramas); an epoch is
+    # floor(N / 4) = 512 steps, so a mining round every 512 steps; the exact (corrected) labels; no validation
+    # during training (study.py evaluates every stage on the whole test split)
+    'study': {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25, 'batch': 10, 'epoch_batch': 4,
+              'labels': 'corrected', 'ckpt_every': 1000, 'val_every': 0, 'log_every': 100},
 }
 
 
@@ -127,7 +132,8 @@ def parser(doc, presets=PRESETS):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--test', action='store_true', help="evaluate this stage's checkpoint")
     p.add_argument('--preset', choices=tuple(presets), default='paper',
-                   help='demo = small inputs and width for a CPU run on the synthetic city')
+                   help='demo = small inputs and width for a CPU run on the synthetic city; study = the '
+                        'ambiguity study (study.py)')
     for f in FLAGS:
         nargs = len(f.default) if isinstance(f.default, tuple) else None
         typ = type(f.default[0]) if isinstance(f.default, tuple) else type(f.default)

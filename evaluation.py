@@ -268,6 +268,24 @@ def ellipse_coverage(mu, cov, gt):
     Gaussian the expected fractions are 1 - exp(-k²/2): 39.3 % (1σ) and 86.5 % (2σ).
     Returns {'1sigma', '2sigma', 'expected_1sigma', 'expected_2sigma', 'n'}.
     """
+    maha2 = mahalanobis_sq(mu, cov, gt)
+    return {'1sigma': _fraction(maha2 <= 1.0), '2sigma': _fraction(maha2 <= 4.0),
+            'expected_1sigma': float(1 - np.exp(-0.5)), 'expected_2sigma': float(1 - np.exp(-2.0)),
+            'n': int(maha2.size)}
+
+
+def coverage_curve(mu, cov, gt, ks=np.arange(0.5, 3.01, 0.25)):
+    """Fraction of ground truths inside the kσ ellipse for each k, against a calibrated 2-D Gaussian's
+    1 - exp(-k²/2). Arguments as ellipse_coverage. Returns {'k', 'inside', 'calibrated'} (lists)."""
+    maha2 = mahalanobis_sq(mu, cov, gt)
+    ks = np.asarray(ks, np.float64)
+    return {'k': ks.tolist(), 'inside': [_fraction(maha2 <= k * k) for k in ks],
+            'calibrated': (1 - np.exp(-ks ** 2 / 2)).tolist()}
+
+
+def mahalanobis_sq(mu, cov, gt):
+    """(Q,) squared Mahalanobis distance (gt - mu)ᵀ cov⁻¹ (gt - mu); mu, gt (Q, 2), cov (Q, 2, 2) positive
+    definite (ValueError naming the rows that are not)."""
     mu, gt = _pairs(mu, 'mu'), _pairs(gt, 'gt')
     cov = np.asarray(cov, np.float64)
     if gt.shape != mu.shape or cov.shape != (mu.shape[0], 2, 2):
@@ -279,10 +297,7 @@ def ellipse_coverage(mu, cov, gt):
     if bad.any():
         raise ValueError(f'{bad.sum()} covariances are not positive definite, e.g. rows {np.flatnonzero(bad)[:5]}')
     d0, d1 = gt[:, 0] - mu[:, 0], gt[:, 1] - mu[:, 1]
-    maha2 = (c * d0 * d0 - 2 * b * d0 * d1 + a * d1 * d1) / det           # (Q,)
-    return {'1sigma': _fraction(maha2 <= 1.0), '2sigma': _fraction(maha2 <= 4.0),
-            'expected_1sigma': float(1 - np.exp(-0.5)), 'expected_2sigma': float(1 - np.exp(-2.0)),
-            'n': int(maha2.size)}
+    return (c * d0 * d0 - 2 * b * d0 * d1 + a * d1 * d1) / det
 
 
 def rank_correlation(u, err):
@@ -325,3 +340,33 @@ def _same_length(u, err):
     if u.ndim != 1 or u.shape != err.shape:
         raise ValueError(f'u and err must be (Q,) arrays of one length, got {u.shape} and {err.shape}')
     return u, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired comparison of two models on the same queries
+
+
+def paired_bootstrap(stat, before, after, n_boot=2000, seed=0, level=0.95):
+    """stat(after) - stat(before) over the same queries, with a percentile bootstrap interval.
+
+    before, after: (Q,) per-query values of two models on the same queries (e.g. rank < 1, or
+    metres); stat: a reducer over a (Q,) array (np.mean, np.median). Each bootstrap draw resamples
+    the queries with replacement and applies the same draw to both models (paired).
+    Returns {'before', 'after', 'diff', 'low', 'high', 'n', 'n_boot', 'level'}; 'excludes_zero' is True
+    when the interval lies strictly on one side of 0. NaN everywhere when Q = 0.
+    """
+    before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    if before.ndim != 1 or before.shape != after.shape:
+        raise ValueError(f'before and after must be (Q,) arrays of one length, got {before.shape} and {after.shape}')
+    if not 0 < level < 1:
+        raise ValueError(f'level must lie in (0, 1), got {level}')
+    n = before.size
+    out = {'n': int(n), 'n_boot': int(n_boot), 'level': float(level)}
+    if n == 0:
+        return dict(out, before=float('nan'), after=float('nan'), diff=float('nan'), low=float('nan'),
+                    high=float('nan'), excludes_zero=False)
+    idx = np.random.default_rng(seed).integers(0, n, size=(int(n_boot), n))
+    diffs = np.array([stat(after[i]) - stat(before[i]) for i in idx])
+    low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return dict(out, before=float(stat(before)), after=float(stat(after)), diff=float(stat(after) - stat(before)),
+                low=float(low), high=float(high), excludes_zero=bool(low > 0 or high < 0))

@@ -68,28 +68,37 @@ def verdicts(results, e3_table):
     return lines
 
 
+def stage_commands(run_root, preset, rest=()):
+    """The stage scripts in training order as shell commands: [(last stage it trains, its run directory,
+    argv)]; each script's run directory is <run_root>/<stage> and it starts from its predecessor's there.
+    rest: flags passed to every script. Imports the stage scripts (and TensorFlow)."""
+    import stages
+    out = []
+    for script, names in stages.main_scripts():
+        first, last = stages.get(names[0]), stages.get(names[-1])
+        run_dir = os.path.join(run_root, last.home or last.name)
+        cmd = [sys.executable, os.path.join(HERE, script), '--preset', preset, '--run_dir', run_dir] + list(rest)
+        if first.previous:
+            prev = stages.get(first.previous)
+            cmd += ['--init_from', os.path.join(run_root, prev.home or prev.name, prev.subdir)]
+        out.append((last.name, run_dir, cmd))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', default='demo', choices=('demo', 'paper'))
     p.add_argument('--run_root', default='runs', help='stage run directories go to <run_root>/<stage>')
     args, rest = p.parse_known_args(argv)
     train_lib.setup_environment()
-    import stages  # imports the stage scripts (and TensorFlow)
     t0 = time.time()
     results = {}
-    for script, names in stages.main_scripts():
-        first, last = stages.get(names[0]), stages.get(names[-1])
-        run_dir = os.path.join(args.run_root, last.home or last.name)
-        common = [sys.executable, os.path.join(HERE, script), '--preset', args.preset, '--run_dir', run_dir] + rest
-        if first.previous:
-            prev = stages.get(first.previous)
-            common += ['--init_from', os.path.join(args.run_root, prev.home or prev.name, prev.subdir)]
-        stage = last.name
-        for cmd in (common, common + ['--test']):
+    for stage, run_dir, command in stage_commands(args.run_root, args.preset, rest):
+        for cmd in (command, command + ['--test']):
             print(f'\n=== {" ".join(cmd[1:])}', flush=True)
             code = subprocess.call(cmd)
             if code:
-                print(f'run_all: {script} exited with {code}; stopping', file=sys.stderr)
+                print(f'run_all: {os.path.basename(cmd[1])} exited with {code}; stopping', file=sys.stderr)
                 return code
         # --test wrote into the directory of its settings (the same flags as the command above)
         cfg = train_lib.configs([last], ['--preset', args.preset, '--run_dir', run_dir] + rest)[0]

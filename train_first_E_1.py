@@ -36,11 +36,12 @@ def loss_b(m, emb, batch, ctx):
 PHASE_A = stages.Stage(
     name='E_1a', home='E_1', subdir='phase_a', parts=model.RETRIEVAL_PARTS, train_parts=model.RETRIEVAL_PARTS,
     loss=loss_a, uses_semi=False, defaults=dict(SCHEDULE, batch=14, epochs=30),
-    presets={'demo': {'epochs': 12, 'lr': 3e-4}})
+    presets={'demo': {'epochs': 12, 'lr': 3e-4}, 'study': {'epochs': 2, 'lr': 3e-4}})
 PHASE_B = stages.Stage(
     name='E_1', parts=model.RETRIEVAL_PARTS + ('offset_head',), train_parts=model.RETRIEVAL_PARTS + ('offset_head',),
     loss=loss_b, previous='E_1a', restore=model.RETRIEVAL_PARTS, carry='all',
-    defaults=dict(SCHEDULE, batch=10, epochs=15, mining_start_epoch=1), presets={'demo': {'epochs': 3, 'lr': 1e-4}})
+    defaults=dict(SCHEDULE, batch=10, epochs=15, mining_start_epoch=1),
+    presets={'demo': {'epochs': 3, 'lr': 1e-4}, 'study': {'epochs': 1, 'max_steps': 128, 'lr': 1e-4}})
 STAGES = [PHASE_A, PHASE_B]
 
 if __name__ == '__main__':

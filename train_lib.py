@@ -23,12 +23,14 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_SIZED = ('demo', 'study')   # presets with the demo's input sizes and width (oneDNN on: setup_environment)
 
 
 def setup_environment(argv=()):
     """The stage scripts' TensorFlow environment, set before TensorFlow loads (shell settings win).
 
-    TF_CPP_MIN_LOG_LEVEL 2: an error stays one line. TF_ENABLE_ONEDNN_OPTS 1 for `--preset demo` only:
+    TF_CPP_MIN_LOG_LEVEL 2: an error stays one line. TF_ENABLE_ONEDNN_OPTS 1 for the demo-sized presets
+    (`--preset demo` and `--preset study`, DEMO_SIZED) only:
     on this project's 2-core AVX2 machine oneDNN made demo-size steps 1.4-2.3x faster and paper-size
     steps 1.4-1.6x slower (benchmarks/README.md), and TF 2.21 turns it on by itself only on CPUs with
     AVX-512; other presets keep TensorFlow's own choice. With oneDNN on, TensorFlow writes a notice to
@@ -37,7 +39,9 @@ def setup_environment(argv=()):
     """
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     argv = list(argv)
-    if any(a == '--preset=demo' for a in argv) or any(a == '--preset' and b == 'demo' for a, b in zip(argv, argv[1:])):
+    presets = {a.split('=', 1)[1] for a in argv if a.startswith('--preset=')}
+    presets |= {b for a, b in zip(argv, argv[1:]) if a == '--preset'}
+    if presets & set(DEMO_SIZED):
         os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
     if 'tensorflow' in sys.modules:
         return

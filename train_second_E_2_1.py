@@ -34,7 +34,7 @@ def loss(m, emb, batch, ctx):
 STAGE = stages.Stage(
     name='E_2_1', parts=PARTS, train_parts=PARTS, loss=loss, previous='E_1a', also_accepts=('E_1',),
     restore=model.RETRIEVAL_PARTS, defaults={'lr': 1e-5, 'lr_decay': 1.0, 'batch': 10, 'epochs': 180, 'mining': 1},
-    presets={'demo': {'epochs': 3, 'lr': 1e-4}})
+    presets={'demo': {'epochs': 3, 'lr': 1e-4}, 'study': {'epochs': 3, 'lr': 1e-3}})
 STAGES = [STAGE]
 
 if __name__ == '__main__':

@@ -237,3 +237,34 @@ def test_sparsification_hand_case_and_oracle_bound():
     assert len(sp['curve']) == 20 and sp['curve'][0] == pytest.approx(err.mean())
     assert np.all(np.asarray(sp['oracle']) <= np.asarray(sp['curve']) + 1e-12) and sp['ause'] > 0
     assert ev.sparsification(err, err)['ause'] == pytest.approx(0.0)
+
+
+def test_coverage_curve_hand_values():
+    # Identity covariance: the k-sigma ellipse is the disc of radius k. Ground truths 0.4, 1.5 and 2.5 from mu:
+    # k = 0.5 holds the first (1/3), k = 1.5 the first two (the boundary counts: <=), k = 2.5 all three.
+    mu = np.zeros((3, 2))
+    gt = np.array([[0.4, 0.0], [0.0, 1.5], [-1.5, 2.0]])
+    cov = np.repeat(np.eye(2)[None], 3, 0)
+    c = ev.coverage_curve(mu, cov, gt, ks=[0.5, 1.0, 1.5, 2.5])
+    assert c['inside'] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 1.0])
+    assert c['calibrated'][1] == pytest.approx(1 - np.exp(-0.5))    # 39.3 %
+    # a covariance of 4 I (sigma 2 px) halves every radius in sigma units
+    assert ev.coverage_curve(mu, 4 * cov, gt, ks=[0.75])['inside'] == pytest.approx([2 / 3])
+
+
+def test_paired_bootstrap_hand_cases():
+    ones, zeros = np.ones(50), np.zeros(50)
+    r = ev.paired_bootstrap(np.mean, zeros, ones, n_boot=200)
+    assert (r['diff'], r['low'], r['high'], r['excludes_zero']) == (1.0, 1.0, 1.0, True)
+    same = np.arange(50.0)
+    r = ev.paired_bootstrap(np.median, same, same, n_boot=200)
+    assert (r['diff'], r['low'], r['high'], r['excludes_zero']) == (0.0, 0.0, 0.0, False)
+    # one query of 50 changes by +1: the mean rises by 0.02; a draw holds that query k times (k ~ Binomial(50, 1/50)),
+    # so the interval runs from 0 (not drawn, ~36 % of draws) to a few times 0.02 and does not exclude 0
+    after = zeros.copy()
+    after[7] = 1
+    r = ev.paired_bootstrap(np.mean, zeros, after, n_boot=2000, seed=1)
+    assert r['diff'] == pytest.approx(0.02) and r['low'] == 0.0 and 0.02 <= r['high'] <= 0.1
+    assert not r['excludes_zero']
+    with pytest.raises(ValueError):
+        ev.paired_bootstrap(np.mean, zeros, ones[:3])
