@@ -9,15 +9,14 @@ no temporary files and raises TrainError.
 import dataclasses
 import os
 import shutil
-import signal
 import tempfile
 import time
-import zipfile
 
 import numpy as np
 import tensorflow as tf
 
 import config
+from checkpoints import Checkpoints, CtrlC, Interrupted, TrainError  # noqa: F401 (train_lib reads loop.*)
 import distribute
 import embedding
 import input_data
@@ -27,9 +26,6 @@ import testing
 import train_lib
 import train_state
 
-
-class TrainError(RuntimeError):
-    """Training cannot go on (a non-finite step); str() is one line."""
 
 
 # ----------------------------------------------------------------------------- the step
@@ -88,137 +84,6 @@ def make_step(state, stage, cfg, strategy):
         return total, terms, reports, ok, desc
 
     return tf.function(step_fn, autograph=False)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-class Interrupted(Exception):
-    """Ctrl-C stopped training after saving a checkpoint; str() is one line."""
-
-
-class _CtrlC:
-    """While training: the first SIGINT asks the loop to stop after the step in flight (it then saves a
-    checkpoint); a second one stops at once (KeyboardInterrupt, nothing saved). Outside the main thread
-    (no signal handler allowed there) Ctrl-C keeps Python's default."""
-
-    def __enter__(self):
-        self.requested = False
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:
-            self.previous = None
-        return self
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-class Checkpoints:
-    """The run's checkpoints: tf.train.CheckpointManager (the last 2 kept) and, beside a checkpoint taken
-    inside a mining epoch, `ckpt-<N>.mining.npz`: the epoch's MiningBuffer (mining.MiningBuffer.state) as
-    gathered up to step N, so that a resume ranks with the same descriptors as an uninterrupted run. At an
-    epoch end the file exists only when that epoch's mining round has not run (the run stopped there; an
-    extended run runs the round first).
-
-    Each file is complete or absent: the .npz is written to a temporary file and renamed before the
-    checkpoint is saved, and a failed save (a full disk) removes what it left (TensorFlow's ckpt-N_temp/
-    included) before it is reported in one line. Cost at paper size (SPEC §2: ~52,600 training panoramas,
-    a 10,000-tile pool, 4096-d): 52,600 x 4096 x 2 B (float16) + 10,000 x 4096 x 4 B (float32) = 0.59 GB
-    per file, at most 2 on disk (one per kept checkpoint); with --ckpt_every 500 and 3,757-step epochs,
-    7 or 8 files (4.1-4.7 GB) written per mining epoch, about 0.6 s each at 1 GB/s. The same 0.59 GB is in
-    memory during any mining epoch anyway (now the last epoch of a run too, for an extension's round);
-    a resume reads one file (0.59 GB, twice that in memory while it is copied into the buffer).
-    """
-
-    def __init__(self, checkpoint, directory):
-        self.dir = directory
-        self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=2)
-        self.clean()
-
-    @staticmethod
-    def mining_path(ckpt_path):
-        return ckpt_path + '.mining.npz'
-
-    @property
-    def latest(self):
-        return self.manager.latest_checkpoint
-
-    def save(self, step, buf=None):
-        """Checkpoint `step` (and `buf`, the mining epoch's buffer so far); TrainError in one line if it fails."""
-        path = os.path.join(self.dir, f'ckpt-{step}')
-        try:
-            if buf is not None:
-                os.makedirs(self.dir, exist_ok=True)
-                _atomic_npz(self.mining_path(path), buf.state())
-            self.manager.save(checkpoint_number=step)
-        except (tf.errors.OpError, OSError) as e:
-            self.clean(failed=path)
-            raise TrainError(f'{path}: cannot write the checkpoint of step {step} ({train_lib.error_reason(e)}); '
-                             f'removed what it left; last checkpoint: {self.latest or "none"} (run the same command '
-                             'to resume once the disk has room)') from None
-        self.clean()
-        return self.latest
-
-    def clean(self, failed=None):
-        """Remove what an interrupted or failed save leaves: TensorFlow's ckpt-N_temp/ folders, temporary
-        files, the files of a failed checkpoint, and mining files of checkpoints no longer kept."""
-        if not os.path.isdir(self.dir):
-            return
-        kept = {os.path.basename(k) for k in self.manager.checkpoints}
-        failed = os.path.basename(failed) if failed and os.path.basename(failed) not in kept else None
-        for name in os.listdir(self.dir):
-            path = os.path.join(self.dir, name)
-            stale = name.endswith('_temp') or '.tmp' in name
-            if name.endswith('.mining.npz'):
-                stale = name[:-len('.mining.npz')] not in kept
-            if failed and (name.startswith(failed + '.') or name == failed + '_temp'):
-                stale = True
-            if stale:
-                if os.path.isdir(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    try:
-                        os.remove(path)
-                    except OSError:
-                        pass
-
-    def load_mining(self, ckpt_path, n_panos, n_tiles, pool, dim):
-        """The MiningBuffer saved beside `ckpt_path`, or None if there is none; StateError if unusable."""
-        path = self.mining_path(ckpt_path)
-        if not os.path.exists(path):
-            return None
-        try:
-            with np.load(path) as f:
-                saved = {k: f[k] for k in ('pool', 'grd', 'sat', 'grd_seen', 'sat_seen')}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise train_state.StateError(f'{path}: unreadable mining descriptors ({type(e).__name__}: '
-                                         f'{str(e).splitlines()[0][:120] if str(e) else ""}); delete it to resume '
-                                         'with them recomputed (not bit-identical)') from None
-        ok = (np.array_equal(saved['pool'], pool) and saved['grd'].shape == (n_panos, dim)
-              and saved['sat'].shape == (len(pool), dim) and saved['grd_seen'].shape == (n_panos,)
-              and saved['sat_seen'].shape == (len(pool),))
-        if not ok:
-            raise train_state.StateError(f'{path}: mining descriptors of another run (pool or shapes differ); delete '
-                                         'it to resume with them recomputed (not bit-identical)')
-        return mining.MiningBuffer.from_state(n_tiles, saved)
-
-
-def _atomic_npz(path, arrays):
-    """np.savez into path.tmp, then rename: the file is complete or absent."""
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------- one stage's run
@@ -304,7 +169,7 @@ def train(stage, cfg):
     ckpts = Checkpoints(state.checkpoint(), os.path.join(run.write_dir, 'ckpt'))
     resumed_from = train_state.latest_checkpoint(run.run_dir) if how == 'resume' else None
     embedder = embedding.Embedder(state.model)
-    with _CtrlC() as ctrl_c:
+    with CtrlC() as ctrl_c:
         if stage.prepare and not bool(state.tables_ready.numpy()):
             for name, value in stage.prepare(state.model, split, embedder, cfg, run.log, run.images,
                                              run.write_dir).items():
