@@ -22,6 +22,7 @@ import embedding
 import input_data
 import mining
 import pipeline
+import results
 import testing
 import train_lib
 import train_state
@@ -315,9 +316,9 @@ def validate(run, model, embedder, writer, step):
     split = run.test_split
     queries = np.arange(min(cfg.val_queries, len(split)))
     ev = testing.evaluate_model(run.stage, cfg, model, embedder, split, queries, cache=run.images, keep_heatmaps=3)
-    r, figures = ev.results, testing.localisation_figures(ev, split, cfg, 3)
+    r, figures = ev.results, results.localisation_figures(ev, split, cfg, 3)
     loc = r['localisation']
-    run.log(f'validation at step {step}: ' + testing.format_results(r)[0] + f'; median {loc["all"]["median_m"]:.2f} m')
+    run.log(f'validation at step {step}: ' + results.format_results(r)[0] + f'; median {loc["all"]["median_m"]:.2f} m')
     with writer.as_default(step=step):
         for k in ('R@1', 'R@5', 'R@10', 'R@1%', 'hit_rate'):
             tf.summary.scalar(f'val/{k}', r['retrieval'][k])

@@ -82,6 +82,7 @@ def evaluate_stages(run_root):
     """Each trained stage on the whole test split -> ({stage: testing.Evaluation}, the test split)."""
     import config
     import embedding
+    import results
     import stages
     import testing
     import train_state
@@ -97,7 +98,7 @@ def evaluate_stages(run_root):
             split = train_lib.dataset_splits(cfg, 'test')
         out[name] = testing.evaluate_model(stage, cfg, model, embedding.Embedder(model), split,
                                            np.arange(len(split)), keep_heatmaps=0)
-        print(f'study: evaluated {name}: ' + testing.format_results(out[name].results)[0], flush=True)
+        print(f'study: evaluated {name}: ' + results.format_results(out[name].results)[0], flush=True)
     return out, split
 
 
@@ -386,9 +387,9 @@ def main(argv=None):
     lines = format_report(reports, meta)
     with open(os.path.join(args.out, 'report.txt'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
-    import testing
+    import results
     with open(os.path.join(args.out, 'report.json'), 'w') as f:
-        json.dump(testing.jsonable({'meta': meta, 'seeds': reports, 'figures': written}), f, indent=1)
+        json.dump(results.jsonable({'meta': meta, 'seeds': reports, 'figures': written}), f, indent=1)
     print('\n'.join(lines))
     print(f'\nstudy: report in {os.path.join(args.out, "report.txt")}, figures in {os.path.join(args.out, "figures")}')
     return 0

@@ -10,28 +10,22 @@ pure functions; the protocol (orientation, field of view) is protocols.py's.
 (protocols.settings_name: labels, area, protocol, query count), built in a temporary sibling and
 moved into place when complete, so a failed --test leaves the previous results of that setting intact:
   test_results.json   every metric, the protocol, the checkpoint
-  per_query.csv       one row per query (write_per_query)
+  per_query.csv       one row per query (results.write_per_query)
   yaws.csv            the yaw and heading each panorama was shown with (a yaw or field-of-view protocol)
   grd_descriptors.npy, sat_descriptors.npy, and the figures (--plots 1)
 """
-import csv
 import dataclasses
-import io
-import json
-import math
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 
 import evaluation
-import figures
 import geometry
-import images
 import model as model_lib
 import protocols
+import results
 
 
 @dataclasses.dataclass
@@ -197,60 +191,6 @@ def _normalise(raw):
     return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
 
 
-def localisation_figures(ev, split, cfg, n, path_of=None):
-    """The first n queries in their positive tile (heatmap, 1-/2-sigma ellipses), the panorama as the model
-    saw it (the protocol's view): PNG files at path_of(i), or RGB arrays when path_of is None."""
-    import pipeline
-    cov = model_lib.cholesky_to_cov(tf.constant(ev.chol)).numpy() if ev.chol is not None else None
-    out = []
-    for i in range(min(n, len(ev.queries))):
-        q = ev.queries[i]
-        pano = images.read_image(split.pano_paths[q], cfg.grd_size, 'panorama')
-        if ev.views is not None:
-            pano = pipeline.apply_views(tf.constant(pano[None]), tf.constant(ev.views[i:i + 1])).numpy()[0]
-        sat = images.read_image(split.tile_paths[split.tiles[q, 0]], (cfg.sat_size,) * 2, 'aerial')
-        gt_rc = geometry.delta_to_rc(split.deltas[q, 0])
-        pred_rc = None if ev.delta_pos is None else geometry.delta_to_rc(ev.delta_pos[i])
-        rank = int(ev.ranks['rank'][i])
-        out.append(figures.plot_localisation(
-            path_of(i) if path_of else None, pano, sat, gt_rc, pred_rc, heatmap=ev.heatmaps.get(i),
-            cov=None if cov is None else cov[i], title=f'query {q} in its positive tile (retrieval rank {rank + 1})'))
-    return out
-
-
-def write_outputs(ev, split, cfg, out_dir, plots=True):
-    """--test's files (see the module docstring) into out_dir, all at once: they are written into a
-    temporary sibling directory that replaces out_dir when complete; a failure leaves out_dir as it was.
-    A parent that cannot be written is a one-line config.ConfigError naming --test_dir."""
-    staging = _staging_dir(out_dir)
-    try:
-        _write_files(ev, split, cfg, staging, plots)
-        _publish(staging, out_dir)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _write_files(ev, split, cfg, out_dir, plots):
-    with open(os.path.join(out_dir, 'test_results.json'), 'w') as f:
-        f.write(json.dumps(jsonable(ev.results), indent=1))
-    write_per_query(os.path.join(out_dir, 'per_query.csv'), ev.per_query)
-    if ev.yaws is not None:
-        write_per_query(os.path.join(out_dir, 'yaws.csv'), ev.yaws)
-    np.save(os.path.join(out_dir, 'grd_descriptors.npy'), ev.grd)
-    np.save(os.path.join(out_dir, 'sat_descriptors.npy'), ev.sat)
-    if plots:
-        figures.plot_recall_curve(os.path.join(out_dir, 'recall_at_k.png'), ev.ranks['rank'], len(ev.sat))
-        figures.plot_accuracy_vs_metres(os.path.join(out_dir, 'accuracy_vs_metres.png'),
-                                        ev.results['localisation'])
-        figures.plot_vigor_accuracy(os.path.join(out_dir, 'accuracy_vigor.png'), ev.results['localisation'],
-                                    ev.results['localisation_positive'], ev.results['protocol']['name'])
-        sp = ev.results.get('uncertainty', {}).get('sparsification')
-        if sp:
-            figures.plot_sparsification(os.path.join(out_dir, 'sparsification.png'), sp)
-        localisation_figures(ev, split, cfg, 4, lambda i: os.path.join(out_dir, f'query_{i}.png'))
-
-
 def view_table(protocol, names, views, width):
     """yaws.csv's columns: each panorama's drawn yaw, the yaw applied (a whole number of columns at the
     input width), the column shift, and the field of view's heading and columns."""
@@ -263,107 +203,6 @@ def view_table(protocol, names, views, width):
         table.update(fov_heading_deg=headings, fov_first_px=views[:, 1], fov_px=views[:, 2])
     table['input_width_px'] = np.full(len(names), width)
     return table
-
-
-def write_per_query(path, columns):
-    """{column: (Q,) array} -> a CSV file with a header row; floats exact (repr), NaN as an empty cell."""
-    names = list(columns)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator='\n')
-    writer.writerow(names)
-    n = len(next(iter(columns.values()))) if columns else 0
-    for i in range(n):
-        writer.writerow([_cell(columns[c][i]) for c in names])
-    with open(path, 'w') as f:
-        f.write(buf.getvalue())
-
-
-def _cell(x):
-    if isinstance(x, (float, np.floating)):
-        return repr(float(x)) if math.isfinite(x) else ''
-    if isinstance(x, (np.integer, np.bool_)):
-        return str(x.item())
-    return str(x)
-
-
-def _staging_dir(out_dir):
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
-    except OSError as e:
-        import config
-        raise config.ConfigError(f'{parent}: cannot write the --test results there ({e.strerror}); '
-                                 'pass --test_dir DIR to write them elsewhere') from None
-    os.chmod(staging, 0o755)
-    return staging
-
-
-def _publish(staging, out_dir):
-    """Move the complete staging directory to out_dir, replacing (then deleting) what was there."""
-    old = None
-    if os.path.lexists(out_dir):
-        old = staging + '.old'
-        os.rename(out_dir, old)
-    try:
-        os.rename(staging, out_dir)
-    except OSError:
-        if old:
-            os.rename(old, out_dir)
-        raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def format_results(r):
-    ret = r['retrieval']
-    lines = [f'retrieval: R@1 {100 * ret["R@1"]:.2f}%  R@5 {100 * ret["R@5"]:.2f}%  R@10 {100 * ret["R@10"]:.2f}%  '
-             f'R@1% {100 * ret["R@1%"]:.2f}%  hit rate {100 * ret["hit_rate"]:.2f}%  '
-             f'(chance R@1 {100 * r["chance_R@1"]:.2f}%)']
-    loc = r['localisation']
-    for sub in ('all', 'top1_correct', 'top1_hit'):
-        if sub not in loc:
-            continue
-        s = loc[sub]
-        lines.append(f'localisation ({sub}, {s["count"]} queries): {loc["method"]}: mean {s["mean_m"]:.2f} m, '
-                     f'median {s["median_m"]:.2f} m; tile centre: mean {s["mean_m_centre"]:.2f} m, '
-                     f'median {s["median_m_centre"]:.2f} m')
-    within = loc['all'].get('recall_within_m')
-    if within:
-        lines.append('recall within ' + ', '.join(f'{t} m {100 * v:.2f}%' for t, v in within.items())
-                     + f' (all {loc["all"]["count"]} queries, top-1 tile + {loc["method"]})')
-    s = r['localisation_positive']
-    lines.append(f'localisation in the positive tile ({s["count"]} queries): {loc["method"]}: mean {s["mean_m"]:.2f} m, '
-                 f'median {s["median_m"]:.2f} m; tile centre: mean {s["mean_m_centre"]:.2f} m, '
-                 f'median {s["median_m_centre"]:.2f} m')
-    s = r.get('localisation_semi')
-    if s:
-        lines.append(f'semi-positive branch on {s["count"]} semi-positive tiles: mean {s["mean_m"]:.2f} m, '
-                     f'median {s["median_m"]:.2f} m ({s["outside_tile"]} with the truth outside the tile; '
-                     f'inside: median {s["inside_tile"]["median_m"]:.2f} m)')
-    u = r.get('uncertainty')
-    if u and u.get('n'):
-        lines.append(f'uncertainty: inside 1-sigma {100 * u["1sigma"]:.1f}% (calibrated 39.3%), '
-                     f'2-sigma {100 * u["2sigma"]:.1f}% (86.5%), Spearman(u, error) '
-                     f'{u["spearman_u_error"]:.3f}, AUSE {u["sparsification"]["ause"]:.2f} px, mean u '
-                     f'{u["mean_u_px"]:.1f} px')
-    return lines
-
-
-def jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 def run_test(stage, cfg):
@@ -384,7 +223,7 @@ def run_test(stage, cfg):
                                          f'test it with {stages.get(saved["stage"]).command if saved.get("stage") in stages.SCRIPTS else "its own script"} --test')
         cfg = config.model_settings(saved, cfg)
     out_dir = protocols.results_dir(cfg, run_dir)
-    shutil.rmtree(_staging_dir(out_dir))      # a place we cannot write is refused before the evaluation
+    shutil.rmtree(results._staging_dir(out_dir))      # a place we cannot write is refused before the evaluation
     log = train_lib.open_log(run_dir, stage.name + ' test')
     split = train_lib.dataset_splits(cfg, 'test')
     model = stages.build_model(stage, cfg)
@@ -396,8 +235,8 @@ def run_test(stage, cfg):
     ev = evaluate_model(stage, cfg, model, embedding.Embedder(model), split, queries, progress=lambda m: log(m),
                         protocol=protocol, semi_branch=True)
     ev.results['checkpoint'] = ckpt
-    write_outputs(ev, split, cfg, out_dir, plots=bool(cfg.plots))
-    for line in format_results(ev.results):
+    results.write_outputs(ev, split, cfg, out_dir, plots=bool(cfg.plots))
+    for line in results.format_results(ev.results):
         log(line)
     log(f'test: results in {out_dir}')
     return ev.results

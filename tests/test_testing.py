@@ -21,6 +21,7 @@ import embedding
 import geometry
 import input_data
 import protocols
+import results
 import stages
 import testing
 import train_lib
@@ -222,7 +223,7 @@ def test_failed_test_leaves_the_earlier_results_intact(vigor, tmp_path, monkeypa
         with open(path, 'w') as f:
             f.write('query,pan')
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(testing, 'write_per_query', disk_full)
+    monkeypatch.setattr(results, 'write_per_query', disk_full)
     with pytest.raises(OSError, match='No space left'):
         run_test(vigor, tmp_path, monkeypatch, 'E_1', 'original', (5.0, 5.0))
     assert snapshot(out) == before
