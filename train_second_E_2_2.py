@@ -42,7 +42,7 @@ STAGE = stages.Stage(
               'mining': 1},
     # demo: the head's scale lets u reach the demo's ~100-px errors in 100 steps (at scale 1 it stays near 20 px)
     presets={'demo': {'epochs': 4, 'lr': 5e-5, 'cholesky_scale': 16.0},
-             'study': {'epochs': 2, 'lr': 3e-4, 'cholesky_scale': 16.0}})
+             'study': {'epochs': 2, 'lr': 1e-4, 'cholesky_scale': 16.0}})
 STAGES = [STAGE]
 
 if __name__ == '__main__':

@@ -31,7 +31,7 @@ def test_study_pipeline_writes_the_report(tmp_path):
         assert len(u['coverage_curve']['k']) == len(u['coverage_curve']['inside']) == 11
         assert set(u['spearman_u_level']) == {'overlap', 'foreground', 'viewpoint', 'aliasing'}
         assert 0 <= r['e3_table']['active_share'] <= 1
-        for key in ('R@1', 'R@10', 'median_top1_error_m', 'median_pos_error_m'):
+        for key in ('R@1', 'R@10', 'top1_within_10m', 'median_pos_error_m'):
             b = r['e3_vs_e2_2'][key]
             assert b['low'] <= b['diff'] <= b['high'] or np.isclose(b['low'], b['high'])
         with np.load(os.path.join(out, f'seed{r["seed"]}', 'per_query.npz')) as q:
