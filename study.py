@@ -32,11 +32,18 @@ STAGES = ('E_1', 'E_2_1', 'E_2_2', 'E_3')          # evaluated (E_1a is E_1's fi
 LEVEL_BINS = (0.0, 1e-9, 0.25, 0.5, 0.75, 1.0)     # u against level: level 0, then quarters of (0, 1]
 CALIBRATED = {'1sigma': 1 - np.exp(-0.5), '2sigma': 1 - np.exp(-2.0)}
 SPARSIFICATION_WELL_BELOW = 0.8   # "well below random order": the curve's area <= 0.8 x the random order's
+U_CONSTANT = 0.01                  # u's 10-90 % spread below this share of its mean: u does not rank anything
 
 
 def targets(seed_report):
-    """[(key, what, value, target in words, met)] of one seed's report (issue 16's targets)."""
+    """[(key, what, value, target in words, met)] of one seed's report (issue 16's targets).
+
+    A u that is constant across queries (10-90 % spread < U_CONSTANT of its mean) meets no ranking target
+    (Spearman with error or level, sparsification) whatever its rank correlations read: they rank
+    differences of float rounding. Such rows say '(u constant)'."""
     u = seed_report['uncertainty']['E_2_2']
+    constant = u_constant(u)
+    ranks = ' (u constant)' if constant else ''
     pos = seed_report['stages']['E_2_2']['localisation_positive']
     ratio = pos['median_m'] / pos['median_m_centre']
     rows = [('heatmap_vs_centre', 'E_2_2 heatmap median error / tile centre median (positive tile)', ratio,
@@ -45,17 +52,24 @@ def targets(seed_report):
         want = 100 * CALIBRATED[k]
         rows.append((f'coverage_{k}', f'E_2_2 ground truths inside the {name} ellipse (%)', 100 * u[k],
                      f'{want - 10:.1f}..{want + 10:.1f}', abs(100 * u[k] - want) <= 10))
-    rows.append(('spearman_u_error', 'E_2_2 Spearman(u, error)', u['spearman_u_error'], '>= 0.3',
-                 u['spearman_u_error'] >= 0.3))
+    rows.append(('spearman_u_error', 'E_2_2 Spearman(u, error)', u['spearman_u_error'], '>= 0.3' + ranks,
+                 u['spearman_u_error'] >= 0.3 and not constant))
     sp = u['sparsification_vs_random']
     rows.append(('sparsification_vs_random', 'E_2_2 sparsification area / random order area', sp,
-                 f'<= {SPARSIFICATION_WELL_BELOW}', sp <= SPARSIFICATION_WELL_BELOW))
+                 f'<= {SPARSIFICATION_WELL_BELOW}' + ranks, sp <= SPARSIFICATION_WELL_BELOW and not constant))
     for dial, rho in u['spearman_u_level'].items():
-        rows.append((f'spearman_u_{dial}', f'E_2_2 Spearman(u, {dial} level)', rho, '>= 0.2', rho >= 0.2))
+        rows.append((f'spearman_u_{dial}', f'E_2_2 Spearman(u, {dial} level)', rho, '>= 0.2' + ranks,
+                     rho >= 0.2 and not constant))
     share = seed_report['e3_table']['active_share']
     rows.append(('e3_active_share', 'E_3 training pairs with 0.1 < W_m < 0.9 (%)', 100 * share, '>= 20',
                  share >= 0.2))
     return [(k, what, float(v), t, bool(met) if np.isfinite(v) else False) for k, what, v, t, met in rows]
+
+
+def u_constant(u_report):
+    """True when u's 10-90 % spread is below U_CONSTANT of its mean (uncertainty_report's 'u_px')."""
+    px = u_report['u_px']
+    return bool(px['p90'] - px['p10'] < U_CONSTANT * abs(px['mean']))
 
 
 # ----------------------------------------------------------------------------- running the stages
@@ -193,7 +207,6 @@ def measure_seed(seed, run_root, data_root, n_boot):
                 stage['localisation'][sub].pop(k, None)
         for k in ('accuracy', 'accuracy_centre'):
             stage['localisation_positive'].pop(k, None)
-    report['targets'] = [dict(zip(('key', 'what', 'value', 'target', 'met'), row)) for row in targets(report)]
     return report, q, split, levels
 
 
@@ -203,9 +216,11 @@ def format_report(seeds, meta):
     """The text report: both seeds against each target, the stage tables, E_3 against E_2_2."""
     names = [f'seed {r["seed"]}' for r in seeds]
     rows = [('target', 'wanted') + tuple(names)]
+    tag = ' (u constant)'
     for i, t in enumerate(seeds[0]['targets']):
-        rows.append((t['what'], t['target']) + tuple(
-            f'{r["targets"][i]["value"]:.2f} {"met" if r["targets"][i]["met"] else "NOT met"}' for r in seeds))
+        rows.append((t['what'], t['target'].replace(tag, '')) + tuple(
+            f'{r["targets"][i]["value"]:.2f} {"met" if r["targets"][i]["met"] else "NOT met"}'
+            + (tag if r['targets'][i]['target'].endswith(tag) else '') for r in seeds))
     lines = [f'Ambiguity study: {meta["n_query"]} test queries, {meta["n_ref"]} reference tiles, seeds '
              f'{", ".join(str(r["seed"]) for r in seeds)}; preset study; {meta["wall_min"]:.1f} min, load average '
              f'{meta["load_start"]:.2f} at the start, {meta["load_end"]:.2f} at the end', ''] + _columns(rows)
@@ -371,7 +386,11 @@ def main(argv=None):
     p.add_argument('--tile_px', type=int, default=CITY['tile_px'], help='aerial tile side on disk')
     p.add_argument('--pano_h', type=int, default=CITY['pano_hw'][0], help='panorama height on disk (width 2x)')
     p.add_argument('--n_boot', type=int, default=2000, help='bootstrap draws of the E_3 against E_2_2 intervals')
+    p.add_argument('--report_only', action='store_true',
+                   help="rewrite report.txt and the targets in report.json from --out's report.json (no training)")
     args, rest = p.parse_known_args(argv)
+    if args.report_only:
+        return rewrite_report(args.out)
     train_lib.setup_environment(['--preset', 'study'])
     city = dict(CITY, grid=args.grid, panos_per_tile=args.panos_per_tile, tile_px=args.tile_px,
                 pano_hw=(args.pano_h, 2 * args.pano_h))
@@ -387,17 +406,35 @@ def main(argv=None):
         per_seed.append((q, split, levels))
         np.savez_compressed(os.path.join(run_root, 'per_query.npz'), levels=levels,
                             **{f'{s}_{k}': v for s in q for k, v in q[s].items()})
+    for r in reports:
+        r['targets'] = [dict(zip(('key', 'what', 'value', 'target', 'met'), row)) for row in targets(r)]
     meta = {'wall_min': (time.time() - t0) / 60, 'load_start': load_start, 'load_end': os.getloadavg()[0],
             'n_query': reports[0]['n_query'], 'n_ref': reports[0]['n_ref'], 'city': city, 'stage_flags': rest}
     written = plot_figures(os.path.join(args.out, 'figures'), reports, per_seed)
-    lines = format_report(reports, meta)
-    with open(os.path.join(args.out, 'report.txt'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    write_report(args.out, {'meta': meta, 'seeds': reports, 'figures': written})
+    return 0
+
+
+def write_report(out, report):
+    """report.txt and report.json into out (each written whole, then renamed); prints the text."""
     import results
-    with open(os.path.join(args.out, 'report.json'), 'w') as f:
-        json.dump(results.jsonable({'meta': meta, 'seeds': reports, 'figures': written}), f, indent=1)
+    lines = format_report(report['seeds'], report['meta'])
+    for name, text in (('report.txt', '\n'.join(lines) + '\n'),
+                       ('report.json', json.dumps(results.jsonable(report), indent=1))):
+        with open(os.path.join(out, name + '.tmp'), 'w') as f:
+            f.write(text)
+        os.replace(os.path.join(out, name + '.tmp'), os.path.join(out, name))
     print('\n'.join(lines))
-    print(f'\nstudy: report in {os.path.join(args.out, "report.txt")}, figures in {os.path.join(args.out, "figures")}')
+    print(f'\nstudy: report in {os.path.join(out, "report.txt")}, figures in {os.path.join(out, "figures")}')
+
+
+def rewrite_report(out):
+    """--report_only: the targets and the text again from report.json (after a change to the report's rules)."""
+    with open(os.path.join(out, 'report.json')) as f:
+        report = json.load(f)
+    for r in report['seeds']:
+        r['targets'] = [dict(zip(('key', 'what', 'value', 'target', 'met'), row)) for row in targets(r)]
+    write_report(out, report)
     return 0
 
 

@@ -8,9 +8,9 @@ import pytest
 
 from conftest import TINY
 
-pytestmark = pytest.mark.slow   # ~2 min: 8 stage-script subprocesses
 
 
+@pytest.mark.slow   # ~2 min: 8 stage-script subprocesses
 def test_study_pipeline_writes_the_report(tmp_path):
     import study
     out = str(tmp_path / 'study')
@@ -44,3 +44,37 @@ def test_study_pipeline_writes_the_report(tmp_path):
     for name in names:
         img = cv2.imread(os.path.join(out, 'figures', name))
         assert img is not None and img.shape[0] > 100 and img.std() > 10, name   # drawn, not blank
+    # --report_only rebuilds the same targets and text from report.json, without training
+    before = open(os.path.join(out, 'report.txt')).read()
+    os.remove(os.path.join(out, 'report.txt'))
+    assert study.main(['--out', out, '--report_only']) == 0
+    assert open(os.path.join(out, 'report.txt')).read() == before
+
+
+def _seed_report(u, spearman_error, spearman_level, ratio=0.4, coverage=(0.39, 0.86), active=0.3):
+    return {'stages': {'E_2_2': {'localisation_positive': {'median_m': 10 * ratio, 'median_m_centre': 10.0}}},
+            'uncertainty': {'E_2_2': {'1sigma': coverage[0], '2sigma': coverage[1], 'spearman_u_error': spearman_error,
+                                      'sparsification_vs_random': 0.5, 'u_px': u,
+                                      'spearman_u_level': {d: spearman_level for d in
+                                                           ('overlap', 'foreground', 'viewpoint', 'aliasing')}}},
+            'e3_table': {'active_share': active}}
+
+
+def test_targets_met_and_a_constant_u_meets_no_ranking_target():
+    import study
+    varied = {'mean': 100.0, 'p10': 60.0, 'p90': 150.0}
+    rows = {k: (v, t, met) for k, _, v, t, met in study.targets(_seed_report(varied, 0.35, 0.25))}
+    assert all(met for _, _, met in rows.values()), rows
+    assert rows['heatmap_vs_centre'][0] == pytest.approx(0.4) and rows['e3_active_share'][0] == pytest.approx(30)
+    # the same correlations from a u whose 10-90 % spread is 0.5 % of its mean: float noise, not met
+    constant = {'mean': 357.7, 'p10': 357.0, 'p90': 358.7}
+    rows = {k: (v, t, met) for k, _, v, t, met in study.targets(_seed_report(constant, 0.35, 0.25))}
+    ranking = ['spearman_u_error', 'sparsification_vs_random'] + [f'spearman_u_{d}' for d in
+                                                                  ('overlap', 'foreground', 'viewpoint', 'aliasing')]
+    assert [rows[k][2] for k in ranking] == [False] * 6
+    assert all(rows[k][1].endswith('(u constant)') for k in ranking)
+    assert rows['coverage_1sigma'][2] and rows['heatmap_vs_centre'][2]        # other targets keep their verdicts
+    rows = {k: met for k, _, v, t, met in study.targets(_seed_report(varied, 0.35, 0.25, ratio=0.6, coverage=(0.27, 0.95),
+                                                                       active=0.0))}
+    assert not rows['heatmap_vs_centre'] and not rows['coverage_1sigma'] and rows['coverage_2sigma']
+    assert not rows['e3_active_share']
