@@ -91,6 +91,7 @@ def main(argv=None):
     p.add_argument('--run_root', default='runs', help='stage run directories go to <run_root>/<stage>')
     args, rest = p.parse_known_args(argv)
     train_lib.setup_environment()
+    import stages  # imports the stage scripts (and TensorFlow)
     t0 = time.time()
     results = {}
     for stage, run_dir, command in stage_commands(args.run_root, args.preset, rest):
@@ -101,7 +102,7 @@ def main(argv=None):
                 print(f'run_all: {os.path.basename(cmd[1])} exited with {code}; stopping', file=sys.stderr)
                 return code
         # --test wrote into the directory of its settings (the same flags as the command above)
-        cfg = train_lib.configs([last], ['--preset', args.preset, '--run_dir', run_dir] + rest)[0]
+        cfg = train_lib.configs([stages.get(stage)], ['--preset', args.preset, '--run_dir', run_dir] + rest)[0]
         with open(os.path.join(protocols.results_dir(cfg, run_dir), 'test_results.json')) as f:
             results[stage] = json.load(f)
     any_r = next(iter(results.values()))

@@ -265,8 +265,9 @@ def _columns(rows):
             for row in rows]
 
 
-def plot_figures(fig_dir, seeds, per_seed):
-    """The report's PNGs: u and error against level per dial, coverage, sparsification, example ellipses."""
+def plot_figures(fig_dir, seeds, per_seed=None):
+    """The report's PNGs: u and error against level per dial, coverage, sparsification, and (with per_seed,
+    [(per-query arrays, test split, levels)] per seed) example ellipses."""
     import figures
     os.makedirs(fig_dir, exist_ok=True)
     written = []
@@ -280,8 +281,8 @@ def plot_figures(fig_dir, seeds, per_seed):
                 u = r['uncertainty']['E_2_2']
                 pts = [(c, s['mean'], s['sem']) for c, s in zip(centres, u[key][dial]) if s['n']]
                 x, y, e = (np.array(v) for v in zip(*pts))
-                ax.errorbar(x, y, e, marker='o', ms=4, capsize=2,
-                            label=f'seed {r["seed"]}: ρ(u, level) {u["spearman_u_level"][dial]:.2f}')
+                ax.errorbar(x, y, e, marker='o', ms=4, capsize=2, label=f'seed {r["seed"]}' + (
+                    f': ρ(u, level) {u["spearman_u_level"][dial]:.2f}' if key == 'u_by_level' else ''))
             ax.set_title(dial)
             ax.set_xlabel('level')
             if d == 0:
@@ -320,7 +321,7 @@ def plot_figures(fig_dir, seeds, per_seed):
     ax.legend(fontsize=7)
     written.append(figures._save(fig, os.path.join(fig_dir, 'sparsification.png')))
 
-    for r, (q, split, levels) in zip(seeds, per_seed):
+    for r, (q, split, levels) in zip(seeds, per_seed or ()):
         written.append(plot_examples(os.path.join(fig_dir, f'ellipses_seed{r["seed"]}.png'), q['E_2_2'], split, levels))
     return written
 
@@ -387,7 +388,8 @@ def main(argv=None):
     p.add_argument('--pano_h', type=int, default=CITY['pano_hw'][0], help='panorama height on disk (width 2x)')
     p.add_argument('--n_boot', type=int, default=2000, help='bootstrap draws of the E_3 against E_2_2 intervals')
     p.add_argument('--report_only', action='store_true',
-                   help="rewrite report.txt and the targets in report.json from --out's report.json (no training)")
+                   help="rewrite the report, its targets and figures (not the ellipses) from --out's report.json "
+                        '(no training)')
     args, rest = p.parse_known_args(argv)
     if args.report_only:
         return rewrite_report(args.out)
@@ -429,11 +431,13 @@ def write_report(out, report):
 
 
 def rewrite_report(out):
-    """--report_only: the targets and the text again from report.json (after a change to the report's rules)."""
+    """--report_only: the targets, the text and the figures drawn from numbers (all but the example
+    ellipses) again from report.json, after a change to the report's rules."""
     with open(os.path.join(out, 'report.json')) as f:
         report = json.load(f)
     for r in report['seeds']:
         r['targets'] = [dict(zip(('key', 'what', 'value', 'target', 'met'), row)) for row in targets(r)]
+    plot_figures(os.path.join(out, 'figures'), report['seeds'])          # all but the example ellipses
     write_report(out, report)
     return 0
 
