@@ -491,10 +491,13 @@ def test_full_size_imagenet_weights_with_the_demo_preset(vigor, tmp_path, capsys
 
 # ----------------------------------------------------------------------------- Ctrl-C and a full disk
 
-def test_ctrl_c_saves_a_checkpoint_and_says_so_in_one_line(vigor, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_saves_a_checkpoint_and_says_so_in_one_line(vigor, tmp_path, monkeypatch, capsys, request):
     """SIGINT after step 3 (checkpoints every 100): the step in flight ends, ckpt-3 is saved with the mining
     descriptors gathered so far, one line, status 130. (tests/test_resume.py resumes such a run and compares
     its end with an uninterrupted run's.)"""
+    # Python's own handler, as in an interactive shell (a shell's background job starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     real = loop._log_step
 
     def log_and_press_ctrl_c(run, state, writer, step, *rest):
