@@ -9,7 +9,7 @@ Conventions (SPEC §6; frames and units in geometry.py):
 """
 import numpy as np
 from scipy.integrate import trapezoid
-from scipy.stats import spearmanr
+from scipy.stats import bootstrap, spearmanr
 
 
 SIM_TILE_BYTES = 256 * 2 ** 20   # default size of one float32 similarity tile
@@ -365,8 +365,9 @@ def paired_bootstrap(stat, before, after, n_boot=2000, seed=0, level=0.95):
     if n == 0:
         return dict(out, before=float('nan'), after=float('nan'), diff=float('nan'), low=float('nan'),
                     high=float('nan'), excludes_zero=False)
-    idx = np.random.default_rng(seed).integers(0, n, size=(int(n_boot), n))
-    diffs = np.array([stat(after[i]) - stat(before[i]) for i in idx])
-    low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    res = bootstrap((before, after), lambda b, a: stat(a) - stat(b), paired=True, vectorized=False,
+                    n_resamples=int(n_boot), confidence_level=level, method='percentile',
+                    random_state=np.random.default_rng(seed))
+    low, high = res.confidence_interval
     return dict(out, before=float(stat(before)), after=float(stat(after)), diff=float(stat(after) - stat(before)),
                 low=float(low), high=float(high), excludes_zero=bool(low > 0 or high < 0))

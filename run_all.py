@@ -35,8 +35,14 @@ def table(results):
                      pct(ret['hit_rate']), num(pos['median_m']), num(pos['median_m_centre']),
                      num(loc['top1_correct']['median_m']), pct(unc.get('1sigma')), pct(unc.get('2sigma')),
                      num(unc.get('spearman_u_error'))))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-    return ['  '.join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return columns(rows)
+
+
+def columns(rows, first_left=False):
+    """Rows of cells as aligned text lines: right-justified columns (the first left-justified if asked)."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return ['  '.join(str(c).ljust(w) if first_left and i == 0 else str(c).rjust(w)
+                      for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
 
 
 def verdicts(results, e3_table):

@@ -92,22 +92,20 @@ def train_stages(run_root, data_root, seed, rest):
     return times
 
 
-def evaluate_stages(run_root):
-    """Each trained stage on the whole test split -> ({stage: testing.Evaluation}, the test split)."""
-    import config
+def evaluate_stages(run_root, data_root, rest=()):
+    """Each trained stage on the whole test split -> ({stage: testing.Evaluation}, the test split). The
+    configuration is the stage script's with the flags it trained with (as run_all reads its results)."""
     import embedding
     import results
     import stages
     import testing
-    import train_state
     out, split = {}, None
     for name in STAGES:
         stage = stages.get(name)
-        run_dir, _ = stage.run_dirs(config.Config(run_dir=os.path.join(run_root, stage.home or stage.name)))
-        saved = config.load(os.path.join(run_dir, 'config.json'))
-        cfg = config.Config(**{k: v for k, v in saved.items() if k in config.KIND})
-        model = stages.build_model(stage, cfg)
-        train_state.restore_parts(model, stage.parts, train_state.latest_checkpoint(run_dir), f'{name} ({run_dir})')
+        argv = ['--preset', 'study', '--run_dir', os.path.join(run_root, stage.home or stage.name),
+                '--data_root', data_root] + list(rest)
+        run_dir, ckpt, cfg = testing.trained_run(stage, train_lib.configs([stage], argv)[0])
+        model = testing.restored_model(stage, cfg, ckpt, run_dir)
         if split is None:
             split = train_lib.dataset_splits(cfg, 'test')
         out[name] = testing.evaluate_model(stage, cfg, model, embedding.Embedder(model), split,
@@ -120,25 +118,27 @@ def evaluate_stages(run_root):
 
 def per_query(ev, split):
     """The per-query arrays of a heatmap stage with covariance heads: mu, cov, gt (row, col of the 640 frame),
-    error (px), u (px), rank, top-1 error (m), positive-tile error (m)."""
+    error (px), u (px), rank, top-1 error (m), positive-tile error (m); and the stage's --test summary of its
+    uncertainty ('summary', testing.uncertainty_summary)."""
     import tensorflow as tf
 
     import geometry
     import model as model_lib
-    chol = tf.constant(ev.chol)
     mu = geometry.delta_to_rc(ev.delta_pos.astype(np.float64))
     gt = geometry.delta_to_rc(split.deltas[ev.queries, 0].astype(np.float64))
-    return {'mu': mu, 'cov': model_lib.cholesky_to_cov(chol).numpy(), 'gt': gt,
-            'error_px': np.linalg.norm(mu - gt, axis=1), 'u': model_lib.uncertainty(chol).numpy(),
+    return {'mu': mu, 'cov': model_lib.cholesky_to_cov(tf.constant(ev.chol)).numpy(), 'gt': gt,
+            'error_px': np.linalg.norm(mu - gt, axis=1), 'u': ev.per_query['u_px_positive'],
             'rank': ev.ranks['rank'], 'top1_error_m': ev.per_query['error_m'],
-            'pos_error_m': ev.per_query['error_m_positive']}
+            'pos_error_m': ev.per_query['error_m_positive'], 'summary': ev.results['uncertainty']}
 
 
 def uncertainty_report(q, levels):
-    """Calibration, ranking and dial tracking of one stage's u (per_query output; levels (Q, 4) in DIALS order)."""
+    """One stage's u: its --test summary (1σ / 2σ coverage, Spearman(u, error), sparsification) plus the
+    coverage at kσ, the sparsification against random order, and how u and the error follow each dial's
+    level (per_query output; levels (Q, 4) in DIALS order)."""
     import evaluation
-    cover = evaluation.coverage_curve(q['mu'], q['cov'], q['gt'])
-    sp = evaluation.sparsification(q['u'], q['error_px'])
+    summary = q['summary']
+    sp = summary['sparsification']
     random_auc = float(np.mean(q['error_px']))          # removing queries in random order keeps the mean
     by_level, rho_level, err_level = {}, {}, {}
     for d, dial in enumerate(synthetic_data.DIALS):
@@ -147,14 +147,14 @@ def uncertainty_report(q, levels):
         bins = np.digitize(lv, LEVEL_BINS[1:-1], right=True)          # 0: level 0, 1..4: quarters
         by_level[dial] = [_bin_stats(q['u'][bins == b]) for b in range(len(LEVEL_BINS) - 1)]
         err_level[dial] = [_bin_stats(q['error_px'][bins == b]) for b in range(len(LEVEL_BINS) - 1)]
-    inside = dict(zip(cover['k'], cover['inside']))
-    return {'n': int(len(q['u'])), '1sigma': inside[1.0], '2sigma': inside[2.0], 'coverage_curve': cover,
-            'spearman_u_error': evaluation.rank_correlation(q['u'], q['error_px']),
-            'sparsification': sp, 'random_order_error_px': random_auc,
+    return {'n': summary['n'], '1sigma': summary['1sigma'], '2sigma': summary['2sigma'],
+            'coverage_curve': evaluation.coverage_curve(q['mu'], q['cov'], q['gt']),
+            'spearman_u_error': summary['spearman_u_error'], 'sparsification': sp,
+            'random_order_error_px': random_auc,
             'sparsification_vs_random': sp['auc'] / random_auc if random_auc > 0 else float('nan'),
             'u_px': {'mean': float(np.mean(q['u'])), 'min': float(np.min(q['u'])), 'max': float(np.max(q['u'])),
                      'p10': float(np.percentile(q['u'], 10)), 'p90': float(np.percentile(q['u'], 90))},
-            'median_error_px': float(np.median(q['error_px'])),
+            'median_error_px': summary['median_error_px'],
             'spearman_u_level': rho_level, 'u_by_level': by_level, 'error_by_level': err_level,
             'level_bins': list(LEVEL_BINS)}
 
@@ -188,9 +188,9 @@ def e3_table(run_root):
                 'w_m_mean': float(w.mean()), 'n_pairs': int(u.size), 'band_definition': train_third_E_3.ACTIVE}
 
 
-def measure_seed(seed, run_root, data_root, n_boot):
+def measure_seed(seed, run_root, data_root, n_boot, rest=()):
     """Evaluate one seed's runs -> (report dict, per-query arrays {stage: {...}}, the test split, levels)."""
-    evs, split = evaluate_stages(run_root)
+    evs, split = evaluate_stages(run_root, data_root, rest)
     found = synthetic_data.read_ambiguity_levels(data_root, sorted({p.split(os.sep)[-3] for p in split.pano_paths}))
     levels = np.array([found[os.path.basename(p)] for p in split.pano_paths])
     q = {name: per_query(evs[name], split) for name in ('E_2_2', 'E_3')}
@@ -223,7 +223,8 @@ def format_report(seeds, meta):
             + (tag if r['targets'][i]['target'].endswith(tag) else '') for r in seeds))
     lines = [f'Ambiguity study: {meta["n_query"]} test queries, {meta["n_ref"]} reference tiles, seeds '
              f'{", ".join(str(r["seed"]) for r in seeds)}; preset study; {meta["wall_min"]:.1f} min, load average '
-             f'{meta["load_start"]:.2f} at the start, {meta["load_end"]:.2f} at the end', ''] + _columns(rows)
+             f'{meta["load_start"]:.2f} at the start, {meta["load_end"]:.2f} at the end', '']
+    lines += run_all.columns(rows, first_left=True)
     for r in seeds:
         lines += ['', f'seed {r["seed"]}: recall in %, errors are median metres in the positive tile (the stage\'s '
                   'head / the tile centre); "<= 10 m": queries put within 10 m by their top-1 tile and its head (%)']
@@ -237,7 +238,7 @@ def format_report(seeds, meta):
                          pct(s['localisation']['all']['recall_within_m']['10']), pct(u.get('1sigma')),
                          pct(u.get('2sigma')),
                          '-' if not u else f'{u["spearman_u_error"]:.2f}'))
-        lines += _columns(rows)
+        lines += run_all.columns(rows, first_left=True)
         t = r['e3_table']
         lines.append(f'E_3 u table: u {t["u_px"]["min"]:.1f}-{t["u_px"]["max"]:.1f} px (median '
                      f'{t["u_px"]["median"]:.1f}), W_m mean {t["w_m_mean"]:.3f}, {100 * t["active_share"]:.1f} % of '
@@ -257,12 +258,6 @@ def format_report(seeds, meta):
             lines.append(f'  {key}: {scale * b["before"]:.2f} -> {scale * b["after"]:.2f}, change '
                          f'{scale * b["diff"]:+.2f}{unit} [{scale * b["low"]:+.2f}, {scale * b["high"]:+.2f}]; {verdict}')
     return lines
-
-
-def _columns(rows):
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return ['  '.join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-            for row in rows]
 
 
 def plot_figures(fig_dir, seeds, per_seed=None):
@@ -311,7 +306,8 @@ def plot_figures(fig_dir, seeds, per_seed=None):
         u = r['uncertainty']['E_2_2']
         sp = u['sparsification']
         f = 100 * np.asarray(sp['fractions'])
-        line, = ax.plot(f, sp['curve'], '-o', ms=3, label=f'seed {r["seed"]}: by u (area {u["sparsification_vs_random"]:.2f} x random)')
+        line, = ax.plot(f, sp['curve'], '-o', ms=3,
+                        label=f'seed {r["seed"]}: by u (area {u["sparsification_vs_random"]:.2f} x random)')
         ax.plot(f, sp['oracle'], '--', color=line.get_color(), label=f'seed {r["seed"]}: oracle (by error)')
         ax.axhline(u['random_order_error_px'], ls=':', color=line.get_color(), label=f'seed {r["seed"]}: random order')
     ax.set_xlabel('queries removed, most uncertain first (%)')
@@ -402,12 +398,12 @@ def main(argv=None):
         run_root = os.path.join(args.out, f'seed{seed}')
         data_root = build_city(args.out, seed, city)
         stage_times[seed] = train_stages(run_root, data_root, seed, rest)
-        report, q, split, levels = measure_seed(seed, run_root, data_root, args.n_boot)
+        report, q, split, levels = measure_seed(seed, run_root, data_root, args.n_boot, rest)
         report['train_seconds'] = stage_times[seed]
         reports.append(report)
         per_seed.append((q, split, levels))
         np.savez_compressed(os.path.join(run_root, 'per_query.npz'), levels=levels,
-                            **{f'{s}_{k}': v for s in q for k, v in q[s].items()})
+                            **{f'{s}_{k}': v for s in q for k, v in q[s].items() if k != 'summary'})
     for r in reports:
         r['targets'] = [dict(zip(('key', 'what', 'value', 'target', 'met'), row)) for row in targets(r)]
     meta = {'wall_min': (time.time() - t0) / 60, 'load_start': load_start, 'load_end': os.getloadavg()[0],

@@ -205,12 +205,11 @@ def view_table(protocol, names, views, width):
     return table
 
 
-def run_test(stage, cfg):
-    """--test: evaluate the run directory's latest checkpoint on the test split (or --max_queries of it)."""
+def trained_run(stage, cfg):
+    """The run directory's checkpoint to evaluate -> (run directory, checkpoint, cfg with the run's model
+    settings). StateError in one line when there is no checkpoint or the directory holds another stage's run."""
     import config
-    import embedding
     import stages
-    import train_lib
     import train_state
     run_dir, _ = stage.run_dirs(cfg)
     ckpt = train_state.latest_checkpoint(run_dir)
@@ -219,15 +218,33 @@ def run_test(stage, cfg):
     saved = config.load(os.path.join(run_dir, 'config.json'))
     if saved is not None:
         if saved.get('stage') not in ('', stage.name):
-            raise train_state.StateError(f'{run_dir}: holds a {saved.get("stage")} run, not {stage.name}; '
-                                         f'test it with {stages.get(saved["stage"]).command if saved.get("stage") in stages.SCRIPTS else "its own script"} --test')
+            other = saved.get('stage')
+            command = stages.get(other).command if other in stages.SCRIPTS else 'its own script'
+            raise train_state.StateError(f'{run_dir}: holds a {other} run, not {stage.name}; '
+                                         f'test it with {command} --test')
         cfg = config.model_settings(saved, cfg)
+    return run_dir, ckpt, cfg
+
+
+def restored_model(stage, cfg, ckpt, run_dir):
+    """The stage's model with every part restored from ckpt."""
+    import stages
+    import train_state
+    model = stages.build_model(stage, cfg)
+    train_state.restore_parts(model, stage.parts, ckpt, f'{stage.name} ({run_dir})')
+    return model
+
+
+def run_test(stage, cfg):
+    """--test: evaluate the run directory's latest checkpoint on the test split (or --max_queries of it)."""
+    import embedding
+    import train_lib
+    run_dir, ckpt, cfg = trained_run(stage, cfg)
     out_dir = protocols.results_dir(cfg, run_dir)
     shutil.rmtree(results._staging_dir(out_dir))      # a place we cannot write is refused before the evaluation
     log = train_lib.open_log(run_dir, stage.name + ' test')
     split = train_lib.dataset_splits(cfg, 'test')
-    model = stages.build_model(stage, cfg)
-    train_state.restore_parts(model, stage.parts, ckpt, f'{stage.name} ({run_dir})')
+    model = restored_model(stage, cfg, ckpt, run_dir)
     queries = np.arange(len(split) if not cfg.max_queries else min(cfg.max_queries, len(split)))
     protocol = protocols.Protocol.from_config(cfg)
     log(f'test: {split.name}: {len(queries)} panoramas against {len(split.tile_paths)} tiles; checkpoint {ckpt}')
