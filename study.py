@@ -74,6 +74,10 @@ def u_constant(u_report):
 
 # ----------------------------------------------------------------------------- running the stages
 
+class StageFailed(RuntimeError):
+    """A stage script failed; str() is one line (the script printed its own error)."""
+
+
 def build_city(out, seed, city):
     return synthetic_data.ensure_vigor(os.path.join(out, 'data', f'VIGOR_seed{seed}'), seed=seed, **city)
 
@@ -87,7 +91,7 @@ def train_stages(run_root, data_root, seed, rest):
         t0 = time.time()
         code = subprocess.call(cmd)
         if code:
-            raise RuntimeError(f'{os.path.basename(cmd[1])} exited with {code}')
+            raise StageFailed(f'study: {os.path.basename(cmd[1])} exited with {code} (its error is above); stopping')
         times[stage] = time.time() - t0
     return times
 
@@ -397,7 +401,11 @@ def main(argv=None):
     for seed in args.seeds:
         run_root = os.path.join(args.out, f'seed{seed}')
         data_root = build_city(args.out, seed, city)
-        stage_times[seed] = train_stages(run_root, data_root, seed, rest)
+        try:
+            stage_times[seed] = train_stages(run_root, data_root, seed, rest)
+        except StageFailed as e:
+            print(e, file=sys.stderr)
+            return 2
         report, q, split, levels = measure_seed(seed, run_root, data_root, args.n_boot, rest)
         report['train_seconds'] = stage_times[seed]
         reports.append(report)
@@ -429,8 +437,14 @@ def write_report(out, report):
 def rewrite_report(out):
     """--report_only: the targets, the text and the figures drawn from numbers (all but the example
     ellipses) again from report.json, after a change to the report's rules."""
-    with open(os.path.join(out, 'report.json')) as f:
-        report = json.load(f)
+    path = os.path.join(out, 'report.json')
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f'error: {path}: no readable study report ({type(e).__name__}); run study.py --out {out} first',
+              file=sys.stderr)
+        return 2
     for r in report['seeds']:
         r['targets'] = [dict(zip(('key', 'what', 'value', 'target', 'met'), row)) for row in targets(r)]
     plot_figures(os.path.join(out, 'figures'), report['seeds'])          # all but the example ellipses

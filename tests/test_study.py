@@ -78,3 +78,11 @@ def test_targets_met_and_a_constant_u_meets_no_ranking_target():
                                                                        active=0.0))}
     assert not rows['heatmap_vs_centre'] and not rows['coverage_1sigma'] and rows['coverage_2sigma']
     assert not rows['e3_active_share']
+
+
+def test_report_only_without_a_report_is_one_line(tmp_path, capsys):
+    import study
+    assert study.main(['--out', str(tmp_path), '--report_only']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f'error: {tmp_path / "report.json"}: no readable study report (FileNotFoundError); run study.py '
+                   f'--out {tmp_path} first']
