@@ -32,15 +32,15 @@ def tf_read(paths, hw, kind, batch=8):
 
 
 def opencv(path, hw):
-    """SPEC §2: OpenCV full decode + INTER_AREA."""
+    """docs/design.md §2: OpenCV full decode + INTER_AREA."""
     return cv2.resize(cv2.imread(path, cv2.IMREAD_COLOR), (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
 
 
 def test_tensorflow_decoding_matches_opencv_within_tolerance(tmp_path):
     """BGR order, area resize, the mean. Against images.load_image (OpenCV, the same libjpeg DCT scaling):
-    at most 1 grey level (area-resize rounding). Against SPEC §2's OpenCV full decode + INTER_AREA, on an
+    at most 1 grey level (area-resize rounding). Against docs/design.md §2's OpenCV full decode + INTER_AREA, on an
     edge-rich JPEG read at 1/2 or 1/4 scale: mean < 1.2, 99.9th percentile <= 24 grey levels (measured
-    0.61-0.98 and 9-18; the paper-size city: docs_pipeline.md); read at its own size, or a PNG: <= 1."""
+    0.61-0.98 and 9-18; the paper-size city: benchmarks/README.md); read at its own size, or a PNG: <= 1."""
     jpeg, png = str(tmp_path / 'p.jpg'), str(tmp_path / 't.png')
     cv2.imwrite(jpeg, textured(512, 1024), [cv2.IMWRITE_JPEG_QUALITY, 90])
     cv2.imwrite(png, textured(96, 96, seed=1))
