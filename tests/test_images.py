@@ -61,8 +61,8 @@ def test_jpeg_is_decoded_at_a_reduced_scale_when_read_smaller(tmp_path):
 
 
 def test_images_are_never_upscaled(tmp_path):
-    """Issue 15: an 8x8 tile and a 16x8 panorama were silently upscaled; anything smaller than the size it is
-    read at is refused, the size itself is fine."""
+    """Upscaling would invent the detail the network trains on: anything smaller than the size it is read at
+    (an 8x8 tile, a 16x8 panorama) is refused; the size itself is fine."""
     cv2.imwrite(str(tmp_path / 't.png'), _smooth_colour(8, 8))
     with pytest.raises(input_data.DataError) as e:
         images.load_image(str(tmp_path / 't.png'), (64, 64), 'aerial')

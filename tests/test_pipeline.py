@@ -219,7 +219,7 @@ def bad_images(tmp_path_factory):
         'deep_png': (tile.astype(np.uint16) * 257, '.png', 'aerial'),
         'square_pano': (tile, '.jpg', 'panorama'),
         'oblong_tile': (pano, '.png', 'aerial'),
-        'tile_8x8': (tile[:8, :8], '.png', 'aerial'),                   # issue 15: silently upscaled before
+        'tile_8x8': (tile[:8, :8], '.png', 'aerial'),                   # smaller than the read size: never upscaled
         'pano_16x8': (pano[:8, :16], '.jpg', 'panorama'),
     }
     for name, (img, ext, kind) in written.items():
@@ -295,7 +295,7 @@ def test_tf_data_error_is_one_line(vigor_copy):
 
 
 def test_a_too_small_tile_stops_a_stage_script_in_one_line(vigor_copy, tmp_path, capsys):
-    """Issue 15: an 8x8 tile was upscaled and trained on; now the stage script stops in one line, status 2."""
+    """An 8x8 tile, smaller than the read size, is refused, not upscaled: one line from the stage script, status 2."""
     import train_first_E_1
     import train_lib
     split = input_data.load_vigor(vigor_copy, 'train')

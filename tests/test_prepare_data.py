@@ -83,7 +83,7 @@ def test_preparation_refuses_bad_images_and_resumes(original, tmp_path):
     data[middle:middle + 40] = np.random.default_rng(0).integers(0, 256, 40, dtype=np.uint8).tobytes()
     open(pano, 'wb').write(bytes(data))
     images.load_image(pano, GRD, 'panorama', exact=True)        # OpenCV alone decodes it, garbled, and says nothing
-    cv2.imwrite(tile, cv2.imread(tile)[:8, :8])                  # issue 15: an 8x8 tile was upscaled
+    cv2.imwrite(tile, cv2.imread(tile)[:8, :8])                  # smaller than the read size: refused, never upscaled
     errors = prepare_data.prepare('vigor', root, out, GRD, SAT, workers=2, log=lambda m: None)
     assert len(errors) == 2
     assert errors[0].startswith(f'{pano}: corrupt JPEG data (libjpeg: Corrupt JPEG data: ')
