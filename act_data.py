@@ -1,4 +1,4 @@
-"""CVACT's ACT_data.mat: panorama ids, UTM positions and the train / validation indices (SPEC §7).
+"""CVACT's ACT_data.mat: panorama ids, UTM positions and the train / validation indices (docs/design.md §7).
 
 TensorFlow-free; read by input_data.load_cvact and by samples_on_cvact.py.
 """

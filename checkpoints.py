@@ -52,11 +52,11 @@ class Checkpoints:
 
     Each file is complete or absent: the .npz is written to a temporary file and renamed before the
     checkpoint is saved, and a failed save (a full disk) removes what it left (TensorFlow's ckpt-N_temp/
-    included) before it is reported in one line. Cost at paper size (SPEC §2: ~52,600 training panoramas,
+    included) before it is reported in one line. Cost at paper size (docs/design.md §2: ~52,600 training panoramas,
     a 10,000-tile pool, 4096-d): 52,600 x 4096 x 2 B (float16) + 10,000 x 4096 x 4 B (float32) = 0.59 GB
     per file, at most 2 on disk (one per kept checkpoint); with --ckpt_every 500 and 3,757-step epochs,
     7 or 8 files (4.1-4.7 GB) written per mining epoch, about 0.6 s each at 1 GB/s. The same 0.59 GB is in
-    memory during any mining epoch anyway (now the last epoch of a run too, for an extension's round);
+    memory during any mining epoch anyway (the last epoch of a run included, for an extension's round);
     a resume reads one file (0.59 GB, twice that in memory while it is copied into the buffer).
     """
 

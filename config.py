@@ -120,7 +120,7 @@ PRESETS = {
     'paper': {},
     'demo': {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25, 'batch': 10, 'epoch_batch': 0,
              'ckpt_every': 100, 'val_every': 4},
-    # study.py (issue 16): the demo's network on the dials city (2,048 training panoramas); an epoch is
+    # study.py: the demo's network on the dials city (2,048 training panoramas); an epoch is
     # floor(N / 4) = 512 steps, so a mining round every 512 steps; the exact (corrected) labels; no validation
     # during training (study.py evaluates every stage on the whole test split)
     'study': {'grd_size': (64, 128), 'sat_size': 64, 'width': 0.25, 'batch': 10, 'epoch_batch': 4,

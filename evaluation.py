@@ -3,7 +3,7 @@
 numpy and scipy; matplotlib is imported only inside the plot functions. Every metric is a pure
 function from arrays to a dict: nothing here prints, reads flags or touches TensorFlow.
 
-Conventions (SPEC §6; frames and units in geometry.py):
+Conventions (docs/design.md §6; frames and units in geometry.py):
 - grd (Q, D), sat (N, D): L2-normalised float32 descriptors; similarity = grd · satᵀ (cosine).
 - Positions, deltas and metres: geometry.delta_to_position and geometry.distance_m.
 """

@@ -3,7 +3,7 @@
 numpy only, no TensorFlow: delta_to_rc and rc_to_delta are element-wise arithmetic, so the same
 function serves numpy arrays and float32 TensorFlow tensors (inside a tf.function too).
 
-Frames and units (SPEC §1, §6):
+Frames and units (docs/design.md §1, §6):
 - The 640-px tile frame: an aerial tile spans TILE_PX = 640 px whatever size it is read at; deltas,
   (row, col) points and covariances are in pixels of that frame.
 - delta = (dy, dx): dy > 0 means the point lies SOUTH of the tile centre, dx > 0 WEST of it. In the
@@ -15,7 +15,7 @@ Frames and units (SPEC §1, §6):
 """
 import numpy as np
 
-# BGR mean subtracted from every network input (SPEC §2, the classic TF-VGG16 release's).
+# BGR mean subtracted from every network input (docs/design.md §2, the classic TF-VGG16 release's).
 VGG_MEAN_BGR = (103.939, 116.779, 123.6)
 TILE_PX = 640                    # side of the aerial tile in the frame of every delta and (row, col)
 EARTH_RADIUS_M = 6371004.0       # VIGOR's Earth radius, metres

@@ -96,7 +96,7 @@ def load_image(path, hw, kind, exact=False):
     """Read with OpenCV (BGR), check, resize with INTER_AREA to hw = (H, W). Returns uint8 [H, W, 3].
 
     kind: 'panorama' (expects W = 2H) or 'aerial' (expects a square). exact: decode a JPEG at full
-    scale (SPEC §2's OpenCV full decode + INTER_AREA, bit for bit) instead of at a reduced DCT scale.
+    scale (docs/design.md §2's OpenCV full decode + INTER_AREA, bit for bit) instead of at a reduced DCT scale.
     """
     if isinstance(path, bytes):
         path = path.decode()

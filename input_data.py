@@ -1,6 +1,6 @@
 """VIGOR and CVACT on disk: split parsing, validation and batch sampling.
 
-This is the one place that knows the datasets' file layout (SPEC §1, §7): VIGOR's split files,
+This is the one place that knows the datasets' file layout (docs/design.md §1, §7): VIGOR's split files,
 the resampled CVACT of samples_on_cvact.py (ACT_data.mat: act_data.py; image files: images.py). Everything takes explicit
 arguments; nothing reads flags. Bad input raises DataError with a one-line message naming the file
 (and line) and what was expected. No TensorFlow here: pipeline.py builds the tf.data datasets.
@@ -63,7 +63,7 @@ def _read_lines(path, what):
     return lines
 
 
-# The label format's bounds (SPEC §1): the positive tile holds the panorama, so |dy|, |dx| <= 320 px of
+# The label format's bounds (docs/design.md §1): the positive tile holds the panorama, so |dy|, |dx| <= 320 px of
 # the 640-px tile; the four tiles are a 2x2 block of a grid of step 320 px, so a semi-positive's delta is
 # the positive's +-320 in each coordinate: |dy|, |dx| <= 640 (corrected labels put some beyond the
 # tile's own 320, legitimately; nothing can lie beyond 640).
@@ -284,7 +284,7 @@ def check_prepared(root, grd_hw, sat_side):
 # ----------------------------------------------------------------------------- training batches
 
 class BatchSampler:
-    """Training batches with no aerial tile twice (SPEC §2), reproducible from (seed, epoch).
+    """Training batches with no aerial tile twice (docs/design.md §2), reproducible from (seed, epoch).
 
     Each slot picks a random positive tile, then a random panorama whose positive it is; a panorama
     is rejected if any of its 4 tiles is already among the batch's tiles. With a hard-negative table

@@ -1,4 +1,4 @@
-"""Losses of the four stages (SPEC §4), as pure functions of tensors.
+"""Losses of the four stages (docs/design.md §4), as pure functions of tensors.
 
 Descriptors passed to the retrieval losses are L2-normalised. Deltas are (dy, dx) pixels of the
 640-px tile in VIGOR's convention; points (mu, gt) are (row, col) of that frame.

@@ -5,8 +5,8 @@ Every image is read by TensorFlow's own ops inside one tf.data map with one call
 libjpeg's DCT when it is read smaller (images.reduction), a PNG in full; then an area resize and rounding
 to uint8, and per batch RGB -> BGR and float32 minus the VGG mean (network_input). No Python runs per image, so decoding
 spreads over every core whatever the interpreter lock does (benchmarks/bench_pipeline.py). Against
-SPEC §2's OpenCV full decode + INTER_AREA the result differs by 0.35 grey levels on average at paper
-size (docs_pipeline.md; tests/test_pipeline.py bounds it).
+docs/design.md §2's OpenCV full decode + INTER_AREA the result differs by 0.35 grey levels on average at paper
+size (benchmarks/README.md; tests/test_pipeline.py bounds it).
 
 A bad image stops the dataset with an op error (an assertion) whose text holds BAD_INPUT and the item;
 unwrap_error turns it into a one-line message naming the file. The graph only decides that an image is
@@ -107,7 +107,7 @@ _RGB_TO_BGR = np.eye(3, dtype=np.float32)[::-1]
 
 
 def network_input(rgb):
-    """uint8 [..., H, W, 3] RGB -> the network's float32 BGR minus the VGG mean (SPEC §2).
+    """uint8 [..., H, W, 3] RGB -> the network's float32 BGR minus the VGG mean (docs/design.md §2).
 
     The channel swap is a [3, 3] matmul and the mean is subtracted from rows of W x 3 values: on one
     core, for 10 images of 320x640, 8 ms against 18 for `cast - mean` alone (TensorFlow's broadcast over

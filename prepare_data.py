@@ -1,12 +1,12 @@
 """Write a copy of a VIGOR or CVACT tree resized to the training size, once; the stage scripts read it as they
-read the original (same layout, same file names), several times faster (docs_pipeline.md).
+read the original (same layout, same file names), several times faster (docs/pipeline.md).
 
     python prepare_data.py --data_root /data/VIGOR --out /data/VIGOR_320 --grd_size 320 640 --sat_size 320
     python train_first_E_1.py --data_root /data/VIGOR_320
     python prepare_data.py --dataset cvact --data_root /data/CVACT --out /data/CVACT_320 \
         --grd_size 320 640 --sat_size 320
 
-Every image is read as SPEC §2 reads it (OpenCV full decode, BGR, INTER_AREA; images.load_image with
+Every image is read as docs/design.md §2 reads it (OpenCV full decode, BGR, INTER_AREA; images.load_image with
 exact=True) and checked as training checks it; a JPEG whose compressed data libjpeg reports corrupt is
 refused too (OpenCV and TensorFlow decode such a file with garbled rows and only print a warning; this
 command runs the decoders in worker processes whose stderr it reads). A JPEG has no checksum, so damage
@@ -93,7 +93,7 @@ def _new_stderr():
 
 
 def prepare_one(task, jpeg_quality, png_compression):
-    """Read one image (SPEC §2, every check), write it resized; -> None, or the one-line error."""
+    """Read one image (docs/design.md §2, every check), write it resized; -> None, or the one-line error."""
     src, dst, hw, kind = task
     if os.path.exists(dst):
         return None
@@ -191,7 +191,7 @@ def main(argv=None):
     p.add_argument('--sat_size', type=int, default=320, help='aerial side, as the run will read it')
     p.add_argument('--jpeg_quality', type=int, default=95, help='JPEG quality of the panoramas (and CVACT crops)')
     p.add_argument('--png_compression', type=int, default=0,
-                   help='zlib level of the PNG tiles (lossless; 0, stored, decodes fastest: docs_pipeline.md)')
+                   help='zlib level of the PNG tiles (lossless; 0, stored, decodes fastest: benchmarks/README.md)')
     p.add_argument('--workers', type=int, default=0, help='processes (default: every core)')
     args = p.parse_args(argv)
     try:

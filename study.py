@@ -1,4 +1,4 @@
-"""The ambiguity study (issue 16): do the paper's mechanisms act on a synthetic VIGOR whose ambiguity is known?
+"""The ambiguity study: do the paper's mechanisms act on a synthetic VIGOR whose ambiguity is known?
 
   python study.py                           # seeds 0 and 1 -> runs_study/ (~45 min on 2 idle CPU cores)
   python study.py --seeds 0 --out runs_x    # one seed
@@ -6,7 +6,7 @@
 For each seed: writes a synthetic VIGOR with the four ambiguity dials (synthetic_data.py; CITY below, drawn
 with that seed) to <out>/data/VIGOR_seed<k>, trains the four stage scripts on it as run_all.py does
 (subprocesses, `--preset study --seed <k>`, run directories <out>/seed<k>/<stage>), evaluates E_1, E_2_1,
-E_2_2 and E_3 on the whole test split and measures every target of issue 16 (TARGETS). The report:
+E_2_2 and E_3 on the whole test split and measures every target of the study (targets() below). The report:
 <out>/report.txt (both seeds against each target, the stage tables, E_3 against E_2_2 with paired
 bootstrap intervals), <out>/report.json (every number), <out>/figures/*.png, and per seed
 <out>/seed<k>/per_query.npz (the per-query arrays the figures are drawn from).
@@ -36,7 +36,7 @@ U_CONSTANT = 0.01                  # u's 10-90 % spread below this share of its 
 
 
 def targets(seed_report):
-    """[(key, what, value, target in words, met)] of one seed's report (issue 16's targets).
+    """[(key, what, value, target in words, met)] of one seed's report (the study's targets).
 
     A u that is constant across queries (10-90 % spread < U_CONSTANT of its mean) meets no ranking target
     (Spearman with error or level, sparsification) whatever its rank correlations read: they rank

@@ -654,7 +654,7 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile, 
 
 def write_vigor(root, seed=0, cities=VIGOR_CITIES, grid=8,
                 tile_px=128, pano_hw=(128, 256), panos_per_tile=2, ambiguity=None):
-    """Write a synthetic VIGOR into `root` (SPEC 1 layout, original and corrected labels).
+    """Write a synthetic VIGOR into `root` (docs/design.md §1 layout, original and corrected labels).
 
     tile_px: side of the aerial tiles (even), covering 640 px of the 640-px tile frame.
     pano_hw: (H, W) of the panoramas, W = 2H. Each of the grid x grid tiles of a city is the positive
@@ -727,7 +727,7 @@ def read_ambiguity_levels(root, city_or_cities, folder='splits'):
 
 # ----------------------------------------------------------------------------------------- CVACT
 def write_cvact(root, seed=0, n_panos=40, pano_hw=(128, 256), sat_px=1200, val_fraction=0.5):
-    """Write a synthetic raw CVACT into `root` (SPEC 7 layout).
+    """Write a synthetic raw CVACT into `root` (docs/design.md §7 layout).
 
     Panoramas sit on a jittered lattice of one synthetic city, 0.6 aerial widths apart; each aerial is
     sat_px x sat_px, north-up, the panorama exactly at its centre (continuous coordinate sat_px/2),

@@ -32,7 +32,7 @@ def setup_environment(argv=()):
     TF_CPP_MIN_LOG_LEVEL 2: an error stays one line. TF_ENABLE_ONEDNN_OPTS 1 for the demo-sized presets
     (`--preset demo` and `--preset study`, DEMO_SIZED) only:
     on this project's 2-core AVX2 machine oneDNN made demo-size steps 1.4-2.3x faster and paper-size
-    steps 1.4-1.6x slower (benchmarks/README.md), and TF 2.21 turns it on by itself only on CPUs with
+    steps 1.4-1.6x slower (benchmarks/LOG.md), and TF 2.21 turns it on by itself only on CPUs with
     AVX-512; other presets keep TensorFlow's own choice. With oneDNN on, TensorFlow writes a notice to
     fd 2 before any log level applies, so the import runs with fd 2 on a temporary file whose other
     lines are passed on.

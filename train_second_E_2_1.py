@@ -34,8 +34,8 @@ def loss(m, emb, batch, ctx):
 STAGE = stages.Stage(
     name='E_2_1', parts=PARTS, train_parts=PARTS, loss=loss, previous='E_1a', also_accepts=('E_1',),
     restore=model.RETRIEVAL_PARTS, defaults={'lr': 1e-5, 'lr_decay': 1.0, 'batch': 10, 'epochs': 180, 'mining': 1},
-    # study: at lr 1e-3 the un-normalised descriptors entering the fusion grew from ~1 to ~1e4 in 1,536 steps and
-    # 96 % of the heatmap was zero (the heatmap stayed at the tile centre); at 1e-4 it beat the centre (study.py)
+    # the presets train at lr 1e-4, not more: the fusion takes the un-normalised descriptors, whose scale nothing
+    # holds; at 1e-3 they grow by orders of magnitude and the heatmap dies at the tile centre (benchmarks/LOG.md)
     presets={'demo': {'epochs': 3, 'lr': 1e-4}, 'study': {'epochs': 3, 'lr': 1e-4}})
 STAGES = [STAGE]
 

@@ -29,10 +29,9 @@ class Adam(tf.Module):
     beta powers) apart from the schedule's `global_step`: a stage that restores its predecessor's slots
     and resets the global step (E_2_2, E_3) keeps the predecessor's bias correction, as the original did.
     Slots are kept per model part (`slots[part]['m'|'v']`), so a stage restores exactly the slots of the
-    parts it restores. The update is TF's fused ResourceApplyAdam kernel, one pass over var, m and v,
-    kept because it measured 3.5-4.0x faster than the same update written as TF ops (34 M parameters of the
-    paper E_1, 2 CPU cores: 23 against 93 ms best, 39 against 134 ms median of 7, load 4.6;
-    `python benchmarks/bench_adam.py --stage E_1 --size paper --repeats 7`, 2026-12-01).
+    parts it restores. The update is TF's fused ResourceApplyAdam kernel, one pass over var, m and v: the
+    update is memory-bound, and the same update written as TF ops makes a pass per op and is several times
+    slower (benchmarks/bench_adam.py; its figures are in benchmarks/README.md).
     """
 
     def __init__(self, model, parts, lr, decay=1.0, period=1, staircase=False, beta1=0.9, beta2=0.999, eps=1e-8):

@@ -1,4 +1,4 @@
-"""What reading one image costs on one core, and how far each reader is from SPEC §2's OpenCV full decode +
+"""What reading one image costs on one core, and how far each reader is from docs/design.md §2's OpenCV full decode +
 INTER_AREA: images.load_image (OpenCV, a JPEG decoded at 1/2, 1/4 or 1/8 scale in libjpeg when read
 smaller), pipeline.reader (the same in TensorFlow ops, what tf.data runs per image) and, with --prepared, the file of a
 prepared copy (prepare_data.py) read at its own size.

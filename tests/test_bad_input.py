@@ -368,7 +368,7 @@ def test_implausible_tile_name_in_satellite_list(vigor_copy, tmp_path, capsys):
 
 def test_accepted_byte_order_mark_and_corrected_out_of_tile_semi_positive(vigor_copy, tmp_path, capsys):
     """A UTF-8 BOM (Windows editors write one) is dropped; a corrected label's semi-positive delta beyond the
-    tile's +-320 px (SPEC §1: 1.5-27 % of them in the real files) trains."""
+    tile's +-320 px (docs/design.md §1: 1.5-27 % of them in the real files) trains."""
     for path in (os.path.join(vigor_copy, 'splits', 'NewYork', 'satellite_list.txt'),
                  os.path.join(vigor_copy, 'splits__corrected', 'NewYork', 'same_area_balanced_train__corrected.txt')):
         data = open(path, 'rb').read()

@@ -3,7 +3,7 @@
 The CPU is split into 2 logical devices (GEOLOC_LOGICAL_CPUS=2, read by distribute.make_strategy before
 TensorFlow starts), so the checks run in subprocesses and leave the devices of other tests alone.
 
-What must hold (SPEC §4: the triplet loss sees every in-batch negative): replica r gets rows r·b ..
+What must hold (docs/design.md §4: the triplet loss sees every in-batch negative): replica r gets rows r·b ..
 (r+1)·b - 1 of the global batch of B = 2b, its triplet term gathers the other replica's descriptors,
 every term a loss returns is a mean over its replica's examples, and loop.make_step divides each by the
 number of replicas and SUMs terms and gradients across them. So the loss, every term and report, and

@@ -14,7 +14,7 @@ import pytest
 import evaluation as ev
 
 def brute_force(grd, sat, pos, semi):
-    """SPEC §6 read literally on the full (Q, N) float64 similarity matrix."""
+    """docs/design.md §6 read literally on the full (Q, N) float64 similarity matrix."""
     sim = grd.astype(np.float64) @ sat.astype(np.float64).T              # (Q, N)
     q = np.arange(len(grd))
     above = sim > sim[q, pos][:, None]

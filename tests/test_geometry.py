@@ -81,7 +81,7 @@ def test_haversine_of_one_ten_thousandth_degree():
 
 
 def test_delta_round_trip_on_a_vigor_pair():
-    # Chicago pair from SPEC §1: tile centre (41.877971796211014, -87.68943505304125), panorama
+    # Chicago pair from docs/design.md §1: tile centre (41.877971796211014, -87.68943505304125), panorama
     # (41.877949, -87.689396). By hand: 2.53482 m south, 3.23329 m east of the centre; at
     # 0.114 m/px that is dy = +22.2353 px, dx = -28.3622 px.
     centre = [[41.877971796211014, -87.68943505304125]]

@@ -50,7 +50,7 @@ def test_jpeg_is_decoded_at_a_reduced_scale_when_read_smaller(tmp_path):
     full = cv2.resize(cv2.imread(path), (128, 64), interpolation=cv2.INTER_AREA).astype(float)
     diff = np.abs(images.load_image(path, (64, 128), 'panorama').astype(float) - full)
     assert diff.mean() < 1 and diff.max() <= 8
-    np.testing.assert_array_equal(images.load_image(path, (64, 128), 'panorama', exact=True), full)  # SPEC §2 exactly
+    np.testing.assert_array_equal(images.load_image(path, (64, 128), 'panorama', exact=True), full)  # docs/design.md §2
     # the checks still see the file as it is: a grayscale JPEG, a square one read as a panorama
     cv2.imwrite(str(tmp_path / 'g.jpg'), _smooth_colour(256, 512)[..., 0])
     with pytest.raises(input_data.DataError, match='g.jpg: expected a 3-channel colour panorama, got a grayscale'):
@@ -61,8 +61,8 @@ def test_jpeg_is_decoded_at_a_reduced_scale_when_read_smaller(tmp_path):
 
 
 def test_images_are_never_upscaled(tmp_path):
-    """Issue 15: an 8x8 tile and a 16x8 panorama were silently upscaled; anything smaller than the size it is
-    read at is refused, the size itself is fine."""
+    """Upscaling would invent the detail the network trains on: anything smaller than the size it is read at
+    (an 8x8 tile, a 16x8 panorama) is refused; the size itself is fine."""
     cv2.imwrite(str(tmp_path / 't.png'), _smooth_colour(8, 8))
     with pytest.raises(input_data.DataError) as e:
         images.load_image(str(tmp_path / 't.png'), (64, 64), 'aerial')

@@ -1,4 +1,4 @@
-"""Losses against hand-computed numpy values (SPEC §4)."""
+"""Losses against hand-computed numpy values (docs/design.md §4)."""
 import math
 
 import numpy as np

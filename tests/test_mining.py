@@ -1,4 +1,4 @@
-"""Hard-negative mining (SPEC §2): the pool, the top-k table, the descriptors it ranks, and the mined half
+"""Hard-negative mining (docs/design.md §2): the pool, the top-k table, the descriptors it ranks, and the mined half
 of the batches."""
 import math
 

@@ -143,7 +143,7 @@ def test_initialisations_follow_the_original():
 
 
 def released_e2_2_parameters():
-    """The paper E_2_2 network's parameter count, from the layer list of the released architecture (SPEC §3),
+    """The paper E_2_2 network's parameter count, from the layer list of the released architecture (docs/design.md §3),
     written out independently of model.py: 320x640 ground, 320x320 aerial, width 1."""
     conv = lambda cin, cout, k=3: k * k * cin * cout + cout
     vgg = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),

@@ -32,15 +32,15 @@ def tf_read(paths, hw, kind, batch=8):
 
 
 def opencv(path, hw):
-    """SPEC §2: OpenCV full decode + INTER_AREA."""
+    """docs/design.md §2: OpenCV full decode + INTER_AREA."""
     return cv2.resize(cv2.imread(path, cv2.IMREAD_COLOR), (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
 
 
 def test_tensorflow_decoding_matches_opencv_within_tolerance(tmp_path):
     """BGR order, area resize, the mean. Against images.load_image (OpenCV, the same libjpeg DCT scaling):
-    at most 1 grey level (area-resize rounding). Against SPEC §2's OpenCV full decode + INTER_AREA, on an
+    at most 1 grey level (area-resize rounding). Against docs/design.md §2's OpenCV full decode + INTER_AREA, on an
     edge-rich JPEG read at 1/2 or 1/4 scale: mean < 1.2, 99.9th percentile <= 24 grey levels (measured
-    0.61-0.98 and 9-18; the paper-size city: docs_pipeline.md); read at its own size, or a PNG: <= 1."""
+    0.61-0.98 and 9-18; the paper-size city: benchmarks/README.md); read at its own size, or a PNG: <= 1."""
     jpeg, png = str(tmp_path / 'p.jpg'), str(tmp_path / 't.png')
     cv2.imwrite(jpeg, textured(512, 1024), [cv2.IMWRITE_JPEG_QUALITY, 90])
     cv2.imwrite(png, textured(96, 96, seed=1))
@@ -219,7 +219,7 @@ def bad_images(tmp_path_factory):
         'deep_png': (tile.astype(np.uint16) * 257, '.png', 'aerial'),
         'square_pano': (tile, '.jpg', 'panorama'),
         'oblong_tile': (pano, '.png', 'aerial'),
-        'tile_8x8': (tile[:8, :8], '.png', 'aerial'),                   # issue 15: silently upscaled before
+        'tile_8x8': (tile[:8, :8], '.png', 'aerial'),                   # smaller than the read size: never upscaled
         'pano_16x8': (pano[:8, :16], '.jpg', 'panorama'),
     }
     for name, (img, ext, kind) in written.items():
@@ -295,7 +295,7 @@ def test_tf_data_error_is_one_line(vigor_copy):
 
 
 def test_a_too_small_tile_stops_a_stage_script_in_one_line(vigor_copy, tmp_path, capsys):
-    """Issue 15: an 8x8 tile was upscaled and trained on; now the stage script stops in one line, status 2."""
+    """An 8x8 tile, smaller than the read size, is refused, not upscaled: one line from the stage script, status 2."""
     import train_first_E_1
     import train_lib
     split = input_data.load_vigor(vigor_copy, 'train')

@@ -43,9 +43,9 @@ def test_the_copy_has_the_layout_names_and_reference_pixels(original, prepared):
     assert [os.path.relpath(p, original) for p in a.pano_paths] == [os.path.relpath(p, prepared) for p in b.pano_paths]
     np.testing.assert_array_equal(a.tiles, b.tiles)
     np.testing.assert_array_equal(a.deltas, b.deltas)
-    # tiles: PNG, exactly SPEC §2's OpenCV full decode + INTER_AREA; panoramas: that, through JPEG quality 95
+    # tiles: PNG, exactly docs/design.md §2's OpenCV full decode + INTER_AREA; panoramas: that, through JPEG quality 95
     # 4:4:4 (on these 32x64 panoramas, all fine detail, measured mean 2.0, 99th percentile 8, max 14 grey
-    # levels; 0.9 / 5 / 21 on the paper-size city at 320x640: docs_pipeline.md)
+    # levels; 0.9 / 5 / 21 on the paper-size city at 320x640: benchmarks/README.md)
     reference = lambda p, hw: cv2.resize(cv2.imread(p), (hw[1], hw[0]), interpolation=cv2.INTER_AREA).astype(int)
     for p, q in zip(a.tile_paths[:6], b.tile_paths[:6]):
         np.testing.assert_array_equal(cv2.imread(q), reference(p, (SAT, SAT)))
@@ -83,7 +83,7 @@ def test_preparation_refuses_bad_images_and_resumes(original, tmp_path):
     data[middle:middle + 40] = np.random.default_rng(0).integers(0, 256, 40, dtype=np.uint8).tobytes()
     open(pano, 'wb').write(bytes(data))
     images.load_image(pano, GRD, 'panorama', exact=True)        # OpenCV alone decodes it, garbled, and says nothing
-    cv2.imwrite(tile, cv2.imread(tile)[:8, :8])                  # issue 15: an 8x8 tile was upscaled
+    cv2.imwrite(tile, cv2.imread(tile)[:8, :8])                  # smaller than the read size: refused, never upscaled
     errors = prepare_data.prepare('vigor', root, out, GRD, SAT, workers=2, log=lambda m: None)
     assert len(errors) == 2
     assert errors[0].startswith(f'{pano}: corrupt JPEG data (libjpeg: Corrupt JPEG data: ')

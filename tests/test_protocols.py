@@ -17,7 +17,7 @@ import testing
 import train_first_E_1
 import train_lib
 
-NAME = 'L-1poX8YZAmBZVLMqBu-4w,41.877949,-87.689396,.jpg'     # SPEC §1's example panorama
+NAME = 'L-1poX8YZAmBZVLMqBu-4w,41.877949,-87.689396,.jpg'     # docs/design.md §1's example panorama
 
 
 def test_seeded_yaws_are_fixed_numbers():

@@ -1,5 +1,5 @@
 """train_state.py: Adam, the state a run checkpoints, and the initialisation order with what each stage
-carries over from its predecessor (SPEC §5)."""
+carries over from its predecessor (docs/design.md §5)."""
 import os
 
 import numpy as np
