@@ -36,3 +36,18 @@ def vigor_copy(vigor, tmp_path):
     root = str(tmp_path / 'VIGOR')
     shutil.copytree(vigor, root)
     return root
+
+
+def tensorboard_events(run_dir):
+    """[(step, tag, value as an array)] of everything a run logged to <run_dir>/tb, in the order it was written
+    (event files by name, which starts with their creation time; a resumed run appends a file). Scalars are
+    0-d arrays; an image summary is a 1-d array of encoded strings."""
+    import glob
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+    out = []
+    for path in sorted(glob.glob(os.path.join(run_dir, 'tb', 'events*'))):
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
+            out.extend((event.step, v.tag, tf.make_ndarray(v.tensor)) for v in event.summary.value)
+    return out

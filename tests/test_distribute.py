@@ -20,7 +20,10 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-TINY = ['--grd_size', '32', '64', '--sat_size', '64', '--width', '0.0625', '--batch', '4', '--val_every', '0']
+sys.path.insert(0, ROOT)   # (also when this file runs as the subprocess below)
+
+import stages  # noqa: E402  (TensorFlow-free)
+from conftest import TINY  # noqa: E402
 
 
 def start(args):
@@ -36,7 +39,7 @@ def finish(proc, timeout=300):
     return out
 
 
-STAGES = ('E_1a', 'E_1', 'E_2_1', 'E_2_2', 'E_3')
+STAGES = stages.ORDER
 
 
 @pytest.fixture(scope='module')
@@ -46,7 +49,7 @@ def runs(tmp_path_factory, tiny_vigor):
     data = tiny_vigor(4)
     procs = {'losses': start([os.path.abspath(__file__), *STAGES])}
     procs['train'] = start(['train_first_E_1.py', *TINY, '--data_root', data, '--run_dir', str(tmp / 'run'),
-                            '--max_steps', '2', '--strategy', 'mirrored', '--log_every', '1', '--epoch_batch', '0'])
+                            '--max_steps', '2', '--strategy', 'mirrored'])
     yield tmp, procs
     for proc in procs.values():
         if proc.poll() is None:
@@ -95,7 +98,7 @@ def one_step(stage, strategy_name, batch):
     import distribute
     import loop
     import train_state
-    explicit = {'grd_size': (32, 64), 'sat_size': 64, 'width': 0.0625, 'batch': 4, 'strategy': strategy_name}
+    explicit = dict(config.parse_flags(TINY)[0], strategy=strategy_name)
     cfg = config.resolve(stage.name, explicit, 'paper', stage.defaults, stage.presets)
     strategy = distribute.make_strategy(strategy_name)
     with strategy.scope():
@@ -112,7 +115,6 @@ def one_step(stage, strategy_name, batch):
 
 
 def compare(stage_name):
-    import stages
     stage = stages.get(stage_name)
     batch = random_batch(np.random.default_rng(0), 4)
     single = one_step(stage, 'default', batch)
@@ -138,7 +140,6 @@ def compare(stage_name):
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, ROOT)
     if not sys.argv[1:] or set(sys.argv[1:]) - set(STAGES):
         sys.exit(f'usage: {sys.argv[0]} STAGE... (of {STAGES})')
     for name in sys.argv[1:]:

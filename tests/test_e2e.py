@@ -1,5 +1,5 @@
-"""End to end through the stage scripts' main: all four stages at tiny sizes, each reading the previous
-stage's checkpoint, each followed by --test; and the CVACT path. Also pins which parts each stage
+"""End to end: the main job (run_all.py: all four stage scripts at tiny sizes, each reading the previous
+stage's checkpoint, each followed by --test); and the CVACT path. Also pins which parts each stage
 restores, which start fresh, and which train."""
 import json
 import os
@@ -10,6 +10,7 @@ import tensorflow as tf
 from conftest import TINY
 
 import model
+import run_all
 import stages
 import synthetic_data
 import train_lib
@@ -46,15 +47,25 @@ def test_missing_predecessor_says_what_to_run(tiny_vigor, tmp_path, capsys):
     assert 'run `python train_first_E_1.py` first' in err and len(err.strip().splitlines()) == 1
 
 
-def test_four_stages_end_to_end(tiny_vigor, tmp_path):
+def test_main_job_end_to_end(tiny_vigor, tmp_path, capsys):
+    """run_all.py, the README's main job, at tiny size: the four stage scripts and their --test as shell
+    commands (the suite's one run of it), its table and verdicts; then what each stage restored, trained
+    and wrote."""
     data = tiny_vigor(4)
     get = stages.get
-    # E_1: phase a then phase b, then --test
-    assert train_lib.main([get('E_1a'), get('E_1')], args(tmp_path, data, 'E_1')) == 0
+    assert run_all.main(['--run_root', str(tmp_path)] + TINY + ['--max_steps', '2', '--data_root', data]) == 0
+    assert 'run_all: ' in capsys.readouterr().out
+    summary = open(tmp_path / 'summary.txt').read().splitlines()
+    assert summary[0].split()[:3] == ['stage', 'R@1', 'R@5']
+    assert [line.split()[0] for line in summary[1:5]] == ['E_1', 'E_2_1', 'E_2_2', 'E_3']
+    text = '\n'.join(summary)
+    assert all(f'{stage}: the ' in text for stage in ('E_1', 'E_2_1', 'E_2_2', 'E_3'))
+    assert 'E_3: u of the training pairs' in text and 'active band' in text
+
+    # E_1: phase a then phase b
     assert train_state.latest_checkpoint(str(tmp_path / 'E_1' / 'phase_a')).endswith('-2')
-    assert train_lib.main([get('E_1')], args(tmp_path, data, 'E_1', '--test')) == 0
     r = json.load(open(tmp_path / 'E_1' / 'test' / TEST / 'test_results.json'))
-    assert r['localisation']['method'] == 'offset' and r['n_query'] == 64 and r['n_ref'] == 64
+    assert r['localisation']['method'] == 'offset' and r['n_query'] == 64
     assert np.load(tmp_path / 'E_1' / 'test' / TEST / 'grd_descriptors.npy').shape[0] == r['n_query']
     assert os.path.getsize(tmp_path / 'E_1' / 'test' / TEST / 'query_0.png') > 1000
     assert os.path.getsize(tmp_path / 'E_1' / 'test' / TEST / 'accuracy_vigor.png') > 1000
@@ -62,22 +73,17 @@ def test_four_stages_end_to_end(tiny_vigor, tmp_path):
         assert len(f.read().splitlines()) == 1 + r['n_query']
 
     # E_2_1 from phase a: exactly the retrieval parts; fusion and decoders stay fresh until it trains
-    assert train_lib.main([get('E_2_1')], args(tmp_path, data, 'E_2_1')) == 0
     log = open(tmp_path / 'E_2_1' / 'train.log').read()
     assert f'from {tmp_path / "E_1" / "phase_a" / "ckpt" / "ckpt-2"}; fresh: pos_fusion' in log
-    assert train_lib.main([get('E_2_1')], args(tmp_path, data, 'E_2_1', '--test')) == 0
     r = json.load(open(tmp_path / 'E_2_1' / 'test' / TEST / 'test_results.json'))
     assert r['localisation']['method'] == 'heatmap' and 'uncertainty' not in r
     assert r['localisation_semi']['count'] == 3 * 64          # the semi-positive branch on every semi-positive
 
     # E_2_2: covariance heads fresh, everything else from E_2_1
-    assert train_lib.main([get('E_2_2')], args(tmp_path, data, 'E_2_2')) == 0
-    assert train_lib.main([get('E_2_2')], args(tmp_path, data, 'E_2_2', '--test')) == 0
     r = json.load(open(tmp_path / 'E_2_2' / 'test' / TEST / 'test_results.json'))
     assert r['uncertainty']['n'] == 64 and r['uncertainty']['mean_u_px'] > 0
 
     # E_3: the u table over the training split, in the state and on disk; only retrieval parts train
-    assert train_lib.main([get('E_3')], args(tmp_path, data, 'E_3')) == 0
     u = np.load(tmp_path / 'E_3' / 'u_table.npz')
     reader = tf.train.load_checkpoint(train_state.latest_checkpoint(str(tmp_path / 'E_3')))
     table = reader.get_tensor('tables/u_table/.ATTRIBUTES/VARIABLE_VALUE')
@@ -88,9 +94,18 @@ def test_four_stages_end_to_end(tiny_vigor, tmp_path):
     for p in model.HEATMAP_PARTS + model.CHOLESKY_PARTS:   # not trained in E_3
         assert same(part(e3, get('E_3'), p), part(e22, get('E_2_2'), p)), p
     assert not same(part(e3, get('E_3'), 'grd_trunk'), part(e22, get('E_2_2'), 'grd_trunk'))
-    assert train_lib.main([get('E_3')], args(tmp_path, data, 'E_3', '--test')) == 0
     r = json.load(open(tmp_path / 'E_3' / 'test' / TEST / 'test_results.json'))
     assert r['stage'] == 'E_3' and set(r['retrieval']) >= {'R@1', 'R@5', 'R@10', 'R@1%', 'hit_rate'}
+
+    # resuming or extending E_3 reads its u table back from the state: no new table, no new 'u table' line
+    before = open(tmp_path / 'E_3' / 'train.log').read().count('u table:')
+    assert train_lib.main([get('E_3')], args(tmp_path, data, 'E_3', '--preset', 'demo', '--max_steps', '3')) == 0
+    after = open(tmp_path / 'E_3' / 'train.log').read()
+    assert 'extending the run' in after and after.count('u table:') == before
+    reader = tf.train.load_checkpoint(train_state.latest_checkpoint(e3))
+    assert train_state.latest_checkpoint(e3).endswith('-3')
+    np.testing.assert_array_equal(reader.get_tensor('tables/u_table/.ATTRIBUTES/VARIABLE_VALUE'), table)
+    np.testing.assert_array_equal(np.load(tmp_path / 'E_3' / 'u_table.npz')['u'], u['u'])
 
 
 def test_cvact_end_to_end(tmp_path):

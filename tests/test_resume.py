@@ -17,7 +17,6 @@ the batches are a function of (seed, epoch, mining table), and a resumed process
 the next step reads (weights, Adam's slots and counts, step, mining table and the epoch's gathered
 mining descriptors), so any difference is a resume bug.
 """
-import glob
 import json
 import os
 import re
@@ -30,8 +29,7 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import TINY
-from tensorflow.core.util import event_pb2
+from conftest import TINY, tensorboard_events
 
 import model
 import train_first_E_1
@@ -139,12 +137,9 @@ def run(cmd, kill_when=None, sig=signal.SIGKILL, limit_s=150):
 def losses(run_dir):
     """step -> every total loss logged for it, in the order the processes wrote them."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, 'tb', 'events*'))):  # file names start with a timestamp
-        for record in tf.data.TFRecordDataset(path):
-            event = event_pb2.Event.FromString(record.numpy())
-            for v in event.summary.value:
-                if v.tag == 'loss/total':
-                    out.setdefault(event.step, []).append(float(tf.make_ndarray(v.tensor)))
+    for step, tag, value in tensorboard_events(run_dir):
+        if tag == 'loss/total':
+            out.setdefault(step, []).append(float(value))
     return out
 
 

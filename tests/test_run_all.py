@@ -1,27 +1,51 @@
-"""run_all.py, the README's main job, end to end at tiny size: the four stage scripts and their --test as
-subprocesses, the table and the verdicts in words."""
-import os
-
-import pytest
-from conftest import TINY
+"""run_all.py's table and verdicts on canned results (the main job itself runs once, in tests/test_e2e.py)."""
+import numpy as np
 
 import run_all
 
-pytestmark = pytest.mark.slow   # ~1.5 min: 8 stage-script subprocesses
+
+def result(method, median, centre, top1=None, recall=0.25, unc=None):
+    """The parts of a stage's test_results.json that run_all reads."""
+    r = {'retrieval': {'R@1': recall, 'R@5': 0.5, 'R@10': 0.625, 'R@1%': 0.3, 'hit_rate': 0.28},
+         'localisation': {'method': method, 'top1_correct': {'median_m': top1}},
+         'localisation_positive': {'median_m': median, 'median_m_centre': centre}}
+    if unc is not None:
+        r['uncertainty'] = unc
+    return r
 
 
-def test_main_job_trains_tests_and_tabulates_every_stage(tiny_vigor, tmp_path, capsys):
-    root = str(tmp_path / 'runs')
-    assert run_all.main(['--run_root', root] + TINY + ['--data_root', tiny_vigor(3), '--max_steps', '2',
-                                                        '--plots', '0']) == 0
-    summary = open(os.path.join(root, 'summary.txt')).read().splitlines()
-    assert [line.split()[0] for line in summary[1:5]] == ['E_1', 'E_2_1', 'E_2_2', 'E_3']
-    assert summary[0].split()[:3] == ['stage', 'R@1', 'R@5']
-    # the verdicts: every stage's localisation, E_2_2's calibration, and what E_3's weights did
-    text = '\n'.join(summary)
-    for stage in ('E_1', 'E_2_1', 'E_2_2', 'E_3'):
-        assert f'{stage}: the ' in text
-    assert 'E_3: u of the training pairs' in text and 'active band' in text
-    for stage, sub in (('E_1', 'E_1'), ('E_2_1', 'E_2_1'), ('E_2_2', 'E_2_2'), ('E_3', 'E_3')):
-        assert os.path.exists(os.path.join(root, sub, 'test', 'original_same_north_qall', 'test_results.json'))
-    assert 'run_all: ' in capsys.readouterr().out
+CANNED = {'E_1': result('offset', 14.2, 14.4, 12.0),
+          'E_2_1': result('heatmap', 6.0, 14.4, 5.5),
+          'E_2_2': result('heatmap', 6.1, 14.4, 5.6, unc={'1sigma': 0.40, '2sigma': 0.85, 'spearman_u_error': 0.42})}
+
+
+def test_table_rows_and_cells():
+    lines = run_all.table(CANNED)
+    cells = [line.split() for line in lines]
+    assert cells[0][:3] == ['stage', 'R@1', 'R@5'] and [c[0] for c in cells[1:]] == ['E_1', 'E_2_1', 'E_2_2']
+    assert cells[1][1] == '25.0' and cells[1][6:9] == ['14.20', '14.40', '12.00'] and cells[1][-3:] == ['-'] * 3
+    assert cells[3][-3:] == ['40.0', '85.0', '0.42']
+    assert len({len(line) for line in lines}) == 1                  # aligned columns
+
+
+def test_verdicts_say_whether_each_head_beats_the_centre():
+    lines = run_all.verdicts(CANNED, None)
+    assert lines[0].startswith('E_1: the offset puts the query no better than the tile centre (median 14.20 m')
+    assert lines[1].startswith('E_2_1: the heatmap puts the query better than the tile centre (median 6.00 m')
+    assert lines[3] == ('E_2_2: 40.0 % / 85.0 % of the ground truths lie inside the 1-/2-sigma ellipses '
+                        '(a calibrated Gaussian: 39.3 % / 86.5 %); Spearman(u, error) 0.42')
+
+
+def e3_table(u, w):
+    w = np.asarray(w)
+    return {'u': np.asarray(u), 'w_m': w, 'active_share': np.mean((w > 0.1) & (w < 0.9)), 'active_band': (0.1, 0.9)}
+
+
+def test_e3_verdicts_name_an_inert_weight():
+    flat = run_all.verdicts({}, e3_table([294.2, 296.1], [1.0, 1.0]))[0]
+    assert flat.startswith('E_3: u of the training pairs 294.2-296.1 px; W_m mean 1.000; 0.0 % of the pairs')
+    assert 'is zero at every step' in flat
+    low = run_all.verdicts({}, e3_table([10.0, 12.0], [0.001, 0.002]))[0]
+    assert "Every W_m is ~0: E_3's ratio term is VIGOR's ratio loss x 10" in low
+    acting = run_all.verdicts({}, e3_table([60.0, 75.0, 90.0, 200.0], [0.02, 0.33, 0.99, 1.0]))[0]
+    assert '25.0 % of the pairs in the active band 0.1 < W_m < 0.9' in acting and 'Every W_m' not in acting

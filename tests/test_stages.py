@@ -9,12 +9,20 @@ def cfg(**kw):
     return config.resolve('x', kw)
 
 
-def test_registry_order_and_scripts():
-    assert stages.ORDER == ('E_1a', 'E_1', 'E_2_1', 'E_2_2', 'E_3')
-    assert stages.main_scripts() == [('train_first_E_1.py', ['E_1a', 'E_1']), ('train_second_E_2_1.py', ['E_2_1']),
-                                     ('train_second_E_2_2.py', ['E_2_2']), ('train_third_E_3.py', ['E_3'])]
-    for name in stages.ORDER:
-        assert stages.get(name).name == name
+def test_registry_is_a_chain_of_scripts_that_define_their_stages():
+    """Properties, not the list: every registered stage is defined by its script under its own name, its
+    predecessor is registered and comes before it, and main_scripts() runs each script once, in order."""
+    for i, name in enumerate(stages.ORDER):
+        stage = stages.get(name)
+        assert stage.name == name and stages.SCRIPTS[name] == (stage.script or stages.SCRIPTS[name])
+        for before in stage.accepts:
+            assert before in stages.ORDER[:i], f'{name} starts from {before}, which is not trained before it'
+    assert set(stages.SCRIPTS) == set(stages.ORDER) and not stages.get(stages.ORDER[0]).previous
+    flat = [(script, name) for script, names in stages.main_scripts() for name in names]
+    assert [name for _, name in flat] == list(stages.ORDER)
+    assert all(stages.SCRIPTS[name] == script for script, name in flat)
+    scripts = [script for script, _ in stages.main_scripts()]
+    assert len(scripts) == len(set(scripts))                      # a script's stages run in one command
 
 
 def test_derived_properties():

@@ -1,54 +1,71 @@
-"""study.py: the study's whole pipeline at tiny size (two seeds: city, four stage scripts, evaluation, report)."""
-import json
+"""study.py's measurements and report on hand-made and committed numbers: the targets, the per-query
+uncertainty report, the paired bootstrap, --report_only against the committed report."""
 import os
+import shutil
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import TINY
+HERE = os.path.dirname(os.path.abspath(__file__))
+COMMITTED = os.path.join(os.path.dirname(HERE), 'benchmarks', 'study')
 
 
-
-@pytest.mark.slow   # ~2 min: 8 stage-script subprocesses
-def test_study_pipeline_writes_the_report(tmp_path):
+def test_report_only_rebuilds_the_committed_report(tmp_path):
+    """--report_only on the committed report.json rewrites the committed report.txt byte for byte (targets and
+    text are functions of the numbers) and draws every figure that comes from numbers."""
     import study
-    out = str(tmp_path / 'study')
-    flags = ['--seeds', '0', '1', '--out', out, '--grid', '3', '--panos_per_tile', '2', '--tile_px', '64',
-             '--pano_h', '32', '--n_boot', '50'] + TINY + ['--max_steps', '2']
-    assert study.main(flags) == 0
-    with open(os.path.join(out, 'report.json')) as f:
-        report = json.load(f)
-    assert [r['seed'] for r in report['seeds']] == [0, 1]
-    for r in report['seeds']:
-        assert set(r['stages']) == {'E_1', 'E_2_1', 'E_2_2', 'E_3'}
-        keys = [t['key'] for t in r['targets']]
-        assert keys == ['heatmap_vs_centre', 'coverage_1sigma', 'coverage_2sigma', 'spearman_u_error',
-                        'sparsification_vs_random', 'spearman_u_overlap', 'spearman_u_foreground',
-                        'spearman_u_viewpoint', 'spearman_u_aliasing', 'e3_active_share']
-        assert all(isinstance(t['met'], bool) for t in r['targets'])
-        u = r['uncertainty']['E_2_2']
-        assert len(u['coverage_curve']['k']) == len(u['coverage_curve']['inside']) == 11
-        assert set(u['spearman_u_level']) == {'overlap', 'foreground', 'viewpoint', 'aliasing'}
-        assert 0 <= r['e3_table']['active_share'] <= 1
-        for key in ('R@1', 'R@10', 'top1_within_10m', 'median_pos_error_m'):
-            b = r['e3_vs_e2_2'][key]
-            assert b['low'] <= b['diff'] <= b['high'] or np.isclose(b['low'], b['high'])
-        with np.load(os.path.join(out, f'seed{r["seed"]}', 'per_query.npz')) as q:
-            assert q['levels'].shape == (r['n_query'], 4) and q['E_2_2_u'].shape == (r['n_query'],)
-    text = open(os.path.join(out, 'report.txt')).read()
-    assert 'seed 0' in text and 'seed 1' in text and 'E_3 against E_2_2' in text
-    names = sorted(os.listdir(os.path.join(out, 'figures')))
-    assert names == ['coverage.png', 'ellipses_seed0.png', 'ellipses_seed1.png', 'error_vs_level.png',
-                     'sparsification.png', 'u_vs_level.png']
+    shutil.copy(os.path.join(COMMITTED, 'report.json'), tmp_path / 'report.json')
+    assert study.main(['--out', str(tmp_path), '--report_only']) == 0
+    assert open(tmp_path / 'report.txt').read() == open(os.path.join(COMMITTED, 'report.txt')).read()
+    names = sorted(os.listdir(tmp_path / 'figures'))
+    assert names == ['coverage.png', 'error_vs_level.png', 'sparsification.png', 'u_vs_level.png']
     for name in names:
-        img = cv2.imread(os.path.join(out, 'figures', name))
+        img = cv2.imread(str(tmp_path / 'figures' / name))
         assert img is not None and img.shape[0] > 100 and img.std() > 10, name   # drawn, not blank
-    # --report_only rebuilds the same targets and text from report.json, without training
-    before = open(os.path.join(out, 'report.txt')).read()
-    os.remove(os.path.join(out, 'report.txt'))
-    assert study.main(['--out', out, '--report_only']) == 0
-    assert open(os.path.join(out, 'report.txt')).read() == before
+
+
+def hand_made_queries(n=200, seed=0):
+    """Per-query arrays as study.per_query makes them: errors grow with the first dial's level, u = the error
+    (a perfect ranking), isotropic Gaussians of sigma = u / 4."""
+    import testing
+    rng = np.random.default_rng(seed)
+    levels = rng.uniform(0, 1, (n, 4))
+    error = 5 + 100 * levels[:, 0]
+    angle = rng.uniform(0, 2 * np.pi, n)
+    gt = np.full((n, 2), 320.0)
+    mu = gt + error[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
+    sigma = error / 4
+    chol = np.stack([sigma, np.zeros(n), sigma], 1).astype(np.float32)
+    delta = np.zeros((n, 2))                                                     # the truth at the tile centre
+    q = {'mu': mu, 'cov': np.stack([np.diag([s * s, s * s]) for s in sigma]), 'gt': gt, 'error_px': error,
+         'u': 4 * sigma, 'summary': testing.uncertainty_summary(mu, chol, delta)}
+    return q, levels
+
+
+def test_uncertainty_report_on_hand_made_queries():
+    import study
+    q, levels = hand_made_queries()
+    r = study.uncertainty_report(q, levels)
+    assert r['spearman_u_error'] == pytest.approx(1.0)
+    assert r['spearman_u_level']['overlap'] == pytest.approx(1.0)                # the first dial drives the error
+    assert abs(r['spearman_u_level']['aliasing']) < 0.25                           # an unrelated dial
+    assert r['sparsification_vs_random'] < 0.8                                     # the most certain are the best
+    assert r['1sigma'] == 0 and r['2sigma'] == 0          # every truth lies 4 sigma out: no ellipse holds it
+    assert sum(b['n'] for b in r['u_by_level']['overlap']) == len(levels)
+    means = [b['mean'] for b in r['error_by_level']['overlap'] if b['n']]
+    assert means == sorted(means)                                                  # error rises with the level
+
+
+def test_e3_against_e2_2_paired_bootstrap():
+    import study
+    n = 400
+    before = {'rank': np.tile([0, 5, 50, 0], n // 4), 'top1_error_m': np.full(n, 20.0), 'pos_error_m': np.full(n, 8.0)}
+    same = study.e3_against_e2_2(before, dict(before), 200, 0)
+    assert all(b['diff'] == 0 and b['low'] == b['high'] == 0 for b in same.values())
+    better = dict(before, rank=np.where(before['rank'] == 5, 0, before['rank']))  # a quarter of the queries gain R@1
+    r = study.e3_against_e2_2(before, better, 200, 0)['R@1']
+    assert r['diff'] == pytest.approx(0.25) and 0 < r['low'] <= r['diff'] <= r['high']
 
 
 def _seed_report(u, spearman_error, spearman_level, ratio=0.4, coverage=(0.39, 0.86), active=0.3):
