@@ -23,8 +23,16 @@ class ConfigError(ValueError):
     """A bad flag or configuration file; str() is one line."""
 
 
-def _flag(default, help, kind='run', choices=None):
-    return dataclasses.field(default=default, metadata={'help': help, 'kind': kind, 'choices': choices})
+# Model parts (model.ALL_PARTS) that some model settings shape; a setting without `parts` shapes every part.
+_CHOLESKY = ('pos_cholesky', 'semi_cholesky')
+_DECODERS = ('pos_decoder', 'semi_decoder')
+
+
+def _flag(default, help, kind='run', choices=None, parts=None):
+    """A Config field. parts: the model parts whose weights a model setting shapes (None: all of them), so a
+    stage that does not restore those parts from its predecessor does not compare the setting."""
+    return dataclasses.field(default=default, metadata={'help': help, 'kind': kind, 'choices': choices,
+                                                        'parts': parts})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +56,21 @@ class Config:
     sat_size: int = _flag(320, 'aerial input side', 'model')
     width: float = _flag(1.0, 'channel width multiplier (1 = the paper network; <1 for CPU demos)', 'model')
     cholesky: str = _flag('port', 'covariance parametrisation: port (positive diagonal + floor, free '
-                          'off-diagonal) or original (elu+1 on all three entries)', 'model', ('port', 'original'))
-    cholesky_scale: float = _flag(1.0, 'covariance head output scale (pixels of the 640 frame per unit)', 'model')
-    cholesky_floor: float = _flag(0.01, 'floor added to the Cholesky diagonal (pixels)', 'model')
+                          'off-diagonal) or original (elu+1 on all three entries)', 'model', ('port', 'original'), _CHOLESKY)
+    cholesky_scale: float = _flag(1.0, 'covariance head output scale (pixels of the 640 frame per unit)', 'model',
+                                  parts=_CHOLESKY)
+    cholesky_floor: float = _flag(0.01, 'floor added to the Cholesky diagonal (pixels)', 'model', parts=_CHOLESKY)
     offset_zero_init: int = _flag(0, '1 = the offset head output layer starts at zero (tile centre)')
+    localiser: str = _flag('unet', "E_2/E_3's heatmap localiser: unet (the released U-Net decoder) or correlation "
+                           '(NOT the paper\'s: the ground descriptor as a query dotted with every aerial cell, trained '
+                           'with a cross-entropy to the true cell; it sees the panorama by construction)', 'model',
+                           ('unet', 'correlation'), _DECODERS)
+    correlation_dim: int = _flag(64, 'query/key size of the correlation localiser', 'model', parts=_DECODERS)
+    decoder_init: str = _flag('released', "U-Net decoder initialisation: released, or scaled (a repair, not the "
+                              "paper's: the layers before the first skip get kernels scaled for the taps that see "
+                              'their small input maps and zero biases)', choices=('released', 'scaled'))
+    skip_norm: int = _flag(0, "1 = a repair, not the paper's: both inputs of each U-Net skip concat at unit RMS per "
+                           'example', 'model', parts=_DECODERS)
     # optimisation
     batch: int = _flag(10, 'global batch size')
     epochs: int = _flag(1, 'epochs', 'extend')
@@ -63,6 +82,8 @@ class Config:
     lr_decay_steps: int = _flag(0, 'decay period in steps (0 = one epoch)')
     lr_staircase: int = _flag(0, '1 = decay in steps, 0 = continuous')
     carry_optimizer: int = _flag(1, "1 = restore the previous stage's Adam slots of the restored variables")
+    adam_eps: float = _flag(1e-8, "Adam's epsilon (1e-8: TF1's default, the released code's); gradients far below "
+                            'it barely move their weights')
     # losses
     alpha: float = _flag(10.0, 'triplet loss weight alpha')
     nll: str = _flag('corrected', 'Gaussian NLL: corrected (1/2 on the Mahalanobis term) or original (released '
@@ -70,6 +91,8 @@ class Config:
     nll_pos_weight: float = _flag(1e-3, 'E_2_2 weight of the positive branch NLL')
     nll_semi_weight: float = _flag(1e-4, 'E_2_2 weight of the semi-positive branch NLL')
     heatmap_weight: float = _flag(1.0, 'E_2_1 weight of each branch heatmap loss')
+    ce_weight: float = _flag(1.0, "E_2_1 weight of each branch's cross-entropy to the true cell (correlation "
+                             'localiser only)')
     u_a: float = _flag(0.3, "E_3 W_m = 1 / (1 + c exp(a (b - u))): a (1/px)")
     u_b: float = _flag(75.0, 'E_3 weight threshold b (pixels of the 640 frame, on the original NLL scale)')
     u_c: float = _flag(2.0, 'E_3 weight constant c')
@@ -114,6 +137,12 @@ class Config:
 
 FLAGS = tuple(f for f in dataclasses.fields(Config) if 'help' in f.metadata)
 KIND = {f.name: f.metadata['kind'] for f in dataclasses.fields(Config)}
+PARTS = {f.name: f.metadata.get('parts') for f in dataclasses.fields(Config)}
+
+
+def settings_of_other_parts(parts):
+    """The model settings that shape none of `parts` (a checkpoint of those parts does not depend on them)."""
+    return tuple(k for k, p in PARTS.items() if p is not None and not set(p) & set(parts))
 
 # The global presets; a stage adds its own values (Stage.presets) on top.
 PRESETS = {
@@ -172,7 +201,7 @@ def validate(cfg):
         if not ok:
             raise ConfigError(f'--{name} {_show(getattr(cfg, name))}: {what}')
     for name in ('log_every', 'ckpt_every', 'eval_batch', 'eval_block', 'epochs', 'mining_topk',
-                 'mining_pool', 'mining_start_epoch', 'val_queries'):
+                 'mining_pool', 'mining_start_epoch', 'val_queries', 'correlation_dim'):
         need(getattr(cfg, name) >= 1, name, 'must be at least 1')
     need(cfg.batch >= 2, 'batch', 'must be at least 2 (the triplet loss needs a negative in the batch)')
     for name in ('seed', 'eval_seed', 'max_steps', 'max_queries', 'val_every', 'image_cache_mb', 'epoch_batch',
@@ -187,10 +216,10 @@ def validate(cfg):
          'side / 64, and every stage uses one size)')
     need(cfg.mining_topk <= cfg.mining_pool, 'mining_topk', f'must not exceed --mining_pool {cfg.mining_pool} '
          '(the hard tiles are the top of the pool)')
-    for name in ('width', 'lr', 'lr_decay', 'alpha', 'cholesky_scale'):
+    for name in ('width', 'lr', 'lr_decay', 'alpha', 'cholesky_scale', 'adam_eps'):
         need(math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0, name, 'must be a positive number')
-    for name in ('cholesky_floor', 'cvact_mpp', 'nll_pos_weight', 'nll_semi_weight', 'heatmap_weight', 'u_a',
-                 'u_c'):
+    for name in ('cholesky_floor', 'cvact_mpp', 'nll_pos_weight', 'nll_semi_weight', 'heatmap_weight', 'ce_weight',
+                 'u_a', 'u_c'):
         need(math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0, name, 'must be 0 or a positive number')
     need(math.isfinite(cfg.u_b), 'u_b', 'must be a number')
     need(math.isfinite(cfg.fov) and 0 < cfg.fov <= 360, 'fov', 'must be a number of degrees in (0, 360]')
@@ -198,7 +227,8 @@ def validate(cfg):
         protocols.parse_yaw(cfg.yaw)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name in ('mining', 'plots', 'mixed_precision', 'lr_staircase', 'carry_optimizer', 'offset_zero_init'):
+    for name in ('mining', 'plots', 'mixed_precision', 'lr_staircase', 'carry_optimizer', 'offset_zero_init',
+                 'skip_norm'):
         need(getattr(cfg, name) in (0, 1), name, 'must be 0 or 1')
     for name in ('run_dir', 'init_from', 'test_dir', 'data_root', 'cvact_resampled'):
         path = getattr(cfg, name)
@@ -256,12 +286,18 @@ def load(path):
     return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
 
 
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+
+
 def mismatch(saved, cfg, kinds=('model', 'run')):
-    """The first (key, saved value, value now) whose kind is in `kinds` and differs, else None."""
+    """The first (key, saved value, value now) whose kind is in `kinds` and differs, else None. A setting the
+    saved file lacks (written before the setting existed) counts as its default; one the code does not know
+    (written by a newer version) is not compared."""
     now = cfg.to_dict()
-    for k in sorted(set(saved) | set(now)):
-        if KIND.get(k, 'run') in kinds and saved.get(k) != now.get(k):
-            return k, saved.get(k), now.get(k)
+    for k in sorted(now):
+        was = saved.get(k, DEFAULTS[k])
+        if KIND[k] in kinds and was != now[k]:
+            return k, was, now[k]
     return None
 
 
@@ -280,5 +316,5 @@ def check_run_dir(cfg, path):
 
 def model_settings(saved, cfg):
     """cfg with the model settings (and seed) of a saved run configuration, for --test."""
-    keep = {k: saved[k] for k in saved if KIND.get(k) == 'model' or k in ('seed', 'nll')}
+    keep = {k: saved.get(k, DEFAULTS[k]) for k in KIND if KIND[k] == 'model' or k in ('seed', 'nll')}
     return cfg.replace(**keep)

@@ -71,6 +71,20 @@ def heatmap_loss(mu, gt):
     return tf.reduce_mean(dist) / 10000.0
 
 
+def cell_cross_entropy(logits, gt):
+    """Cross-entropy of a [B, h, w] map of logits over the tile's cells to the cell holding gt [B, 2] (row, col
+    of the 640 frame); a pair whose gt lies outside the tile (a corrected semi-positive label) counts 0.
+    Mean over B."""
+    logits = tf.cast(logits, tf.float32)
+    h, w = logits.shape[1], logits.shape[2]
+    row = tf.cast(tf.floor(gt[:, 0] / (TILE_PX / h)), tf.int32)
+    col = tf.cast(tf.floor(gt[:, 1] / (TILE_PX / w)), tf.int32)
+    inside = (row >= 0) & (row < h) & (col >= 0) & (col < w)
+    cell = tf.clip_by_value(row, 0, h - 1) * w + tf.clip_by_value(col, 0, w - 1)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=cell, logits=tf.reshape(logits, [-1, h * w]))
+    return tf.reduce_mean(tf.where(inside, ce, 0.0))
+
+
 def gaussian_nll(mu, chol, gt, form='corrected', eps=1e-6):
     """Bivariate Gaussian NLL of gt under N(mu, Sigma), Sigma = L L^T, L = [[l0, 0], [l1, l2]]; mean over B.
 

@@ -30,6 +30,8 @@ RETRIEVAL_PARTS = ('grd_trunk', 'sat_trunk', 'grd_safa', 'sat_safa')
 HEATMAP_PARTS = ('pos_fusion', 'pos_decoder', 'semi_fusion', 'semi_decoder')
 CHOLESKY_PARTS = ('pos_cholesky', 'semi_cholesky')
 ALL_PARTS = RETRIEVAL_PARTS + ('offset_head',) + HEATMAP_PARTS + CHOLESKY_PARTS
+# What a heatmap branch's decoder is: the released U-Net, or the correlation localiser (not the paper's).
+LOCALISERS = ('unet', 'correlation')
 
 
 def read_vgg16_npy(path):
@@ -147,12 +149,16 @@ class HeatmapDecoder(tf.Module):
     (conv5_3 ... conv1_2) -> 2x without skip -> conv 4 -> conv 1 (logits). Glorot-normal kernels and biases.
     """
 
-    def __init__(self, init, in_dim, sat_side, width=1.0, trunk_channels=None, name=None):
+    def __init__(self, init, in_dim, sat_side, width=1.0, trunk_channels=None, init_kind='released',
+                 skip_norm=False, name=None):
         super().__init__(name=name)
         if sat_side % 64:
             raise ValueError(f'aerial side {sat_side} must be divisible by 64 for the heatmap decoder')
+        if init_kind not in ('released', 'scaled'):
+            raise ValueError(f"decoder init must be 'released' or 'scaled', got {init_kind!r}")
         ch = lambda c: channels(c, width)
         g = 'glorot'
+        self.skip_norm = bool(skip_norm)
         self.deconv0 = Deconv(init, in_dim, ch(2048), sat_side // 64, k=3, bias=g, name='deconv0')
         self.conv0 = Conv(init, ch(2048), ch(2048), bias=g, name='conv0')
         self.up0 = Deconv(init, ch(2048), ch(1024), 2, bias=g, name='up0')
@@ -169,16 +175,108 @@ class HeatmapDecoder(tf.Module):
         self.up_last = Deconv(init, cin, ch(8), 2, bias=g, name='up_last')
         self.conv_last = Conv(init, ch(8), ch(4), bias=g, name='conv_last')
         self.logits = Conv(init, ch(4), 1, bias=g, name='logits')
+        if init_kind == 'scaled':
+            self._scale_small_map_layers(sat_side // 64)
+
+    def _scale_small_map_layers(self, s):
+        """The 'scaled' repair (not the released initialisation): the layers before the first skip run on
+        1x1 .. 2s x 2s maps, where a 3x3 kernel's output position sees fewer than its 9 taps while its
+        glorot scale assumes all 9, so each layer shrinks the signal; their kernels are scaled by
+        sqrt(9 / taps seen on average) and their biases zeroed (glorot-normal biases are as large as the
+        signal there)."""
+        layers = ((self.deconv0, deconv_taps(1, s)), (self.conv0, conv_taps(s)), (self.up0, deconv_taps(s, 2)),
+                  (self.conv1a, conv_taps(2 * s)), (self.conv1b, conv_taps(2 * s)))
+        for layer, taps in layers:
+            layer.w.assign(layer.w * np.sqrt(9.0 / taps))
+            layer.b.assign(tf.zeros_like(layer.b))
 
     def __call__(self, bottleneck, skips):
         """bottleneck [B, 2048w], skips from the aerial trunk -> heatmap [B, 2S, 2S] (>= 0)."""
         x = self.conv0(self.deconv0(bottleneck[:, None, None, :]))
         x = self.conv1b(self.conv1a(self.up0(x)))
         for (up, conv_a, conv_b), skip in zip(self.stages, SKIP_LAYERS[::-1]):
-            x = up(x)
-            x = conv_b(conv_a(tf.concat([x, skips[skip]], -1)))
+            x, feat = up(x), skips[skip]
+            if self.skip_norm:   # the 'skip_norm' repair: both inputs of the concat at unit RMS per example
+                x, feat = unit_rms(x), unit_rms(feat)
+            x = conv_b(conv_a(tf.concat([x, feat], -1)))
         x = self.conv_last(self.up_last(x))
         return tf.nn.relu(self.logits(x, relu=False)[..., 0])
+
+
+def conv_taps(n, k=3):
+    """Mean number of a k x k SAME convolution's taps that fall inside an n x n map, per output position."""
+    per_axis = np.mean([sum(0 <= i + t - k // 2 < n for t in range(k)) for i in range(n)])
+    return float(per_axis ** 2)
+
+
+def deconv_taps(n, s, k=3):
+    """Mean number of taps that reach an output position of a stride-s, k x k SAME transposed convolution on an
+    n x n map, over the positions that some tap reaches (on a 1x1 map with k < s the rest is bias alone)."""
+    o = max(k - s, 0) // 2
+    counts = np.zeros(n * s)
+    for i in range(n):
+        for t in range(k):
+            r = i * s + t - o                      # (o: the SAME padding before the first output)
+            if 0 <= r < n * s:
+                counts[r] += 1
+    per_axis = counts[counts > 0].mean()
+    return float(per_axis ** 2)
+
+
+def unit_rms(x, eps=1e-6):
+    """x / its root mean square over every axis but the batch's."""
+    axes = list(range(1, len(x.shape)))
+    return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axes, keepdims=True) + eps)
+
+
+class LayerNorm(tf.Module):
+    """Normalisation over the last axis with a learnt gain and bias (1 and 0 at initialisation)."""
+
+    def __init__(self, dim, eps=1e-5, name=None):
+        super().__init__(name=name)
+        self.gain = variable(np.ones((dim,), np.float32), 'gain')
+        self.bias = variable(np.zeros((dim,), np.float32), 'bias')
+        self.eps = eps
+
+    def __call__(self, x):
+        mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return (x - mean) * tf.math.rsqrt(var + self.eps) * tf.cast(self.gain, x.dtype) + tf.cast(self.bias, x.dtype)
+
+
+class CorrelationLocaliser(tf.Module):
+    """A localiser that sees the panorama by construction (--localiser correlation; NOT the paper's U-Net).
+
+    The ground descriptor, layer-normalised and projected to `dim`, is a query; the aerial trunk's conv3_3
+    map with conv4_3 upsampled beside it, layer-normalised per cell and projected to `dim`, gives one key
+    per cell (side S/4 for an S-px tile); the heatmap is the softmax over cells of query . key / sqrt(dim).
+    Every cell's score is linear in the query, so the heatmap moves with the panorama from the first step,
+    and the gradient of a cross-entropy to the true cell reaches both trunks through two layers.
+    """
+
+    def __init__(self, init, grd_dim, trunk_channels, dim=64, name=None):
+        super().__init__(name=name)
+        cells = trunk_channels['conv3_3'] + trunk_channels['conv4_3']
+        self.grd_norm = LayerNorm(grd_dim, name='grd_norm')
+        self.query = Dense(init, grd_dim, dim, kind='glorot_uniform', name='query')
+        self.sat_norm = LayerNorm(cells, name='sat_norm')
+        self.key = Dense(init, cells, dim, kind='glorot_uniform', name='key')
+        self.dim = dim
+
+    def __call__(self, grd_desc, skips):
+        """grd_desc [B, D] (raw), skips of the aerial trunk -> logits [B, S/4, S/4] over the tile's cells."""
+        fine, coarse = skips['conv3_3'], skips['conv4_3']
+        coarse = tf.repeat(tf.repeat(coarse, 2, axis=1), 2, axis=2)                 # nearest x2 to conv3_3's side
+        feat = self.sat_norm(tf.concat([fine, tf.cast(coarse, fine.dtype)], -1))   # (B, h, w, C3 + C4)
+        keys = tf.einsum('bhwc,cd->bhwd', feat, tf.cast(self.key.w, feat.dtype)) + tf.cast(self.key.b, feat.dtype)
+        query = self.query(self.grd_norm(tf.cast(grd_desc, feat.dtype)))             # (B, dim)
+        return tf.einsum('bhwd,bd->bhw', keys, query) / np.sqrt(self.dim).astype(np.float32)
+
+
+def softmax_map(logits):
+    """[B, h, w] logits -> probabilities over the h x w cells (each map sums to 1), float32."""
+    logits = tf.cast(logits, tf.float32)
+    shape = tf.shape(logits)
+    return tf.reshape(tf.nn.softmax(tf.reshape(logits, [shape[0], -1]), -1), shape)
 
 
 class CholeskyHead(tf.Module):
@@ -242,7 +340,8 @@ class CrossViewModel(tf.Module):
     """
 
     def __init__(self, grd_hw=(320, 640), sat_side=320, width=1.0, parts=RETRIEVAL_PARTS, seed=0,
-                 safa_heads=8, cholesky='port', cholesky_scale=1.0, cholesky_floor=0.01, offset_zero_init=False):
+                 safa_heads=8, cholesky='port', cholesky_scale=1.0, cholesky_floor=0.01, offset_zero_init=False,
+                 localiser='unet', decoder_init='released', skip_norm=False, correlation_dim=64):
         super().__init__(name='cross_view_model')
         unknown = set(parts) - set(ALL_PARTS)
         if unknown:
@@ -250,7 +349,9 @@ class CrossViewModel(tf.Module):
         for side in (*grd_hw, sat_side):
             if side % 32:
                 raise ValueError(f'input sides must be divisible by 32, got {grd_hw} and {sat_side}')
-        self.grd_hw, self.sat_side, self.width = tuple(grd_hw), sat_side, width
+        if localiser not in LOCALISERS:
+            raise ValueError(f'localiser must be one of {LOCALISERS}, got {localiser!r}')
+        self.grd_hw, self.sat_side, self.width, self.localiser = tuple(grd_hw), sat_side, width, localiser
         self.parts = tuple(p for p in ALL_PARTS if p in parts)
         init = Init(seed)
         self.grd_trunk = VGG16(init, width, name='grd_trunk')
@@ -266,8 +367,12 @@ class CrossViewModel(tf.Module):
             if f'{branch}_fusion' in parts:
                 fusion = Fusion(init, self.dim, width, name=f'{branch}_fusion')
                 setattr(self, f'{branch}_fusion', fusion)
-                setattr(self, f'{branch}_decoder', HeatmapDecoder(
-                    init, fusion.out_dim, sat_side, width, trunk_ch, name=f'{branch}_decoder'))
+                if localiser == 'unet':
+                    decoder = HeatmapDecoder(init, fusion.out_dim, sat_side, width, trunk_ch, decoder_init, skip_norm,
+                                             name=f'{branch}_decoder')
+                else:
+                    decoder = CorrelationLocaliser(init, self.dim, trunk_ch, correlation_dim, name=f'{branch}_decoder')
+                setattr(self, f'{branch}_decoder', decoder)
             if f'{branch}_cholesky' in parts:
                 setattr(self, f'{branch}_cholesky', CholeskyHead(
                     init, channels(2048, width), width, cholesky, cholesky_scale, cholesky_floor,
@@ -294,12 +399,21 @@ class CrossViewModel(tf.Module):
         return tf.cast(self.offset_head(sat_desc, grd_desc), tf.float32) * (TILE_PX / 2)
 
     def localise(self, branch, sat_desc, grd_desc, skips):
-        """Heatmap branch ('pos' or 'semi') -> dict(heatmap [B,2S,2S], mu [B,2] (row, col), chol [B,3] when
-        the branch has a covariance head)."""
-        bottleneck = getattr(self, f'{branch}_fusion')(sat_desc, grd_desc)
-        heatmap = getattr(self, f'{branch}_decoder')(bottleneck, skips)
-        out = {'heatmap': heatmap, 'mu': soft_argmax(heatmap)}
-        if f'{branch}_cholesky' in self.parts:
+        """Heatmap branch ('pos' or 'semi') -> dict(heatmap [B, h, w] >= 0, mu [B,2] (row, col of the 640
+        frame), chol [B,3] when the branch has a covariance head; logits [B, h, w] of the correlation
+        localiser). The U-Net's heatmap is 2S x 2S for an S-px tile, the correlation localiser's S/4 x S/4."""
+        has_chol = f'{branch}_cholesky' in self.parts
+        decoder = getattr(self, f'{branch}_decoder')
+        bottleneck = None
+        if self.localiser == 'unet' or has_chol:
+            bottleneck = getattr(self, f'{branch}_fusion')(sat_desc, grd_desc)
+        if self.localiser == 'unet':
+            out = {'heatmap': decoder(bottleneck, skips)}
+        else:
+            logits = decoder(grd_desc, skips)
+            out = {'logits': logits, 'heatmap': softmax_map(logits)}
+        out['mu'] = soft_argmax(out['heatmap'])
+        if has_chol:
             out['chol'] = getattr(self, f'{branch}_cholesky')(bottleneck)
         return out
 

@@ -94,7 +94,9 @@ def build_model(stage, cfg):
     import model as model_lib
     return model_lib.CrossViewModel(cfg.grd_size, cfg.sat_size, cfg.width, stage.parts, seed=cfg.seed,
                                     cholesky=cfg.cholesky, cholesky_scale=cfg.cholesky_scale,
-                                    cholesky_floor=cfg.cholesky_floor, offset_zero_init=bool(cfg.offset_zero_init))
+                                    cholesky_floor=cfg.cholesky_floor, offset_zero_init=bool(cfg.offset_zero_init),
+                                    localiser=cfg.localiser, decoder_init=cfg.decoder_init,
+                                    skip_norm=bool(cfg.skip_norm), correlation_dim=cfg.correlation_dim)
 
 
 def script_stages(script):

@@ -5,7 +5,8 @@
 
 Restores the trunks and SAFA of E_1's phase a (the released script loads epoch 30, the end of phase a;
 --init_from runs/E_1 takes phase b instead) with their Adam slots; fusion MLPs and decoders start fresh.
-Loss: triplet + heatmap L2 (mean ||gt - mu|| / 10000) for both branches.
+Loss: triplet + heatmap L2 (mean ||gt - mu|| / 10000) for both branches; with --localiser correlation (not
+the paper's) also each branch's cross-entropy to the true cell (--ce_weight).
 """
 import sys
 
@@ -25,10 +26,15 @@ PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS
 def loss(m, emb, batch, ctx):
     pos = m.localise('pos', emb['sat_raw'], emb['grd_raw'], emb['sat_skips'])
     semi = m.localise('semi', emb['semi_raw'], emb['grd_raw'], emb['semi_skips'])
+    gt_pos, gt_semi = geometry.delta_to_rc(batch['delta']), geometry.delta_to_rc(batch['delta_semi'])
     w = ctx.cfg.heatmap_weight
-    return {'triplet': losses.batch_triplet_loss(emb, ctx.cfg.alpha),
-            'heatmap_pos': w * losses.heatmap_loss(pos['mu'], geometry.delta_to_rc(batch['delta'])),
-            'heatmap_semi': w * losses.heatmap_loss(semi['mu'], geometry.delta_to_rc(batch['delta_semi']))}
+    terms = {'triplet': losses.batch_triplet_loss(emb, ctx.cfg.alpha),
+             'heatmap_pos': w * losses.heatmap_loss(pos['mu'], gt_pos),
+             'heatmap_semi': w * losses.heatmap_loss(semi['mu'], gt_semi)}
+    if 'logits' in pos:   # the correlation localiser (--localiser correlation) learns the true cell
+        terms['cell_ce_pos'] = ctx.cfg.ce_weight * losses.cell_cross_entropy(pos['logits'], gt_pos)
+        terms['cell_ce_semi'] = ctx.cfg.ce_weight * losses.cell_cross_entropy(semi['logits'], gt_semi)
+    return terms
 
 
 STAGE = stages.Stage(

@@ -94,7 +94,8 @@ class TrainState(tf.Module):
         super().__init__(name='train_state')
         self.model = stages.build_model(stage, cfg)
         period = cfg.lr_decay_steps or steps_per_epoch
-        self.optimizer = Adam(self.model, stage.train_parts, cfg.lr, cfg.lr_decay, period, bool(cfg.lr_staircase))
+        self.optimizer = Adam(self.model, stage.train_parts, cfg.lr, cfg.lr_decay, period, bool(cfg.lr_staircase),
+                              eps=cfg.adam_eps)
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')   # steps of this stage
         self.hard = tf.Variable(np.zeros((n_train, cfg.mining_topk), np.int32), trainable=False, name='hard')
         self.hard_valid = tf.Variable(False, trainable=False, name='hard_valid')
@@ -183,8 +184,8 @@ def check_predecessor(stage, cfg, init_dir):
         if prev.get('stage') not in stage.accepts:
             raise StateError(f'{init_dir}: holds a {prev.get("stage")} checkpoint, {stage.name} starts from '
                              f'{" or ".join(stage.accepts)}')
-        # the covariance head's settings matter only when its weights come across (E_3 from E_2_2)
-        ignore = () if any('cholesky' in p for p in stage.restore) else ('cholesky', 'cholesky_scale', 'cholesky_floor')
+        # a part's settings matter only when its weights come across (the covariance heads' in E_3 from E_2_2)
+        ignore = config.settings_of_other_parts(stage.restore)
         diff = config.mismatch(dict(prev, **{k: getattr(cfg, k) for k in ignore}), cfg, kinds=('model',))
         if diff:
             raise StateError(f'{init_dir}: checkpoint of another architecture ({diff[0]}: {diff[1]} there, '

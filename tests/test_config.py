@@ -83,6 +83,26 @@ def test_save_load_and_mismatch(tmp_path):
         config.check_run_dir(cfg.replace(width=0.5), path)
 
 
+def test_a_config_json_of_another_version_still_matches(tmp_path):
+    """A key missing from config.json (written before the setting existed) counts as its default; a key the
+    code does not know (written by a newer version) is not compared."""
+    cfg = resolve(['--grd_size', '32', '64'])
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in ('localiser', 'adam_eps', 'heatmap_weight')}
+    saved['a_future_setting'] = 3
+    assert config.mismatch(saved, cfg) is None
+    assert config.mismatch(saved, cfg.replace(localiser='correlation')) == ('localiser', 'unet', 'correlation')
+    assert config.model_settings(saved, cfg.replace(localiser='correlation')).localiser == 'unet'
+
+
+def test_settings_of_parts_a_stage_does_not_restore():
+    # E_2_1 restores the trunks only: the decoders' and covariance heads' settings of its predecessor do not matter
+    other = config.settings_of_other_parts(('grd_trunk', 'sat_trunk', 'grd_safa', 'sat_safa'))
+    assert {'localiser', 'skip_norm', 'correlation_dim', 'cholesky', 'cholesky_scale'} <= set(other)
+    assert 'width' not in other and 'grd_size' not in other
+    assert 'localiser' not in config.settings_of_other_parts(('pos_decoder',))
+    assert 'cholesky_scale' not in config.settings_of_other_parts(('pos_cholesky', 'grd_trunk'))
+
+
 @pytest.mark.parametrize('content', ['', '{"lr": ', '[1, 2]', '\xff\xfe'])
 def test_unreadable_config_json(tmp_path, content):
     path = tmp_path / 'config.json'

@@ -257,3 +257,14 @@ def test_near_singular_sigma_gives_finite_gradients():
     loss, grads = gradients(lambda: losses.gaussian_nll(tf.zeros([3, 2]), head(x), tf.fill([3, 2], 640.0)),
                             x, *head.trainable_variables)
     assert finite(loss, *grads)
+
+
+def test_cell_cross_entropy_known_answer():
+    # uniform logits over 4x4 cells: log 16 for every pair whose truth lies in the tile; one outside counts 0
+    logits = tf.zeros([3, 4, 4])
+    gt = tf.constant([[10.0, 10.0], [639.0, 0.0], [700.0, 100.0]])
+    assert float(losses.cell_cross_entropy(logits, gt)) == pytest.approx(2 * np.log(16) / 3, rel=1e-6)
+    # all the mass on the true cell (row 3, col 0 for (639, 0): cells are 160 px): no loss
+    sure = np.zeros([1, 4, 4], np.float32)
+    sure[0, 3, 0] = 50.0
+    assert float(losses.cell_cross_entropy(tf.constant(sure), gt[1:2])) < 1e-12

@@ -188,3 +188,38 @@ def test_paper_e2_2_parameter_count_matches_the_released_architecture(monkeypatc
     parts = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS + model.CHOLESKY_PARTS
     shapes = built_shapes(monkeypatch, lambda: model.CrossViewModel((320, 640), 320, 1.0, parts))
     assert sum(int(np.prod(s)) for s in shapes) == released_e2_2_parameters() == 328_961_624
+
+
+def test_taps_seen_on_small_maps():
+    # a 3x3 SAME conv on a 1x1 map sees its centre tap only; on 2x2, 2 taps per axis; on 5x5, (2+3+3+3+2)/5 per axis
+    assert model.conv_taps(1) == 1 and model.conv_taps(2) == 4 and model.conv_taps(5) == pytest.approx(2.6 ** 2)
+    # the stride-5 first layer on the 1x1 bottleneck: 1 tap at each of the 3x3 positions it reaches;
+    # a stride-2 transposed conv on 5x5: per axis 1 tap at even outputs, 2 at odd ones but the last
+    assert model.deconv_taps(1, 5) == 1 and model.deconv_taps(5, 2) == pytest.approx((14 / 10) ** 2)
+
+
+def test_scaled_decoder_init_scales_the_small_map_layers_only():
+    parts = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS
+    released = model.CrossViewModel((32, 64), 128, 0.0625, parts)
+    scaled = model.CrossViewModel((32, 64), 128, 0.0625, parts, decoder_init='scaled')
+    a, b = released.pos_decoder, scaled.pos_decoder                       # side 128: s = 2
+    np.testing.assert_allclose(b.deconv0.w.numpy(), 3 * a.deconv0.w.numpy(), rtol=1e-6)   # 1 of 9 taps
+    np.testing.assert_allclose(b.conv1a.w.numpy(), np.sqrt(9 / model.conv_taps(4)) * a.conv1a.w.numpy(), rtol=1e-6)
+    assert not b.conv0.b.numpy().any() and a.conv0.b.numpy().any()
+    np.testing.assert_array_equal(b.stages[0][1].w.numpy(), a.stages[0][1].w.numpy())     # after the first skip
+
+
+def test_correlation_localiser_sees_the_panorama():
+    m = tiny(localiser='correlation')
+    rng = np.random.default_rng(0)
+    grd = tf.constant(rng.normal(0, 60, (4, 32, 64, 3)), tf.float32)
+    sat = tf.repeat(tf.constant(rng.normal(0, 60, (1, 64, 64, 3)), tf.float32), 4, 0)     # one tile for all
+    g = m.embed_grd(grd)
+    s, skips = m.embed_sat(sat)
+    out = m.localise('pos', s, g, skips)
+    assert out['heatmap'].shape == out['logits'].shape == (4, 16, 16) and out['chol'].shape == (4, 3)
+    np.testing.assert_allclose(tf.reduce_sum(out['heatmap'], [1, 2]), 1.0, rtol=1e-5)
+    swapped = m.localise('pos', s, tf.roll(g, 1, 0), skips)
+    assert np.median(np.linalg.norm(swapped['mu'] - out['mu'], axis=1)) > 1.0     # px of the 640 frame
+    with pytest.raises(ValueError):
+        tiny(localiser='mlp')
