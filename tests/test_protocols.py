@@ -83,7 +83,9 @@ def test_rotation_by_360_degrees_changes_nothing(vigor):
     north, full, half = runs[protocols.NORTH], runs[360.0], runs[180.0]
     np.testing.assert_array_equal(full.grd, north.grd)
     drop = lambda r: {k: v for k, v in r.items() if k != 'protocol'}
-    assert drop(full.results) == drop(north.results) and full.results['protocol']['name'] == 'yaw360'
+    # exactly equal, NaN for NaN (a random-init model may retrieve no query first: its top-1 errors are NaN)
+    np.testing.assert_equal(drop(full.results), drop(north.results))
+    assert full.results['protocol']['name'] == 'yaw360'
     assert np.abs(half.grd - north.grd).max() > 1e-3
     np.testing.assert_array_equal(half.sat, north.sat)                     # the aerial side is untouched
 
@@ -91,8 +93,8 @@ def test_rotation_by_360_degrees_changes_nothing(vigor):
 @pytest.mark.slow
 def test_rotation_by_180_degrees_costs_a_north_aligned_model_its_recall(tmp_path):
     """A tiny E_1a trained 300 steps on a 4x4-tile synthetic city (64x128 panoramas, lr 1e-3; ~25 s of CPU
-    for the whole test) retrieved 12 of 64 test panoramas first (R@1 18.8 %, chance 1.6 %) when measured;
-    turned by 180 degrees, 1 of 64."""
+    for the whole test) retrieved 4 of 64 test panoramas first among 144 reference tiles (R@1 6.2 %, chance
+    0.7 %) when measured; turned by 180 degrees, 0 of 64."""
     root = str(tmp_path / 'VIGOR')
     synthetic_data.write_vigor(root, seed=0, grid=4, tile_px=64, pano_hw=(64, 128))
     argv = ['--grd_size', '64', '128', '--sat_size', '64', '--width', '0.0625', '--batch', '6', '--epoch_batch', '0',
@@ -106,7 +108,7 @@ def test_rotation_by_180_degrees_costs_a_north_aligned_model_its_recall(tmp_path
         name = 'north' if yaw == 'north' else f'yaw{yaw}'
         with open(tmp_path / 'run' / 'phase_a' / 'test' / f'original_same_{name}_qall' / 'test_results.json') as f:
             r1[yaw] = json.load(f)['retrieval']['R@1']
-    chance = 1 / 64
+    chance = 1 / (4 * 36)                             # 4 cities x (4 + 2)^2 reference tiles (the ring included)
     assert r1['north'] >= 5 * chance                  # the model learnt something north-aligned
     assert r1['180'] <= r1['north'] / 3               # and turning the panoramas round loses most of it
     assert r1['360'] == r1['north']
