@@ -86,7 +86,8 @@ def test_corrected_only_tree_loads(vigor_copy):
     """SliceMatch's instructions: replace splits/ by splits__corrected/, which holds satellite_list.txt too
     (as the synthetic tree's does). A corrected folder without the list falls back to splits/'s."""
     both = input_data.load_vigor(vigor_copy, 'test', 'same', 'corrected')
-    lists = [os.path.join(vigor_copy, 'splits__corrected', city, 'satellite_list.txt') for city in geometry.VIGOR_CITIES]
+    lists = [os.path.join(vigor_copy, 'splits__corrected', city, 'satellite_list.txt')
+             for city in geometry.VIGOR_CITIES]
     for path in lists:
         os.rename(path, path + '.away')
     fallback = input_data.load_vigor(vigor_copy, 'test', 'same', 'corrected')
