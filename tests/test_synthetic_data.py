@@ -140,12 +140,12 @@ def test_corrected_folder_ships_the_same_satellite_list(vigor_root):
 # A city large enough for the leak checks: many panoramas per tile, tiny images (written in ~1 s).
 # grid 4: 12 of the 16 tiles with panoramas lie on the border of their lattice, where a forced side
 # would show most.
-LEAKY = dict(seed=0, cities=('Chicago', 'Seattle'), grid=4, tile_px=16, pano_hw=(8, 16), panos_per_tile=16)
+LEAK_CHECK = dict(seed=0, cities=('Chicago', 'Seattle'), grid=4, tile_px=16, pano_hw=(8, 16), panos_per_tile=16)
 
 
 @pytest.fixture(scope='module')
 def leak_root(tmp_path_factory):
-    return sd.ensure_vigor(str(tmp_path_factory.mktemp('leak') / 'synthetic_vigor'), **LEAKY)
+    return sd.ensure_vigor(str(tmp_path_factory.mktemp('leak') / 'synthetic_vigor'), **LEAK_CHECK)
 
 
 def positive_places(root, city, folder='splits', stem='pano_label_balanced'):
@@ -158,22 +158,22 @@ def positive_places(root, city, folder='splits', stem='pano_label_balanced'):
 def test_side_of_the_positive_does_not_follow_from_its_place(leak_root):
     """Among the panoramas of the first and of the last lattice row (column) of tiles with panoramas, about
     half stand south (west) of their tile's centre: a side forced towards the interior would give 1 and 0."""
-    for city in LEAKY['cities']:
+    for city in LEAK_CHECK['cities']:
         places = positive_places(leak_root, city)
         rows = sorted({r for (r, _), _, _ in places})
         cols = sorted({c for (_, c), _, _ in places})
-        assert len(rows) == len(cols) == LEAKY['grid']
+        assert len(rows) == len(cols) == LEAK_CHECK['grid']
         for axis, lines, side in ((0, rows, 1), (1, cols, 2)):     # south: dy > 0; west: dx > 0
             for line in (lines[0], lines[-1]):
                 signs = [p[side] > 0 for p in places if p[0][axis] == line]
                 n = len(signs)
-                assert n == LEAKY['grid'] * LEAKY['panos_per_tile']
+                assert n == LEAK_CHECK['grid'] * LEAK_CHECK['panos_per_tile']
                 margin = 3 * math.sqrt(0.25 / n)                  # 3 binomial standard deviations
                 assert abs(np.mean(signs) - 0.5) <= margin, (city, axis, line, np.mean(signs), margin)
 
 
 def test_every_positive_has_all_four_blocks_and_the_ring_is_reference_only(leak_root):
-    for city in LEAKY['cities']:
+    for city in LEAK_CHECK['cities']:
         grid_pos = lattice(leak_root, city)
         cells = set(grid_pos.values())
         last = max(r for r, _ in cells)
@@ -186,7 +186,7 @@ def test_every_positive_has_all_four_blocks_and_the_ring_is_reference_only(leak_
             semis |= {grid_pos[sat] for sat, _, _ in tiles[1:]}
         positives = {p for p, _, _ in positive_places(leak_root, city)}
         ring = {(r, c) for r, c in cells if r in (0, last) or c in (0, last)}
-        assert len(ring) == 4 * (LEAKY['grid'] + 1) and not ring & positives
+        assert len(ring) == 4 * (LEAK_CHECK['grid'] + 1) and not ring & positives
         assert positives | ring == cells
         # Ring tiles are semi-positives: all but the 4 corners are (each is missed with probability ~2^-16 at
         # 16 panoramas per tile); a corner needs a corner tile's panorama to face it (probability 1/4 each).
@@ -199,7 +199,7 @@ def test_a_tile_only_localiser_is_no_better_than_the_tile_centre(leak_root):
     than noise: measured 1.03x the centre's here (0.99-1.08x over seeds 0-7). A city whose panoramas stood
     towards the interior on the lattice border would give ~0.65x."""
     pred, centre = [], []
-    for city in LEAKY['cities']:
+    for city in LEAK_CHECK['cities']:
         offsets = collections.defaultdict(list)
         for place, dy, dx in positive_places(leak_root, city, 'splits__corrected', 'same_area_balanced_train'):
             offsets[place].append((dy, dx))
@@ -207,7 +207,7 @@ def test_a_tile_only_localiser_is_no_better_than_the_tile_centre(leak_root):
             guess = np.mean(offsets[place], 0) if offsets[place] else np.zeros(2)
             pred.append(math.hypot(dy - guess[0], dx - guess[1]))
             centre.append(math.hypot(dy, dx))
-    assert len(pred) == len(LEAKY['cities']) * LEAKY['grid'] ** 2 * LEAKY['panos_per_tile'] // 2
+    assert len(pred) == len(LEAK_CHECK['cities']) * LEAK_CHECK['grid'] ** 2 * LEAK_CHECK['panos_per_tile'] // 2
     assert np.median(pred) >= 0.95 * np.median(centre), (np.median(pred), np.median(centre))
 
 
