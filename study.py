@@ -25,8 +25,9 @@ import run_all
 import synthetic_data
 import train_lib
 
-# The study's world: 4 cities x 8 x 8 tiles, 16 panoramas per tile (2,048 training and 2,048 test panoramas;
-# 256 reference tiles), every dial mixed at strength 1 (synthetic_data.py says what each level renders).
+# The study's world: 4 cities x 8 x 8 tiles with 16 panoramas each, in a ring of reference-only tiles (2,048
+# training and 2,048 test panoramas; 4 x 10 x 10 = 400 reference tiles), every dial mixed at strength 1
+# (synthetic_data.py says what each level renders).
 CITY = dict(grid=8, tile_px=128, pano_hw=(128, 256), panos_per_tile=16, ambiguity='mixed')
 STAGES = ('E_1', 'E_2_1', 'E_2_2', 'E_3')          # evaluated (E_1a is E_1's first phase)
 LEVEL_BINS = (0.0, 1e-9, 0.25, 0.5, 0.75, 1.0)     # u against level: level 0, then quarters of (0, 1]

@@ -3,7 +3,7 @@
 They exist so the real loaders can be tested end to end and a short CPU training run can show
 retrieval far above chance, without the 100+ GB real datasets.
 
-    python synthetic_data.py vigor --root data/synthetic_vigor      # 4 cities x 64 tiles x 2 panoramas
+    python synthetic_data.py vigor --root data/synthetic_vigor      # 4 cities x 100 tiles (64 with 2 panoramas each)
     python synthetic_data.py cvact --root data/synthetic_cvact      # 40 panoramas, 1200x1200 aerials
 
 Both commands are idempotent: the dataset is built in `<root>.tmp-XXXX`, a marker file
@@ -23,10 +23,17 @@ metres away in that direction.
 
 Geometry (VIGOR): a tile is 640 px "of the 640-px tile" across; the true ground resolution of the
 rendered images is CORRECTED_MPP[city] m per px of the 640-px tile (geometry.py). Tile centres form a
-grid x grid lattice with step 320 px (50 % overlap), centred on CITY_ORIGIN[city]. Row i of the lattice
-runs north to south, column j west to east. The original labels (splits/) divide metres by
-ORIGINAL_MPP = 0.114, VIGOR's real mistake; the corrected labels (splits__corrected/) divide by
-CORRECTED_MPP[city], like SliceMatch's.
+lattice with step 320 px (50 % overlap), centred on CITY_ORIGIN[city]: `grid` x `grid` tiles that
+carry panoramas (each the positive of `panos_per_tile`), and one ring of reference-only tiles around
+them, so a city has (grid + 2)^2 tiles (100 at the default grid 8), all in satellite_list.txt. Row i of
+the lattice runs north to south, column j west to east, both from -1 to grid (-1 and grid: the ring).
+A panorama stands at a random side of its positive tile's centre (south or north, west or east, each
+with probability 1/2, on every tile), and its semi-positives are the other three tiles of the 2x2 block
+on that side, which the ring makes exist everywhere: neither the side nor the block follows from the
+tile's place on the lattice. Ring tiles are semi-positives, never positives. The original labels
+(splits/) divide metres by ORIGINAL_MPP = 0.114, VIGOR's real mistake; the corrected labels
+(splits__corrected/) divide by CORRECTED_MPP[city], like SliceMatch's. Both folders hold the same
+satellite_list.txt.
 
 Ambiguity dials (VIGOR only): write_vigor(..., ambiguity='mixed' or {dial: strength in [0, 1]}),
 `python synthetic_data.py vigor --ambiguity mixed` (or `--ambiguity overlap=1,aliasing=0.5`). Each
@@ -57,8 +64,8 @@ median level is 1/6; they change the panorama, never the aerial.
   like the points one period east or south of it, in its own tile and its neighbours', and
   districts of one motif look alike; the aerial tiles show the repetition too. A panorama's level is measured, not
   drawn: the share of its visible scene pixels (ground and facades, not fogged or covered by
-  objects) whose source lies in a repeated district; under 'mixed' (default demo city) 21 % of the
-  panoramas are at 0, 17 % at 1, the median is 0.26.
+  objects) whose source lies in a repeated district; under 'mixed' (default demo city) 30 % of the
+  panoramas are at 0, 14 % at 1, the median is 0.16.
 The dials' random choices come from streams of their own: positions, names, labels and (without
 aliasing) the tiles are the plain city's, and a panorama at levels 0 is the plain one, pixel for
 pixel. VigorCityScene re-renders any panorama from its label and recorded levels;
@@ -480,7 +487,7 @@ class VigorCityScene:
         self.px_per_m = scale / self.unit_m
         self.tile_px, self.half_px = tile_px, tile_px // 2
         self.margin_px = int(math.ceil(VIGOR_MARGIN_PX640 * scale))
-        side_px = 2 * self.margin_px + (grid - 1) * self.half_px
+        side_px = 2 * self.margin_px + (grid + 1) * self.half_px       # grid + 2 tile centres per side
         self.raster = _draw_city(self.rng, side_px, side_px, self.px_per_m)
         self.period_px = None           # [H, W] int32: the repetition period at raster pixels of repeated districts
         if self.strengths is not None and self.strengths['aliasing'] > 0:
@@ -489,32 +496,37 @@ class VigorCityScene:
                 ALIAS_CELL_SHARE * self.strengths['aliasing'])
         self.facade = _facade_source(self.raster, self.px_per_m)
 
-        # Tile (i, j): centre at raster coordinate margin_px + (i, j) * half_px, i.e. the crop is exact.
+        # Tile (i, j), i and j in -1 .. grid (-1 and grid: the ring): centre at raster coordinate
+        # margin_px + (i + 1, j + 1) * half_px, i.e. the crop is exact.
         lat0, lon0 = CITY_ORIGIN[city]
-        self.centre_m = (self.margin_px + 0.5 * (grid - 1) * self.half_px) / self.px_per_m   # = city origin
-        self.tile_m = (self.margin_px + np.arange(grid) * self.half_px) / self.px_per_m       # (grid,) metres
+        self.centre_m = (self.margin_px + 0.5 * (grid + 1) * self.half_px) / self.px_per_m   # = city origin
+        self.tile_m = self.lattice_m(np.arange(grid))          # (grid,) metres, the tiles with panoramas
+        self.cells = [(i, j) for i in range(-1, grid + 1) for j in range(-1, grid + 1)]   # row-major, ring included
         self.sat_name, self.sat_ll, self.sat_cell = {}, {}, {}
-        for i in range(grid):
-            for j in range(grid):
-                lat, lon = latlon_offset(lat0, lon0, self.centre_m - self.tile_m[i], self.tile_m[j] - self.centre_m)
-                self.sat_ll[i, j] = (float(lat), float(lon))
-                self.sat_name[i, j] = vigor_sat_name(lat, lon)
-                self.sat_cell[self.sat_name[i, j]] = (i, j)
+        for i, j in self.cells:
+            lat, lon = latlon_offset(lat0, lon0, self.centre_m - self.lattice_m(i), self.lattice_m(j) - self.centre_m)
+            self.sat_ll[i, j] = (float(lat), float(lon))
+            self.sat_name[i, j] = vigor_sat_name(lat, lon)
+            self.sat_cell[self.sat_name[i, j]] = (i, j)
+
+    def lattice_m(self, i):
+        """Raster coordinate, metres (south or east), of lattice row or column i (-1 .. grid)."""
+        return (self.margin_px + (np.asarray(i) + 1) * self.half_px) / self.px_per_m
 
     def stream(self, tag):
         """A random stream of this city's own for one purpose, independent of the main stream."""
         return np.random.default_rng([self.seed, zlib.crc32(self.city.encode()), zlib.crc32(tag)])
 
     def tile(self, i, j):
-        """Un-noised aerial tile (i, j), [tile_px, tile_px, 3] uint8 (a view of the raster)."""
-        r0, c0 = self.margin_px + (i - 1) * self.half_px, self.margin_px + (j - 1) * self.half_px
+        """Un-noised aerial tile (i, j), i and j in -1 .. grid, [tile_px, tile_px, 3] uint8 (a view of the raster)."""
+        r0, c0 = self.margin_px + i * self.half_px, self.margin_px + j * self.half_px
         return self.raster[r0:r0 + self.tile_px, c0:c0 + self.tile_px]
 
     def point_m(self, sat_name, dy, dx):
         """Raster point (y_m south, x_m east), metres, of a panorama at corrected delta (dy, dx) (px of
         the 640-px tile) from tile sat_name."""
         i, j = self.sat_cell[sat_name]
-        return self.tile_m[i] + dy * self.unit_m, self.tile_m[j] - dx * self.unit_m
+        return float(self.lattice_m(i)) + dy * self.unit_m, float(self.lattice_m(j)) - dx * self.unit_m
 
     def render(self, pano_name, y_m, x_m, pano_hw, levels=(0.0, 0.0, 0.0), rng=None):
         """Panorama `pano_name` seen from raster point (y_m, x_m), metres, under the dial levels.
@@ -594,9 +606,8 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile, 
     pano_dir = os.path.join(root, city, 'panorama')
     os.makedirs(sat_dir, exist_ok=True)
     os.makedirs(pano_dir, exist_ok=True)
-    for i in range(grid):
-        for j in range(grid):
-            _imwrite(os.path.join(sat_dir, sat_name[i, j]), _jitter(scene.tile(i, j), rng))
+    for i, j in scene.cells:                    # the grid x grid tiles with panoramas and the ring around them
+        _imwrite(os.path.join(sat_dir, sat_name[i, j]), _jitter(scene.tile(i, j), rng))
 
     level_rng = scene.stream(b'ambiguity levels')
     lines = {mpp: [] for mpp in (ORIGINAL_MPP, unit_m)}
@@ -605,10 +616,9 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile, 
     for i in range(grid):
         for j in range(grid):
             for _ in range(panos_per_tile):
-                # Side of the centre the panorama lies on; towards the interior on the lattice border,
-                # so the whole 2x2 block exists. sy = +1: south (dy > 0); sx = +1: west (dx > 0).
-                sy = 1 if i == 0 else -1 if i == grid - 1 else int(rng.choice([-1, 1]))
-                sx = -1 if j == 0 else 1 if j == grid - 1 else int(rng.choice([-1, 1]))
+                # Side of the centre the panorama lies on, at random on every tile: the ring of reference
+                # tiles completes every 2x2 block. sy = +1: south (dy > 0); sx = +1: west (dx > 0).
+                sy, sx = int(rng.choice([-1, 1])), int(rng.choice([-1, 1]))
                 dy, dx = rng.uniform(*OFFSET_RANGE_PX640, size=2) * (sy, sx)
                 lat, lon = latlon_offset(lat0, lon0, scene.centre_m - (tile_m[i] + dy * unit_m),
                                          (tile_m[j] - dx * unit_m) - scene.centre_m)
@@ -647,9 +657,10 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile, 
             with open(os.path.join(split_dir, AMBIGUITY_FILE), 'w') as f:
                 f.write(AMBIGUITY_HEADER + '\n')
                 f.writelines(level_lines)
-    with open(os.path.join(root, 'splits', city, 'satellite_list.txt'), 'w') as f:
-        f.writelines(sat_name[i, j] + '\n' for i in range(grid) for j in range(grid))
-    return {'satellites': grid * grid, 'panoramas': n, 'train': len(train), 'test': len(test)}
+    for folder in ('splits', 'splits__corrected'):     # SliceMatch's corrected folder ships the list too
+        with open(os.path.join(root, folder, city, 'satellite_list.txt'), 'w') as f:
+            f.writelines(sat_name[cell] + '\n' for cell in scene.cells)
+    return {'satellites': len(scene.cells), 'panoramas': n, 'train': len(train), 'test': len(test)}
 
 
 def write_vigor(root, seed=0, cities=VIGOR_CITIES, grid=8,
@@ -658,7 +669,9 @@ def write_vigor(root, seed=0, cities=VIGOR_CITIES, grid=8,
 
     tile_px: side of the aerial tiles (even), covering 640 px of the 640-px tile frame.
     pano_hw: (H, W) of the panoramas, W = 2H. Each of the grid x grid tiles of a city is the positive
-    of exactly `panos_per_tile` panoramas; half of a city's panoramas are train, half test.
+    of exactly `panos_per_tile` panoramas; a ring of reference-only tiles around them completes every
+    panorama's 2x2 block, so a city has (grid + 2)^2 tiles. Half of a city's panoramas are train, half
+    test.
     ambiguity: None (the plain city), 'mixed' (every dial) or {dial: strength in [0, 1]} (see
     ambiguity_strengths and the module docstring); with a setting, each city's split folders also get
     AMBIGUITY_FILE, its panoramas' dial levels (read_ambiguity_levels). Positions, names, labels and,
@@ -668,7 +681,7 @@ def write_vigor(root, seed=0, cities=VIGOR_CITIES, grid=8,
     if unknown or not cities:
         raise ValueError('cities must be a non-empty subset of %s, got %r' % (sorted(CORRECTED_MPP), cities))
     if grid < 2:
-        raise ValueError('grid must be >= 2 (a 2x2 block of tiles per panorama), got %r' % grid)
+        raise ValueError('grid must be >= 2 (grid x grid tiles with panoramas), got %r' % grid)
     if tile_px < 8 or tile_px % 2:
         raise ValueError('tile_px must be even and >= 8, got %r' % tile_px)
     if panos_per_tile < 1:
@@ -948,7 +961,8 @@ def main(argv=None):
     vigor.add_argument('--root', default='data/synthetic_vigor')
     vigor.add_argument('--seed', type=int, default=0)
     vigor.add_argument('--cities', nargs='+', default=['NewYork', 'Seattle', 'SanFrancisco', 'Chicago'])
-    vigor.add_argument('--grid', type=int, default=8)
+    vigor.add_argument('--grid', type=int, default=8,
+                       help='grid x grid tiles carry panoramas; a ring of reference-only tiles surrounds them')
     vigor.add_argument('--tile_px', type=int, default=128)
     vigor.add_argument('--pano_h', type=int, default=128)
     vigor.add_argument('--pano_w', type=int, default=256)

@@ -84,7 +84,8 @@ PAPER_CITIES = ('NewYork',)
 
 
 def paper_city(tile_px=640, pano_h=1024):
-    """Root of the full-size synthetic city (one city, 8x8 tiles), generated on first use."""
+    """Root of the full-size synthetic city (one city, 8x8 tiles with panoramas in a ring: 10x10 tiles), generated
+    on first use."""
     import synthetic_data
     root = os.path.join(ROOT, 'data', f'synthetic_vigor_bench_{tile_px}_{pano_h}')
     return synthetic_data.ensure_vigor(root, cities=PAPER_CITIES, grid=8, tile_px=tile_px,

@@ -65,7 +65,8 @@ def test_main_job_end_to_end(tiny_vigor, tmp_path, capsys):
     # E_1: phase a then phase b
     assert train_state.latest_checkpoint(str(tmp_path / 'E_1' / 'phase_a')).endswith('-2')
     r = json.load(open(tmp_path / 'E_1' / 'test' / TEST / 'test_results.json'))
-    assert r['localisation']['method'] == 'offset' and r['n_query'] == 64
+    # 64 test panoramas; references: 4 cities x (4 + 2)^2 tiles (the ring of reference-only tiles included)
+    assert r['localisation']['method'] == 'offset' and r['n_query'] == 64 and r['n_ref'] == 4 * 36
     assert np.load(tmp_path / 'E_1' / 'test' / TEST / 'grd_descriptors.npy').shape[0] == r['n_query']
     assert os.path.getsize(tmp_path / 'E_1' / 'test' / TEST / 'query_0.png') > 1000
     assert os.path.getsize(tmp_path / 'E_1' / 'test' / TEST / 'accuracy_vigor.png') > 1000

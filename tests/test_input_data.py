@@ -20,11 +20,12 @@ def vigor(tiny_vigor):
 
 def test_load_same_and_cross_area(vigor):
     same = input_data.load_vigor(vigor, 'test', 'same', 'original')
-    assert len(same.tile_paths) == 4 * 16 and same.tiles.shape == (len(same), 4)
-    assert np.all(same.tiles[:, 0] >= 0)
+    # 4 cities x (4 + 2)^2 tiles: the 4 x 4 with panoramas and the ring of reference tiles around them
+    assert len(same.tile_paths) == 4 * 36 and same.tiles.shape == (len(same), 4)
+    assert np.all(same.tiles >= 0)               # every semi-positive is in the reference set too
     cross = input_data.load_vigor(vigor, 'test', 'cross', 'original')
     cities = {p.split(os.sep)[-3] for p in cross.pano_paths}
-    assert cities == {'SanFrancisco', 'Chicago'} and len(cross.tile_paths) == 32
+    assert cities == {'SanFrancisco', 'Chicago'} and len(cross.tile_paths) == 2 * 36
     train = input_data.load_vigor(vigor, 'train', 'same', 'original')
     assert not set(train.pano_paths) & set(same.pano_paths)
 
@@ -82,16 +83,22 @@ def test_missing_root_split_and_duplicates(vigor_copy, tmp_path):
 
 
 def test_corrected_only_tree_loads(vigor_copy):
-    """SliceMatch's instructions: replace splits/ by splits__corrected/, which holds satellite_list.txt too."""
+    """SliceMatch's instructions: replace splits/ by splits__corrected/, which holds satellite_list.txt too
+    (as the synthetic tree's does). A corrected folder without the list falls back to splits/'s."""
     both = input_data.load_vigor(vigor_copy, 'test', 'same', 'corrected')
-    for city in geometry.VIGOR_CITIES:
-        shutil.copy(os.path.join(vigor_copy, 'splits', city, 'satellite_list.txt'),
-                    os.path.join(vigor_copy, 'splits__corrected', city, 'satellite_list.txt'))
+    lists = [os.path.join(vigor_copy, 'splits__corrected', city, 'satellite_list.txt')
+             for city in geometry.VIGOR_CITIES]
+    for path in lists:
+        os.rename(path, path + '.away')
+    fallback = input_data.load_vigor(vigor_copy, 'test', 'same', 'corrected')
+    for path in lists:
+        os.rename(path + '.away', path)
     shutil.rmtree(os.path.join(vigor_copy, 'splits'))
     only = input_data.load_vigor(vigor_copy, 'test', 'same', 'corrected')
-    assert only.tile_paths == both.tile_paths and only.pano_paths == both.pano_paths
-    np.testing.assert_array_equal(only.tiles, both.tiles)
-    np.testing.assert_array_equal(only.deltas, both.deltas)
+    for split in (fallback, only):
+        assert split.tile_paths == both.tile_paths and split.pano_paths == both.pano_paths
+        np.testing.assert_array_equal(split.tiles, both.tiles)
+        np.testing.assert_array_equal(split.deltas, both.deltas)
     # the original labels are not there: the error names their split file
     with pytest.raises(input_data.DataError, match=r'splits/NewYork/same_area_balanced_test.txt: split file not found'):
         input_data.load_vigor(vigor_copy, 'test', 'same', 'original')
@@ -99,7 +106,8 @@ def test_corrected_only_tree_loads(vigor_copy):
 
 def test_tree_without_a_satellite_list_names_both_places(vigor_copy):
     for city in geometry.VIGOR_CITIES:
-        os.remove(os.path.join(vigor_copy, 'splits', city, 'satellite_list.txt'))
+        for folder in ('splits', 'splits__corrected'):
+            os.remove(os.path.join(vigor_copy, folder, city, 'satellite_list.txt'))
     for labels, first, second in (('original', 'splits', 'splits__corrected'),
                                   ('corrected', 'splits__corrected', 'splits')):
         with pytest.raises(input_data.DataError) as e:
