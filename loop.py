@@ -5,6 +5,9 @@ A run resumes from its last checkpoint exactly as if it had not stopped (mining 
 a finished run given a larger --epochs or --max_steps continues the same way. Ctrl-C finishes the step in
 flight, saves a checkpoint and raises Interrupted; a checkpoint that cannot be written (a full disk) leaves
 no temporary files and raises TrainError.
+
+Validation also says whether the parts learn at all: a heatmap's dependence on the panorama, and each
+trained part's gradient RMS beside Adam's eps (validate).
 """
 import dataclasses
 import os
@@ -39,26 +42,14 @@ def make_step(state, stage, cfg, strategy):
     are summed. The result equals a single-device step on the global batch (tests/test_distribute.py).
     -> step(batch) = (total, {term}, {report}, ok, {grd, sat, pano, sat_idx} of the global batch).
     """
-    model, opt, mixed = state.model, state.optimizer, bool(cfg.mixed_precision)
+    opt, mixed = state.optimizer, bool(cfg.mixed_precision)
     tables = dict(state.tables)
     if mixed:
         with strategy.scope():  # finite steps since the loss scale last changed (not checkpointed)
             good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name='loss_scale_good_steps')
 
     def replica_step(batch):
-        if mixed:
-            batch = dict(batch, **{k: tf.cast(batch[k], tf.float16) for k in ('grd', 'sat', 'semi') if k in batch})
-        n_replicas, _ = distribute.replica_info()
-        ctx = embedding.LossContext(cfg, tables)
-        with tf.GradientTape() as tape:
-            emb = embedding.embed_batch(model, batch, stage.uses_semi)
-            terms = {k: tf.cast(v, tf.float32) / n_replicas for k, v in stage.loss(model, emb, batch, ctx).items()}
-            total = tf.add_n(list(terms.values()))
-            scaled = total * state.loss_scale if mixed else total
-        grads = tape.gradient(scaled, opt.vars)
-        if mixed:  # (in float32 the division by 1 would be a pass over every gradient: 2.5 % of a paper step)
-            grads = [None if g is None else tf.cast(g, tf.float32) / state.loss_scale for g in grads]
-        reports = {k: v / n_replicas for k, v in ctx.reports.items()}
+        total, terms, reports, grads, emb = _loss_and_gradients(state, stage, cfg, tables, batch)
         # every worker gets the global batch's descriptors and ids for mining, in row order
         # (ids as float32, exact below 2^24: collectives of int64 tensors fail across workers)
         ids = {k: distribute.gather(tf.cast(batch[k], tf.float32)) for k in ('pano', 'sat_idx')}
@@ -87,6 +78,67 @@ def make_step(state, stage, cfg, strategy):
     return tf.function(step_fn, autograph=False)
 
 
+def _loss_and_gradients(state, stage, cfg, tables, batch):
+    """One replica's share of the step: its loss terms (scaled for the replicas) and its gradients of the
+    trained variables (opt.vars; None where the loss does not reach a variable), nothing applied.
+    -> (total, {term}, {report}, grads, the batch's embeddings)."""
+    model, opt, mixed = state.model, state.optimizer, bool(cfg.mixed_precision)
+    if mixed:
+        batch = dict(batch, **{k: tf.cast(batch[k], tf.float16) for k in ('grd', 'sat', 'semi') if k in batch})
+    n_replicas, _ = distribute.replica_info()
+    ctx = embedding.LossContext(cfg, tables)
+    with tf.GradientTape() as tape:
+        emb = embedding.embed_batch(model, batch, stage.uses_semi)
+        terms = {k: tf.cast(v, tf.float32) / n_replicas for k, v in stage.loss(model, emb, batch, ctx).items()}
+        total = tf.add_n(list(terms.values()))
+        scaled = total * state.loss_scale if mixed else total
+    grads = tape.gradient(scaled, opt.vars)
+    if mixed:  # (in float32 the division by 1 would be a pass over every gradient: 2.5 % of a paper step)
+        grads = [None if g is None else tf.cast(g, tf.float32) / state.loss_scale for g in grads]
+    reports = {k: v / n_replicas for k, v in ctx.reports.items()}
+    return total, terms, reports, grads, emb
+
+
+# ----------------------------------------------------------------------------- the gradient diagnostic
+
+# A part whose gradient RMS is below this multiple of Adam's eps barely trains. Adam's step for a steady
+# gradient g is lr g / (|g| + eps): the full lr where |g| >> eps, lr g / eps (vanishing) where |g| << eps.
+# A part's RMS is set by its largest elements, so the margin of 10 counts a part whose typical element
+# already sits near or under eps.
+BARELY_TRAINS_EPS = 10.0
+
+
+def make_gradient_probe(state, stage, cfg):
+    """A compiled probe(batch) -> {part: RMS of its gradient over all its elements} for each trained part:
+    the step's loss and gradients (_loss_and_gradients) on a single-device batch, nothing applied.
+    A part the loss does not reach has RMS 0."""
+    opt, tables = state.optimizer, dict(state.tables)
+    sizes = [int(np.prod(v.shape)) for v in opt.vars]
+    owner = [p for p in opt.parts for _ in getattr(state.model, p).trainable_variables]
+
+    def probe(batch):
+        grads = _loss_and_gradients(state, stage, cfg, tables, batch)[3]
+        sums = {p: tf.constant(0.0, tf.float64) for p in opt.parts}
+        for part, g in zip(owner, grads):
+            if g is not None:
+                sums[part] += tf.reduce_sum(tf.square(tf.cast(g, tf.float64)))
+        counts = {p: sum(n for q, n in zip(owner, sizes) if q == p) for p in opt.parts}
+        return {p: tf.sqrt(sums[p] / max(counts[p], 1)) for p in opt.parts}
+    return tf.function(probe, autograph=False)
+
+
+def gradient_report(rms, eps):
+    """{part: gradient RMS}, Adam's eps -> the log lines: every part's RMS and RMS / eps, and the parts that
+    barely train (RMS below BARELY_TRAINS_EPS x eps), if any."""
+    lines = ['gradient RMS on the last training batch (not applied): '
+             + ', '.join(f'{p} {v:.3g} ({v / eps:.3g} x eps)' for p, v in rms.items())]
+    weak = [p for p, v in rms.items() if v < BARELY_TRAINS_EPS * eps]
+    if weak:
+        lines.append(f'these parts barely train (gradient RMS below {BARELY_TRAINS_EPS:g} x Adam\'s eps {eps:g}): '
+                     + ', '.join(weak))
+    return lines
+
+
 # ----------------------------------------------------------------------------- one stage's run
 
 @dataclasses.dataclass
@@ -103,6 +155,9 @@ class Run:
     images: object
     split: object = None
     test_split: object = None
+    last_batch: object = None      # the last training batch the loop ran (validation's gradient diagnostic)
+    gradient_probe: object = None  # make_gradient_probe's function (single-device runs only)
+    adam_eps: float = 1e-8         # the optimiser's eps, the diagnostic's yardstick
 
     def dataset(self, which):
         return train_lib.dataset_splits(self.cfg, which)
@@ -177,6 +232,11 @@ def train(stage, cfg):
                 state.tables[name].assign(value)
             state.tables_ready.assign(True)
         step_fn = make_step(state, stage, cfg, run.strategy)
+        run.adam_eps = state.optimizer.eps
+        if cfg.val_every and run.chief and cfg.strategy == 'default':
+            run.gradient_probe = make_gradient_probe(state, stage, cfg)
+        elif cfg.val_every and run.chief:
+            run.log(f'validation: no gradient RMS diagnostic under --strategy {cfg.strategy} (single device only)')
         writer = tf.summary.create_file_writer(os.path.join(run.write_dir, 'tb'))
         run.log(f'{split.name}: {len(split)} panoramas, {len(split.tile_paths)} tiles; batch {cfg.batch}, '
                 f'{spe} steps/epoch, {total} steps; parts trained: {", ".join(stage.train_parts)}')
@@ -249,6 +309,7 @@ def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, r
             buf = new_buffer(epoch)
         for batch in ds:
             loss, terms, reports, ok, desc = step_fn(batch)
+            run.last_batch = batch
             if not bool(ok.numpy()):
                 raise TrainError(f'non-finite loss or gradient at step {step + 1} (loss {float(loss)}); stopped; '
                                  f'last good checkpoint: {train_state.latest_checkpoint(run.run_dir) or "none yet"}')
@@ -309,22 +370,43 @@ def finish(run):
 
 
 def validate(run, model, embedder, writer, step):
-    """Evaluate on the first --val_queries test panoramas; metrics and example figures to TensorBoard."""
+    """Evaluate on the first --val_queries test panoramas; metrics and example figures to TensorBoard, with two
+    diagnostics of whether the parts learn: a heatmap stage's ground dependence (ground/<branch>_*,
+    testing.ground_dependence) and, on a single device, each trained part's gradient RMS on the last training
+    batch beside Adam's eps (grad_rms/<part>, grad_rms_over_eps/<part>; a log line names the parts below
+    BARELY_TRAINS_EPS x eps)."""
     cfg = run.cfg
     if run.test_split is None:          # parsed once per run
         run.test_split = run.dataset('test')
     split = run.test_split
     queries = np.arange(min(cfg.val_queries, len(split)))
-    ev = testing.evaluate_model(run.stage, cfg, model, embedder, split, queries, cache=run.images, keep_heatmaps=3)
+    ev = testing.evaluate_model(run.stage, cfg, model, embedder, split, queries, cache=run.images, keep_heatmaps=3,
+                                ground=True)
     r, figures = ev.results, results.localisation_figures(ev, split, cfg, 3)
     loc = r['localisation']
-    run.log(f'validation at step {step}: ' + results.format_results(r)[0] + f'; median {loc["all"]["median_m"]:.2f} m')
+    lines = results.format_results(r)
+    run.log(f'validation at step {step}: ' + lines[0] + f'; median {loc["all"]["median_m"]:.2f} m')
+    ground = r.get('ground_dependence') or {}
+    if ground:
+        run.log(f'validation at step {step}: ' + next(line for line in lines if line.startswith('ground dependence')))
+    rms = {}
+    if run.gradient_probe is not None and run.last_batch is not None:
+        rms = {p: float(v) for p, v in run.gradient_probe(run.last_batch).items()}
+        for line in gradient_report(rms, run.adam_eps):
+            run.log(f'validation at step {step}: {line}')
     with writer.as_default(step=step):
         for k in ('R@1', 'R@5', 'R@10', 'R@1%', 'hit_rate'):
             tf.summary.scalar(f'val/{k}', r['retrieval'][k])
         for sub in ('all', 'top1_correct'):
             if loc[sub]['median_m'] is not None and np.isfinite(loc[sub]['median_m']):
                 tf.summary.scalar(f'val/median_m_{sub}', loc[sub]['median_m'])
+        for branch, g in ground.items():
+            for key in ('swap_shift_px_median', 'swap_shift_px_mean', 'swap_shift_px_p90', 'heatmap_swap_change'):
+                if np.isfinite(g[key]):
+                    tf.summary.scalar(f'ground/{branch}_{key.replace("_median", "")}', g[key])
+        for part, v in rms.items():
+            tf.summary.scalar(f'grad_rms/{part}', v)
+            tf.summary.scalar(f'grad_rms_over_eps/{part}', v / run.adam_eps)
         if figures:
             h = min(p.shape[0] for p in figures)
             w = min(p.shape[1] for p in figures)

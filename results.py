@@ -147,6 +147,14 @@ def format_results(r):
         lines.append(f'semi-positive branch on {s["count"]} semi-positive tiles: mean {s["mean_m"]:.2f} m, '
                      f'median {s["median_m"]:.2f} m ({s["outside_tile"]} with the truth outside the tile; '
                      f'inside: median {s["inside_tile"]["median_m"]:.2f} m)')
+    g = r.get('ground_dependence')
+    if g:
+        name = {'pos': 'heatmap', 'semi': 'semi-positive heatmap'}
+        num = lambda x, f='.2f': '-' if x is None else format(x, f)      # (None: NaN read back from the JSON)
+        lines.append('ground dependence (each panorama swapped for another query\'s, the tile fixed): ' + '; '.join(
+            f'{name.get(b, b)}: mu moves a median {num(s["swap_shift_px_median"])} px (mean '
+            f'{num(s["swap_shift_px_mean"])}, p90 {num(s["swap_shift_px_p90"])}; 640-px frame), heatmap change '
+            f'{num(s["heatmap_swap_change"], ".3g")} ({s["n_pairs"]} pairs)' for b, s in g.items()))
     u = r.get('uncertainty')
     if u and u.get('n'):
         lines.append(f'uncertainty: inside 1-sigma {100 * u["1sigma"]:.1f}% (calibrated 39.3%), '

@@ -20,6 +20,13 @@ import train_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# A heatmap whose point moves less than this (median, pixels of the 640-px tile, ~0.1 m) when each panorama is
+# swapped for another query's, the tile fixed, ignores the panorama. The other panorama was taken elsewhere: a
+# positive holds its panorama anywhere in its central quarter (docs/design.md §1), two such points lie ~170 px
+# apart on average, so a branch that reads the panorama moves by far more than a pixel; one that does not
+# moves by float rounding alone (below 1e-4 px).
+IGNORES_PANORAMA_PX = 1.0
+
 
 def table(results):
     """Rows of the comparison table from {stage: test_results dict}."""
@@ -55,6 +62,7 @@ def verdicts(results, e3_table):
             word = 'better than' if gain > 0.1 * pos['median_m_centre'] else 'no better than'
             lines.append(f'{stage}: the {r["localisation"]["method"]} puts the query {word} the tile centre '
                          f'(median {pos["median_m"]:.2f} m against {pos["median_m_centre"]:.2f} m in the positive tile)')
+        lines.extend(ground_verdicts(stage, r.get('ground_dependence') or {}))
         unc = r.get('uncertainty')
         if unc and unc.get('1sigma') is not None:
             lines.append(f'{stage}: {100 * unc["1sigma"]:.1f} % / {100 * unc["2sigma"]:.1f} % of the ground truths lie '
@@ -71,6 +79,24 @@ def verdicts(results, e3_table):
         elif share == 0 and w.max() < 0.01:
             line += ". Every W_m is ~0: E_3's ratio term is VIGOR's ratio loss x 10 on every pair, no reweighting"
         lines.append(line)
+    return lines
+
+
+def ground_verdicts(stage, ground):
+    """Whether each heatmap branch looks at the panorama (testing.ground_dependence), in words."""
+    lines = []
+    for branch, name in (('pos', 'the heatmap'), ('semi', 'the semi-positive heatmap')):
+        g = ground.get(branch)
+        if not g:
+            continue
+        median = g.get('swap_shift_px_median')
+        if median is None or not np.isfinite(median):
+            lines.append(f'{stage}: {name}: not measured (swapping panoramas needs 2 pairs or more, it had '
+                         f'{g.get("n_pairs", 0)})')
+            continue
+        word = 'ignores' if median < IGNORES_PANORAMA_PX else 'sees'
+        lines.append(f'{stage}: {name} {word} the panorama: swapping panoramas moves its point by a median '
+                     f'{median:.2f} px (of the 640-px tile)')
     return lines
 
 

@@ -6,6 +6,10 @@ head, the heatmap's soft-argmax, or the tile centre. A heatmap stage's --test al
 semi-positive branch on each semi-positive tile (SAMP's own measurement). Metrics are evaluation.py's
 pure functions; the protocol (orientation, field of view) is protocols.py's.
 
+A heatmap stage's evaluation also measures whether its heatmap looks at the panorama at all
+(ground_dependence): the same pairs are localised again with each panorama swapped for another query's,
+the tile fixed, and the shift of the point is reported.
+
 --test writes one directory per evaluation setting, <--test_dir or <run_dir>/test>/<settings>
 (protocols.settings_name: labels, area, protocol, query count), built in a temporary sibling and
 moved into place when complete, so a failed --test leaves the previous results of that setting intact:
@@ -44,11 +48,12 @@ class Evaluation:
 
 
 def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep_heatmaps=4, progress=None,
-                   protocol=None, semi_branch=False):
+                   protocol=None, semi_branch=False, ground=False):
     """Retrieval, localisation and uncertainty metrics of `model` on split[queries] -> Evaluation.
 
     protocol: a protocols.Protocol (default: north-aligned, full field of view). semi_branch: also run
     a heatmap stage's semi-positive branch on every semi-positive tile (--test; validation skips it).
+    ground: a heatmap stage's ground_dependence (--test and validation).
     """
     queries = np.asarray(queries)
     protocol = protocol or protocols.Protocol()
@@ -130,6 +135,9 @@ def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep
                                                                     progress)
         for k in range(semi_err.shape[1]):
             per_query[f'error_m_semi{k + 1}'] = semi_err[:, k]
+    if ground and stage.localise == 'heatmap':
+        branches = ('pos', 'semi') if 'semi_decoder' in stage.parts else ('pos',)
+        results['ground_dependence'] = ground_dependence(embedder, split, queries, cfg, views, cache, branches)
     yaws = None
     if views is not None:
         yaws = view_table(protocol, names, views, cfg.grd_size[1])
@@ -163,6 +171,66 @@ def semi_branch_errors(embedder, split, queries, cfg, views=None, cache=None, pr
     per_query = np.full((len(queries), split.tiles.shape[1] - 1), np.nan)
     per_query[q_row, k - 1] = err_m
     return summary, per_query
+
+
+# At most this many pairs (those of the first queries) per branch: the measure costs two localisations of
+# at most 256 pairs per branch, whatever the size of the test split.
+GROUND_PAIRS = 256
+
+
+def ground_dependence(embedder, split, queries, cfg, views=None, cache=None, branches=('pos', 'semi')):
+    """Whether each heatmap branch looks at the panorama -> {branch: summary}.
+
+    Pairs: for the first GROUND_PAIRS queries, (query, its positive tile) for 'pos' and (query, its first
+    present semi-positive tile) for 'semi'. Each pair is localised as --test localises it
+    (embedder.localise_pairs) and again with its panorama swapped for the next pair's, (i + 1) mod n, shown
+    with that query's view (views: [Q, 3] of the protocol, rows as queries, or None); the tile stays.
+    A heatmap that ignores the panorama gives the same point and the same heatmap.
+    Summary: n_pairs; swap_shift_px_median / _mean / _p90, the shift of the soft-argmax mu in pixels of the
+    640 frame; heatmap_swap_change, the median of ||H_swapped - H||_1 / ||H||_1 (0/0 counts as 0: two dead
+    heatmaps are the same heatmap). With fewer than 2 pairs nothing can be swapped: NaN values.
+    """
+    queries = np.asarray(queries)
+    rows = np.arange(min(GROUND_PAIRS, len(queries)))
+    out = {}
+    for branch in branches:
+        if branch == 'pos':
+            keep, tiles = rows, split.tiles[queries[rows], 0]
+        else:
+            present = split.tiles[queries[rows], 1:] >= 0
+            keep = rows[present.any(axis=1)]
+            first = np.argmax(present[keep], axis=1) + 1
+            tiles = split.tiles[queries[keep], first]
+        out[branch] = _swap_summary(embedder, split, queries[keep], tiles, cfg, _rows(views, keep), cache, branch)
+    return out
+
+
+def _swap_summary(embedder, split, queries, tiles, cfg, views, cache, branch):
+    n = len(queries)
+    if n < 2:
+        nan = float('nan')
+        return {'n_pairs': int(n), 'swap_shift_px_median': nan, 'swap_shift_px_mean': nan,
+                'swap_shift_px_p90': nan, 'heatmap_swap_change': nan}
+    other = (np.arange(n) + 1) % n
+    shift, change = np.zeros(n), np.full(n, np.nan)
+    chunk = max(1, cfg.eval_batch)       # heatmaps are kept one batch at a time (640 x 640 floats each at paper size)
+    for a in range(0, n, chunk):
+        idx = np.arange(a, min(n, a + chunk))
+        mu, _, heat = embedder.localise_pairs(split, queries[idx], tiles[idx], cfg, branch=branch,
+                                              keep_heatmaps=len(idx), cache=cache, views=_rows(views, idx))
+        mu_s, _, heat_s = embedder.localise_pairs(split, queries[other[idx]], tiles[idx], cfg, branch=branch,
+                                                  keep_heatmaps=len(idx), cache=cache,
+                                                  views=_rows(views, other[idx]))
+        shift[idx] = np.linalg.norm(np.asarray(mu_s, np.float64) - np.asarray(mu, np.float64), axis=1)
+        for r in range(len(idx)):
+            if r in heat and r in heat_s:
+                h, h_s = np.asarray(heat[r], np.float64), np.asarray(heat_s[r], np.float64)
+                diff, mass = np.abs(h_s - h).sum(), np.abs(h).sum()
+                change[idx[r]] = diff / mass if mass > 0 else (0.0 if diff == 0 else np.inf)
+    measured = change[~np.isnan(change)]
+    return {'n_pairs': int(n), 'swap_shift_px_median': float(np.median(shift)),
+            'swap_shift_px_mean': float(np.mean(shift)), 'swap_shift_px_p90': float(np.percentile(shift, 90)),
+            'heatmap_swap_change': float(np.median(measured)) if len(measured) else float('nan')}
 
 
 def _rows(views, rows):
@@ -250,7 +318,7 @@ def run_test(stage, cfg):
     log(f'test: {split.name}: {len(queries)} panoramas against {len(split.tile_paths)} tiles; checkpoint {ckpt}')
     log(f'test: protocol {protocol.name}: {protocol.describe()}')
     ev = evaluate_model(stage, cfg, model, embedding.Embedder(model), split, queries, progress=lambda m: log(m),
-                        protocol=protocol, semi_branch=True)
+                        protocol=protocol, semi_branch=True, ground=True)
     ev.results['checkpoint'] = ckpt
     results.write_outputs(ev, split, cfg, out_dir, plots=bool(cfg.plots))
     for line in results.format_results(ev.results):

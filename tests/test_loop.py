@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from conftest import TINY, tensorboard_events
 
+import geometry
 import losses
 import model
 import pipeline
@@ -157,3 +158,72 @@ def test_an_epoch_is_the_released_codes_in_every_stage():
                                    loop.steps_per_epoch(cfg, 52605))
     # E_3: lr 1e-6 x 0.9^(step / 3757), continuous
     assert float(state.optimizer.learning_rate(3757 // 2)) == pytest.approx(1e-6 * 0.9 ** ((3757 // 2) / 3757), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the validation's diagnostics
+
+def grd_norm_loss(m, emb, batch, ctx):
+    """Reaches the ground SAFA, never the aerial one."""
+    return {'grd_norm': tf.reduce_mean(tf.norm(emb['grd_raw'], axis=-1))}
+
+
+def test_gradient_probe_gives_the_rms_of_the_steps_gradient_and_names_a_dead_part(tiny_vigor):
+    """The probe's RMS equals one computed by hand with a tape; a trained part the loss never reaches reports
+    exactly 0 and is the one named as barely training; the probe applies nothing."""
+    import loop
+    stage = stages.Stage(name='probe', parts=model.RETRIEVAL_PARTS, train_parts=('grd_safa', 'sat_safa'),
+                         loss=grd_norm_loss, uses_semi=False, script='tests/test_loop.py')
+    cfg = train_lib.configs([stage], TINY + ['--data_root', tiny_vigor(3)])[0]
+    state = train_state.TrainState(stage, cfg, 4, 1)
+    batch = {'grd': tf.random.stateless_normal([4, 32, 64, 3], seed=(3, 1)) * 50,
+             'sat': tf.random.stateless_normal([4, 64, 64, 3], seed=(3, 2)) * 50,
+             'pano': tf.range(4, dtype=tf.int64), 'sat_idx': tf.range(4, dtype=tf.int64)}
+    before = [v.numpy() for v in state.model.trainable_variables]
+    rms = {p: float(v) for p, v in loop.make_gradient_probe(state, stage, cfg)(batch).items()}
+    assert sorted(rms) == ['grd_safa', 'sat_safa']
+    with tf.GradientTape() as tape:
+        value = tf.reduce_mean(tf.norm(state.model.embed_grd(batch['grd']), axis=-1))
+    grads = tape.gradient(value, state.model.grd_safa.trainable_variables)
+    by_hand = np.sqrt(sum(float(tf.reduce_sum(g ** 2)) for g in grads) / sum(int(np.prod(g.shape)) for g in grads))
+    assert by_hand > 1e-3 and rms['grd_safa'] == pytest.approx(by_hand, rel=1e-4)
+    assert rms['sat_safa'] == 0.0
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, state.model.trainable_variables))
+    assert int(state.optimizer.updates.numpy()) == 0
+    lines = loop.gradient_report(rms, state.optimizer.eps)
+    assert lines[0].startswith('gradient RMS on the last training batch (not applied): grd_safa ')
+    assert lines[1] == "these parts barely train (gradient RMS below 10 x Adam's eps 1e-08): sat_safa"
+    assert loop.gradient_report({'grd_safa': 1e-6}, 1e-8) == [
+        "gradient RMS on the last training batch (not applied): grd_safa 1e-06 (100 x eps)"]
+
+
+def heatmap_toy_loss(m, emb, batch, ctx):
+    """The triplet loss and the positive heatmap's loss; the semi-positive branch is built but never used."""
+    pos = m.localise('pos', emb['sat_raw'], emb['grd_raw'], emb['sat_skips'])
+    return {'triplet': losses.batch_triplet_loss(emb, ctx.cfg.alpha),
+            'heatmap_pos': losses.heatmap_loss(pos['mu'], geometry.delta_to_rc(batch['delta']))}
+
+
+HEATMAP_TOY = stages.Stage(name='heatmap_toy', parts=model.RETRIEVAL_PARTS + model.HEATMAP_PARTS,
+                           train_parts=('grd_safa', 'pos_fusion', 'pos_decoder', 'semi_fusion'), loss=heatmap_toy_loss,
+                           uses_semi=False, script='tests/test_loop.py', defaults={'lr': 1e-4, 'mining': 0})
+
+
+def test_validation_logs_ground_dependence_and_gradient_rms(tiny_vigor, tmp_path):
+    run_dir = str(tmp_path / 'heatmap_toy')
+    argv = TINY + ['--data_root', tiny_vigor(3), '--run_dir', run_dir, '--max_steps', '2', '--val_every', '1',
+                   '--val_queries', '8']
+    assert train_lib.main([HEATMAP_TOY], argv) == 0
+    values, _ = scalars(run_dir)
+    for branch in ('pos', 'semi'):
+        for tag in ('swap_shift_px', 'swap_shift_px_mean', 'swap_shift_px_p90', 'heatmap_swap_change'):
+            assert sorted(values[f'ground/{branch}_{tag}']) == [2], (branch, tag)
+            assert values[f'ground/{branch}_{tag}'][2] >= 0
+    for part in HEATMAP_TOY.train_parts:
+        assert sorted(values[f'grad_rms/{part}']) == [2]
+        assert values[f'grad_rms_over_eps/{part}'][2] == pytest.approx(values[f'grad_rms/{part}'][2] / 1e-8, rel=1e-5)
+    assert values['grad_rms/semi_fusion'][2] == 0.0 and values['grad_rms/grd_safa'][2] > 0
+    assert not any(tag.startswith('grad_rms/') and tag.split('/')[1] not in HEATMAP_TOY.train_parts for tag in values)
+    log = open(os.path.join(run_dir, 'train.log')).read()
+    weak = next(line for line in log.splitlines() if 'these parts barely train' in line)
+    assert 'semi_fusion' in weak.split(': ')[-1].split(', ') and 'grd_safa' not in weak
+    assert 'validation at step 2: ground dependence (each panorama swapped' in log

@@ -4,13 +4,17 @@ import numpy as np
 import run_all
 
 
-def result(method, median, centre, top1=None, recall=0.25, unc=None):
-    """The parts of a stage's test_results.json that run_all reads."""
+def result(method, median, centre, top1=None, recall=0.25, unc=None, ground=None):
+    """The parts of a stage's test_results.json that run_all reads; ground: {branch: median swap shift}."""
     r = {'retrieval': {'R@1': recall, 'R@5': 0.5, 'R@10': 0.625, 'R@1%': 0.3, 'hit_rate': 0.28},
          'localisation': {'method': method, 'top1_correct': {'median_m': top1}},
          'localisation_positive': {'median_m': median, 'median_m_centre': centre}}
     if unc is not None:
         r['uncertainty'] = unc
+    if ground is not None:
+        r['ground_dependence'] = {b: {'n_pairs': 1 if m is None else 64, 'swap_shift_px_median': m,
+                                      'swap_shift_px_mean': m, 'swap_shift_px_p90': m, 'heatmap_swap_change': 0.0}
+                                  for b, m in ground.items()}
     return r
 
 
@@ -34,6 +38,31 @@ def test_verdicts_say_whether_each_head_beats_the_centre():
     assert lines[1].startswith('E_2_1: the heatmap puts the query better than the tile centre (median 6.00 m')
     assert lines[3] == ('E_2_2: 40.0 % / 85.0 % of the ground truths lie inside the 1-/2-sigma ellipses '
                         '(a calibrated Gaussian: 39.3 % / 86.5 %); Spearman(u, error) 0.42')
+
+
+def test_verdicts_say_whether_a_heatmap_sees_the_panorama():
+    """Below IGNORES_PANORAMA_PX (1 px of the 640 frame) the heatmap ignores the panorama; a shift read back
+    from the JSON as null (fewer than 2 pairs) is not measured."""
+    assert run_all.IGNORES_PANORAMA_PX == 1.0
+    canned = {'E_2_1': result('heatmap', 6.0, 14.4, 5.5, ground={'pos': 0.0, 'semi': 2e-5}),
+              'E_2_2': result('heatmap', 6.1, 14.4, 5.6, ground={'pos': 37.25, 'semi': 0.99}),
+              'E_3': result('heatmap', 6.1, 14.4, 5.6, ground={'pos': 1.0, 'semi': None})}
+    lines = run_all.verdicts(canned, None)
+    assert lines[1:3] == [
+        'E_2_1: the heatmap ignores the panorama: swapping panoramas moves its point by a median 0.00 px '
+        '(of the 640-px tile)',
+        'E_2_1: the semi-positive heatmap ignores the panorama: swapping panoramas moves its point by a median '
+        '0.00 px (of the 640-px tile)']
+    assert lines[4:6] == [
+        'E_2_2: the heatmap sees the panorama: swapping panoramas moves its point by a median 37.25 px '
+        '(of the 640-px tile)',
+        'E_2_2: the semi-positive heatmap ignores the panorama: swapping panoramas moves its point by a median '
+        '0.99 px (of the 640-px tile)']
+    assert lines[7:] == [
+        'E_3: the heatmap sees the panorama: swapping panoramas moves its point by a median 1.00 px '
+        '(of the 640-px tile)',
+        'E_3: the semi-positive heatmap: not measured (swapping panoramas needs 2 pairs or more, it had 1)']
+    assert run_all.verdicts(CANNED, None)[1].startswith('E_2_1: the heatmap puts')   # no measure, no line
 
 
 def e3_table(u, w):

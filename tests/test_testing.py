@@ -6,6 +6,11 @@ The network is replaced by a stand-in whose descriptors retrieve every positive 
 head / heatmap branch return the label's delta (plus a chosen shift): what is tested is everything
 between the network and the numbers (rc <-> delta, tile centre + delta -> position, m/px per city,
 great-circle metres, the JSON).
+
+ground_dependence (whether a heatmap looks at the panorama): known answers with stand-in models run through
+the real Embedder (pipeline, protocol views, compiled localiser): one whose point is a known function of the
+panorama gives the hand-computed shifts, one whose point ignores it gives exactly 0; then a random-init E_2_1
+through the real --test command writes the measure for both branches.
 """
 import csv
 import json
@@ -262,3 +267,116 @@ def snapshot(folder):
             with open(os.path.join(d, name), 'rb') as f:
                 out[os.path.join(d, name)] = f.read()
     return out
+
+
+# ----------------------------------------------------------------------------- ground_dependence
+
+class ColourModel(tf.Module):
+    """A heatmap stand-in whose output is a known function of its inputs' mean colours (VGG-mean-subtracted
+    BGR, the descriptors): mu = 320 + 2 x (mean B, mean G) of the panorama (of the tile if sees=False), and
+    a 4 x 4 heatmap of constant value 1 + |mean R|. The semi-positive branch adds 10 px to the row."""
+    parts = ('pos_fusion', 'pos_decoder', 'semi_fusion', 'semi_decoder')   # no covariance head
+    dim = 3
+
+    def __init__(self, sees=True):
+        super().__init__()
+        self.sees = sees
+
+    def embed_grd(self, grd):
+        return tf.reduce_mean(grd, [1, 2])
+
+    def embed_sat(self, sat):
+        return tf.reduce_mean(sat, [1, 2]), {}
+
+    def localise(self, branch, sat_desc, grd_desc, skips):
+        d = grd_desc if self.sees else sat_desc
+        mu = 320.0 + 2.0 * d[:, :2] + (tf.constant([10.0, 0.0]) if branch == 'semi' else 0.0)
+        heatmap = tf.ones([tf.shape(d)[0], 4, 4]) * (1.0 + tf.abs(d[:, 2]))[:, None, None]
+        return {'heatmap': heatmap, 'mu': mu}
+
+
+def setting(vigor, *flags):
+    cfg = train_lib.configs([stages.get('E_2_1')], TINY + ['--data_root', vigor] + list(flags))[0]
+    split = input_data.load_vigor(vigor, 'test')
+    queries = np.arange(len(split))
+    names = [os.path.basename(split.pano_paths[q]) for q in queries]
+    return cfg, split, queries, protocols.Protocol.from_config(cfg).views(names, cfg.grd_size[1])
+
+
+def expected(desc, rows):
+    """By hand from the panoramas' descriptors (mean colours, under their own views): the pairs `rows`, each
+    panorama swapped for the next row's, (i + 1) mod n -> (median, mean, p90 shift, median heatmap change)."""
+    d = desc[rows].astype(np.float64)
+    other = np.roll(d, -1, axis=0)
+    shift = np.linalg.norm(2.0 * (other[:, :2] - d[:, :2]), axis=1)
+    mass, mass_other = 1 + np.abs(d[:, 2]), 1 + np.abs(other[:, 2])
+    return np.median(shift), shift.mean(), np.percentile(shift, 90), np.median(np.abs(mass_other - mass) / mass)
+
+
+@pytest.mark.parametrize('flags', [(), ('--fov', '90')], ids=['north', 'fov90'])
+def test_known_shift_of_a_model_that_reads_the_panorama(vigor, monkeypatch, flags):
+    """At most GROUND_PAIRS pairs (10 here) of the first queries; the semi-positive pairs skip queries without
+    one; the swapped panorama keeps its own query's view (with a 90-degree field of view, a panorama's mean
+    colour depends on its heading, so the wrong view would give other numbers)."""
+    monkeypatch.setattr(testing, 'GROUND_PAIRS', 10)
+    cfg, split, queries, views = setting(vigor, *flags)
+    assert (views is None) == (not flags)
+    split.tiles = split.tiles.copy()
+    split.tiles[[2, 5], 1:] = -1                          # queries 2 and 5: no semi-positive in the reference set
+    split.tiles[7, 1] = -1                                # query 7: its first present one is the second
+    embedder = embedding.Embedder(ColourModel(sees=True))
+    desc = embedder.describe(split.pano_paths, 'panorama', cfg.grd_size, cfg.eval_batch, views=views)
+    g = testing.ground_dependence(embedder, split, queries, cfg, views)
+    assert set(g) == {'pos', 'semi'}
+    semi_rows = np.array([0, 1, 3, 4, 6, 7, 8, 9])
+    for branch, rows in (('pos', np.arange(10)), ('semi', semi_rows)):
+        median, mean, p90, change = expected(desc, rows)
+        s = g[branch]
+        assert s['n_pairs'] == len(rows)
+        assert median > 1.0                               # the stand-in moves: the test can tell 0 from this
+        assert s['swap_shift_px_median'] == pytest.approx(median, rel=1e-4, abs=1e-3)
+        assert s['swap_shift_px_mean'] == pytest.approx(mean, rel=1e-4, abs=1e-3)
+        assert s['swap_shift_px_p90'] == pytest.approx(p90, rel=1e-4, abs=1e-3)
+        assert s['heatmap_swap_change'] == pytest.approx(change, rel=1e-4, abs=1e-6) and change > 0
+
+
+def test_a_model_that_ignores_the_panorama_gives_zero(vigor):
+    cfg, split, queries, views = setting(vigor, '--yaw', 'random')
+    embedder = embedding.Embedder(ColourModel(sees=False))
+    g = testing.ground_dependence(embedder, split, queries, cfg, views)
+    for branch in ('pos', 'semi'):
+        assert g[branch]['n_pairs'] == len(split)
+        assert g[branch]['swap_shift_px_median'] == g[branch]['swap_shift_px_p90'] == 0.0
+        assert g[branch]['heatmap_swap_change'] == 0.0
+
+
+def test_one_pair_cannot_be_swapped(vigor):
+    cfg, split, _, _ = setting(vigor)
+    g = testing.ground_dependence(embedding.Embedder(ColourModel()), split, np.arange(1), cfg, branches=('pos',))
+    assert g['pos']['n_pairs'] == 1 and np.isnan(g['pos']['swap_shift_px_median'])
+
+
+def test_random_init_e21_through_the_test_command(vigor, tmp_path, monkeypatch):
+    """The real network, Embedder and --test path (only the checkpoint is skipped: a random-init model):
+    test_results.json holds the measure for both branches, and the log its line."""
+    monkeypatch.setattr(train_state, 'latest_checkpoint', lambda d: os.path.join(d, 'ckpt', 'ckpt-1'))
+    monkeypatch.setattr(train_state, 'restore_parts', lambda *a: None)
+    run_dir = str(tmp_path / 'E_2_1')
+    os.makedirs(run_dir)
+    argv = TINY + ['--data_root', vigor, '--run_dir', run_dir, '--plots', '0', '--max_queries', '12', '--test']
+    assert train_lib.main([stages.get('E_2_1')], argv) == 0
+    with open(os.path.join(run_dir, 'test', 'original_same_north_q12', 'test_results.json')) as f:
+        r = json.load(f)
+    g = r['ground_dependence']
+    assert set(g) == {'pos', 'semi'}
+    for s in g.values():
+        assert s['n_pairs'] == 12
+        values = [s[k] for k in ('swap_shift_px_median', 'swap_shift_px_mean', 'swap_shift_px_p90',
+                                 'heatmap_swap_change')]
+        assert all(v is not None and np.isfinite(v) and v >= 0 for v in values), s
+        assert s['swap_shift_px_median'] <= s['swap_shift_px_p90']
+    log = open(os.path.join(run_dir, 'train.log')).read()
+    median = f'{g["pos"]["swap_shift_px_median"]:.2f}'
+    assert f'ground dependence (each panorama swapped for another query\'s, the tile fixed): heatmap: mu moves a ' \
+           f'median {median} px' in log and 'semi-positive heatmap: mu moves a median' in log
+    print('random-init E_2_1 ground_dependence:', json.dumps(g))
