@@ -190,17 +190,21 @@ class HeatmapDecoder(tf.Module):
             layer.w.assign(layer.w * np.sqrt(9.0 / taps))
             layer.b.assign(tf.zeros_like(layer.b))
 
-    def __call__(self, bottleneck, skips):
-        """bottleneck [B, 2048w], skips from the aerial trunk -> heatmap [B, 2S, 2S] (>= 0)."""
-        x = self.conv0(self.deconv0(bottleneck[:, None, None, :]))
-        x = self.conv1b(self.conv1a(self.up0(x)))
+    def __call__(self, bottleneck, skips, trace=None):
+        """bottleneck [B, 2048w], skips from the aerial trunk -> heatmap [B, 2S, 2S] (>= 0).
+        trace: a dict that receives every layer's output by name (diagnostics), or None."""
+        keep = (lambda name, x: trace.__setitem__(name, x) or x) if trace is not None else (lambda name, x: x)
+        x = keep('deconv0', self.deconv0(bottleneck[:, None, None, :]))
+        x = keep('conv0', self.conv0(x))
+        x = keep('up0', self.up0(x))
+        x = keep('conv1b', self.conv1b(keep('conv1a', self.conv1a(x))))
         for (up, conv_a, conv_b), skip in zip(self.stages, SKIP_LAYERS[::-1]):
-            x, feat = up(x), skips[skip]
+            x, feat = keep(f'up_{skip}', up(x)), skips[skip]
             if self.skip_norm:   # the 'skip_norm' repair: both inputs of the concat at unit RMS per example
                 x, feat = unit_rms(x), unit_rms(feat)
-            x = conv_b(conv_a(tf.concat([x, feat], -1)))
-        x = self.conv_last(self.up_last(x))
-        return tf.nn.relu(self.logits(x, relu=False)[..., 0])
+            x = keep(f'conv_{skip}_b', conv_b(keep(f'conv_{skip}_a', conv_a(tf.concat([x, feat], -1)))))
+        x = keep('conv_last', self.conv_last(keep('up_last', self.up_last(x))))
+        return keep('heatmap', tf.nn.relu(self.logits(x, relu=False)[..., 0]))
 
 
 def conv_taps(n, k=3):
