@@ -94,6 +94,8 @@ CITY_ORIGIN = {'NewYork': (40.75, -73.98), 'Seattle': (47.61, -122.33),
                'SanFrancisco': (37.77, -122.42), 'Chicago': (41.88, -87.63)}
 CVACT_UTM_ORIGIN = (693000.0, 6091000.0)   # (easting, northing) of raster pixel (0, 0), UTM 55H (Canberra)
 MARKER = '.synthetic_complete'
+# The VIGOR generator's output version, recorded in the marker: 2 = with the ring of reference-only tiles.
+VIGOR_LAYOUT = 2
 PANOID_ALPHABET = np.array(list('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'))
 
 # Scene and camera sizes, metres (1 px of the 640-px tile is ~0.11 m).
@@ -801,15 +803,17 @@ def write_cvact(root, seed=0, n_panos=40, pano_hw=(128, 256), sat_px=1200, val_f
 
 
 # ----------------------------------------------------------------------------------------- ensure
-def _ensure(writer, root, kwargs):
+def _ensure(writer, root, kwargs, layout=None):
     """Build `root` with writer(tmp, **kwargs) in a sibling temp folder, mark it, rename it into place.
-    Returns root at once if its marker holds the same (default-completed) arguments."""
+    Returns root at once if its marker holds the same (default-completed) arguments and layout version
+    (a dataset written by a generator whose output has changed since is refused, not reused)."""
     signature = inspect.signature(writer)
     bound = signature.bind(root, **kwargs)
     bound.apply_defaults()
     # An argument left at a None default is not recorded, so markers written before it existed still match.
     params = json.loads(json.dumps({k: v for k, v in bound.arguments.items()
                                     if k != 'root' and not (v is None and signature.parameters[k].default is None)}))
+    recorded = dict(params, layout=layout) if layout is not None else params
     marker = os.path.join(root, MARKER)
 
     def finished():
@@ -817,9 +821,9 @@ def _ensure(writer, root, kwargs):
             return False
         with open(marker) as f:
             found = json.load(f)
-        if found != params:
+        if found != recorded:
             raise ValueError('%s holds a synthetic dataset made with %s, not %s: delete it or use another root'
-                             % (root, found, params))
+                             % (root, found, recorded))
         return True
 
     if finished():
@@ -837,7 +841,7 @@ def _ensure(writer, root, kwargs):
         os.chmod(tmp, 0o755)
         writer(tmp, **params)
         with open(os.path.join(tmp, MARKER), 'w') as f:
-            json.dump(params, f, indent=1, sort_keys=True)
+            json.dump(recorded, f, indent=1, sort_keys=True)
         try:
             os.rename(tmp, root)
         except OSError:
@@ -863,7 +867,7 @@ def synthetic_kind(root):
 
 def ensure_vigor(root, **kwargs):
     """Generate a synthetic VIGOR at `root` (kwargs of write_vigor) unless it is already complete."""
-    return _ensure(write_vigor, root, kwargs)
+    return _ensure(write_vigor, root, kwargs, VIGOR_LAYOUT)
 
 
 def ensure_cvact(root, **kwargs):

@@ -370,7 +370,7 @@ def test_plain_city_is_byte_identical_to_the_pinned_generator(tmp_path):
 def test_ensure_vigor_is_idempotent_and_atomic(vigor_root, tmp_path):
     marker = os.path.join(vigor_root, sd.MARKER)
     with open(marker) as f:
-        assert json.load(f) == json.loads(json.dumps(SMALL))
+        assert json.load(f) == json.loads(json.dumps(dict(SMALL, layout=sd.VIGOR_LAYOUT)))
     probe = os.path.join(vigor_root, 'splits', 'Chicago', 'satellite_list.txt')
     before = os.stat(marker).st_mtime_ns, os.stat(probe).st_mtime_ns
     assert sd.ensure_vigor(vigor_root, **SMALL) == vigor_root
@@ -378,6 +378,15 @@ def test_ensure_vigor_is_idempotent_and_atomic(vigor_root, tmp_path):
     assert not [d for d in os.listdir(os.path.dirname(vigor_root)) if '.tmp-' in d]
     with pytest.raises(ValueError, match='delete it or use another root'):
         sd.ensure_vigor(vigor_root, **dict(SMALL, seed=1))
+    # a city written by an earlier generator (its marker without this layout) is refused, not reused
+    with open(marker) as f:
+        old = {k: v for k, v in json.load(f).items() if k != 'layout'}
+    with open(marker, 'w') as f:
+        json.dump(old, f)
+    with pytest.raises(ValueError, match='delete it or use another root'):
+        sd.ensure_vigor(vigor_root, **SMALL)
+    with open(marker, 'w') as f:
+        json.dump(dict(old, layout=sd.VIGOR_LAYOUT), f)
     # A failing build leaves neither the root nor a temp folder behind.
     with pytest.raises(ValueError, match='grid must be >= 2'):
         sd.ensure_vigor(str(tmp_path / 'bad'), **dict(SMALL, grid=1))
@@ -402,7 +411,7 @@ def test_cli_builds_with_its_flags(tmp_path):
              '--pano_h', '16', '--pano_w', '32', '--seed', '3'])
     with open(os.path.join(root, sd.MARKER)) as f:
         assert json.load(f) == dict(seed=3, cities=['Seattle'], grid=2, tile_px=32, pano_hw=[16, 32],
-                                    panos_per_tile=2)
+                                    panos_per_tile=2, layout=sd.VIGOR_LAYOUT)
     assert len(os.listdir(os.path.join(root, 'Seattle', 'panorama'))) == 8
 
 
@@ -698,7 +707,7 @@ def test_read_ambiguity_levels_rejects_bad_files(mixed_root, tmp_path):
 
 def test_marker_records_the_ambiguity_setting(mixed_root, vigor_root):
     with open(os.path.join(mixed_root, sd.MARKER)) as f:
-        assert json.load(f) == json.loads(json.dumps(MIXED))
+        assert json.load(f) == json.loads(json.dumps(dict(MIXED, layout=sd.VIGOR_LAYOUT)))
     with open(os.path.join(vigor_root, sd.MARKER)) as f:
         assert 'ambiguity' not in json.load(f)            # None is not recorded: older markers still match
     with pytest.raises(ValueError, match='delete it or use another root'):
