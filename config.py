@@ -96,6 +96,10 @@ class Config:
     u_a: float = _flag(0.3, "E_3 W_m = 1 / (1 + c exp(a (b - u))): a (1/px)")
     u_b: float = _flag(75.0, 'E_3 weight threshold b (pixels of the 640 frame, on the original NLL scale)')
     u_c: float = _flag(2.0, 'E_3 weight constant c')
+    u_b_quantile: float = _flag(0.0, "E_3: 0 = b is --u_b; q in (0, 1) = b is the q-quantile of E_3's u table (on the "
+                                "released NLL's scale), computed when E_3 starts and kept in its state: puts the "
+                                "weight's active band inside a u distribution of another scale than VIGOR's (not the "
+                                "paper's setting)")
     # hard-negative mining
     mining: int = _flag(1, 'hard-negative mining on/off')
     mining_pool: int = _flag(10000, 'tiles ranked per mining round')
@@ -222,6 +226,7 @@ def validate(cfg):
                  'u_a', 'u_c'):
         need(math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0, name, 'must be 0 or a positive number')
     need(math.isfinite(cfg.u_b), 'u_b', 'must be a number')
+    need(0 <= cfg.u_b_quantile < 1, 'u_b_quantile', 'must be 0 (off) or a quantile in (0, 1)')
     need(math.isfinite(cfg.fov) and 0 < cfg.fov <= 360, 'fov', 'must be a number of degrees in (0, 360]')
     try:
         protocols.parse_yaw(cfg.yaw)

@@ -44,6 +44,7 @@ class Stage:
     defaults: dict = dataclasses.field(default_factory=dict)   # the paper's values for this stage
     presets: dict = dataclasses.field(default_factory=dict)    # {'demo': {...}} on top of config.PRESETS
     tables: dict = dataclasses.field(default_factory=dict)     # run tables: name -> columns (rows = train split)
+                                                                # or a (rows, columns) shape
     prepare: callable = None   # (model, split, embedder, cfg, log, image cache, run dir) -> {table: array},
                                # run before the first step of a fresh run
     script: str = ''           # the script that trains it (default: the registry's)

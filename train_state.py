@@ -100,8 +100,9 @@ class TrainState(tf.Module):
         self.hard = tf.Variable(np.zeros((n_train, cfg.mining_topk), np.int32), trainable=False, name='hard')
         self.hard_valid = tf.Variable(False, trainable=False, name='hard_valid')
         self.loss_scale = tf.Variable(2.0 ** 15 if cfg.mixed_precision else 1.0, trainable=False, name='loss_scale')
-        self.tables = {name: tf.Variable(np.zeros((n_train, cols), np.float32), trainable=False, name=name)
-                       for name, cols in stage.tables.items()}
+        self.tables = {name: tf.Variable(np.zeros(shape if isinstance(shape, tuple) else (n_train, shape), np.float32),
+                                         trainable=False, name=name)
+                       for name, shape in stage.tables.items()}
         self.tables_ready = tf.Variable(False, trainable=False, name='tables_ready')
 
     def checkpoint(self):

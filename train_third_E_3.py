@@ -41,24 +41,42 @@ def u_table(m, split, embedder, cfg, log, cache, out_dir):
     chol = embedder.cholesky_from_descriptors('semi', sat[split.tiles[pano, k + 1]], grd[pano])
     u = np.zeros((len(split), 3), np.float32)
     u[pano, k] = model.uncertainty(tf.constant(chol)).numpy()
-    summarise(u[pano, k], cfg, log, out_dir)
-    return {'u_table': u}
+    b = weight_threshold(u[pano, k], cfg)
+    summarise(u[pano, k], b, cfg, log, out_dir)
+    return {'u_table': u, 'u_b': np.full((1, 1), b, np.float32)}
 
 
-def summarise(u, cfg, log, out_dir):
-    """Log and save how much E_3 will reweight: u's histogram and the share of pairs in the active band."""
-    w = losses.uncertainty_weight(losses.u_on_original_scale(tf.constant(u), cfg.nll), cfg.u_a, cfg.u_b,
-                                  cfg.u_c).numpy()
-    active = float(np.mean((w > ACTIVE[0]) & (w < ACTIVE[1]))) if len(w) else float('nan')
+def weight_threshold(u, cfg):
+    """E_3's b (pixels, the released NLL's scale): --u_b, or with --u_b_quantile q > 0 the q-quantile of the
+    table's u on that scale, so W_m's active band sits inside this model's u distribution whatever its scale
+    (the paper's b = 75 px was chosen for VIGOR's)."""
+    if cfg.u_b_quantile <= 0 or not len(u):
+        return float(cfg.u_b)
+    return float(np.quantile(losses.u_on_original_scale(u.astype(np.float64), cfg.nll), cfg.u_b_quantile))
+
+
+def active_share(u, b, cfg):
+    """(W_m of each pair, the share of pairs with W_m inside the active band) for threshold b."""
+    w = losses.uncertainty_weight(losses.u_on_original_scale(tf.constant(u), cfg.nll), cfg.u_a, b, cfg.u_c).numpy()
+    return w, (float(np.mean((w > ACTIVE[0]) & (w < ACTIVE[1]))) if len(w) else float('nan'))
+
+
+def summarise(u, b, cfg, log, out_dir):
+    """Log and save how much E_3 will reweight: u's histogram and the share of pairs in the active band, for
+    the threshold in use and for the paper's --u_b."""
+    w, active = active_share(u, b, cfg)
+    _, paper_active = active_share(u, cfg.u_b, cfg)
     counts, edges = np.histogram(u, bins=20)
-    log(f'u table: u mean {u.mean():.1f} px, range {u.min():.1f}-{u.max():.1f}; W_m mean {w.mean():.3f}; '
-        f'active band {ACTIVE[0]} < W_m < {ACTIVE[1]}: {100 * active:.1f} % of pairs')
+    log(f'u table: u mean {u.mean():.1f} px, range {u.min():.1f}-{u.max():.1f}; b {b:.1f} px'
+        + (f' (the {cfg.u_b_quantile:g} quantile of u; the paper\'s {cfg.u_b:g} px would put '
+           f'{100 * paper_active:.1f} % of pairs in the band)' if b != cfg.u_b else '')
+        + f'; W_m mean {w.mean():.3f}; active band {ACTIVE[0]} < W_m < {ACTIVE[1]}: {100 * active:.1f} % of pairs')
     log('u table: histogram (px): ' + ', '.join(f'{edges[i]:.4g}-{edges[i + 1]:.4g}: {c}'
                                                   for i, c in enumerate(counts) if c))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'u_table.npz')
     np.savez(path + '.tmp.npz', u=u, w_m=w, hist_counts=counts, hist_edges=edges, active_share=active,
-             active_band=np.array(ACTIVE))
+             active_band=np.array(ACTIVE), u_b=b, paper_u_b=cfg.u_b, paper_active_share=paper_active)
     os.replace(path + '.tmp.npz', path)
 
 
@@ -66,17 +84,18 @@ def loss(m, emb, batch, ctx):
     cfg = ctx.cfg
     u = tf.gather_nd(ctx.tables['u_table'], tf.stack([batch['pano'], batch['semi_k'] - 1], -1))
     u = losses.u_on_original_scale(u, cfg.nll)
-    w = losses.uncertainty_weight(u, cfg.u_a, cfg.u_b, cfg.u_c)
+    b = ctx.tables['u_b'][0, 0]                     # --u_b, or the table's quantile (weight_threshold)
+    w = losses.uncertainty_weight(u, cfg.u_a, b, cfg.u_c)
     ctx.report('active_share', tf.cast((w > ACTIVE[0]) & (w < ACTIVE[1]), tf.float32))
     ctx.report('w_m', w)
     ratio = losses.uncertainty_ratio_loss(emb['grd'], emb['sat'], emb['semi'], batch['delta'], batch['delta_semi'],
-                                          u, cfg.u_a, cfg.u_b, cfg.u_c)
+                                          u, cfg.u_a, b, cfg.u_c)
     return {'triplet': losses.batch_triplet_loss(emb, cfg.alpha), 'weighted_ratio': ratio}
 
 
 STAGE = stages.Stage(
     name='E_3', parts=PARTS, train_parts=model.RETRIEVAL_PARTS, loss=loss, previous='E_2_2', restore=PARTS,
-    tables={'u_table': 3}, prepare=u_table,
+    tables={'u_table': 3, 'u_b': (1, 1)}, prepare=u_table,
     defaults={'lr': 1e-6, 'lr_decay': 0.9, 'lr_decay_steps': 0, 'lr_staircase': 0, 'batch': 10, 'epochs': 150,
               'mining': 0},
     presets={'demo': {'epochs': 2, 'lr': 1e-5, 'cholesky_scale': 16.0},   # the scale of the E_2_2 it starts from

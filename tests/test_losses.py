@@ -268,3 +268,17 @@ def test_cell_cross_entropy_known_answer():
     sure = np.zeros([1, 4, 4], np.float32)
     sure[0, 3, 0] = 50.0
     assert float(losses.cell_cross_entropy(tf.constant(sure), gt[1:2])) < 1e-12
+
+
+def test_e3_threshold_from_its_table():
+    """--u_b_quantile q: b is the q-quantile of the table's u on the released NLL's scale (x sqrt 2 under the
+    corrected NLL), so half the pairs lie on each side of b at q = 0.5; 0 keeps the paper's --u_b."""
+    import config
+    import train_third_E_3 as e3
+    u = np.array([10.0, 20.0, 30.0, 40.0, 1000.0], np.float32)
+    cfg = config.resolve('E_3', {'u_b_quantile': 0.5})
+    assert e3.weight_threshold(u, cfg) == pytest.approx(30 * math.sqrt(2))
+    assert e3.weight_threshold(u, cfg.replace(nll='original')) == pytest.approx(30)
+    assert e3.weight_threshold(u, cfg.replace(u_b_quantile=0.0)) == 75.0
+    w, share = e3.active_share(u, 30 * math.sqrt(2), cfg)
+    assert w[2] == pytest.approx(1 / 3) and share == pytest.approx(0.2)     # W_m = 1 / (1 + c) at u = b
