@@ -114,7 +114,8 @@ def evaluate_stages(run_root, data_root, rest=()):
         if split is None:
             split = train_lib.dataset_splits(cfg, 'test')
         out[name] = testing.evaluate_model(stage, cfg, model, embedding.Embedder(model), split,
-                                           np.arange(len(split)), keep_heatmaps=0)
+                                           np.arange(len(split)), keep_heatmaps=0, ground=True)
+        out[name].results['localiser'] = cfg.localiser if stage.localise == 'heatmap' else stage.localise
         print(f'study: evaluated {name}: ' + results.format_results(out[name].results)[0], flush=True)
     return out, split
 
@@ -202,7 +203,8 @@ def measure_seed(seed, run_root, data_root, n_boot, rest=()):
     levels = np.array([found[os.path.basename(p)] for p in split.pano_paths])
     q = {name: per_query(evs[name], split) for name in ('E_2_2', 'E_3')}
     report = {'seed': seed, 'n_query': len(split), 'n_ref': len(split.tile_paths),
-              'stages': {name: {k: evs[name].results[k] for k in ('retrieval', 'localisation_positive')}
+              'stages': {name: {k: evs[name].results[k] for k in ('retrieval', 'localisation_positive', 'localiser')}
+                         | {k: evs[name].results[k] for k in ('ground_dependence',) if k in evs[name].results}
                          | {'localisation': {k: v for k, v in evs[name].results['localisation'].items()
                                              if k != 'thresholds_m'}} for name in STAGES},
               'uncertainty': {name: uncertainty_report(q[name], levels) for name in q},
@@ -232,6 +234,7 @@ def format_report(seeds, meta):
              f'{", ".join(str(r["seed"]) for r in seeds)}; preset study; {meta["wall_min"]:.1f} min, load average '
              f'{meta["load_start"]:.2f} at the start, {meta["load_end"]:.2f} at the end', '']
     lines += run_all.columns(rows, first_left=True)
+    lines += ['', localiser_line(seeds)]
     for r in seeds:
         lines += ['', f'seed {r["seed"]}: recall in %, errors are median metres in the positive tile (the stage\'s '
                   'head / the tile centre); "<= 10 m": queries put within 10 m by their top-1 tile and its head (%)']
@@ -249,7 +252,10 @@ def format_report(seeds, meta):
         t = r['e3_table']
         lines.append(f'E_3 u table: u {t["u_px"]["min"]:.1f}-{t["u_px"]["max"]:.1f} px (median '
                      f'{t["u_px"]["median"]:.1f}), W_m mean {t["w_m_mean"]:.3f}, {100 * t["active_share"]:.1f} % of '
-                     f'{t["n_pairs"]} pairs in the active band')
+                     f'{t["n_pairs"]} pairs in the active band' + (
+                         f' with b = {t["u_b"]:.1f} px (the study\'s; the paper\'s b = {t["paper_u_b"]:g} px: '
+                         f'{100 * t["paper_active_share"]:.1f} %)' if 'u_b' in t and t['u_b'] != t['paper_u_b']
+                         else ''))
         inert = t['w_m_mean'] > 0.99 or t['active_share'] < 0.01
         lines.append('E_3 against E_2_2 (same queries, paired bootstrap 95 % interval)' + (
             ": every W_m is ~1, so E_3's weighted ratio term was zero at every step; any change below is E_3's "
@@ -265,6 +271,23 @@ def format_report(seeds, meta):
             lines.append(f'  {key}: {scale * b["before"]:.2f} -> {scale * b["after"]:.2f}, change '
                          f'{scale * b["diff"]:+.2f}{unit} [{scale * b["low"]:+.2f}, {scale * b["high"]:+.2f}]; {verdict}')
     return lines
+
+
+def localiser_line(seeds):
+    """Which localiser the heatmap stages used, and whether it saw the panorama (the swap shift, px of the
+    640-px tile) beside its error against the tile centre's, per seed."""
+    parts = []
+    for r in seeds:
+        s = r['stages'].get('E_2_2', {})
+        pos, ground = s.get('localisation_positive'), (s.get('ground_dependence') or {}).get('pos')
+        if not pos:
+            continue
+        shift = f'{ground["swap_shift_px_median"]:.1f} px' if ground else 'not measured'
+        parts.append(f'seed {r["seed"]}: E_2_2 {pos["median_m"] / pos["median_m_centre"]:.2f}x the tile centre, '
+                     f'swap shift {shift}')
+    # a report written before the localiser was recorded comes from the only one there was, the U-Net
+    name = next((r['stages']['E_2_2'].get('localiser', 'unet') for r in seeds if 'E_2_2' in r['stages']), 'unet')
+    return f'Localiser: {name}; ' + '; '.join(parts)
 
 
 def plot_figures(fig_dir, seeds, per_seed=None):
