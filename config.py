@@ -102,7 +102,9 @@ class Config:
     mining_topk: int = _flag(100, 'hard tiles kept per panorama')
     mining_start_epoch: int = _flag(2, 'first (1-based) epoch whose batches are half mined')
     # logging, validation, evaluation
-    val_every: int = _flag(1, 'validate on the test split every N epochs and at the end (0 = never)', 'volatile')
+    val_every: int = _flag(1, 'validate on the test split every N epochs and at the end (0 = never); the stages '
+                           "default to the released cadence: every epoch in E_1 (both phases), every 10th in E_2_1, "
+                           'E_2_2 and E_3', 'volatile')
     val_queries: int = _flag(1000, 'panoramas per validation (all reference tiles are ranked)', 'volatile')
     ckpt_every: int = _flag(500, 'checkpoint every N steps (and at every epoch end)', 'volatile')
     log_every: int = _flag(10, 'progress line and TensorBoard scalars every N steps', 'volatile')

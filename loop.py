@@ -250,6 +250,14 @@ def train(stage, cfg):
     return finish(run)
 
 
+def validation_due(cfg, step, spe, total):
+    """Whether the loop validates after `step`: at the end of every --val_every-th epoch (1-based epochs, as the
+    released `epoch % 10 == 0`) and at the run's last step; never with --val_every 0."""
+    if not cfg.val_every:
+        return False
+    return step == total or (step % spe == 0 and (step // spe) % cfg.val_every == 0)
+
+
 def _mines_after(cfg, epoch):
     """Whether a mining round runs at the end of (0-based) `epoch`: its successor takes mined batches."""
     return bool(cfg.mining) and epoch + 2 >= cfg.mining_start_epoch
@@ -335,7 +343,7 @@ def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, r
         if step % spe == 0:
             buf = None
         stop_if_asked(step)
-        if cfg.val_every and run.chief and (step == total or (step % spe == 0 and (epoch + 1) % cfg.val_every == 0)):
+        if run.chief and validation_due(cfg, step, spe, total):
             validate(run, state.model, embedder, writer, step)
             stop_if_asked(step)   # (Ctrl-C during the validation)
     return step

@@ -20,7 +20,8 @@ import losses  # noqa: E402
 import model  # noqa: E402
 import stages  # noqa: E402
 
-SCHEDULE = {'lr': 1e-5, 'lr_decay': 0.1, 'lr_decay_steps': 150000, 'lr_staircase': 0, 'mining': 1}
+# the released E_1 validates after every epoch of both phases
+SCHEDULE = {'lr': 1e-5, 'lr_decay': 0.1, 'lr_decay_steps': 150000, 'lr_staircase': 0, 'mining': 1, 'val_every': 1}
 
 
 def loss_a(m, emb, batch, ctx):

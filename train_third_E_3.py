@@ -78,7 +78,7 @@ STAGE = stages.Stage(
     name='E_3', parts=PARTS, train_parts=model.RETRIEVAL_PARTS, loss=loss, previous='E_2_2', restore=PARTS,
     tables={'u_table': 3}, prepare=u_table,
     defaults={'lr': 1e-6, 'lr_decay': 0.9, 'lr_decay_steps': 0, 'lr_staircase': 0, 'batch': 10, 'epochs': 150,
-              'mining': 0},
+              'mining': 0, 'val_every': 10},   # validation: the released `if epoch % 10 == 0`
     presets={'demo': {'epochs': 2, 'lr': 1e-5, 'cholesky_scale': 16.0},   # the scale of the E_2_2 it starts from
              'study': {'epochs': 1, 'max_steps': 256, 'lr': 1e-5, 'cholesky_scale': 16.0}})
 STAGES = [STAGE]
