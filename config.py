@@ -101,6 +101,13 @@ class Config:
     mining_pool: int = _flag(10000, 'tiles ranked per mining round')
     mining_topk: int = _flag(100, 'hard tiles kept per panorama')
     mining_start_epoch: int = _flag(2, 'first (1-based) epoch whose batches are half mined')
+    mining_fill: int = _flag(0, "0 = the released code's mining: one descriptor table for the stage's run, written "
+                             'by the training batches only, so a panorama or tile no batch has held yet ranks with '
+                             "a zero descriptor; E_1 phase b continues phase a's table; the table is saved beside "
+                             'every checkpoint (1.17 GB at same-area VIGOR). 1 = a buffer per mining epoch, of '
+                             "the round's pool only, whose panoramas and tiles no batch held are computed with the "
+                             'current weights before the round (those forward passes cost time); saved beside the '
+                             'checkpoints inside a mining epoch (0.59 GB)')
     # logging, validation, evaluation
     val_every: int = _flag(1, 'validate on the test split every N epochs and at the end (0 = never); the stages '
                            "default to the released cadence: every epoch in E_1 (both phases), every 10th in E_2_1, "
@@ -229,7 +236,7 @@ def validate(cfg):
         protocols.parse_yaw(cfg.yaw)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name in ('mining', 'plots', 'mixed_precision', 'lr_staircase', 'carry_optimizer', 'offset_zero_init',
+    for name in ('mining', 'mining_fill', 'plots', 'mixed_precision', 'lr_staircase', 'carry_optimizer', 'offset_zero_init',
                  'skip_norm'):
         need(getattr(cfg, name) in (0, 1), name, 'must be 0 or 1')
     for name in ('run_dir', 'init_from', 'test_dir', 'data_root', 'cvact_resampled'):
@@ -289,15 +296,18 @@ def load(path):
 
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+# Run settings whose behaviour before they became flags differs from their default: a config.json without the
+# key was trained that way, so it is compared as this value (a resume must ask for it explicitly).
+BEFORE_FLAG = {'mining_fill': 1}
 
 
 def mismatch(saved, cfg, kinds=('model', 'run')):
     """The first (key, saved value, value now) whose kind is in `kinds` and differs, else None. A setting the
-    saved file lacks (written before the setting existed) counts as its default; one the code does not know
-    (written by a newer version) is not compared."""
+    saved file lacks (written before the setting existed) counts as the behaviour of that time (BEFORE_FLAG,
+    else its default); one the code does not know (written by a newer version) is not compared."""
     now = cfg.to_dict()
     for k in sorted(now):
-        was = saved.get(k, DEFAULTS[k])
+        was = saved.get(k, BEFORE_FLAG.get(k, DEFAULTS[k]))
         if KIND[k] in kinds and was != now[k]:
             return k, was, now[k]
     return None

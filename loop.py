@@ -244,7 +244,10 @@ def train(stage, cfg):
         if step >= total:
             run.log(f'already trained ({step} steps); nothing to do')
         else:
-            step = _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, resumed_from, ctrl_c)
+            carried_from = (train_state.latest_checkpoint(run.init_dir)
+                            if how == 'previous' and stage.carry == 'all' else None)
+            step = _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, resumed_from, ctrl_c,
+                           carried_from)
             run.log(f'done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpts.latest}')
         writer.close()
     return finish(run)
@@ -264,22 +267,73 @@ def _mines_after(cfg, epoch):
 
 
 def _mining_round(run, state, buf, embedder, epoch):
+    """The round at the end of (0-based) `epoch`: rank its pool with `buf` (filled first with --mining_fill 1)."""
     cfg, split = run.cfg, run.split
-    buf.fill_missing(split, embedder, cfg, run.images)
-    table = mining.hard_negatives(buf.grd, buf.sat, buf.pool, cfg.mining_topk)
+    pool = mining.mining_pool(cfg.seed, epoch, len(split.tile_paths), cfg.mining_pool)
+    if cfg.mining_fill:
+        buf.fill_missing(split, embedder, cfg, run.images)
+    zeros = buf.unseen(pool)
+    table = buf.rank(pool, cfg.mining_topk)
     state.hard.assign(distribute.broadcast(run.strategy, table))
     state.hard_valid.assign(True)
-    run.log(f'mining: epoch {epoch + 1}: top-{min(cfg.mining_topk, len(buf.pool))} of {len(buf.pool)} '
-            f'tiles for {len(split)} panoramas')
+    buf.pending = -1
+    run.log(f'mining: epoch {epoch + 1}: top-{min(cfg.mining_topk, len(pool))} of {len(pool)} tiles for '
+            f'{len(split)} panoramas' + ('' if cfg.mining_fill else
+                                         f'; {zeros[0]} pool tiles and {zeros[1]} panoramas in no batch yet rank '
+                                         'with zero descriptors (as released)'))
 
 
-def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, resumed_from, ctrl_c):
+def _run_long_table(run, state, ckpts, embedder, plan, spe, resumed_from, carried_from):
+    """The released mining table (--mining_fill 0) a run starts with: the one saved beside the checkpoint it
+    resumes, else (a fresh start) the predecessor's when the stage carries everything over (E_1 phase b), else
+    zeros. A resume whose checkpoint has no table beside it recomputes the descriptors of the batches before it
+    in its epoch (logged: not bit-identical); earlier epochs' stay zero."""
+    cfg, split = run.cfg, run.split
+    n_panos, n_tiles, dim = len(split), len(split.tile_paths), state.model.dim
+    everything = np.arange(n_tiles)
+    if resumed_from:
+        buf = ckpts.load_mining(resumed_from, n_panos, n_tiles, everything, dim)
+        if buf is None:
+            buf = mining.MiningBuffer.run_long(n_panos, n_tiles, dim)
+            step = int(state.step.numpy())
+            epoch, offset = divmod(step, spe)
+            if offset:
+                buf.fill_missing(split, embedder, cfg, run.images, panos=plan(epoch)[0][:offset].ravel())
+            redone = (f'those of the {offset} steps of epoch {epoch + 1} before it are computed again with its '
+                      'weights, ' if offset else '')
+            run.log(f'mining: no descriptors saved with {resumed_from}: {redone}those of earlier epochs\' batches '
+                    'are zero (the rounds are not bit-identical to an uninterrupted run)')
+        return buf
+    if carried_from:
+        path = ckpts.mining_path(carried_from)
+        kept = None
+        if os.path.exists(path):
+            with np.load(path) as f:
+                kept = len(f['pool'])
+        if kept == n_tiles:
+            buf = ckpts.load_mining(carried_from, n_panos, n_tiles, everything, dim)
+            run.log(f'mining: carried over the descriptor table of {carried_from} ({int(buf.grd_seen.sum())} '
+                    f'panoramas and {int(buf.sat_seen.sum())} tiles written by its batches)')
+            return buf
+        run.log(f'mining: no run-long descriptor table beside {carried_from} (trained with --mining 0 or '
+                '--mining_fill 1): the table starts at zero')
+    return mining.MiningBuffer.run_long(n_panos, n_tiles, dim)
+
+
+def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, resumed_from, ctrl_c,
+            carried_from=None):
     """Steps from the state's step to `total`, epoch by epoch, with mining rounds, checkpoints and
-    validations; -> the last step. An epoch that feeds a mining round gathers the descriptors of its
-    batches (mining.MiningBuffer); every checkpoint inside such an epoch saves them (Checkpoints)."""
+    validations; -> the last step. Mining gathers the descriptors of the training batches
+    (mining.MiningBuffer): for the whole run (--mining_fill 0, saved with every checkpoint) or for each
+    epoch that feeds a round (--mining_fill 1, saved with every checkpoint inside such an epoch)."""
     cfg, split = run.cfg, run.split
     step = int(state.step.numpy())
     t_last, s_last = time.time(), step
+    run_long = bool(cfg.mining) and not cfg.mining_fill
+
+    def plan(epoch):
+        use_hard = cfg.mining and bool(state.hard_valid.numpy()) and epoch + 1 >= cfg.mining_start_epoch
+        return sampler.epoch_plan(epoch, state.hard.numpy() if use_hard else None)
 
     def new_buffer(epoch):
         pool = mining.mining_pool(cfg.seed, epoch, len(split.tile_paths), cfg.mining_pool)
@@ -295,7 +349,11 @@ def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, r
                               'same command to resume')
 
     buf = None
-    if resumed_from and step % spe == 0:
+    if run_long:
+        buf = _run_long_table(run, state, ckpts, embedder, plan, spe, resumed_from, carried_from)
+        if buf.pending >= 0 and step % spe == 0:   # the round the run (or its predecessor) stopped before
+            _mining_round(run, state, buf, embedder, buf.pending)
+    elif resumed_from and step % spe == 0:
         if _mines_after(cfg, step // spe - 1):
             pending = saved_buffer(step // spe - 1)
             if pending is not None:   # the run stopped at this epoch end before its round (an extended run)
@@ -307,13 +365,12 @@ def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, r
                     'again at the epoch end (the round is not bit-identical to an uninterrupted run)')
     while step < total:
         epoch, offset = divmod(step, spe)
-        use_hard = cfg.mining and bool(state.hard_valid.numpy()) and epoch + 1 >= cfg.mining_start_epoch
-        panos, semi = sampler.epoch_plan(epoch, state.hard.numpy() if use_hard else None)
+        panos, semi = plan(epoch)
         end = min(spe, offset + total - step)
         ds = pipeline.train_dataset(split, panos[offset:end], semi[offset:end], cfg.grd_size, cfg.sat_size,
                                     cfg.batch, cache=run.images, with_semi=run.stage.uses_semi)
         ds = run.strategy.experimental_distribute_dataset(ds)
-        if _mines_after(cfg, epoch) and buf is None:
+        if not run_long and _mines_after(cfg, epoch) and buf is None:
             buf = new_buffer(epoch)
         for batch in ds:
             loss, terms, reports, ok, desc = step_fn(batch)
@@ -336,11 +393,15 @@ def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, r
             if step % cfg.ckpt_every == 0 or ctrl_c.requested:
                 ckpts.save(step, buf)
             stop_if_asked(step)
-        if step % spe == 0 and step < total and buf is not None:   # the epoch is complete: its mining round
-            _mining_round(run, state, buf, embedder, epoch)
-            buf = None
+        if step % spe == 0 and buf is not None and _mines_after(cfg, epoch):   # the epoch is complete
+            if step < total:
+                _mining_round(run, state, buf, embedder, epoch)
+                if not run_long:
+                    buf = None
+            elif run_long:
+                buf.pending = epoch   # run by an extension of this run, or by the stage it carries over to
         ckpts.save(step, buf)  # an epoch end or the run's last step (with the round's descriptors if it is pending)
-        if step % spe == 0:
+        if step % spe == 0 and not run_long:
             buf = None
         stop_if_asked(step)
         if run.chief and validation_due(cfg, step, spe, total):

@@ -78,9 +78,11 @@ def built(stage, argv):
     return state, cfg
 
 
-def test_phase_b_continues_phase_a(phase_a):
+def test_phase_b_continues_phase_a(phase_a, capsys):
     """E_1 phase b: the global step, Adam's slots and the mining table of phase a; the learning rate at its
-    first step is phase a's schedule continued, and --max_steps counts phase b's own steps."""
+    first step is phase a's schedule continued, and --max_steps counts phase b's own steps. As the released
+    code, phase b also continues phase a's mining descriptors (its sat_global_train) and ranks them at once:
+    the round phase a's last epoch end did not run."""
     data, run_dir = phase_a
     argv = TINY + ['--data_root', data, '--run_dir', run_dir, '--max_steps', '3']
     a_ckpt = train_state.latest_checkpoint(os.path.join(run_dir, 'phase_a'))
@@ -104,10 +106,20 @@ def test_phase_b_continues_phase_a(phase_a):
     assert bool(state.hard_valid.numpy())
     assert 'carried over:' in logged[-1] and 'global step 18' in logged[-1] and 'mining table' in logged[-1]
     # train it: 3 steps of phase b, mined from its first batch, global step 18 + 3
+    capsys.readouterr()
     assert train_lib.main([train_first_E_1.PHASE_B], argv) == 0
-    reader = tf.train.load_checkpoint(train_state.latest_checkpoint(run_dir))
+    out = capsys.readouterr().out
+    b_ckpt = train_state.latest_checkpoint(run_dir)
+    reader = tf.train.load_checkpoint(b_ckpt)
     assert int(reader.get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE')) == 3
     assert int(reader.get_tensor('optimizer/global_step/.ATTRIBUTES/VARIABLE_VALUE')) == 21
+    with np.load(a_ckpt + '.mining.npz') as a, np.load(b_ckpt + '.mining.npz') as b:
+        assert int(a['pending']) == 1 and int(b['pending']) == -1      # phase a's last round: run by phase b
+        assert len(a['pool']) == len(b['pool']) and a['grd_seen'].sum() > 0
+        assert np.all(b['grd_seen'][a['grd_seen']]) and np.all(b['sat_seen'][a['sat_seen']])
+    carried = out.index(f'mining: carried over the descriptor table of {a_ckpt}')
+    assert out.index('[E_1] mining: epoch 2: top-5 of 20 tiles') > carried
+    assert out.index('[E_1] mining: epoch 2: top-5 of 20 tiles') < out.index('[E_1] step 1/3')
 
 
 def test_e2_1_restores_slots_and_resets_the_global_step(phase_a, tmp_path):
