@@ -56,10 +56,12 @@ class Config:
     sat_size: int = _flag(320, 'aerial input side', 'model')
     width: float = _flag(1.0, 'channel width multiplier (1 = the paper network; <1 for CPU demos)', 'model')
     cholesky: str = _flag('port', 'covariance parametrisation: port (positive diagonal + floor, free '
-                          'off-diagonal) or original (elu+1 on all three entries)', 'model', ('port', 'original'), _CHOLESKY)
+                          'off-diagonal) or original (elu+1 on all three entries, as released: also sets '
+                          '--cholesky_floor 0 unless that flag is given)', 'model', ('port', 'original'), _CHOLESKY)
     cholesky_scale: float = _flag(1.0, 'covariance head output scale (pixels of the 640 frame per unit)', 'model',
                                   parts=_CHOLESKY)
-    cholesky_floor: float = _flag(0.01, 'floor added to the Cholesky diagonal (pixels)', 'model', parts=_CHOLESKY)
+    cholesky_floor: float = _flag(0.01, 'floor added to the Cholesky diagonal (pixels); 0 under --cholesky original '
+                                  'unless given (the released head has none)', 'model', parts=_CHOLESKY)
     offset_zero_init: int = _flag(0, '1 = the offset head output layer starts at zero (tile centre)')
     localiser: str = _flag('unet', "E_2/E_3's heatmap localiser: unet (the released U-Net decoder) or correlation "
                            '(NOT the paper\'s: the ground descriptor as a query dotted with every aerial cell, trained '
@@ -81,7 +83,10 @@ class Config:
     lr_decay: float = _flag(1.0, 'lr x decay^(global step / lr_decay_steps)')
     lr_decay_steps: int = _flag(0, 'decay period in steps (0 = one epoch)')
     lr_staircase: int = _flag(0, '1 = decay in steps, 0 = continuous')
-    carry_optimizer: int = _flag(1, "1 = restore the previous stage's Adam slots of the restored variables")
+    carry_optimizer: int = _flag(1, "1 = restore the previous stage's Adam slots of the restored variables (and in E_1 "
+                                 "phase b phase a's global step: its learning-rate schedule continues); 0 = fresh "
+                                 "slots and bias correction, and phase b's learning-rate schedule restarts at step 0 "
+                                 '(the mining table is carried over either way)')
     adam_eps: float = _flag(1e-8, "Adam's epsilon (1e-8: TF1's default, the released code's); gradients far below "
                             'it barely move their weights')
     # losses
@@ -166,7 +171,9 @@ PRESETS = {
 }
 
 
-def parser(doc, presets=PRESETS):
+def parser(doc, presets=PRESETS, stage_flags=None):
+    """The command line: every Config flag, and `stage_flags` {flag: (setting, help)} of the script's stages
+    (stages.Stage.flags), typed as their setting."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--test', action='store_true', help="evaluate this stage's checkpoint")
     p.add_argument('--preset', choices=tuple(presets), default='paper',
@@ -177,12 +184,14 @@ def parser(doc, presets=PRESETS):
         typ = type(f.default[0]) if isinstance(f.default, tuple) else type(f.default)
         p.add_argument('--' + f.name, type=typ, nargs=nargs, default=None, choices=f.metadata['choices'],
                        help=f.metadata['help'] + f' (default {f.default})')
+    for name, (setting, text) in (stage_flags or {}).items():
+        p.add_argument('--' + name, type=type(DEFAULTS[setting]), default=None, help=text)
     return p
 
 
-def parse_flags(argv, doc=None, presets=PRESETS):
+def parse_flags(argv, doc=None, presets=PRESETS, stage_flags=None):
     """argv -> (explicit flags {name: value}, preset name, test)."""
-    args = vars(parser(doc, presets).parse_args(argv))
+    args = vars(parser(doc, presets, stage_flags).parse_args(argv))
     explicit = {k: v for k, v in args.items() if v is not None and k not in ('test', 'preset')}
     return explicit, args['preset'], args['test']
 
@@ -195,6 +204,8 @@ def resolve(stage_name, explicit, preset='paper', stage_defaults=None, stage_pre
     values.update((stage_presets or {}).get(preset, {}))
     values.update(explicit)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    if values.get('cholesky') == 'original' and 'cholesky_floor' not in explicit:
+        values['cholesky_floor'] = 0.0      # the released head: elu+1 on all three entries, nothing added
     unknown = set(values) - set(KIND)
     if unknown:
         raise ConfigError(f'unknown settings {sorted(unknown)}')
@@ -324,6 +335,27 @@ def check_run_dir(cfg, path):
         raise ConfigError(f'{path}: this run directory holds another configuration ({k}: {a} there, {b} now); '
                           'use another --run_dir or the same flags')
     return saved
+
+
+def inherit(cfg, explicit, names, own_path, prev_path, prev_stage):
+    """cfg with the settings `names` a stage reads its predecessor's outputs with (E_3: --nll, the scale of E_2_2's
+    u): from the run's own config.json (a resume), else from the predecessor's config.json (`prev_path`), else as
+    resolved. One given on the command line that differs from the predecessor's is refused (one line)."""
+    prev = load(prev_path) if prev_path else None
+    own = load(own_path)
+    changes = {}
+    for k in names:
+        theirs = prev.get(k, BEFORE_FLAG.get(k, DEFAULTS[k])) if prev is not None else None
+        if k in explicit:
+            if theirs is not None and explicit[k] != theirs:
+                raise ConfigError(f'--{k} {_show(explicit[k])}: {prev_stage} in {os.path.dirname(prev_path)} was '
+                                  f'trained with --{k} {_show(theirs)} (its config.json), and {cfg.stage} reads its '
+                                  f'outputs with that setting; leave --{k} out or pass --{k} {_show(theirs)}')
+        elif own is not None and k in own:
+            changes[k] = own[k]
+        elif theirs is not None:
+            changes[k] = theirs
+    return cfg.replace(**changes) if changes else cfg
 
 
 def model_settings(saved, cfg):

@@ -208,6 +208,10 @@ def train(stage, cfg):
     sampler = input_data.BatchSampler(split, cfg.batch, cfg.seed, spe)
     run = start_run(stage, cfg)
     run.split = split
+    prev = config.load(os.path.join(init_dir, 'config.json')) if stage.inherits and init_dir else None
+    for k in stage.inherits if prev is not None else ():
+        run.log(f'--{k} {getattr(cfg, k)}: {stage.previous}\'s (its config.json in {init_dir}), whose '
+                'outputs this stage reads with it')
     with run.strategy.scope():
         state = train_state.TrainState(stage, cfg, len(split), spe)
     how = train_state.initialise(state, stage, cfg, run.run_dir, run.init_dir, run.log)

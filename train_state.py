@@ -211,8 +211,12 @@ def initialise(state, stage, cfg, run_dir, init_dir, log):
         if stage.carry != 'none' and cfg.carry_optimizer and slot_parts:
             restore_optimizer(state.optimizer, slot_parts, ckpt, stage.previous, global_step=stage.carry == 'all')
             carried.append(f'Adam slots of {", ".join(slot_parts)} ({int(state.optimizer.updates.numpy())} updates)')
+            if stage.carry == 'all':
+                carried.append(f'global step {int(state.optimizer.global_step.numpy())}')
+        elif stage.carry == 'all':   # --carry_optimizer 0: the schedule starts again
+            carried.append('not the Adam slots nor the global step (--carry_optimizer 0: the learning-rate schedule '
+                           'starts at step 0)')
         if stage.carry == 'all':
-            carried.append(f'global step {int(state.optimizer.global_step.numpy())}')
             holder = tf.train.Checkpoint(hard=state.hard, hard_valid=state.hard_valid)
             _matched(_read(holder, ckpt, stage.previous).expect_partial(), ckpt, f'the mining table of {stage.previous}')
             if bool(state.hard_valid.numpy()):

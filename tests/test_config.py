@@ -60,6 +60,15 @@ def test_impossible_values_are_one_line_errors(argv, message):
     assert str(e.value) == message
 
 
+def test_original_cholesky_means_no_floor_unless_one_is_given():
+    assert resolve([]).cholesky_floor == 0.01
+    assert resolve(['--cholesky', 'original']).cholesky_floor == 0.0
+    assert resolve(['--cholesky', 'original', '--cholesky_floor', '0.01']).cholesky_floor == 0.01
+    assert resolve(['--cholesky', 'port', '--cholesky_floor', '0.5']).cholesky_floor == 0.5
+    assert 'phase b\'s learning-rate schedule restarts' in next(
+        f.metadata['help'] for f in config.FLAGS if f.name == 'carry_optimizer')
+
+
 def test_paths_of_the_wrong_kind(tmp_path):
     path = tmp_path / 'file'
     path.write_text('x')

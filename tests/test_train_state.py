@@ -122,6 +122,23 @@ def test_phase_b_continues_phase_a(phase_a, capsys):
     assert out.index('[E_1] mining: epoch 2: top-5 of 20 tiles') < out.index('[E_1] step 1/3')
 
 
+def test_phase_b_without_carried_optimizer_restarts_the_schedule(phase_a, tmp_path):
+    """--carry_optimizer 0 in phase b: fresh slots and bias correction, and the learning-rate schedule at step 0
+    (its help says so); the mining table still comes across."""
+    data, run_dir = phase_a
+    argv = TINY + ['--data_root', data, '--run_dir', str(tmp_path / 'E_1'), '--carry_optimizer', '0',
+                   '--init_from', os.path.join(run_dir, 'phase_a')]
+    state, cfg = built(train_first_E_1.PHASE_B, argv)
+    logged = []
+    train_state.initialise(state, train_first_E_1.PHASE_B, cfg, *train_first_E_1.PHASE_B.run_dirs(cfg), logged.append)
+    assert int(state.optimizer.global_step.numpy()) == 0 and int(state.optimizer.updates.numpy()) == 0
+    assert float(state.optimizer.learning_rate()) == pytest.approx(cfg.lr)
+    assert not np.any(state.optimizer.slots['grd_trunk']['m'][0].numpy())
+    assert bool(state.hard_valid.numpy()) and 'mining table' in logged[-1]
+    assert ('not the Adam slots nor the global step (--carry_optimizer 0: the learning-rate schedule starts at '
+            'step 0)') in logged[-1]
+
+
 def test_e2_1_restores_slots_and_resets_the_global_step(phase_a, tmp_path):
     data, run_dir = phase_a
     argv = TINY + ['--data_root', data, '--run_dir', str(tmp_path / 'E_2_1'),
