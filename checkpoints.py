@@ -77,33 +77,38 @@ class Checkpoints:
     def save(self, step, buf=None):
         """Checkpoint `step` (and `buf`, the mining epoch's buffer so far); TrainError in one line if it fails."""
         path = os.path.join(self.dir, f'ckpt-{step}')
+        before = set(os.listdir(self.dir)) if os.path.isdir(self.dir) else set()
         try:
             if buf is not None:
                 os.makedirs(self.dir, exist_ok=True)
                 _atomic_npz(self.mining_path(path), buf.state())
             self.manager.save(checkpoint_number=step)
         except (tf.errors.OpError, OSError) as e:
-            self.clean(failed=path)
+            self.clean(failed=path, before=before)
             raise TrainError(f'{path}: cannot write the checkpoint of step {step} ({train_lib.error_reason(e)}); '
                              f'removed what it left; last checkpoint: {self.latest or "none"} (run the same command '
                              'to resume once the disk has room)') from None
         self.clean()
         return self.latest
 
-    def clean(self, failed=None):
-        """Remove what an interrupted or failed save leaves: TensorFlow's ckpt-N_temp/ folders, temporary
-        files, the files of a failed checkpoint, and mining files of checkpoints no longer kept."""
+    def clean(self, failed=None, before=()):
+        """Remove what an interrupted save leaves (TensorFlow's ckpt-N_temp/ folders, temporary files, mining
+        files of checkpoints no longer kept), or after the failed save of `failed` only what that save added:
+        the names absent from `before`, the directory's listing when it started, so that it never deletes a
+        checkpoint file it did not write. (The run directory's lock keeps other writers out: run_lock.)"""
         if not os.path.isdir(self.dir):
             return
         kept = {os.path.basename(k) for k in self.manager.checkpoints}
-        failed = os.path.basename(failed) if failed and os.path.basename(failed) not in kept else None
+        failed = os.path.basename(failed) if failed else None
         for name in os.listdir(self.dir):
             path = os.path.join(self.dir, name)
-            stale = name.endswith('_temp') or '.tmp' in name
-            if name.endswith('.mining.npz'):
-                stale = name[:-len('.mining.npz')] not in kept
-            if failed and (name.startswith(failed + '.') or name == failed + '_temp'):
-                stale = True
+            if failed:
+                stale = name not in before and (name.startswith(failed + '.') or name.startswith(failed + '_temp')
+                                                or '.tmp' in name)
+            else:
+                stale = name.endswith('_temp') or '.tmp' in name
+                if name.endswith('.mining.npz'):
+                    stale = name[:-len('.mining.npz')] not in kept
             if stale:
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)

@@ -48,6 +48,9 @@ class Config:
     # directories
     run_dir: str = _flag('', 'where checkpoints, logs and results go; default runs/<stage>', 'volatile')
     init_from: str = _flag('', "previous stage's run directory; default runs/<previous stage>", 'volatile')
+    allow_unfinished: int = _flag(0, "1 = start from a previous stage whose checkpoint is below the steps its "
+                                  'config.json schedules (the step it starts from is logged); 0 = refuse it',
+                                  'volatile')
     vgg_weights: str = _flag(os.path.join('data', 'vgg16.npy'), 'ImageNet VGG16 weights (classic TF-VGG npy)',
                              'volatile')
     # model
@@ -247,7 +250,7 @@ def validate(cfg):
         protocols.parse_yaw(cfg.yaw)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name in ('mining', 'mining_fill', 'plots', 'mixed_precision', 'lr_staircase', 'carry_optimizer', 'offset_zero_init',
+    for name in ('mining', 'mining_fill', 'allow_unfinished', 'plots', 'mixed_precision', 'lr_staircase', 'carry_optimizer', 'offset_zero_init',
                  'skip_norm'):
         need(getattr(cfg, name) in (0, 1), name, 'must be 0 or 1')
     for name in ('run_dir', 'init_from', 'test_dir', 'data_root', 'cvact_resampled'):

@@ -26,6 +26,7 @@ import input_data
 import mining
 import pipeline
 import results
+import run_lock
 import testing
 import train_lib
 import train_state
@@ -158,6 +159,11 @@ class Run:
     last_batch: object = None      # the last training batch the loop ran (validation's gradient diagnostic)
     gradient_probe: object = None  # make_gradient_probe's function (single-device runs only)
     adam_eps: float = 1e-8         # the optimiser's eps, the diagnostic's yardstick
+    lock: object = None            # the run directory's run_lock.RunLock (the chief's)
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.release()
 
     def dataset(self, which):
         return train_lib.dataset_splits(self.cfg, which)
@@ -182,32 +188,63 @@ def start_run(stage, cfg):
     if cfg.batch % replicas:
         raise config.ConfigError(f'--batch {cfg.batch} must be a multiple of the {replicas} replicas (global batch)')
     chief = distribute.is_chief(strategy)
-    # Under MultiWorkerMirroredStrategy only the chief writes the run directory; the other workers read
-    # it (resume, previous stage) and keep their own checkpoints and log in a temporary directory.
+    # Under MultiWorkerMirroredStrategy only the chief writes the run directory (and holds its lock); the other
+    # workers read it (resume, previous stage) and keep their own checkpoints and log in a temporary directory.
     write_dir = run_dir if chief else tempfile.mkdtemp(prefix=f'geoloc_{stage.name}_worker_')
-    worker = distribute.worker_name(strategy)
-    log = train_lib.open_log(write_dir, f'{stage.name} {worker}'.strip())
+    lock = train_state.take_lock(run_dir, f'training {stage.name}') if chief else None
+    try:
+        worker = distribute.worker_name(strategy)
+        log = train_lib.open_log(write_dir, f'{stage.name} {worker}'.strip())
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if lock is not None and lock.took_over:
+        log(f'run lock: took over {lock.path}, left by {run_lock.describe(lock.took_over)}, a process of this host '
+            'that has ended')
     cache = pipeline.ImageCache(cfg.image_cache_mb * 2 ** 20) if cfg.image_cache_mb > 0 else None
     if cfg.strategy != 'default':
         log(f'strategy: {cfg.strategy}, {replicas} replicas')
-    return Run(stage, cfg, run_dir, init_dir, strategy, chief, write_dir, log, cache)
+    return Run(stage, cfg, run_dir, init_dir, strategy, chief, write_dir, log, cache, lock=lock)
+
 
 
 def train(stage, cfg):
     """Train one stage in its run directory; -> the run directory's latest checkpoint.
 
     Nothing is written before the configuration, the run directory's record, the previous stage's
-    checkpoint and the training split have been checked. Ctrl-C saves a checkpoint and raises Interrupted."""
+    checkpoint (of its stage and architecture, and finished) and the training split have been checked.
+    The run holds its directory's lock (run_lock) from then on. Ctrl-C saves a checkpoint and raises
+    Interrupted."""
     run_dir, init_dir = stage.run_dirs(cfg)
-    config_path = os.path.join(run_dir, 'config.json')
-    saved = config.check_run_dir(cfg, config_path)
-    if stage.previous and not train_state.latest_checkpoint(run_dir):   # (reads only)
+    config.check_run_dir(cfg, os.path.join(run_dir, 'config.json'))
+    fresh = stage.previous and not train_state.latest_checkpoint(run_dir)    # (reads only)
+    if fresh:
         train_state.check_predecessor(stage, cfg, init_dir)
     split = train_lib.dataset_splits(cfg, 'train')
     spe = steps_per_epoch(cfg, len(split))
+    start = train_state.check_finished(stage, cfg, init_dir, split) if fresh else None
     sampler = input_data.BatchSampler(split, cfg.batch, cfg.seed, spe)
     run = start_run(stage, cfg)
+    try:
+        return _train(run, split, spe, sampler, start)
+    finally:
+        run.release()
+
+
+def _train(run, split, spe, sampler, start):
+    """train() once the run directory is this process's."""
+    stage, cfg, init_dir = run.stage, run.cfg, run.init_dir
+    config_path = os.path.join(run.run_dir, 'config.json')
+    saved = config.check_run_dir(cfg, config_path)   # again: read under the lock
     run.split = split
+    if start is not None and start[1] is not None:
+        ckpt, step, total = start
+        if total is None:
+            run.log(f'init: {stage.previous} checkpoint {ckpt} is at step {step} (its schedule not checked)')
+        else:
+            run.log(f'init: {stage.previous} checkpoint {ckpt} is at step {step} of the {total} its configuration '
+                    'schedules' + (' (unfinished; --allow_unfinished 1)' if step < total else ''))
     prev = config.load(os.path.join(init_dir, 'config.json')) if stage.inherits and init_dir else None
     for k in stage.inherits if prev is not None else ():
         run.log(f'--{k} {getattr(cfg, k)}: {stage.previous}\'s (its config.json in {init_dir}), whose '
