@@ -128,6 +128,7 @@ def dataset_splits(cfg, which):
         return input_data.load_vigor(root, which, cfg.area, cfg.labels)
     if not root:
         root = synthetic_data.ensure_cvact(os.path.join(HERE, 'data', 'synthetic_cvact'))
+    input_data.check_cvact_root(root)
     mpp = cfg.cvact_mpp
     if not mpp and synthetic_data.synthetic_kind(root) == 'cvact':
         mpp = synthetic_data.CVACT_MPP_1200      # the synthetic CVACT's own resolution

@@ -292,8 +292,12 @@ def load_imagenet(model, path, log):
         raise StateError(str(e)) from None
     problem = model.grd_trunk.vgg16_mismatch(weights)
     if problem:
+        width, why = model_lib.vgg16_width(weights)
+        if width is None:   # not a VGG16 of any width: a wrong or damaged file, not a smaller network
+            raise StateError(f'{path}: not ImageNet VGG16 weights of any --width ({why}); expected the classic '
+                             'TF-VGG vgg16.npy (see data/DATASET.md)')
         log(f'init: random VGG16 trunks: the ImageNet weights in {path} do not fit this network ({problem}); '
-            'they fit --width 1 only')
+            f'they fit --width {width:g} only')
         return False
     for conv in model.grd_trunk.convs:
         if not all(np.all(np.isfinite(np.asarray(a, np.float32))) for a in weights[conv.name][:2]):

@@ -385,7 +385,7 @@ def test_accepted_byte_order_mark_and_corrected_out_of_tile_semi_positive(vigor_
 # ----------------------------------------------------------------------------- CVACT's ACT_data.mat
 
 @pytest.mark.parametrize('damage,message', [
-    ('missing', '{mat}: CVACT ACT_data.mat not found'),
+    ('missing', '{mat}: CVACT ACT_data.mat not found: {root} holds no CVACT data (see data/DATASET.md)'),
     ('garbage', '{mat}: not a readable .mat file (Unknown mat file type, version 97, 32)'),
     ('no utm', "{mat}: missing field 'utm'"),
 ])
@@ -401,7 +401,16 @@ def test_cvact_act_data_missing_or_corrupt(tmp_path, capsys, damage, message):
     argv = TINY + ['--dataset', 'cvact', '--cvact_mpp', '0.12', '--data_root', str(root),
                    '--run_dir', str(tmp_path / 'run')]
     err = fails(E_1, argv, capsys)
-    assert err == 'error: ' + message.format(mat=mat)
+    assert err == 'error: ' + message.format(mat=mat, root=root)
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('mpp', [[], ['--cvact_mpp', '0.12']], ids=['without --cvact_mpp', 'with --cvact_mpp'])
+def test_cvact_on_a_vigor_tree(vigor, tmp_path, capsys, mpp):
+    """--dataset cvact on a tree with no CVACT data says so first (not that --cvact_mpp is missing)."""
+    argv = TINY + ['--dataset', 'cvact', '--data_root', vigor, '--run_dir', str(tmp_path / 'run')] + mpp
+    assert fails(E_1, argv, capsys) == (f'error: {vigor}/ACT_data.mat: CVACT ACT_data.mat not found: {vigor} holds no '
+                                        'CVACT data; it is a VIGOR tree (leave out --dataset cvact)')
     assert not (tmp_path / 'run').exists()
 
 
@@ -562,6 +571,20 @@ def test_full_size_imagenet_weights_with_the_demo_preset(vigor, tmp_path, capsys
     assert out.err == ''
     assert (f'[E_1a] init: random VGG16 trunks: the ImageNet weights in {path} do not fit this network (layer conv1_1 '
             'has shape (3, 3, 3, 64), this network needs (3, 3, 3, 16)); they fit --width 1 only') in out.out
+
+
+def test_imagenet_weights_of_no_width_are_refused(vigor, tmp_path, capsys):
+    """A vgg16.npy whose conv1_1 takes 5 input channels is no VGG16 of any width: one line, not random trunks
+    under a message that the file fits --width 1."""
+    from test_train_state import vgg16_file
+    path = vgg16_file(tmp_path / 'vgg16.npy', 0.0625, first=(3, 3, 5, 4))
+    run_dir = str(tmp_path / 'run')
+    err = fails([train_first_E_1.PHASE_A], TINY + ['--data_root', vigor, '--run_dir', run_dir, '--vgg_weights', path],
+                capsys)
+    assert err == (f'error: {path}: not ImageNet VGG16 weights of any --width (layer conv1_1 has shape (3, 3, 5, 4); a '
+                   'VGG16 of any width needs (3, 3, 3, 64 x width)); expected the classic TF-VGG vgg16.npy (see '
+                   'data/DATASET.md)')
+    assert not os.path.exists(os.path.join(run_dir, 'phase_a', 'config.json'))
 
 
 # ----------------------------------------------------------------------------- Ctrl-C and a full disk

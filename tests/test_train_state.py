@@ -169,17 +169,51 @@ def test_resume_comes_first_and_a_damaged_index_is_an_error(phase_a, tmp_path):
         train_state.latest_checkpoint(str(broken))
 
 
+def vgg16_file(path, width, drop=(), first=None):
+    """A vgg16.npy of zeros shaped for `width` (without the layers `drop`; conv1_1 of shape `first` if given)."""
+    weights, cin = {}, 3
+    for layer in model.VGG16_LAYERS:
+        if layer != 'pool':
+            name, c = layer
+            cout = model.channels(c, width)
+            weights[name] = [np.zeros((3, 3, cin, cout), np.float32), np.zeros(cout, np.float32)]
+            cin = cout
+    for name in drop:
+        del weights[name]
+    if first is not None:
+        weights['conv1_1'][0] = np.zeros(first, np.float32)
+    np.save(path, weights, allow_pickle=True)
+    return str(path)
+
+
 def test_imagenet_weights_of_another_width_start_random_with_a_message(tmp_path):
-    """A full-size vgg16.npy with a width-1/16 network: one clear line and random trunks, never a crash."""
-    path = tmp_path / 'vgg16.npy'
-    np.save(path, {'conv1_1': [np.zeros((3, 3, 3, 64), np.float32), np.zeros(64, np.float32)]}, allow_pickle=True)
+    """A VGG16 file of another width with a width-1/16 network: one clear line naming the width it fits, and
+    random trunks, never a crash."""
+    path = vgg16_file(tmp_path / 'vgg16.npy', 0.125)
     m = model.CrossViewModel((32, 64), 64, 0.0625, model.RETRIEVAL_PARTS)
     before = m.grd_trunk.convs[0].w.numpy().copy()
     logged = []
-    assert not train_state.load_imagenet(m, str(path), logged.append)
+    assert not train_state.load_imagenet(m, path, logged.append)
     assert logged == [f'init: random VGG16 trunks: the ImageNet weights in {path} do not fit this network (layer '
-                      'conv1_1 has shape (3, 3, 3, 64), this network needs (3, 3, 3, 4)); they fit --width 1 only']
+                      'conv1_1 has shape (3, 3, 3, 8), this network needs (3, 3, 3, 4)); they fit --width 0.125 only']
     np.testing.assert_array_equal(m.grd_trunk.convs[0].w.numpy(), before)
+    assert train_state.load_imagenet(m, vgg16_file(tmp_path / 'fits.npy', 0.0625), logged.append)
+
+
+@pytest.mark.parametrize('damage,why', [
+    (dict(first=(3, 3, 5, 64)), 'layer conv1_1 has shape (3, 3, 5, 64); a VGG16 of any width needs (3, 3, 3, 64 x '
+                                'width)'),
+    (dict(drop=('conv4_2',)), 'layer conv4_2 missing'),
+    (dict(first=(3, 3, 3, 48)), 'layer conv1_1 has shapes (3, 3, 3, 48) and (64,); with conv1_1 of width 0.75 it '
+                                'needs (3, 3, 3, 48) and (48,)'),
+])
+def test_weights_that_fit_no_width_are_refused_in_one_line(tmp_path, damage, why):
+    path = vgg16_file(tmp_path / 'vgg16.npy', 1.0, **damage)
+    m = model.CrossViewModel((32, 64), 64, 0.0625, model.RETRIEVAL_PARTS)
+    with pytest.raises(train_state.StateError) as e:
+        train_state.load_imagenet(m, path, lambda line: None)
+    assert str(e.value) == (f'{path}: not ImageNet VGG16 weights of any --width ({why}); expected the classic TF-VGG '
+                            'vgg16.npy (see data/DATASET.md)')
 
 
 def test_every_registered_stage_builds_its_state():
