@@ -250,8 +250,8 @@ def validate(cfg):
         protocols.parse_yaw(cfg.yaw)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name in ('mining', 'mining_fill', 'allow_unfinished', 'plots', 'mixed_precision', 'lr_staircase', 'carry_optimizer', 'offset_zero_init',
-                 'skip_norm'):
+    for name in ('mining', 'mining_fill', 'allow_unfinished', 'plots', 'mixed_precision', 'lr_staircase',
+                 'carry_optimizer', 'offset_zero_init', 'skip_norm'):
         need(getattr(cfg, name) in (0, 1), name, 'must be 0 or 1')
     for name in ('run_dir', 'init_from', 'test_dir', 'data_root', 'cvact_resampled'):
         path = getattr(cfg, name)

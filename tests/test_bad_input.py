@@ -484,7 +484,8 @@ def test_a_busy_run_directory_is_refused_and_nothing_is_lost(vigor, e1_run, tmp_
     before = snapshot(run_dir)
     holders = [hold(os.path.join(run_dir, 'phase_a')), hold(run_dir)]
     try:
-        for extra, held, proc in (([], os.path.join(run_dir, 'phase_a'), holders[0]), (['--test'], run_dir, holders[1])):
+        for extra, held, proc in (([], os.path.join(run_dir, 'phase_a'), holders[0]),
+                                  (['--test'], run_dir, holders[1])):
             err = train_e1(vigor, run_dir, capsys, *extra)
             assert err.startswith(f'error: {held}: in use by pid {proc.pid} on {socket.gethostname()} (training E_x, '
                                   'since '), err

@@ -259,7 +259,8 @@ def test_a_failed_run_leaves_out_as_it_was_and_the_same_command_runs_again(tmp_p
     os.rename(aerial + '.away', aerial)
     summary = soc.resample(root, out, progress=False)
     assert summary['n_crops'] == 32 and len(os.listdir(os.path.join(out, 'satellite'))) == 32
-    assert os.path.exists(os.path.join(out, 'resample_config.json')) and sorted(os.listdir(tmp_path)) == ['cvact', 'out']
+    assert os.path.exists(os.path.join(out, 'resample_config.json'))
+    assert sorted(os.listdir(tmp_path)) == ['cvact', 'out']
 
 
 def test_truncated_aerial_is_refused(tmp_path):
