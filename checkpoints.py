@@ -44,20 +44,21 @@ class CtrlC:
 
 
 class Checkpoints:
-    """The run's checkpoints: tf.train.CheckpointManager (the last 2 kept) and, beside a checkpoint taken
-    inside a mining epoch, `ckpt-<N>.mining.npz`: the epoch's MiningBuffer (mining.MiningBuffer.state) as
-    gathered up to step N, so that a resume ranks with the same descriptors as an uninterrupted run. At an
-    epoch end the file exists only when that epoch's mining round has not run (the run stopped there; an
-    extended run runs the round first).
+    """The run's checkpoints: tf.train.CheckpointManager (the last 2 kept) and, beside a checkpoint,
+    `ckpt-<N>.mining.npz`: the MiningBuffer (mining.MiningBuffer.state) as gathered up to step N, so that a
+    resume ranks with the same descriptors as an uninterrupted run. The released mining (--mining_fill 0)
+    saves its run-long table beside every checkpoint (with the epoch whose round is pending, if the run
+    stopped at an epoch end before it). With --mining_fill 1 the file holds the epoch's buffer, beside the
+    checkpoints inside a mining epoch; at an epoch end it exists only when that epoch's round has not run.
 
     Each file is complete or absent: the .npz is written to a temporary file and renamed before the
     checkpoint is saved, and a failed save (a full disk) removes what it left (TensorFlow's ckpt-N_temp/
-    included) before it is reported in one line. Cost at paper size (docs/design.md §2: ~52,600 training panoramas,
-    a 10,000-tile pool, 4096-d): 52,600 x 4096 x 2 B (float16) + 10,000 x 4096 x 4 B (float32) = 0.59 GB
-    per file, at most 2 on disk (one per kept checkpoint); with --ckpt_every 500 and 3,757-step epochs,
-    7 or 8 files (4.1-4.7 GB) written per mining epoch, about 0.6 s each at 1 GB/s. The same 0.59 GB is in
-    memory during any mining epoch anyway (the last epoch of a run included, for an extension's round);
-    a resume reads one file (0.59 GB, twice that in memory while it is copied into the buffer).
+    included) before it is reported in one line. Cost at paper size (docs/design.md §2: ~52,600 training
+    panoramas, 90,618 tiles, a 10,000-tile pool, 4096-d): the run-long table (52,600 + 90,618) x 4096 x 2 B
+    (float16) = 1.17 GB, the per-epoch buffer 52,600 x 4096 x 2 B + 10,000 x 4096 x 4 B (float32) = 0.59 GB
+    per file, at most 2 on disk (one per kept checkpoint); with --ckpt_every 500 and 3,757-step epochs 8 files
+    per epoch, about 1.2 s (0.6 s) each at 1 GB/s. The same size is in memory during training anyway; a
+    resume reads one file (twice its size in memory while it is copied into the buffer).
     """
 
     def __init__(self, checkpoint, directory):
@@ -76,33 +77,38 @@ class Checkpoints:
     def save(self, step, buf=None):
         """Checkpoint `step` (and `buf`, the mining epoch's buffer so far); TrainError in one line if it fails."""
         path = os.path.join(self.dir, f'ckpt-{step}')
+        before = set(os.listdir(self.dir)) if os.path.isdir(self.dir) else set()
         try:
             if buf is not None:
                 os.makedirs(self.dir, exist_ok=True)
                 _atomic_npz(self.mining_path(path), buf.state())
             self.manager.save(checkpoint_number=step)
         except (tf.errors.OpError, OSError) as e:
-            self.clean(failed=path)
+            self.clean(failed=path, before=before)
             raise TrainError(f'{path}: cannot write the checkpoint of step {step} ({train_lib.error_reason(e)}); '
                              f'removed what it left; last checkpoint: {self.latest or "none"} (run the same command '
                              'to resume once the disk has room)') from None
         self.clean()
         return self.latest
 
-    def clean(self, failed=None):
-        """Remove what an interrupted or failed save leaves: TensorFlow's ckpt-N_temp/ folders, temporary
-        files, the files of a failed checkpoint, and mining files of checkpoints no longer kept."""
+    def clean(self, failed=None, before=()):
+        """Remove what an interrupted save leaves (TensorFlow's ckpt-N_temp/ folders, temporary files, mining
+        files of checkpoints no longer kept), or after the failed save of `failed` only what that save added:
+        the names absent from `before`, the directory's listing when it started, so that it never deletes a
+        checkpoint file it did not write. (The run directory's lock keeps other writers out: run_lock.)"""
         if not os.path.isdir(self.dir):
             return
         kept = {os.path.basename(k) for k in self.manager.checkpoints}
-        failed = os.path.basename(failed) if failed and os.path.basename(failed) not in kept else None
+        failed = os.path.basename(failed) if failed else None
         for name in os.listdir(self.dir):
             path = os.path.join(self.dir, name)
-            stale = name.endswith('_temp') or '.tmp' in name
-            if name.endswith('.mining.npz'):
-                stale = name[:-len('.mining.npz')] not in kept
-            if failed and (name.startswith(failed + '.') or name == failed + '_temp'):
-                stale = True
+            if failed:
+                stale = name not in before and (name.startswith(failed + '.') or name.startswith(failed + '_temp')
+                                                or '.tmp' in name)
+            else:
+                stale = name.endswith('_temp') or '.tmp' in name
+                if name.endswith('.mining.npz'):
+                    stale = name[:-len('.mining.npz')] not in kept
             if stale:
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)
@@ -120,6 +126,8 @@ class Checkpoints:
         try:
             with np.load(path) as f:
                 saved = {k: f[k] for k in ('pool', 'grd', 'sat', 'grd_seen', 'sat_seen')}
+                if 'pending' in f.files:   # (absent from the files of per-epoch buffers written before it existed)
+                    saved['pending'] = f['pending']
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise train_state.StateError(f'{path}: unreadable mining descriptors ({type(e).__name__}: '
                                          f'{str(e).splitlines()[0][:120] if str(e) else ""}); delete it to resume '

@@ -48,6 +48,9 @@ class Config:
     # directories
     run_dir: str = _flag('', 'where checkpoints, logs and results go; default runs/<stage>', 'volatile')
     init_from: str = _flag('', "previous stage's run directory; default runs/<previous stage>", 'volatile')
+    allow_unfinished: int = _flag(0, "1 = start from a previous stage whose checkpoint is below the steps its "
+                                  'config.json schedules (the step it starts from is logged); 0 = refuse it',
+                                  'volatile')
     vgg_weights: str = _flag(os.path.join('data', 'vgg16.npy'), 'ImageNet VGG16 weights (classic TF-VGG npy)',
                              'volatile')
     # model
@@ -56,10 +59,12 @@ class Config:
     sat_size: int = _flag(320, 'aerial input side', 'model')
     width: float = _flag(1.0, 'channel width multiplier (1 = the paper network; <1 for CPU demos)', 'model')
     cholesky: str = _flag('port', 'covariance parametrisation: port (positive diagonal + floor, free '
-                          'off-diagonal) or original (elu+1 on all three entries)', 'model', ('port', 'original'), _CHOLESKY)
+                          'off-diagonal) or original (elu+1 on all three entries, as released: also sets '
+                          '--cholesky_floor 0 unless that flag is given)', 'model', ('port', 'original'), _CHOLESKY)
     cholesky_scale: float = _flag(1.0, 'covariance head output scale (pixels of the 640 frame per unit)', 'model',
                                   parts=_CHOLESKY)
-    cholesky_floor: float = _flag(0.01, 'floor added to the Cholesky diagonal (pixels)', 'model', parts=_CHOLESKY)
+    cholesky_floor: float = _flag(0.01, 'floor added to the Cholesky diagonal (pixels); 0 under --cholesky original '
+                                  'unless given (the released head has none)', 'model', parts=_CHOLESKY)
     offset_zero_init: int = _flag(0, '1 = the offset head output layer starts at zero (tile centre)')
     localiser: str = _flag('unet', "E_2/E_3's heatmap localiser: unet (the released U-Net decoder) or correlation "
                            '(NOT the paper\'s: the ground descriptor as a query dotted with every aerial cell, trained '
@@ -81,7 +86,10 @@ class Config:
     lr_decay: float = _flag(1.0, 'lr x decay^(global step / lr_decay_steps)')
     lr_decay_steps: int = _flag(0, 'decay period in steps (0 = one epoch)')
     lr_staircase: int = _flag(0, '1 = decay in steps, 0 = continuous')
-    carry_optimizer: int = _flag(1, "1 = restore the previous stage's Adam slots of the restored variables")
+    carry_optimizer: int = _flag(1, "1 = restore the previous stage's Adam slots of the restored variables (and in E_1 "
+                                 "phase b phase a's global step: its learning-rate schedule continues); 0 = fresh "
+                                 "slots and bias correction, and phase b's learning-rate schedule restarts at step 0 "
+                                 '(the mining table is carried over either way)')
     adam_eps: float = _flag(1e-8, "Adam's epsilon (1e-8: TF1's default, the released code's); gradients far below "
                             'it barely move their weights')
     # losses
@@ -105,8 +113,17 @@ class Config:
     mining_pool: int = _flag(10000, 'tiles ranked per mining round')
     mining_topk: int = _flag(100, 'hard tiles kept per panorama')
     mining_start_epoch: int = _flag(2, 'first (1-based) epoch whose batches are half mined')
+    mining_fill: int = _flag(0, "0 = the released code's mining: one descriptor table for the stage's run, written "
+                             'by the training batches only, so a panorama or tile no batch has held yet ranks with '
+                             "a zero descriptor; E_1 phase b continues phase a's table; the table is saved beside "
+                             'every checkpoint (1.17 GB at same-area VIGOR). 1 = a buffer per mining epoch, of '
+                             "the round's pool only, whose panoramas and tiles no batch held are computed with the "
+                             'current weights before the round (those forward passes cost time); saved beside the '
+                             'checkpoints inside a mining epoch (0.59 GB)')
     # logging, validation, evaluation
-    val_every: int = _flag(1, 'validate on the test split every N epochs and at the end (0 = never)', 'volatile')
+    val_every: int = _flag(1, 'validate on the test split every N epochs and at the end (0 = never); the stages '
+                           "default to the released cadence: every epoch in E_1 (both phases), every 10th in E_2_1, "
+                           'E_2_2 and E_3', 'volatile')
     val_queries: int = _flag(1000, 'panoramas per validation (all reference tiles are ranked)', 'volatile')
     ckpt_every: int = _flag(500, 'checkpoint every N steps (and at every epoch end)', 'volatile')
     log_every: int = _flag(10, 'progress line and TensorBoard scalars every N steps', 'volatile')
@@ -161,7 +178,9 @@ PRESETS = {
 }
 
 
-def parser(doc, presets=PRESETS):
+def parser(doc, presets=PRESETS, stage_flags=None):
+    """The command line: every Config flag, and `stage_flags` {flag: (setting, help)} of the script's stages
+    (stages.Stage.flags), typed as their setting."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--test', action='store_true', help="evaluate this stage's checkpoint")
     p.add_argument('--preset', choices=tuple(presets), default='paper',
@@ -172,12 +191,14 @@ def parser(doc, presets=PRESETS):
         typ = type(f.default[0]) if isinstance(f.default, tuple) else type(f.default)
         p.add_argument('--' + f.name, type=typ, nargs=nargs, default=None, choices=f.metadata['choices'],
                        help=f.metadata['help'] + f' (default {f.default})')
+    for name, (setting, text) in (stage_flags or {}).items():
+        p.add_argument('--' + name, type=type(DEFAULTS[setting]), default=None, help=text)
     return p
 
 
-def parse_flags(argv, doc=None, presets=PRESETS):
+def parse_flags(argv, doc=None, presets=PRESETS, stage_flags=None):
     """argv -> (explicit flags {name: value}, preset name, test)."""
-    args = vars(parser(doc, presets).parse_args(argv))
+    args = vars(parser(doc, presets, stage_flags).parse_args(argv))
     explicit = {k: v for k, v in args.items() if v is not None and k not in ('test', 'preset')}
     return explicit, args['preset'], args['test']
 
@@ -190,6 +211,8 @@ def resolve(stage_name, explicit, preset='paper', stage_defaults=None, stage_pre
     values.update((stage_presets or {}).get(preset, {}))
     values.update(explicit)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    if values.get('cholesky') == 'original' and 'cholesky_floor' not in explicit:
+        values['cholesky_floor'] = 0.0      # the released head: elu+1 on all three entries, nothing added
     unknown = set(values) - set(KIND)
     if unknown:
         raise ConfigError(f'unknown settings {sorted(unknown)}')
@@ -232,8 +255,8 @@ def validate(cfg):
         protocols.parse_yaw(cfg.yaw)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name in ('mining', 'plots', 'mixed_precision', 'lr_staircase', 'carry_optimizer', 'offset_zero_init',
-                 'skip_norm'):
+    for name in ('mining', 'mining_fill', 'allow_unfinished', 'plots', 'mixed_precision', 'lr_staircase',
+                 'carry_optimizer', 'offset_zero_init', 'skip_norm'):
         need(getattr(cfg, name) in (0, 1), name, 'must be 0 or 1')
     for name in ('run_dir', 'init_from', 'test_dir', 'data_root', 'cvact_resampled'):
         path = getattr(cfg, name)
@@ -292,15 +315,18 @@ def load(path):
 
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+# Run settings whose behaviour before they became flags differs from their default: a config.json without the
+# key was trained that way, so it is compared as this value (a resume must ask for it explicitly).
+BEFORE_FLAG = {'mining_fill': 1}
 
 
 def mismatch(saved, cfg, kinds=('model', 'run')):
     """The first (key, saved value, value now) whose kind is in `kinds` and differs, else None. A setting the
-    saved file lacks (written before the setting existed) counts as its default; one the code does not know
-    (written by a newer version) is not compared."""
+    saved file lacks (written before the setting existed) counts as the behaviour of that time (BEFORE_FLAG,
+    else its default); one the code does not know (written by a newer version) is not compared."""
     now = cfg.to_dict()
     for k in sorted(now):
-        was = saved.get(k, DEFAULTS[k])
+        was = saved.get(k, BEFORE_FLAG.get(k, DEFAULTS[k]))
         if KIND[k] in kinds and was != now[k]:
             return k, was, now[k]
     return None
@@ -317,6 +343,27 @@ def check_run_dir(cfg, path):
         raise ConfigError(f'{path}: this run directory holds another configuration ({k}: {a} there, {b} now); '
                           'use another --run_dir or the same flags')
     return saved
+
+
+def inherit(cfg, explicit, names, own_path, prev_path, prev_stage):
+    """cfg with the settings `names` a stage reads its predecessor's outputs with (E_3: --nll, the scale of E_2_2's
+    u): from the run's own config.json (a resume), else from the predecessor's config.json (`prev_path`), else as
+    resolved. One given on the command line that differs from the predecessor's is refused (one line)."""
+    prev = load(prev_path) if prev_path else None
+    own = load(own_path)
+    changes = {}
+    for k in names:
+        theirs = prev.get(k, BEFORE_FLAG.get(k, DEFAULTS[k])) if prev is not None else None
+        if k in explicit:
+            if theirs is not None and explicit[k] != theirs:
+                raise ConfigError(f'--{k} {_show(explicit[k])}: {prev_stage} in {os.path.dirname(prev_path)} was '
+                                  f'trained with --{k} {_show(theirs)} (its config.json), and {cfg.stage} reads its '
+                                  f'outputs with that setting; leave --{k} out or pass --{k} {_show(theirs)}')
+        elif own is not None and k in own:
+            changes[k] = own[k]
+        elif theirs is not None:
+            changes[k] = theirs
+    return cfg.replace(**changes) if changes else cfg
 
 
 def model_settings(saved, cfg):

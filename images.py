@@ -47,6 +47,15 @@ def reduction(on_file, hw):
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
+def check_complete(path, data):
+    """DataError unless the bytes of a JPEG end with its end-of-image marker and those of a PNG with its IEND
+    chunk: OpenCV decodes a truncated file without an error, its missing rows grey."""
+    if data[:2] == b'\xff\xd8' and b'\xff\xd9' not in data[-64:]:
+        _fail(f'{path}: truncated JPEG (no end-of-image marker)')
+    if data[:8] == b'\x89PNG\r\n\x1a\n' and b'IEND' not in data[-64:]:
+        _fail(f'{path}: truncated PNG (no IEND chunk)')
+
+
 def decode_image(path, min_hw=None):
     """The 8-bit BGR(A) or grayscale pixels of a JPEG/PNG file and its (height, width) on file; DataError
     naming what is wrong.
@@ -66,14 +75,11 @@ def decode_image(path, min_hw=None):
     if not data:
         _fail(f'{path}: unreadable image (empty file)')
     flags, shape = cv2.IMREAD_UNCHANGED, None
+    check_complete(path, data)
     if data[:2] == b'\xff\xd8':
-        if b'\xff\xd9' not in data[-64:]:
-            _fail(f'{path}: truncated JPEG (no end-of-image marker)')
         shape = _jpeg_colour_size(data) if min_hw is not None else None
         if shape is not None and reduction(shape, min_hw) > 1:
             flags = _REDUCED[reduction(shape, min_hw)] | cv2.IMREAD_IGNORE_ORIENTATION
-    if data[:8] == b'\x89PNG\r\n\x1a\n' and b'IEND' not in data[-64:]:
-        _fail(f'{path}: truncated PNG (no IEND chunk)')
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None:
         _fail(f'{path}: unreadable image (missing, corrupt or not JPEG/PNG)')

@@ -207,6 +207,18 @@ def _check_exist(paths, what):
             _fail(f'{p}: {what} not found')
 
 
+def check_cvact_root(root):
+    """A --dataset cvact root holds CVACT's ACT_data.mat: said first, before anything else is asked of the tree
+    (its --cvact_mpp); DataError naming the file otherwise, and a VIGOR tree by name."""
+    if not os.path.isdir(root):
+        _fail(f'{root}: CVACT root not found')
+    mat_path = os.path.join(root, 'ACT_data.mat')
+    if not os.path.isfile(mat_path):
+        vigor = any(os.path.isdir(os.path.join(root, d)) for d in ('splits', 'splits__corrected'))
+        _fail(f'{mat_path}: CVACT ACT_data.mat not found: {root} holds no CVACT data'
+              + ('; it is a VIGOR tree (leave out --dataset cvact)' if vigor else ' (see data/DATASET.md)'))
+
+
 def load_cvact(cvact_root, resampled_root, split, mpp_1200):
     """Resampled CVACT (samples_on_cvact.py) in VIGOR line format; geometry from ACT_data.mat UTM.
 

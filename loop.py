@@ -26,6 +26,7 @@ import input_data
 import mining
 import pipeline
 import results
+import run_lock
 import testing
 import train_lib
 import train_state
@@ -158,6 +159,11 @@ class Run:
     last_batch: object = None      # the last training batch the loop ran (validation's gradient diagnostic)
     gradient_probe: object = None  # make_gradient_probe's function (single-device runs only)
     adam_eps: float = 1e-8         # the optimiser's eps, the diagnostic's yardstick
+    lock: object = None            # the run directory's run_lock.RunLock (the chief's)
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.release()
 
     def dataset(self, which):
         return train_lib.dataset_splits(self.cfg, which)
@@ -182,32 +188,67 @@ def start_run(stage, cfg):
     if cfg.batch % replicas:
         raise config.ConfigError(f'--batch {cfg.batch} must be a multiple of the {replicas} replicas (global batch)')
     chief = distribute.is_chief(strategy)
-    # Under MultiWorkerMirroredStrategy only the chief writes the run directory; the other workers read
-    # it (resume, previous stage) and keep their own checkpoints and log in a temporary directory.
+    # Under MultiWorkerMirroredStrategy only the chief writes the run directory (and holds its lock); the other
+    # workers read it (resume, previous stage) and keep their own checkpoints and log in a temporary directory.
     write_dir = run_dir if chief else tempfile.mkdtemp(prefix=f'geoloc_{stage.name}_worker_')
-    worker = distribute.worker_name(strategy)
-    log = train_lib.open_log(write_dir, f'{stage.name} {worker}'.strip())
+    lock = train_state.take_lock(run_dir, f'training {stage.name}') if chief else None
+    try:
+        worker = distribute.worker_name(strategy)
+        log = train_lib.open_log(write_dir, f'{stage.name} {worker}'.strip())
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if lock is not None and lock.took_over:
+        log(f'run lock: took over {lock.path}, left by {run_lock.describe(lock.took_over)}, a process of this host '
+            'that has ended')
     cache = pipeline.ImageCache(cfg.image_cache_mb * 2 ** 20) if cfg.image_cache_mb > 0 else None
     if cfg.strategy != 'default':
         log(f'strategy: {cfg.strategy}, {replicas} replicas')
-    return Run(stage, cfg, run_dir, init_dir, strategy, chief, write_dir, log, cache)
+    return Run(stage, cfg, run_dir, init_dir, strategy, chief, write_dir, log, cache, lock=lock)
+
 
 
 def train(stage, cfg):
     """Train one stage in its run directory; -> the run directory's latest checkpoint.
 
     Nothing is written before the configuration, the run directory's record, the previous stage's
-    checkpoint and the training split have been checked. Ctrl-C saves a checkpoint and raises Interrupted."""
+    checkpoint (of its stage and architecture, and finished) and the training split have been checked.
+    The run holds its directory's lock (run_lock) from then on. Ctrl-C saves a checkpoint and raises
+    Interrupted."""
     run_dir, init_dir = stage.run_dirs(cfg)
-    config_path = os.path.join(run_dir, 'config.json')
-    saved = config.check_run_dir(cfg, config_path)
-    if stage.previous and not train_state.latest_checkpoint(run_dir):   # (reads only)
+    config.check_run_dir(cfg, os.path.join(run_dir, 'config.json'))
+    fresh = stage.previous and not train_state.latest_checkpoint(run_dir)    # (reads only)
+    if fresh:
         train_state.check_predecessor(stage, cfg, init_dir)
     split = train_lib.dataset_splits(cfg, 'train')
     spe = steps_per_epoch(cfg, len(split))
+    start = train_state.check_finished(stage, cfg, init_dir, split) if fresh else None
     sampler = input_data.BatchSampler(split, cfg.batch, cfg.seed, spe)
     run = start_run(stage, cfg)
+    try:
+        return _train(run, split, spe, sampler, start)
+    finally:
+        run.release()
+
+
+def _train(run, split, spe, sampler, start):
+    """train() once the run directory is this process's."""
+    stage, cfg, init_dir = run.stage, run.cfg, run.init_dir
+    config_path = os.path.join(run.run_dir, 'config.json')
+    saved = config.check_run_dir(cfg, config_path)   # again: read under the lock
     run.split = split
+    if start is not None and start[1] is not None:
+        ckpt, step, total = start
+        if total is None:
+            run.log(f'init: {stage.previous} checkpoint {ckpt} is at step {step} (its schedule not checked)')
+        else:
+            run.log(f'init: {stage.previous} checkpoint {ckpt} is at step {step} of the {total} its configuration '
+                    'schedules' + (' (unfinished; --allow_unfinished 1)' if step < total else ''))
+    prev = config.load(os.path.join(init_dir, 'config.json')) if stage.inherits and init_dir else None
+    for k in stage.inherits if prev is not None else ():
+        run.log(f'--{k} {getattr(cfg, k)}: {stage.previous}\'s (its config.json in {init_dir}), whose '
+                'outputs this stage reads with it')
     with run.strategy.scope():
         state = train_state.TrainState(stage, cfg, len(split), spe)
     how = train_state.initialise(state, stage, cfg, run.run_dir, run.init_dir, run.log)
@@ -244,10 +285,21 @@ def train(stage, cfg):
         if step >= total:
             run.log(f'already trained ({step} steps); nothing to do')
         else:
-            step = _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, resumed_from, ctrl_c)
+            carried_from = (train_state.latest_checkpoint(run.init_dir)
+                            if how == 'previous' and stage.carry == 'all' else None)
+            step = _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, resumed_from, ctrl_c,
+                           carried_from)
             run.log(f'done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpts.latest}')
         writer.close()
     return finish(run)
+
+
+def validation_due(cfg, step, spe, total):
+    """Whether the loop validates after `step`: at the end of every --val_every-th epoch (1-based epochs, as the
+    released `epoch % 10 == 0`) and at the run's last step; never with --val_every 0."""
+    if not cfg.val_every:
+        return False
+    return step == total or (step % spe == 0 and (step // spe) % cfg.val_every == 0)
 
 
 def _mines_after(cfg, epoch):
@@ -256,22 +308,73 @@ def _mines_after(cfg, epoch):
 
 
 def _mining_round(run, state, buf, embedder, epoch):
+    """The round at the end of (0-based) `epoch`: rank its pool with `buf` (filled first with --mining_fill 1)."""
     cfg, split = run.cfg, run.split
-    buf.fill_missing(split, embedder, cfg, run.images)
-    table = mining.hard_negatives(buf.grd, buf.sat, buf.pool, cfg.mining_topk)
+    pool = mining.mining_pool(cfg.seed, epoch, len(split.tile_paths), cfg.mining_pool)
+    if cfg.mining_fill:
+        buf.fill_missing(split, embedder, cfg, run.images)
+    zeros = buf.unseen(pool)
+    table = buf.rank(pool, cfg.mining_topk)
     state.hard.assign(distribute.broadcast(run.strategy, table))
     state.hard_valid.assign(True)
-    run.log(f'mining: epoch {epoch + 1}: top-{min(cfg.mining_topk, len(buf.pool))} of {len(buf.pool)} '
-            f'tiles for {len(split)} panoramas')
+    buf.pending = -1
+    run.log(f'mining: epoch {epoch + 1}: top-{min(cfg.mining_topk, len(pool))} of {len(pool)} tiles for '
+            f'{len(split)} panoramas' + ('' if cfg.mining_fill else
+                                         f'; {zeros[0]} pool tiles and {zeros[1]} panoramas in no batch yet rank '
+                                         'with zero descriptors (as released)'))
 
 
-def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, resumed_from, ctrl_c):
+def _run_long_table(run, state, ckpts, embedder, plan, spe, resumed_from, carried_from):
+    """The released mining table (--mining_fill 0) a run starts with: the one saved beside the checkpoint it
+    resumes, else (a fresh start) the predecessor's when the stage carries everything over (E_1 phase b), else
+    zeros. A resume whose checkpoint has no table beside it recomputes the descriptors of the batches before it
+    in its epoch (logged: not bit-identical); earlier epochs' stay zero."""
+    cfg, split = run.cfg, run.split
+    n_panos, n_tiles, dim = len(split), len(split.tile_paths), state.model.dim
+    everything = np.arange(n_tiles)
+    if resumed_from:
+        buf = ckpts.load_mining(resumed_from, n_panos, n_tiles, everything, dim)
+        if buf is None:
+            buf = mining.MiningBuffer.run_long(n_panos, n_tiles, dim)
+            step = int(state.step.numpy())
+            epoch, offset = divmod(step, spe)
+            if offset:
+                buf.fill_missing(split, embedder, cfg, run.images, panos=plan(epoch)[0][:offset].ravel())
+            redone = (f'those of the {offset} steps of epoch {epoch + 1} before it are computed again with its '
+                      'weights, ' if offset else '')
+            run.log(f'mining: no descriptors saved with {resumed_from}: {redone}those of earlier epochs\' batches '
+                    'are zero (the rounds are not bit-identical to an uninterrupted run)')
+        return buf
+    if carried_from:
+        path = ckpts.mining_path(carried_from)
+        kept = None
+        if os.path.exists(path):
+            with np.load(path) as f:
+                kept = len(f['pool'])
+        if kept == n_tiles:
+            buf = ckpts.load_mining(carried_from, n_panos, n_tiles, everything, dim)
+            run.log(f'mining: carried over the descriptor table of {carried_from} ({int(buf.grd_seen.sum())} '
+                    f'panoramas and {int(buf.sat_seen.sum())} tiles written by its batches)')
+            return buf
+        run.log(f'mining: no run-long descriptor table beside {carried_from} (trained with --mining 0 or '
+                '--mining_fill 1): the table starts at zero')
+    return mining.MiningBuffer.run_long(n_panos, n_tiles, dim)
+
+
+def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, resumed_from, ctrl_c,
+            carried_from=None):
     """Steps from the state's step to `total`, epoch by epoch, with mining rounds, checkpoints and
-    validations; -> the last step. An epoch that feeds a mining round gathers the descriptors of its
-    batches (mining.MiningBuffer); every checkpoint inside such an epoch saves them (Checkpoints)."""
+    validations; -> the last step. Mining gathers the descriptors of the training batches
+    (mining.MiningBuffer): for the whole run (--mining_fill 0, saved with every checkpoint) or for each
+    epoch that feeds a round (--mining_fill 1, saved with every checkpoint inside such an epoch)."""
     cfg, split = run.cfg, run.split
     step = int(state.step.numpy())
     t_last, s_last = time.time(), step
+    run_long = bool(cfg.mining) and not cfg.mining_fill
+
+    def plan(epoch):
+        use_hard = cfg.mining and bool(state.hard_valid.numpy()) and epoch + 1 >= cfg.mining_start_epoch
+        return sampler.epoch_plan(epoch, state.hard.numpy() if use_hard else None)
 
     def new_buffer(epoch):
         pool = mining.mining_pool(cfg.seed, epoch, len(split.tile_paths), cfg.mining_pool)
@@ -287,7 +390,11 @@ def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, r
                               'same command to resume')
 
     buf = None
-    if resumed_from and step % spe == 0:
+    if run_long:
+        buf = _run_long_table(run, state, ckpts, embedder, plan, spe, resumed_from, carried_from)
+        if buf.pending >= 0 and step % spe == 0:   # the round the run (or its predecessor) stopped before
+            _mining_round(run, state, buf, embedder, buf.pending)
+    elif resumed_from and step % spe == 0:
         if _mines_after(cfg, step // spe - 1):
             pending = saved_buffer(step // spe - 1)
             if pending is not None:   # the run stopped at this epoch end before its round (an extended run)
@@ -299,13 +406,12 @@ def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, r
                     'again at the epoch end (the round is not bit-identical to an uninterrupted run)')
     while step < total:
         epoch, offset = divmod(step, spe)
-        use_hard = cfg.mining and bool(state.hard_valid.numpy()) and epoch + 1 >= cfg.mining_start_epoch
-        panos, semi = sampler.epoch_plan(epoch, state.hard.numpy() if use_hard else None)
+        panos, semi = plan(epoch)
         end = min(spe, offset + total - step)
         ds = pipeline.train_dataset(split, panos[offset:end], semi[offset:end], cfg.grd_size, cfg.sat_size,
                                     cfg.batch, cache=run.images, with_semi=run.stage.uses_semi)
         ds = run.strategy.experimental_distribute_dataset(ds)
-        if _mines_after(cfg, epoch) and buf is None:
+        if not run_long and _mines_after(cfg, epoch) and buf is None:
             buf = new_buffer(epoch)
         for batch in ds:
             loss, terms, reports, ok, desc = step_fn(batch)
@@ -328,14 +434,18 @@ def _epochs(run, state, step_fn, ckpts, writer, embedder, sampler, spe, total, r
             if step % cfg.ckpt_every == 0 or ctrl_c.requested:
                 ckpts.save(step, buf)
             stop_if_asked(step)
-        if step % spe == 0 and step < total and buf is not None:   # the epoch is complete: its mining round
-            _mining_round(run, state, buf, embedder, epoch)
-            buf = None
+        if step % spe == 0 and buf is not None and _mines_after(cfg, epoch):   # the epoch is complete
+            if step < total:
+                _mining_round(run, state, buf, embedder, epoch)
+                if not run_long:
+                    buf = None
+            elif run_long:
+                buf.pending = epoch   # run by an extension of this run, or by the stage it carries over to
         ckpts.save(step, buf)  # an epoch end or the run's last step (with the round's descriptors if it is pending)
-        if step % spe == 0:
+        if step % spe == 0 and not run_long:
             buf = None
         stop_if_asked(step)
-        if cfg.val_every and run.chief and (step == total or (step % spe == 0 and (epoch + 1) % cfg.val_every == 0)):
+        if run.chief and validation_due(cfg, step, spe, total):
             validate(run, state.model, embedder, writer, step)
             stop_if_asked(step)   # (Ctrl-C during the validation)
     return step

@@ -46,6 +46,35 @@ def read_vgg16_npy(path):
     return weights
 
 
+def vgg16_width(weights):
+    """-> (the --width whose VGG16 trunk every conv of `weights` (read_vgg16_npy) fits, ''), the width read from
+    conv1_1's output channels (64 x width); or (None, the first layer that fits no width: missing, or of
+    another shape than that width's)."""
+    shape = lambda a: tuple(int(d) for d in np.shape(a))
+    try:
+        first = shape(weights['conv1_1'][0])
+    except (KeyError, IndexError, TypeError):
+        return None, 'layer conv1_1 missing'
+    if len(first) != 4 or first[:3] != (3, 3, 3):
+        return None, f'layer conv1_1 has shape {first}; a VGG16 of any width needs (3, 3, 3, 64 x width)'
+    width = first[3] / 64
+    cin = 3
+    for layer in VGG16_LAYERS:
+        if layer == 'pool':
+            continue
+        name, c = layer
+        cout = channels(c, width)
+        try:
+            kernel, bias = shape(weights[name][0]), shape(weights[name][1])
+        except (KeyError, IndexError, TypeError):
+            return None, f'layer {name} missing'
+        if kernel != (3, 3, cin, cout) or bias != (cout,):
+            return None, (f'layer {name} has shapes {kernel} and {bias}; with conv1_1 of width {width:g} it needs '
+                          f'{(3, 3, cin, cout)} and {(cout,)}')
+        cin = cout
+    return width, ''
+
+
 class VGG16(tf.Module):
     """conv1_1 ... conv5_3 with 4 max-pools, then one extra 2x2 max-pool (input / 32)."""
 

@@ -7,7 +7,7 @@ Input (raw CVACT, Liu & Li, CVPR 2019):
     <cvact_root>/streetview/<panoId>_grdView.jpg             panoramas (checked to exist, not copied)
     <cvact_root>/satview_polish/<panoId>_satView_polish.jpg  1200x1200, north-up, panorama at (600, 600)
 
-Output (<out> must be empty or absent):
+Output (<out> must be empty or absent; built in a temporary sibling and renamed into place when complete):
     satellite/<panoId>_sampled_<i>.jpg   600x600 JPEG crops, i = 0 positive, 1..3 semi-positives
     centers.txt                          "<panoId>_sampled_<i>.jpg: (x, y)" panorama position in the crop, px
     splits/train.txt, splits/test.txt    VIGOR 13-token label lines (deltas in px of the 640-px tile)
@@ -29,12 +29,15 @@ panorama's crops do not depend on which validation set is chosen.
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import cv2
 import numpy as np
 
+import images
 from geometry import TILE_PX
 from act_data import load_act_data
 
@@ -94,7 +97,10 @@ def _write_text(path, lines):
 def _read_aerial(path, index):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: aerial missing (panoIds entry {index + 1} of ACT_data.mat)')
-    image = cv2.imread(path, cv2.IMREAD_COLOR)  # (H, W, 3) uint8 BGR
+    with open(path, 'rb') as f:
+        data = f.read()
+    images.check_complete(path, data)   # OpenCV would decode a truncated aerial, its missing rows flat grey
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # (H, W, 3) uint8 BGR
     if image is None:
         raise ValueError(f'{path}: unreadable image')
     h, w = image.shape[:2]
@@ -108,7 +114,9 @@ def resample(cvact_root, out_root, seed=0, crop=600, progress=True, val_set=None
 
     Panoramas of panoIds that no split lists are left out (counted in the summary). Returns a summary dict
     (the contents of resample_config.json plus 'out_root'). Raises FileNotFoundError / ValueError naming the
-    offending file; an interrupted run leaves no split files and no resample_config.json.
+    offending file (a missing, unreadable, truncated or wrongly sized aerial among them). The output is built
+    in a temporary sibling of out_root and renamed into place when complete: a failed run leaves out_root as
+    it was (absent or empty), so the same command runs again.
     """
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f'seed must be a non-negative integer, got {seed!r}')
@@ -130,6 +138,25 @@ def resample(cvact_root, out_root, seed=0, crop=600, progress=True, val_set=None
         if not os.path.isfile(grd):
             raise FileNotFoundError(f'{grd}: panorama missing (panoIds entry {i + 1} of ACT_data.mat)')
 
+    parent = os.path.dirname(os.path.abspath(out_root))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(out_root))}.tmp-', dir=parent)
+    try:
+        summary = _resample_into(staging, cvact_root, mat_path, act, splits, used, overlap, seed, crop, progress,
+                                 out_root)
+        os.chmod(staging, 0o755)
+        if os.path.isdir(out_root):
+            os.rmdir(out_root)        # empty (checked above): the complete output takes its place
+        os.rename(staging, out_root)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    return dict(summary, out_root=os.path.abspath(out_root))
+
+
+def _resample_into(out_root, cvact_root, mat_path, act, splits, used, overlap, seed, crop, progress, shown):
+    """resample's work, written into the staging folder out_root; -> resample_config.json's contents."""
+    pano_ids = act['pano_ids']
     sat_dir = os.path.join(out_root, 'satellite')
     split_dir = os.path.join(out_root, 'splits')
     os.makedirs(sat_dir, exist_ok=True)
@@ -137,7 +164,7 @@ def resample(cvact_root, out_root, seed=0, crop=600, progress=True, val_set=None
     if progress:
         print(f'samples_on_cvact: {len(used)} aerials (train {len(splits["train"])}, test {len(splits["test"])} '
               f'from {act["val_set"]}, {overlap} in both; {len(pano_ids) - len(used)} panoIds in no split left out) '
-              f'-> {out_root}', flush=True)
+              f'-> {shown}', flush=True)
 
     centres = {}  # 0-based pano index -> [(x, y)] * 4, panorama position in each crop, px
     centre = AERIAL_SIZE // 2
@@ -185,7 +212,7 @@ def resample(cvact_root, out_root, seed=0, crop=600, progress=True, val_set=None
     os.replace(tmp, os.path.join(out_root, 'resample_config.json'))
     if progress:
         print(f'samples_on_cvact: done, {4 * len(used)} crops in {time.time() - start:.1f} s', flush=True)
-    return dict(config, out_root=os.path.abspath(out_root))
+    return config
 
 
 def main(argv=None):

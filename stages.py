@@ -38,11 +38,16 @@ class Stage:
     previous: str = ''         # predecessor's stage name ('' = start from ImageNet)
     restore: tuple = ()        # parts restored from the predecessor
     also_accepts: tuple = ()   # other stages whose checkpoints --init_from may hold
+    inherits: tuple = ()       # settings taken from the predecessor's config.json (E_3: its --nll, the scale of
+                               # its u); given on the command line, one that differs is refused
     carry: str = 'slots'       # from the predecessor: 'slots' (Adam slots of restored parts), 'all' (and
                                # the global step and the mining table), 'none'
     uses_semi: bool = True     # the loss looks at the semi-positive tile (else it is not even read)
     defaults: dict = dataclasses.field(default_factory=dict)   # the paper's values for this stage
     presets: dict = dataclasses.field(default_factory=dict)    # {'demo': {...}} on top of config.PRESETS
+    flags: dict = dataclasses.field(default_factory=dict)      # flags of this stage alone: {flag: (setting, help)};
+                               # given, the flag sets the setting for this stage over the shared flag (E_1's
+                               # --epochs_a: phase a's --epochs)
     tables: dict = dataclasses.field(default_factory=dict)     # run tables: name -> columns (rows = train split)
                                                                 # or a (rows, columns) shape
     prepare: callable = None   # (model, split, embedder, cfg, log, image cache, run dir) -> {table: array},

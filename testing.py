@@ -30,6 +30,7 @@ import geometry
 import model as model_lib
 import protocols
 import results
+import run_lock
 
 
 @dataclasses.dataclass
@@ -304,13 +305,33 @@ def restored_model(stage, cfg, ckpt, run_dir):
 
 
 def run_test(stage, cfg):
-    """--test: evaluate the run directory's latest checkpoint on the test split (or --max_queries of it)."""
-    import embedding
-    import train_lib
+    """--test: evaluate the run directory's latest checkpoint on the test split (or --max_queries of it). It
+    holds the run directory's lock (run_lock) while it runs: it writes train.log there, and by default test/."""
+    import errno
+    import train_state
     run_dir, ckpt, cfg = trained_run(stage, cfg)
     out_dir = protocols.results_dir(cfg, run_dir)
     shutil.rmtree(results._staging_dir(out_dir))      # a place we cannot write is refused before the evaluation
+    try:
+        lock = train_state.take_lock(run_dir, f'{stage.name} --test')
+    except OSError as e:   # a run directory we cannot write (results in --test_dir): nothing of ours goes there
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        lock = None
+    try:
+        return _run_test(stage, cfg, run_dir, ckpt, out_dir, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_test(stage, cfg, run_dir, ckpt, out_dir, lock):
+    import embedding
+    import train_lib
     log = train_lib.open_log(run_dir, stage.name + ' test')
+    if lock is not None and lock.took_over:
+        log(f'run lock: took over {lock.path}, left by {run_lock.describe(lock.took_over)}, a process of this host '
+            'that has ended')
     split = train_lib.dataset_splits(cfg, 'test')
     model = restored_model(stage, cfg, ckpt, run_dir)
     queries = np.arange(len(split) if not cfg.max_queries else min(cfg.max_queries, len(split)))

@@ -128,6 +128,7 @@ def dataset_splits(cfg, which):
         return input_data.load_vigor(root, which, cfg.area, cfg.labels)
     if not root:
         root = synthetic_data.ensure_cvact(os.path.join(HERE, 'data', 'synthetic_cvact'))
+    input_data.check_cvact_root(root)
     mpp = cfg.cvact_mpp
     if not mpp and synthetic_data.synthetic_kind(root) == 'cvact':
         mpp = synthetic_data.CVACT_MPP_1200      # the synthetic CVACT's own resolution
@@ -145,14 +146,33 @@ def dataset_splits(cfg, which):
 
 
 def configs(stages_, argv):
-    """One Config per stage from the command line (config.resolve's precedence)."""
+    """One Config per stage from the command line (config.resolve's precedence). A stage's own flags
+    (Stage.flags, e.g. E_1's --epochs_a) set their setting for that stage over the shared flag."""
     import config
     doc = getattr(sys.modules.get('__main__'), '__doc__', None)
     presets = dict(config.PRESETS)
     for s in stages_:
         presets.update({k: {} for k in s.presets if k not in presets})
-    explicit, preset, test = config.parse_flags(argv, doc, presets)
-    return [config.resolve(s.name, explicit, preset, s.defaults, s.presets, test) for s in stages_]
+    stage_flags = {name: spec for s in stages_ for name, spec in s.flags.items()}
+    explicit, preset, test = config.parse_flags(argv, doc, presets, stage_flags)
+    shared = {k: v for k, v in explicit.items() if k not in stage_flags}
+    out = []
+    for s in stages_:
+        own = {setting: explicit[name] for name, (setting, _) in s.flags.items() if name in explicit}
+        given = dict(shared, **own)
+        try:
+            cfg = config.resolve(s.name, given, preset, s.defaults, s.presets, test)
+        except config.ConfigError as e:   # blame the flag that was given
+            for name, (setting, _) in s.flags.items():
+                if name in explicit and str(e).startswith(f'--{setting} '):
+                    raise config.ConfigError(f'--{name} {str(e)[len(setting) + 3:]}') from None
+            raise
+        if s.inherits:
+            run_dir, init_dir = s.run_dirs(cfg)
+            cfg = config.inherit(cfg, given, s.inherits, os.path.join(run_dir, 'config.json'),
+                                 init_dir and os.path.join(init_dir, 'config.json'), s.previous)
+        out.append(cfg)
+    return out
 
 
 def main(stages_, argv=None):

@@ -39,7 +39,7 @@ STAGE = stages.Stage(
     name='E_2_2', parts=PARTS, train_parts=PARTS, loss=loss, previous='E_2_1',
     restore=model.RETRIEVAL_PARTS + model.HEATMAP_PARTS,
     defaults={'lr': 5e-6, 'lr_decay': 0.9, 'lr_decay_steps': 910, 'lr_staircase': 0, 'batch': 10, 'epochs': 80,
-              'mining': 1},
+              'mining': 1, 'val_every': 10},   # validation: the released `if epoch % 10 == 0`
     # demo: the head's scale lets u reach the demo's ~100-px errors in 100 steps (at scale 1 it stays near 20 px)
     presets={'demo': {'epochs': 4, 'lr': 5e-5, 'cholesky_scale': 16.0},
              'study': {'epochs': 2, 'lr': 1e-4, 'cholesky_scale': 16.0}})

@@ -111,6 +111,15 @@ class TrainState(tf.Module):
                                    tables_ready=self.tables_ready)
 
 
+def take_lock(run_dir, what):
+    """The run directory's lock (run_lock.RunLock), or StateError in one line naming the process holding it."""
+    import run_lock
+    try:
+        return run_lock.RunLock(run_dir, what).acquire()
+    except run_lock.LockError as e:
+        raise StateError(str(e)) from None
+
+
 def latest_checkpoint(run_dir):
     """The run directory's latest checkpoint path, or None; a damaged index is an error, not a fresh start."""
     if not run_dir:
@@ -194,6 +203,51 @@ def check_predecessor(stage, cfg, init_dir):
     return ckpt
 
 
+# Settings that say which training split a run counted its epochs on.
+_DATA = ('dataset', 'data_root', 'cvact_resampled', 'cvact_mpp', 'area', 'labels')
+
+
+def check_finished(stage, cfg, init_dir, split):
+    """-> (checkpoint, its step, the steps its config.json schedules) of the previous stage; the last two None
+    when the checkpoint holds no step or there is no config.json. A checkpoint below its schedule (a run that
+    was stopped) is refused unless --allow_unfinished 1. `split`: this run's training split, whose size is the
+    predecessor's when both read the same data (else the predecessor's split is loaded)."""
+    import train_lib
+    ckpt = latest_checkpoint(init_dir)
+    prev = config.load(os.path.join(init_dir, 'config.json'))
+    try:
+        step = int(tf.train.load_checkpoint(ckpt).get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE'))
+    except (tf.errors.OpError, ValueError, KeyError):   # unreadable or foreign: the restore says so in one line
+        return ckpt, None, None
+    if prev is None:
+        return ckpt, step, None
+    if all(prev.get(k, config.DEFAULTS[k]) == getattr(cfg, k) for k in _DATA):
+        n_train = len(split)
+    else:
+        import input_data
+        known = {k: v for k, v in prev.items() if k in config.KIND}
+        try:
+            n_train = len(train_lib.dataset_splits(config.Config(**known), 'train'))
+        except (input_data.DataError, config.ConfigError, OSError) as e:
+            if cfg.allow_unfinished:
+                return ckpt, step, None
+            raise StateError(f'{init_dir}: cannot count the steps its config.json schedules: its training split does '
+                             f'not load here ({str(e).splitlines()[0] if str(e) else type(e).__name__}); pass '
+                             '--allow_unfinished 1 to start from it without that check') from None
+    per = prev.get('epoch_batch', config.DEFAULTS['epoch_batch']) or prev.get('batch', config.DEFAULTS['batch'])
+    epochs, max_steps = prev.get('epochs', 1), prev.get('max_steps', 0)
+    total = epochs * (n_train // per)
+    if max_steps:
+        total = min(total, max_steps)
+    if step < total and not cfg.allow_unfinished:
+        limit = f', --max_steps {max_steps}' if max_steps and max_steps < epochs * (n_train // per) else ''
+        raise StateError(f'{init_dir}: its checkpoint {os.path.basename(ckpt)} is at step {step} of the {total} its '
+                         f'config.json schedules (--epochs {epochs} of {n_train // per} steps{limit}): an unfinished '
+                         f'{prev.get("stage") or stage.previous}; finish it (`{stage.previous_command()}` again with '
+                         'its flags) or pass --allow_unfinished 1 to start from it anyway')
+    return ckpt, step, total
+
+
 def initialise(state, stage, cfg, run_dir, init_dir, log):
     """Resume > previous stage > ImageNet > random (see the module docstring). -> which one ran."""
     latest = latest_checkpoint(run_dir)
@@ -212,8 +266,12 @@ def initialise(state, stage, cfg, run_dir, init_dir, log):
         if stage.carry != 'none' and cfg.carry_optimizer and slot_parts:
             restore_optimizer(state.optimizer, slot_parts, ckpt, stage.previous, global_step=stage.carry == 'all')
             carried.append(f'Adam slots of {", ".join(slot_parts)} ({int(state.optimizer.updates.numpy())} updates)')
+            if stage.carry == 'all':
+                carried.append(f'global step {int(state.optimizer.global_step.numpy())}')
+        elif stage.carry == 'all':   # --carry_optimizer 0: the schedule starts again
+            carried.append('not the Adam slots nor the global step (--carry_optimizer 0: the learning-rate schedule '
+                           'starts at step 0)')
         if stage.carry == 'all':
-            carried.append(f'global step {int(state.optimizer.global_step.numpy())}')
             holder = tf.train.Checkpoint(hard=state.hard, hard_valid=state.hard_valid)
             _matched(_read(holder, ckpt, stage.previous).expect_partial(), ckpt, f'the mining table of {stage.previous}')
             if bool(state.hard_valid.numpy()):
@@ -235,8 +293,12 @@ def load_imagenet(model, path, log):
         raise StateError(str(e)) from None
     problem = model.grd_trunk.vgg16_mismatch(weights)
     if problem:
+        width, why = model_lib.vgg16_width(weights)
+        if width is None:   # not a VGG16 of any width: a wrong or damaged file, not a smaller network
+            raise StateError(f'{path}: not ImageNet VGG16 weights of any --width ({why}); expected the classic '
+                             'TF-VGG vgg16.npy (see data/DATASET.md)')
         log(f'init: random VGG16 trunks: the ImageNet weights in {path} do not fit this network ({problem}); '
-            'they fit --width 1 only')
+            f'they fit --width {width:g} only')
         return False
     for conv in model.grd_trunk.convs:
         if not all(np.all(np.isfinite(np.asarray(a, np.float32))) for a in weights[conv.name][:2]):

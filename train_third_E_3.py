@@ -8,7 +8,8 @@ panorama, semi-positive) pair: its fusion and covariance heads on descriptors, e
 embedded once. The table is part of the run's state (a resumed run reads it back, never recomputes it)
 and is also written to <run_dir>/u_table.npz with its histogram. Only the trunks and SAFA train:
 triplet + the uncertainty-weighted ratio loss; W_m = 1 / (1 + c exp(a (b - u))) with u on the released
-NLL's scale (x sqrt 2 under the corrected NLL).
+NLL's scale (x sqrt 2 under the corrected NLL). --nll is E_2_2's, read from its config.json (a different
+--nll is refused): it says which scale the u table is on.
 """
 import os
 import sys
@@ -95,9 +96,10 @@ def loss(m, emb, batch, ctx):
 
 STAGE = stages.Stage(
     name='E_3', parts=PARTS, train_parts=model.RETRIEVAL_PARTS, loss=loss, previous='E_2_2', restore=PARTS,
+    inherits=('nll',),   # u is on the scale of the NLL E_2_2 trained with: E_3 rescales it by that setting
     tables={'u_table': 3, 'u_b': (1, 1)}, prepare=u_table,
     defaults={'lr': 1e-6, 'lr_decay': 0.9, 'lr_decay_steps': 0, 'lr_staircase': 0, 'batch': 10, 'epochs': 150,
-              'mining': 0},
+              'mining': 0, 'val_every': 10},   # validation: the released `if epoch % 10 == 0`
     presets={'demo': {'epochs': 2, 'lr': 1e-5, 'cholesky_scale': 16.0},   # the scale of the E_2_2 it starts from
              'study': {'epochs': 1, 'max_steps': 256, 'lr': 1e-5, 'cholesky_scale': 16.0}})
 STAGES = [STAGE]

@@ -385,7 +385,7 @@ def test_accepted_byte_order_mark_and_corrected_out_of_tile_semi_positive(vigor_
 # ----------------------------------------------------------------------------- CVACT's ACT_data.mat
 
 @pytest.mark.parametrize('damage,message', [
-    ('missing', '{mat}: CVACT ACT_data.mat not found'),
+    ('missing', '{mat}: CVACT ACT_data.mat not found: {root} holds no CVACT data (see data/DATASET.md)'),
     ('garbage', '{mat}: not a readable .mat file (Unknown mat file type, version 97, 32)'),
     ('no utm', "{mat}: missing field 'utm'"),
 ])
@@ -401,7 +401,16 @@ def test_cvact_act_data_missing_or_corrupt(tmp_path, capsys, damage, message):
     argv = TINY + ['--dataset', 'cvact', '--cvact_mpp', '0.12', '--data_root', str(root),
                    '--run_dir', str(tmp_path / 'run')]
     err = fails(E_1, argv, capsys)
-    assert err == 'error: ' + message.format(mat=mat)
+    assert err == 'error: ' + message.format(mat=mat, root=root)
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('mpp', [[], ['--cvact_mpp', '0.12']], ids=['without --cvact_mpp', 'with --cvact_mpp'])
+def test_cvact_on_a_vigor_tree(vigor, tmp_path, capsys, mpp):
+    """--dataset cvact on a tree with no CVACT data says so first (not that --cvact_mpp is missing)."""
+    argv = TINY + ['--dataset', 'cvact', '--data_root', vigor, '--run_dir', str(tmp_path / 'run')] + mpp
+    assert fails(E_1, argv, capsys) == (f'error: {vigor}/ACT_data.mat: CVACT ACT_data.mat not found: {vigor} holds no '
+                                        'CVACT data; it is a VIGOR tree (leave out --dataset cvact)')
     assert not (tmp_path / 'run').exists()
 
 
@@ -464,6 +473,82 @@ def test_test_of_another_stages_run_directory(vigor, e1_run, capsys):
     assert err == f'error: {e1_run}: holds a E_1 run, not E_2_2; test it with python train_first_E_1.py --test'
 
 
+# ----------------------------------------------------------------------------- one writer; finished predecessors
+
+def test_a_busy_run_directory_is_refused_and_nothing_is_lost(vigor, e1_run, tmp_path, capsys):
+    """Another process holds the run directories (as a training run does): training and --test are refused in
+    one line naming it, and write nothing; once it is dead, the same command takes its stale lock over."""
+    import socket
+    from test_run_lock import hold
+    run_dir = damaged_copy(e1_run, tmp_path)
+    before = snapshot(run_dir)
+    holders = [hold(os.path.join(run_dir, 'phase_a')), hold(run_dir)]
+    try:
+        for extra, held, proc in (([], os.path.join(run_dir, 'phase_a'), holders[0]),
+                                  (['--test'], run_dir, holders[1])):
+            err = train_e1(vigor, run_dir, capsys, *extra)
+            assert err.startswith(f'error: {held}: in use by pid {proc.pid} on {socket.gethostname()} (training E_x, '
+                                  'since '), err
+            assert err.endswith('one process writes a run directory at a time; wait for it to end, or use another '
+                                '--run_dir')
+        after = snapshot(run_dir)
+        assert {p: d for p, d in after.items() if not p.endswith('run.lock')} == before    # train.log included
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
+    capsys.readouterr()
+    assert train_lib.main(E_1, TINY + ['--data_root', vigor, '--run_dir', run_dir]) == 0
+    out = capsys.readouterr().out
+    assert f'[E_1a] run lock: took over {run_dir}/phase_a/run.lock, left by pid {holders[0].pid} on ' in out
+    assert f'[E_1] run lock: took over {run_dir}/run.lock, left by pid {holders[1].pid} on ' in out
+    assert not glob.glob(os.path.join(run_dir, '**', 'run.lock'), recursive=True)
+    assert_untouched(before, run_dir)
+
+
+def write_fake_run(run_dir, stage, step, **settings):
+    """A run directory whose checkpoint holds only its step, with the config.json of those settings."""
+    import tensorflow as tf
+    import config
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(step=tf.Variable(step, dtype=tf.int64)),
+                                         os.path.join(run_dir, 'ckpt'), 1)
+    manager.save(checkpoint_number=step)
+    explicit, _, _ = config.parse_flags(TINY)
+    config.save(config.resolve(stage, dict(explicit, **settings)), os.path.join(run_dir, 'config.json'))
+
+
+def test_e3_refuses_an_unfinished_e2_2(vigor, tmp_path, capsys):
+    """E_2_2 stopped at step 1 of the 2 its config.json schedules (1 epoch of floor(36 / 14) steps, no
+    --max_steps): E_3 refuses it before writing anything."""
+    e22 = str(tmp_path / 'E_2_2')
+    write_fake_run(e22, 'E_2_2', 1, max_steps=0, data_root=vigor)
+    argv = TINY + ['--data_root', vigor, '--run_dir', str(tmp_path / 'E_3'), '--init_from', e22]
+    err = fails([train_third_E_3.STAGE], argv, capsys)
+    assert err == (f'error: {e22}: its checkpoint ckpt-1 is at step 1 of the 2 its config.json schedules (--epochs 1 '
+                   'of 2 steps): an unfinished E_2_2; finish it (`python train_second_E_2_2.py` again with its flags) '
+                   'or pass --allow_unfinished 1 to start from it anyway')
+    assert not (tmp_path / 'E_3').exists()
+    # stopped by its own --max_steps, the same checkpoint is finished: E_3 goes on (here to the restore, which
+    # this stand-in checkpoint cannot serve)
+    write_fake_run(str(tmp_path / 'stopped'), 'E_2_2', 1, max_steps=1, data_root=vigor)
+    argv[argv.index(e22)] = str(tmp_path / 'stopped')
+    assert 'restoring' in fails([train_third_E_3.STAGE], argv, capsys)
+
+
+def test_allow_unfinished_starts_from_a_stopped_predecessor_and_says_where(vigor, e1_run, tmp_path, capsys):
+    import config
+    prev = str(tmp_path / 'phase_a')
+    shutil.copytree(os.path.join(e1_run, 'phase_a'), prev)
+    config.save(config.Config(**dict(config.load(os.path.join(prev, 'config.json')), max_steps=0)),
+                os.path.join(prev, 'config.json'))                  # as if it had stopped at step 1 of 2
+    argv = TINY + ['--data_root', vigor, '--run_dir', str(tmp_path / 'E_2_1'), '--init_from', prev]
+    err = fails([train_second_E_2_1.STAGE], argv, capsys)
+    assert err.startswith(f'error: {prev}: its checkpoint ckpt-1 is at step 1 of the 2 its config.json schedules')
+    assert train_lib.main([train_second_E_2_1.STAGE], argv + ['--allow_unfinished', '1']) == 0
+    assert (f'[E_2_1] init: E_1a checkpoint {prev}/ckpt/ckpt-1 is at step 1 of the 2 its configuration schedules '
+            '(unfinished; --allow_unfinished 1)') in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- ImageNet weights of another width
 
 def test_full_size_imagenet_weights_with_the_demo_preset(vigor, tmp_path, capsys):
@@ -487,6 +572,20 @@ def test_full_size_imagenet_weights_with_the_demo_preset(vigor, tmp_path, capsys
     assert out.err == ''
     assert (f'[E_1a] init: random VGG16 trunks: the ImageNet weights in {path} do not fit this network (layer conv1_1 '
             'has shape (3, 3, 3, 64), this network needs (3, 3, 3, 16)); they fit --width 1 only') in out.out
+
+
+def test_imagenet_weights_of_no_width_are_refused(vigor, tmp_path, capsys):
+    """A vgg16.npy whose conv1_1 takes 5 input channels is no VGG16 of any width: one line, not random trunks
+    under a message that the file fits --width 1."""
+    from test_train_state import vgg16_file
+    path = vgg16_file(tmp_path / 'vgg16.npy', 0.0625, first=(3, 3, 5, 4))
+    run_dir = str(tmp_path / 'run')
+    err = fails([train_first_E_1.PHASE_A], TINY + ['--data_root', vigor, '--run_dir', run_dir, '--vgg_weights', path],
+                capsys)
+    assert err == (f'error: {path}: not ImageNet VGG16 weights of any --width (layer conv1_1 has shape (3, 3, 5, 4); a '
+                   'VGG16 of any width needs (3, 3, 3, 64 x width)); expected the classic TF-VGG vgg16.npy (see '
+                   'data/DATASET.md)')
+    assert not os.path.exists(os.path.join(run_dir, 'phase_a', 'config.json'))
 
 
 # ----------------------------------------------------------------------------- Ctrl-C and a full disk

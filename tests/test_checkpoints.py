@@ -56,3 +56,25 @@ def test_clean_removes_what_an_interrupted_save_left(tmp_path):
         n.endswith('_temp') or '.tmp' in n or n == 'ckpt-3.mining.npz'))
     assert not (tmp_path / 'ckpt-5_temp').exists() and not (tmp_path / 'ckpt-3.mining.npz').exists()
     assert ck.latest == kept and os.path.exists(kept + '.index')
+
+
+def test_a_failed_save_removes_only_what_it_wrote(tmp_path, monkeypatch):
+    """The files of a ckpt-5 that this save did not write (another writer's) survive its failure; what the failed
+    save wrote itself (the mining file, TensorFlow's ckpt-5_temp/, a temporary index) is removed."""
+    ck = checkpoints.Checkpoints(tf.train.Checkpoint(v=tf.Variable(0.0)), str(tmp_path))
+    kept = ck.save(4)
+    theirs = ['ckpt-5.index', 'ckpt-5.data-00000-of-00001']
+    for name in theirs:
+        (tmp_path / name).write_bytes(b'another writer')
+
+    def fail(**kwargs):
+        (tmp_path / 'ckpt-5_temp').mkdir()
+        (tmp_path / 'ckpt-5_temp' / 'part').write_bytes(b'x')
+        (tmp_path / 'checkpoint.tmp123').write_bytes(b'x')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(ck.manager, 'save', fail)
+    with pytest.raises(checkpoints.TrainError, match=r'ckpt-5: cannot write the checkpoint of step 5 \(No space'):
+        ck.save(5, _buffer())
+    assert sorted(os.listdir(tmp_path)) == sorted(['checkpoint', 'ckpt-4.index', 'ckpt-4.data-00000-of-00001'] + theirs)
+    assert all((tmp_path / name).read_bytes() == b'another writer' for name in theirs)
+    assert ck.latest == kept

@@ -44,6 +44,7 @@ def test_precedence_flag_over_preset_over_stage_over_global():
     (['--fov', '0'], '--fov 0.0: must be a number of degrees in (0, 360]'),
     (['--fov', '400'], '--fov 400.0: must be a number of degrees in (0, 360]'),
     (['--eval_seed', '-1'], '--eval_seed -1: must be 0 or more'),
+    (['--mining_fill', '2'], '--mining_fill 2: must be 0 or 1'),
     (['--mining_topk', '200', '--mining_pool', '100'],
      '--mining_topk 200: must not exceed --mining_pool 100 (the hard tiles are the top of the pool)'),
     (['--dataset', 'cvact', '--labels', 'corrected'],
@@ -57,6 +58,15 @@ def test_impossible_values_are_one_line_errors(argv, message):
     with pytest.raises(config.ConfigError) as e:
         resolve(argv)
     assert str(e.value) == message
+
+
+def test_original_cholesky_means_no_floor_unless_one_is_given():
+    assert resolve([]).cholesky_floor == 0.01
+    assert resolve(['--cholesky', 'original']).cholesky_floor == 0.0
+    assert resolve(['--cholesky', 'original', '--cholesky_floor', '0.01']).cholesky_floor == 0.01
+    assert resolve(['--cholesky', 'port', '--cholesky_floor', '0.5']).cholesky_floor == 0.5
+    assert 'phase b\'s learning-rate schedule restarts' in next(
+        f.metadata['help'] for f in config.FLAGS if f.name == 'carry_optimizer')
 
 
 def test_paths_of_the_wrong_kind(tmp_path):
@@ -92,6 +102,17 @@ def test_a_config_json_of_another_version_still_matches(tmp_path):
     assert config.mismatch(saved, cfg) is None
     assert config.mismatch(saved, cfg.replace(localiser='correlation')) == ('localiser', 'unet', 'correlation')
     assert config.model_settings(saved, cfg.replace(localiser='correlation')).localiser == 'unet'
+
+
+def test_a_run_made_before_mining_fill_existed_resumes_with_the_behaviour_it_had():
+    """Runs written before --mining_fill filled the round's missing descriptors: a config.json without the key
+    compares as --mining_fill 1, so a resume under today's default is refused rather than silently switched."""
+    cfg = resolve([])
+    assert cfg.mining_fill == 0
+    saved = {k: v for k, v in cfg.to_dict().items() if k != 'mining_fill'}
+    assert config.mismatch(saved, cfg) == ('mining_fill', 1, 0)
+    assert config.mismatch(saved, cfg.replace(mining_fill=1)) is None
+    assert config.mismatch(dict(saved, mining_fill=0), cfg) is None
 
 
 def test_settings_of_parts_a_stage_does_not_restore():

@@ -160,6 +160,29 @@ def test_an_epoch_is_the_released_codes_in_every_stage():
     assert float(state.optimizer.learning_rate(3757 // 2)) == pytest.approx(1e-6 * 0.9 ** ((3757 // 2) / 3757), rel=1e-5)
 
 
+def test_validation_follows_the_released_cadence_by_default():
+    """Every epoch in E_1 (both phases), every 10th (1-based, the released `epoch % 10 == 0`) in E_2_1, E_2_2 and
+    E_3, and at a run's last step; --val_every overrides the stage's default, 0 never validates."""
+    import config
+    import loop
+    spe = 7
+    for name, every in (('E_1a', 1), ('E_1', 1), ('E_2_1', 10), ('E_2_2', 10), ('E_3', 10)):
+        stage = stages.get(name)
+        cfg = config.resolve(name, {}, 'paper', stage.defaults, stage.presets)
+        assert cfg.val_every == every, name
+        total = cfg.epochs * spe
+        due = [s for s in range(1, total + 1) if loop.validation_due(cfg, s, spe, total)]
+        assert due == [e * spe for e in range(every, cfg.epochs + 1, every)] + (
+            [] if cfg.epochs % every == 0 else [total]), name
+        cfg = config.resolve(name, {'val_every': 3}, 'paper', stage.defaults, stage.presets)
+        assert [s for s in range(1, 23) if loop.validation_due(cfg, s, spe, 22)] == [21, 22], name
+        cfg = config.resolve(name, {'val_every': 0}, 'paper', stage.defaults, stage.presets)
+        assert not any(loop.validation_due(cfg, s, spe, total) for s in range(1, total + 1)), name
+    # inside an epoch only the run's last step validates (a --max_steps run)
+    cfg = config.resolve('E_2_1', {}, 'paper', stages.get('E_2_1').defaults)
+    assert [s for s in range(1, 76) if loop.validation_due(cfg, s, spe, 75)] == [70, 75]
+
+
 # ----------------------------------------------------------------------------- the validation's diagnostics
 
 def grd_norm_loss(m, emb, batch, ctx):

@@ -1,6 +1,7 @@
 """Hard-negative mining (docs/design.md §2): the pool, the top-k table, the descriptors it ranks, and the mined half
 of the batches."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -71,6 +72,44 @@ def test_buffer_keeps_the_pool_tiles_only():
     assert not buf.grd_seen[1] and not buf.sat_seen[0] and np.isfinite(buf.grd).all()
 
 
+def test_released_ranking_keeps_zero_descriptors():
+    """A pool tile no batch wrote keeps its zero descriptor: it scores exactly 0, so it ranks below every tile of
+    positive similarity and above every tile of negative similarity; a panorama no batch wrote scores 0 against
+    the whole pool (its row: the pool's first tiles, top_k's order of ties)."""
+    buf = mining.MiningBuffer.run_long(n_panos=3, n_tiles=6, dim=3)
+    assert buf.sat.dtype == np.float16 and len(buf.pool) == 6
+    # tiles 0, 2, 4, 5 at 10, 80, 150, 170 degrees; tiles 1 and 3 never in a batch
+    buf.add(np.array([0, 1]), angles([0, 165]), np.array([0, 2]), angles([10, 80]))
+    buf.add(np.array([0]), angles([0]), np.array([4]), angles([150]))
+    buf.add(np.array([0]), angles([0]), np.array([5]), angles([170]))
+    pool = np.array([0, 1, 2, 3, 4, 5])
+    # panorama 0 at 0 deg: tiles 0, 2 (cos 10, cos 80) > 1, 3 (exactly 0, lower id first) > 4, 5 (cos 150, cos 170)
+    # panorama 1 at 165 deg: tiles 5, 4, 2 (cos 5, cos 15, cos 85) > 1, 3 (0) > 0 (cos 155)
+    table = buf.rank(pool, 6)
+    np.testing.assert_array_equal(table[0], [0, 2, 1, 3, 4, 5])
+    np.testing.assert_array_equal(table[1], [5, 4, 2, 1, 3, 0])
+    np.testing.assert_array_equal(table[2], [0, 1, 2, 3, 4, 5])         # all ties at 0
+    assert buf.unseen(pool) == (2, 1) and buf.unseen(np.array([0, 2])) == (0, 1)
+    # the per-epoch buffer of --mining_fill 1 would have ranked tiles 1 and 3 with computed descriptors instead;
+    # here they stay exactly zero and keep their place between the positive and the negative similarities
+    assert not buf.sat[1].any() and not buf.sat[3].any() and not buf.grd[2].any()
+
+
+def test_run_long_table_keeps_the_last_batch_of_any_epoch():
+    """The released table is not reset between epochs: a tile keeps the descriptor of the last batch that held
+    it (stale, from an earlier epoch) until a later batch overwrites it."""
+    buf = mining.MiningBuffer.run_long(n_panos=2, n_tiles=4, dim=3)
+    buf.add(np.array([0]), angles([0]), np.array([1]), angles([30]))      # epoch 1
+    buf.add(np.array([1]), angles([90]), np.array([2]), angles([60]))     # epoch 2: tile 1 not in a batch
+    np.testing.assert_allclose(buf.sat[1], angles([30])[0], atol=1e-3)
+    buf.add(np.array([1]), angles([90]), np.array([1]), angles([120]))    # a later batch overwrites it
+    np.testing.assert_allclose(buf.sat[1], angles([120])[0], atol=1e-3)
+    back = mining.MiningBuffer.from_state(4, {k: np.copy(v) for k, v in buf.state().items()})
+    assert back.sat.dtype == np.float16 and back.pending == -1
+    buf.pending = 3
+    assert mining.MiningBuffer.from_state(4, buf.state()).pending == 3
+
+
 @pytest.fixture(scope='module')
 def tiny_model(tiny_vigor):
     import config
@@ -113,6 +152,17 @@ def test_fill_missing_computes_only_what_the_epoch_did_not_gather(tiny_model):
     np.testing.assert_allclose(buf.sat[3], unit(embedder.sat(image)[0]), atol=1e-4)
 
 
+def test_fill_missing_of_given_panoramas_only(tiny_model):
+    """The batches before a checkpoint saved without descriptors: their panoramas and positive tiles only."""
+    embedder, split, cfg = tiny_model
+    buf = mining.MiningBuffer.run_long(len(split), len(split.tile_paths), embedder.model.dim)
+    buf.fill_missing(split, embedder, cfg, panos=np.array([4, 9, 4]))
+    assert np.flatnonzero(buf.grd_seen).tolist() == [4, 9]
+    assert np.flatnonzero(buf.sat_seen).tolist() == sorted(set(split.tiles[[4, 9], 0].tolist()))
+    assert np.abs(buf.grd[[4, 9]]).sum() > 0 and not np.delete(buf.grd, [4, 9], axis=0).any()
+    assert not np.delete(buf.sat, np.flatnonzero(buf.sat_seen), axis=0).any()
+
+
 def test_buffer_state_round_trip():
     buf = mining.MiningBuffer(n_panos=4, n_tiles=6, pool=np.array([2, 5]), dim=3)
     buf.add(np.array([0, 3]), angles([0, 90]), np.array([5, 4]), angles([30, 60]))
@@ -146,3 +196,45 @@ def test_mined_half_takes_panoramas_whose_positive_is_a_hard_tile_of_its_anchor(
             assert np.all((k >= 1) & (k <= 3))
         np.testing.assert_array_equal(plan, input_data.BatchSampler(split, batch, seed=3).epoch_plan(epoch, hard)[0])
     assert follows(sampler.epoch_plan(0)[0]) < 0.3   # without the table the same slots are random
+
+
+def test_a_run_ranks_what_its_batches_wrote(tiny_vigor, tmp_path, capsys):
+    """By default (--mining_fill 0) the round after epoch 1 ranks the table its batches wrote: the one saved
+    beside ckpt-9 holds exactly epoch 1's panoramas and their positive tiles, every other row zero, and the
+    hard table is its ranking of the round's pool, zeros included. --mining_fill 1 keeps a per-epoch buffer of
+    the pool and ranks other descriptors."""
+    import tensorflow as tf
+    from conftest import TINY
+    import train_first_E_1
+    import train_lib
+    data = tiny_vigor(3)
+    split = input_data.load_vigor(data, 'train')
+    n_tiles = len(split.tile_paths)
+    hard = {}
+    for fill in ('0', '1'):
+        run_dir = str(tmp_path / f'fill{fill}')
+        argv = TINY + ['--data_root', data, '--run_dir', run_dir, '--epochs', '2', '--max_steps', '10',
+                       '--mining_start_epoch', '2', '--ckpt_every', '100', '--mining_fill', fill]
+        capsys.readouterr()
+        assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
+        out = capsys.readouterr().out
+        ckpt = f'{run_dir}/phase_a/ckpt/ckpt-9'
+        hard[fill] = tf.train.load_checkpoint(ckpt).get_tensor('hard/.ATTRIBUTES/VARIABLE_VALUE')
+        if fill == '1':
+            assert 'zero descriptors' not in out and not os.path.exists(ckpt + '.mining.npz')
+            with np.load(f'{run_dir}/phase_a/ckpt/ckpt-10.mining.npz') as f:
+                assert len(f['pool']) == 20 and f['sat'].dtype == np.float32
+            continue
+        assert 'rank with zero descriptors (as released)' in out
+        with np.load(ckpt + '.mining.npz') as f:
+            buf = mining.MiningBuffer.from_state(n_tiles, {k: f[k] for k in f.files})
+        panos = input_data.BatchSampler(split, 4, 0, 9).epoch_plan(0)[0]
+        assert np.flatnonzero(buf.grd_seen).tolist() == sorted(set(panos.ravel().tolist()))
+        assert np.flatnonzero(buf.sat_seen).tolist() == sorted(set(split.tiles[panos.ravel(), 0].tolist()))
+        assert not buf.grd[~buf.grd_seen].any() and not buf.sat[~buf.sat_seen].any()
+        assert buf.grd[buf.grd_seen].any(axis=1).all() and buf.pending == -1
+        pool = mining.mining_pool(0, 0, n_tiles, 20)
+        unseen_tiles, unseen_panos = buf.unseen(pool)
+        assert unseen_tiles > 0 and f'{unseen_tiles} pool tiles and {unseen_panos} panoramas in no batch yet' in out
+        np.testing.assert_array_equal(hard['0'], buf.rank(pool, 5))
+    assert not np.array_equal(hard['0'], hard['1'])

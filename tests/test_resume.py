@@ -3,7 +3,9 @@ uninterrupted run's, bit for bit, mining included.
 
 Fast (in-process): one chain of runs of E_1 phase a -- stopped by --max_steps inside epoch 1, extended to the
 epoch's end, extended to 2 epochs -- ends with the weights, Adam slots and mining table of one uninterrupted
-2-epoch run; without the mining descriptors saved beside the mid-epoch checkpoint it would not.
+2-epoch run, with either mining (--mining_fill 0 and 1); without the mining descriptors saved beside the
+mid-epoch checkpoint it would not. E_1 phase b, which starts from phase a's descriptor table, stopped and
+resumed the same way, ends like phase b run without a stop.
 
 Slow (subprocesses): a real `train_first_E_1.py` process is killed three times (just after its first
 checkpoint appears, during a resumed start-up, inside phase b's mined epoch), stopped once by SIGINT, and
@@ -71,18 +73,22 @@ def differing(a, b):
 
 
 @pytest.mark.slow
-def test_stopped_and_extended_runs_end_like_an_uninterrupted_one(data, tmp_path, capsys):
+@pytest.mark.parametrize('fill', ['0', '1'], ids=['released_table', 'mining_fill'])
+def test_stopped_and_extended_runs_end_like_an_uninterrupted_one(data, tmp_path, capsys, fill):
     """Stopped inside epoch 1 (--max_steps 5), extended to its end (--epochs 1), extended to 2 epochs: the
-    weights, Adam and mining table of one uninterrupted 2-epoch run. The control: without the descriptors of
-    steps 1-5 saved beside ckpt-5 (recomputed at the epoch's end with later weights), the table differs.
-    (Ctrl-C is such a stop too: tests/test_bad_input.py checks its checkpoint, the slow test below its resume.)"""
+    weights, Adam and mining table of one uninterrupted 2-epoch run, with either mining (--mining_fill 0: the
+    run-long table of the batches' descriptors, its round pending at the stop; 1: the epoch's buffer). The
+    control: without the descriptors of steps 1-5 saved beside ckpt-5 (recomputed with other weights), the table
+    differs. (Ctrl-C is such a stop too: tests/test_bad_input.py checks its checkpoint, the slow test below its
+    resume.)"""
     phase_a = [train_first_E_1.PHASE_A]
+    chain = CHAIN + ['--mining_fill', fill]
     ref_dir, run_dir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'chain')
-    assert train_lib.main(phase_a, CHAIN + ['--data_root', data, '--run_dir', ref_dir, '--epochs', '2']) == 0
+    assert train_lib.main(phase_a, chain + ['--data_root', data, '--run_dir', ref_dir, '--epochs', '2']) == 0
     reference = state_of(os.path.join(ref_dir, 'phase_a'))
     assert int(reference['step/.ATTRIBUTES/VARIABLE_VALUE']) == 18
 
-    argv = CHAIN + ['--data_root', data, '--run_dir', run_dir]
+    argv = chain + ['--data_root', data, '--run_dir', run_dir]
     ckpt_dir = os.path.join(run_dir, 'phase_a', 'ckpt')
     assert train_lib.main(phase_a, argv + ['--epochs', '1', '--max_steps', '5']) == 0    # stops inside epoch 1
     assert os.path.exists(os.path.join(ckpt_dir, 'ckpt-5.mining.npz'))        # the descriptors gathered so far
@@ -102,9 +108,35 @@ def test_stopped_and_extended_runs_end_like_an_uninterrupted_one(data, tmp_path,
             np.load(os.path.join(ref_dir, 'phase_a', 'ckpt', 'ckpt-18.mining.npz')) as want:
         assert sorted(got.files) == sorted(want.files) and all(np.array_equal(got[k], want[k]) for k in got.files)
 
-    assert train_lib.main(phase_a, CHAIN + ['--data_root', data, '--run_dir', copy, '--epochs', '2']) == 0
+    assert train_lib.main(phase_a, chain + ['--data_root', data, '--run_dir', copy, '--epochs', '2']) == 0
     assert 'not bit-identical' in capsys.readouterr().out
     assert 'hard/.ATTRIBUTES/VARIABLE_VALUE' in differing(state_of(os.path.join(copy, 'phase_a')), reference)
+
+
+@pytest.mark.slow
+def test_phase_b_carries_phase_as_table_and_resumes_like_an_uninterrupted_run(data, tmp_path, capsys):
+    """E_1 phase b starts from phase a's descriptor table (the released sat_global_train) and its pending round;
+    stopped inside its epoch 1 (--max_steps 5) and resumed to the end of its 2 epochs, it ends with the weights,
+    Adam, mining table and descriptor table of phase b run without a stop."""
+    a_dir = str(tmp_path / 'a')
+    assert train_lib.main([train_first_E_1.PHASE_A], CHAIN + ['--data_root', data, '--run_dir', a_dir,
+                                                              '--epochs', '2']) == 0
+    ref_dir, run_dir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'stopped')
+    for d in (ref_dir, run_dir):
+        shutil.copytree(os.path.join(a_dir, 'phase_a'), os.path.join(d, 'phase_a'))
+    phase_b = [train_first_E_1.PHASE_B]
+    argv = lambda d: CHAIN + ['--data_root', data, '--run_dir', d, '--epochs', '2']
+    capsys.readouterr()
+    assert train_lib.main(phase_b, argv(ref_dir)) == 0
+    assert 'mining: carried over the descriptor table of' in capsys.readouterr().out
+    assert train_lib.main(phase_b, argv(run_dir) + ['--max_steps', '5']) == 0
+    assert train_lib.main(phase_b, argv(run_dir)) == 0
+    out = capsys.readouterr().out
+    assert 'init: resumed this run from' in out and 'not bit-identical' not in out
+    assert differing(state_of(run_dir), state_of(ref_dir)) == []
+    with np.load(os.path.join(run_dir, 'ckpt', 'ckpt-18.mining.npz')) as got, \
+            np.load(os.path.join(ref_dir, 'ckpt', 'ckpt-18.mining.npz')) as want:
+        assert sorted(got.files) == sorted(want.files) and all(np.array_equal(got[k], want[k]) for k in got.files)
 
 
 # ----------------------------------------------------------------------------- subprocesses: SIGKILL and SIGINT

@@ -238,11 +238,45 @@ def test_wrong_size_refused_and_no_complete_looking_output(tmp_path):
     with pytest.raises(ValueError) as info:
         soc.resample(root, out, progress=False)
     assert str(info.value) == f'{bad}: expected a 1200x1200 aerial, got 1000x1000'
-    # crops of earlier aerials may exist, but nothing says the run completed
-    assert os.listdir(os.path.join(out, 'satellite'))
-    assert os.listdir(os.path.join(out, 'splits')) == []
-    assert not os.path.exists(os.path.join(out, 'centers.txt'))
-    assert not os.path.exists(os.path.join(out, 'resample_config.json'))
+    # the crops of the four aerials before it were written to a temporary sibling, removed with it
+    assert os.listdir(tmp_path) == ['cvact']
+
+
+def test_a_failed_run_leaves_out_as_it_was_and_the_same_command_runs_again(tmp_path):
+    """A missing aerial (the 8th, after 7 aerials' crops were cut): --out absent (or the empty folder it was) and
+    no temporary folder left; with the aerial back, the same command writes the whole output."""
+    root = _make_cvact(tmp_path / 'cvact')
+    aerial = os.path.join(root, 'satview_polish', f'{PANO_IDS[7]}_satView_polish.jpg')
+    os.rename(aerial, aerial + '.away')
+    out = str(tmp_path / 'out')
+    for before in ('absent', 'empty'):
+        with pytest.raises(FileNotFoundError, match=re.escape(f'{aerial}: aerial missing (panoIds entry 8')):
+            soc.resample(root, out, progress=False)
+        assert sorted(os.listdir(tmp_path)) == (['cvact'] if before == 'absent' else ['cvact', 'out'])
+        if before == 'empty':
+            assert os.listdir(out) == []
+        os.makedirs(out, exist_ok=True)
+    os.rename(aerial + '.away', aerial)
+    summary = soc.resample(root, out, progress=False)
+    assert summary['n_crops'] == 32 and len(os.listdir(os.path.join(out, 'satellite'))) == 32
+    assert os.path.exists(os.path.join(out, 'resample_config.json'))
+    assert sorted(os.listdir(tmp_path)) == ['cvact', 'out']
+
+
+def test_truncated_aerial_is_refused(tmp_path):
+    """OpenCV decodes the first half of a JPEG and greys out the rest without an error: refused, in one line."""
+    root = _make_cvact(tmp_path / 'cvact')
+    aerial = os.path.join(root, 'satview_polish', f'{PANO_IDS[3]}_satView_polish.jpg')
+    data = open(aerial, 'rb').read()
+    open(aerial, 'wb').write(data[:len(data) // 2])
+    assert cv2.imread(aerial) is not None                  # what the release would have cut crops from
+    with pytest.raises(ValueError) as info:
+        soc.resample(root, str(tmp_path / 'out'), progress=False)
+    assert str(info.value) == f'{aerial}: truncated JPEG (no end-of-image marker)'
+    assert os.listdir(tmp_path) == ['cvact']
+    run = _cli('--cvact_root', root, '--out', str(tmp_path / 'out'))
+    assert run.returncode != 0 and run.stderr.strip() == (f'samples_on_cvact: error: {aerial}: truncated JPEG (no '
+                                                          'end-of-image marker)')
 
 
 def test_missing_files_and_non_empty_out(tmp_path):

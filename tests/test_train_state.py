@@ -78,9 +78,11 @@ def built(stage, argv):
     return state, cfg
 
 
-def test_phase_b_continues_phase_a(phase_a):
+def test_phase_b_continues_phase_a(phase_a, capsys):
     """E_1 phase b: the global step, Adam's slots and the mining table of phase a; the learning rate at its
-    first step is phase a's schedule continued, and --max_steps counts phase b's own steps."""
+    first step is phase a's schedule continued, and --max_steps counts phase b's own steps. As the released
+    code, phase b also continues phase a's mining descriptors (its sat_global_train) and ranks them at once:
+    the round phase a's last epoch end did not run."""
     data, run_dir = phase_a
     argv = TINY + ['--data_root', data, '--run_dir', run_dir, '--max_steps', '3']
     a_ckpt = train_state.latest_checkpoint(os.path.join(run_dir, 'phase_a'))
@@ -104,10 +106,37 @@ def test_phase_b_continues_phase_a(phase_a):
     assert bool(state.hard_valid.numpy())
     assert 'carried over:' in logged[-1] and 'global step 18' in logged[-1] and 'mining table' in logged[-1]
     # train it: 3 steps of phase b, mined from its first batch, global step 18 + 3
+    capsys.readouterr()
     assert train_lib.main([train_first_E_1.PHASE_B], argv) == 0
-    reader = tf.train.load_checkpoint(train_state.latest_checkpoint(run_dir))
+    out = capsys.readouterr().out
+    b_ckpt = train_state.latest_checkpoint(run_dir)
+    reader = tf.train.load_checkpoint(b_ckpt)
     assert int(reader.get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE')) == 3
     assert int(reader.get_tensor('optimizer/global_step/.ATTRIBUTES/VARIABLE_VALUE')) == 21
+    with np.load(a_ckpt + '.mining.npz') as a, np.load(b_ckpt + '.mining.npz') as b:
+        assert int(a['pending']) == 1 and int(b['pending']) == -1      # phase a's last round: run by phase b
+        assert len(a['pool']) == len(b['pool']) and a['grd_seen'].sum() > 0
+        assert np.all(b['grd_seen'][a['grd_seen']]) and np.all(b['sat_seen'][a['sat_seen']])
+    carried = out.index(f'mining: carried over the descriptor table of {a_ckpt}')
+    assert out.index('[E_1] mining: epoch 2: top-5 of 20 tiles') > carried
+    assert out.index('[E_1] mining: epoch 2: top-5 of 20 tiles') < out.index('[E_1] step 1/3')
+
+
+def test_phase_b_without_carried_optimizer_restarts_the_schedule(phase_a, tmp_path):
+    """--carry_optimizer 0 in phase b: fresh slots and bias correction, and the learning-rate schedule at step 0
+    (its help says so); the mining table still comes across."""
+    data, run_dir = phase_a
+    argv = TINY + ['--data_root', data, '--run_dir', str(tmp_path / 'E_1'), '--carry_optimizer', '0',
+                   '--init_from', os.path.join(run_dir, 'phase_a')]
+    state, cfg = built(train_first_E_1.PHASE_B, argv)
+    logged = []
+    train_state.initialise(state, train_first_E_1.PHASE_B, cfg, *train_first_E_1.PHASE_B.run_dirs(cfg), logged.append)
+    assert int(state.optimizer.global_step.numpy()) == 0 and int(state.optimizer.updates.numpy()) == 0
+    assert float(state.optimizer.learning_rate()) == pytest.approx(cfg.lr)
+    assert not np.any(state.optimizer.slots['grd_trunk']['m'][0].numpy())
+    assert bool(state.hard_valid.numpy()) and 'mining table' in logged[-1]
+    assert ('not the Adam slots nor the global step (--carry_optimizer 0: the learning-rate schedule starts at '
+            'step 0)') in logged[-1]
 
 
 def test_e2_1_restores_slots_and_resets_the_global_step(phase_a, tmp_path):
@@ -140,17 +169,51 @@ def test_resume_comes_first_and_a_damaged_index_is_an_error(phase_a, tmp_path):
         train_state.latest_checkpoint(str(broken))
 
 
+def vgg16_file(path, width, drop=(), first=None):
+    """A vgg16.npy of zeros shaped for `width` (without the layers `drop`; conv1_1 of shape `first` if given)."""
+    weights, cin = {}, 3
+    for layer in model.VGG16_LAYERS:
+        if layer != 'pool':
+            name, c = layer
+            cout = model.channels(c, width)
+            weights[name] = [np.zeros((3, 3, cin, cout), np.float32), np.zeros(cout, np.float32)]
+            cin = cout
+    for name in drop:
+        del weights[name]
+    if first is not None:
+        weights['conv1_1'][0] = np.zeros(first, np.float32)
+    np.save(path, weights, allow_pickle=True)
+    return str(path)
+
+
 def test_imagenet_weights_of_another_width_start_random_with_a_message(tmp_path):
-    """A full-size vgg16.npy with a width-1/16 network: one clear line and random trunks, never a crash."""
-    path = tmp_path / 'vgg16.npy'
-    np.save(path, {'conv1_1': [np.zeros((3, 3, 3, 64), np.float32), np.zeros(64, np.float32)]}, allow_pickle=True)
+    """A VGG16 file of another width with a width-1/16 network: one clear line naming the width it fits, and
+    random trunks, never a crash."""
+    path = vgg16_file(tmp_path / 'vgg16.npy', 0.125)
     m = model.CrossViewModel((32, 64), 64, 0.0625, model.RETRIEVAL_PARTS)
     before = m.grd_trunk.convs[0].w.numpy().copy()
     logged = []
-    assert not train_state.load_imagenet(m, str(path), logged.append)
+    assert not train_state.load_imagenet(m, path, logged.append)
     assert logged == [f'init: random VGG16 trunks: the ImageNet weights in {path} do not fit this network (layer '
-                      'conv1_1 has shape (3, 3, 3, 64), this network needs (3, 3, 3, 4)); they fit --width 1 only']
+                      'conv1_1 has shape (3, 3, 3, 8), this network needs (3, 3, 3, 4)); they fit --width 0.125 only']
     np.testing.assert_array_equal(m.grd_trunk.convs[0].w.numpy(), before)
+    assert train_state.load_imagenet(m, vgg16_file(tmp_path / 'fits.npy', 0.0625), logged.append)
+
+
+@pytest.mark.parametrize('damage,why', [
+    (dict(first=(3, 3, 5, 64)), 'layer conv1_1 has shape (3, 3, 5, 64); a VGG16 of any width needs (3, 3, 3, 64 x '
+                                'width)'),
+    (dict(drop=('conv4_2',)), 'layer conv4_2 missing'),
+    (dict(first=(3, 3, 3, 48)), 'layer conv1_1 has shapes (3, 3, 3, 48) and (64,); with conv1_1 of width 0.75 it '
+                                'needs (3, 3, 3, 48) and (48,)'),
+])
+def test_weights_that_fit_no_width_are_refused_in_one_line(tmp_path, damage, why):
+    path = vgg16_file(tmp_path / 'vgg16.npy', 1.0, **damage)
+    m = model.CrossViewModel((32, 64), 64, 0.0625, model.RETRIEVAL_PARTS)
+    with pytest.raises(train_state.StateError) as e:
+        train_state.load_imagenet(m, path, lambda line: None)
+    assert str(e.value) == (f'{path}: not ImageNet VGG16 weights of any --width ({why}); expected the classic TF-VGG '
+                            'vgg16.npy (see data/DATASET.md)')
 
 
 def test_every_registered_stage_builds_its_state():

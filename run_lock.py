@@ -1,0 +1,111 @@
+"""One writer per run directory: `<run_dir>/run.lock`, held by a training run or a --test that writes there.
+
+The file names its holder (pid, host, what it runs, since when) and the holder keeps an exclusive flock on
+it for as long as it lives; the kernel drops the flock when the process dies, however it dies. A second
+process finds the flock taken and is refused in one line naming the holder. A lock file whose flock is free
+is stale when its holder ran on this host and its pid is gone: it is taken over, and the caller logs it.
+One written by another host, or by a pid of this host that still runs, is refused (this host cannot tell
+whether that process still writes): the line says to delete the file once that process has ended.
+TensorFlow-free: importing this module changes nothing.
+"""
+import fcntl
+import json
+import os
+import socket
+import time
+
+NAME = 'run.lock'
+
+
+class LockError(RuntimeError):
+    """The run directory is another process's; str() is one line."""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+def describe(holder):
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} ({holder.get('what', '?')}, since "
+            f"{holder.get('since', '?')})")
+
+
+class RunLock:
+    """The lock of `run_dir`, taken by acquire(); `took_over`: the stale holder it replaced (a dict), or None."""
+
+    def __init__(self, run_dir, what):
+        self.run_dir, self.what = run_dir, what
+        self.path = os.path.join(run_dir, NAME)
+        self.fd = None
+        self.took_over = None
+
+    def acquire(self):
+        """Take the lock (creating the run directory) or raise LockError naming its holder."""
+        os.makedirs(self.run_dir, exist_ok=True)
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:   # held by a live process (its flock)
+                holder = _read(fd)
+                os.close(fd)
+                raise LockError(f'{self.run_dir}: in use by {describe(holder)}: one process writes a run '
+                                f'directory at a time; wait for it to end, or use another --run_dir') from None
+            except OSError:   # a file system without flock: the record alone decides below
+                pass
+            try:   # the file may have been released and deleted between our open and our flock: start again
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            holder = _read(fd)
+            if holder and holder.get('pid') != os.getpid():
+                mine = holder.get('host') == socket.gethostname()
+                if not mine or _alive(int(holder.get('pid', -1))):
+                    os.close(fd)
+                    where = 'another host' if not mine else 'this host, and that pid runs'
+                    raise LockError(f'{self.path}: left by {describe(holder)} ({where}); delete it once that '
+                                    'process has ended')
+                self.took_over = holder
+            record = {'pid': os.getpid(), 'host': socket.gethostname(), 'what': self.what,
+                      'since': time.strftime('%Y-%m-%d %H:%M:%S')}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + '\n').encode(), 0)
+            self.fd = fd
+            return self
+        raise LockError(f'{self.path}: kept changing while it was being taken; try again')
+
+    def release(self):
+        """Delete the lock file and drop the flock (a process that dies keeps the file: stale, taken over)."""
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire() if self.fd is None else self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read(fd):
+    """The holder's record, {} if the file is empty or unreadable (a holder that died while writing it)."""
+    try:
+        data = os.pread(fd, 4096, 0).decode(errors='replace')
+        holder = json.loads(data) if data.strip() else {}
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
