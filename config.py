@@ -332,6 +332,11 @@ def mismatch(saved, cfg, kinds=('model', 'run')):
     return None
 
 
+def unknown_settings(saved):
+    """The keys of a saved config.json that this version's Config lacks (a newer version wrote them)."""
+    return sorted(set(saved or {}) - set(KIND))
+
+
 def check_run_dir(cfg, path):
     """A run directory holds one configuration: refuse ours if it differs in a model or run setting."""
     saved = load(path)

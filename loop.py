@@ -237,6 +237,9 @@ def _train(run, split, spe, sampler, start):
     stage, cfg, init_dir = run.stage, run.cfg, run.init_dir
     config_path = os.path.join(run.run_dir, 'config.json')
     saved = config.check_run_dir(cfg, config_path)   # again: read under the lock
+    unknown = config.unknown_settings(saved)
+    if unknown:
+        run.log(f'{config_path}: settings this version does not know, ignored: {", ".join(unknown)}')
     run.split = split
     if start is not None and start[1] is not None:
         ckpt, step, total = start

@@ -250,3 +250,23 @@ def test_validation_logs_ground_dependence_and_gradient_rms(tiny_vigor, tmp_path
     weak = next(line for line in log.splitlines() if 'these parts barely train' in line)
     assert 'semi_fusion' in weak.split(': ')[-1].split(', ') and 'grd_safa' not in weak
     assert 'validation at step 2: ground dependence (each panorama swapped' in log
+
+
+def test_a_run_whose_config_json_is_of_another_version_resumes_and_extends(tiny_vigor, tmp_path):
+    """config.json without settings this version added (they count as their defaults) and with one a newer
+    version added (logged and ignored): the run extends instead of refusing 'another configuration'."""
+    import json
+    run_dir = str(tmp_path / 'run')
+    argv = TINY + ['--data_root', tiny_vigor(3), '--run_dir', run_dir, '--max_steps', '2', '--mining', '0']
+    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
+    path = os.path.join(run_dir, 'phase_a', 'config.json')
+    saved = json.load(open(path))
+    for key in ('adam_eps', 'localiser', 'u_b_quantile'):
+        del saved[key]
+    saved['a_future_setting'] = 3
+    json.dump(saved, open(path, 'w'))
+    assert train_lib.main([train_first_E_1.PHASE_A], argv[:-4] + ['--max_steps', '3', '--mining', '0']) == 0
+    log = open(os.path.join(run_dir, 'phase_a', 'train.log')).read()
+    assert 'settings this version does not know, ignored: a_future_setting' in log
+    assert 'extending the run' in log
+    assert train_state.latest_checkpoint(os.path.join(run_dir, 'phase_a')).endswith('ckpt-3')
