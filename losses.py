@@ -57,7 +57,9 @@ def iou_ratio_loss(grd, sat_pos, sat_semi, delta_pos, delta_semi):
 
 
 def offset_loss(pred, delta):
-    """VIGOR offset loss: mean(sum (pred - delta/320)^2) / 100; pred = raw head output [B, 2]."""
+    """VIGOR offset loss: mean(sum (pred - delta/320)^2) / 100; pred = raw head output [B, 2] (float16 under
+    mixed precision: the loss is computed in float32)."""
+    pred = tf.cast(pred, tf.float32)
     return tf.reduce_mean(tf.reduce_sum((pred - delta / (TILE_PX / 2)) ** 2, -1)) / 100.0
 
 

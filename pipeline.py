@@ -8,14 +8,13 @@ spreads over every core whatever the interpreter lock does (benchmarks/bench_pip
 docs/design.md §2's OpenCV full decode + INTER_AREA the result differs by 0.35 grey levels on average at paper
 size (benchmarks/README.md; tests/test_pipeline.py bounds it).
 
-A bad image stops the dataset with an op error (an assertion) whose text holds BAD_INPUT and the item;
-unwrap_error turns it into a one-line message naming the file. The graph only decides that an image is
+A bad image stops the dataset with an op error (an assertion) whose text holds BAD_INPUT, the item and its
+files; unwrap_error turns it into a one-line message naming the file. The graph only decides that an image is
 bad (a failed header check, or a decode op that failed: tf.data drops that item and the count of the
 items that follow is out of step); the message is written by images.load_image, the Python reference
-reader, when unwrap_error asks.
+reader, when unwrap_error asks. Nothing outlives a dataset: the error's text is all unwrap_error reads.
 """
-import collections
-import itertools
+import base64
 import os
 import re
 
@@ -243,30 +242,32 @@ def _batches(columns, readers, batch, output, cache=None, drop_remainder=False):
             out[name], out['_status_' + name] = fns[name](x[col], x['_slot_' + name])
         return out
 
-    def explain(count, pos, codes):
-        """The one-line message of a bad item, by the reference reader (unwrap_error runs it): item `count`
-        when `pos` is a later one (its decode op failed and tf.data dropped it), else item pos, whose header
-        check gave `codes`."""
-        item, codes = (count, [-1] * len(readers)) if pos != count else (pos, codes)
-        paths = []
-        for (col, hw, kind), code in zip(readers.values(), codes):
-            path = str(columns[col][item])
-            paths.append(path)
-            try:
-                images.load_image(path, hw, kind)
-            except DataError as e:
-                return str(e)
-            if code > OK:
-                return f'{path}: {STATUS[code]} (TensorFlow\'s header check)'
-        return f'{" or ".join(paths)}: unreadable image (TensorFlow cannot decode it)'
-    key = _register(explain)
+    # The path columns as tensors, shared by the dataset's slices and the check below (one copy): the check
+    # looks up the paths of a bad item, which a dropped item no longer carries. They reach it as a
+    # dataset's element, not as a capture of its traced function: a traced function lives in reference
+    # cycles until the garbage collector runs, a dataset goes with its last reference (bench_soak.py).
+    for col, _, _ in readers.values():
+        table[col] = tf.constant(table[col])
+    last = max(n - 1, 0)
+    lookup = {col: (table[col] if n else tf.constant([''])) for col, _, _ in readers.values()}
 
-    def check(count, x):
+    def describe(count, paths):
+        """Item `count`'s paths with each reader's kind and size (kind:H:W:base64 path; base64 keeps a path's
+        spaces and brackets out of the error's text)."""
+        return tf.strings.join([tf.strings.join([f'{kind}:{hw[0]}:{hw[1]}:',
+                                                 tf.io.encode_base64(tf.gather(paths[col], tf.minimum(count, last)))])
+                                for col, hw, kind in readers.values()], separator=' ')
+
+    def check(counted, paths):
         """Item `count` is the next in order and passed the header check, or the dataset stops; the error's
-        text carries BAD_INPUT, this dataset's key and what `explain` needs (no Python runs here)."""
+        text carries BAD_INPUT and everything unwrap_error needs: the item's paths, read sizes and kinds
+        (looked up only when it stops; no Python runs here)."""
+        count, x = counted
         codes = tf.stack([x['_status_' + name] for name in readers])
         ok = tf.equal(count, x['_pos']) & tf.reduce_all(tf.equal(codes, OK))
-        failed = tf.debugging.Assert(ok, [BAD_INPUT + 'item', key, count, x['_pos'], codes], summarize=len(readers))
+        detail = tf.cond(ok, lambda: tf.constant(''), lambda: describe(count, paths))
+        failed = tf.debugging.Assert(ok, [BAD_INPUT + 'item', count, x['_pos'], codes, detail],
+                                     summarize=len(readers))
         with tf.control_dependencies([failed]):
             return {k: tf.identity(v) for k, v in x.items() if not k.startswith('_status_')}
 
@@ -279,7 +280,8 @@ def _batches(columns, readers, batch, output, cache=None, drop_remainder=False):
     # positions; an end marker (position n) catches the last item, and take(n) drops it.
     end = tf.data.Dataset.from_tensors({k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()})
     end = end.map(lambda x: dict(x, _pos=tf.constant(n, tf.int64)))
-    ds = ds.concatenate(end).enumerate().map(check, num_parallel_calls=cores(), deterministic=True).take(n)
+    ds = tf.data.Dataset.zip(ds.concatenate(end).enumerate(), tf.data.Dataset.from_tensors(lookup).repeat())
+    ds = ds.map(check, num_parallel_calls=cores(), deterministic=True).take(n)
     ds = ds.batch(batch, drop_remainder=drop_remainder)
     return ds.map(finish, num_parallel_calls=cores(), deterministic=True).prefetch(2)
 
@@ -350,24 +352,28 @@ def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_
     return _batches(columns, readers, batch, output, cache, drop_remainder=True)
 
 
-_EXPLAIN = collections.OrderedDict()   # key -> explain(count, pos, codes) of the latest datasets
-_KEYS = itertools.count()
-
-
-def _register(explain):
-    key = f'dataset{next(_KEYS)}'
-    _EXPLAIN[key] = explain
-    while len(_EXPLAIN) > 256:
-        _EXPLAIN.popitem(last=False)
-    return key
-
-
 def unwrap_error(exc):
-    """The one-line message of a bad image that stopped one of our datasets (an op error), or None."""
-    m = re.search(re.escape(BAD_INPUT) + r'item\] \[(\w+)\] \[(\d+)\] \[(\d+)\] \[([-\d ]+)\]', str(exc))
+    """The one-line message of a bad image that stopped one of our datasets (an op error), or None.
+
+    The error's text names the item (its position `count`; `pos`, the position of the item that met the
+    check: a later one when the item's decode op failed and tf.data dropped it) and its files; the reference
+    reader (images.load_image) words the message, so nothing of the dataset needs to outlive it."""
+    m = re.search(re.escape(BAD_INPUT) + r'item\] \[(\d+)\] \[(\d+)\] \[([-\d ]+)\] \[([\w:= -]+)\]', str(exc))
     if m is None:
         return None
-    explain = _EXPLAIN.get(m.group(1))
-    if explain is None:
-        return f'item {m.group(2)} of an input dataset no longer known holds a bad image'
-    return explain(int(m.group(2)), int(m.group(3)), [int(c) for c in m.group(4).split()])
+    count, pos, codes = int(m.group(1)), int(m.group(2)), [int(c) for c in m.group(3).split()]
+    if pos != count:          # the item's decode op failed: no header check to report
+        codes = [-1] * len(codes)
+    files = []
+    for token in m.group(4).split():
+        kind, h, w, b64 = token.split(':')
+        path = base64.urlsafe_b64decode(b64 + '=' * (-len(b64) % 4)).decode('utf-8', 'surrogateescape')
+        files.append((path, (int(h), int(w)), kind))
+    for (path, hw, kind), code in zip(files, codes):
+        try:
+            images.load_image(path, hw, kind)
+        except DataError as e:
+            return str(e)
+        if code > OK:
+            return f'{path}: {STATUS[code]} (TensorFlow\'s header check)'
+    return f'{" or ".join(p for p, _, _ in files)}: unreadable image (TensorFlow cannot decode it)'

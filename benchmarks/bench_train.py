@@ -247,25 +247,51 @@ def onednn_enabled():
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
-def child(args):
+def stage_config(stage_name, explicit):
+    """(stage, cfg) of a registered stage with the paper's defaults and the `explicit` flags (a dict)."""
+    import config
+    import stages
+    stage = stages.get(stage_name)
+    return stage, config.resolve(stage.name, explicit, 'paper', stage.defaults, stage.presets)
+
+
+def build_step(stage, cfg, n_train, steps_per_epoch, strategy):
+    """The stage's train state with random weights (train_state.TrainState: model, Adam) and its real compiled
+    step (loop.make_step), as Run.train builds them -> (state, step). Run tables (E_3's u table, which E_2_2
+    would fill) hold plausible random values: any time the same."""
+    import loop
+    import train_state
+    with strategy.scope():
+        state = train_state.TrainState(stage, cfg, n_train, steps_per_epoch)
+    for table in state.tables.values():
+        table.assign(np.random.default_rng(0).uniform(20, 150, table.shape).astype(np.float32))
+    return state, loop.make_step(state, stage, cfg, strategy)
+
+
+def step_flops(state, stage, cfg, batch):
+    """-> (forward FLOPs, {op type: FLOPs}) of the stage's loss on `batch`, from its traced graph (forward_flops;
+    default strategy: plain tensors, static batch). A step is 3 x the forward."""
     import tensorflow as tf
+    import embedding
+
+    def forward(b):
+        emb = embedding.embed_batch(state.model, b, stage.uses_semi)
+        return sum(stage.loss(state.model, emb, b, embedding.LossContext(cfg, dict(state.tables))).values())
+    return forward_flops(tf.function(forward, autograph=False).get_concrete_function(batch).graph)
+
+
+def child(args):
     import input_data
     import pipeline
-    import config
     import distribute
-    import embedding
-    import loop
-    import stages
-    import train_state
     size, stage_name = args.child.split(':')
     rss = PeakRSS()
     out = {'size': size, 'stage': stage_name, 'threads': os.cpu_count(), 'load_start': os.getloadavg()[0]}
     say = lambda msg: print(f'  [{size} {stage_name}] {msg}', flush=True)
-    stage = stages.get(stage_name)
     s = SIZES[size]
     explicit = {'grd_size': s['grd_size'], 'sat_size': s['sat_size'], 'width': s['width'], 'batch': args.batch,
                 'mixed_precision': args.mixed_precision}
-    cfg = config.resolve(stage.name, explicit, 'paper', stage.defaults, stage.presets)
+    stage, cfg = stage_config(stage_name, explicit)
     root, cities = dataset_root(args, size)
     split = input_data.load_vigor(root, 'train', cities=cities)
     sampler = input_data.BatchSampler(split, cfg.batch, 0)
@@ -285,20 +311,12 @@ def child(args):
         f'tf {out["matmul_before"]["tf"] / 1e9:.1f}, numpy {out["matmul_before"]["numpy"] / 1e9:.1f} GFLOP/s')
 
     strategy = distribute.make_strategy('default')
-    with strategy.scope():
-        state = train_state.TrainState(stage, cfg, len(split), sampler.steps_per_epoch)
-    for table in state.tables.values():  # E_3's u table would come from E_2_2; any plausible values time the same
-        table.assign(np.random.default_rng(0).uniform(20, 150, table.shape).astype(np.float32))
-    step = loop.make_step(state, stage, cfg, strategy)
+    state, step = build_step(stage, cfg, len(split), sampler.steps_per_epoch, strategy)
     n_params = sum(int(np.prod(v.shape)) for v in state.optimizer.vars)
     all_params = sum(int(np.prod(v.shape)) for v in state.model.trainable_variables)
     batch = next(iter(make_ds(None)))      # the pipeline's first batch, kept in memory
 
-    # FLOPs from the traced forward loss (default strategy: plain tensors, static batch).
-    def forward(b):
-        emb = embedding.embed_batch(state.model, b, stage.uses_semi)
-        return sum(stage.loss(state.model, emb, b, embedding.LossContext(cfg, dict(state.tables))).values())
-    fwd, by_type = forward_flops(tf.function(forward, autograph=False).get_concrete_function(batch).graph)
+    fwd, by_type = step_flops(state, stage, cfg, batch)
     out.update(flops_forward=fwd, flops_step=3 * fwd, flops_by_type=by_type, trained_params=n_params,
                model_params=all_params)
     if args.profiler_check:

@@ -10,6 +10,7 @@ import config
 import distribute
 import embedding
 import loop
+import stages
 import train_first_E_1
 import train_second_E_2_2
 import train_state
@@ -86,3 +87,18 @@ def test_mixed_precision_steps_and_loss_scaling():
     assert int(run.optimizer.updates.numpy()) == 12 - halvings    # skipped
     for a, v in zip(before, run.optimizer.vars[:3]):
         np.testing.assert_array_equal(a, v.numpy())
+
+
+@pytest.mark.parametrize('name', stages.ORDER)
+def test_every_stage_takes_a_mixed_precision_step(name):
+    """Each registered stage's loss accepts float16 embeddings and head outputs against float32 labels."""
+    stage = stages.get(name)
+    state, cfg, step = make_state(stage, mixed=1)
+    for table in state.tables.values():     # E_3's u table, which E_2_2 fills
+        table.assign(np.random.default_rng(0).uniform(20, 150, table.shape).astype(np.float32))
+    batch = random_batch()
+    if not stage.uses_semi:
+        del batch['semi']
+    loss, terms, _, ok, _ = step(batch)
+    assert bool(ok.numpy()) and np.isfinite(float(loss)), name
+    assert 'Conv2D' in float16_op_types(step, batch)

@@ -308,3 +308,47 @@ def test_a_too_small_tile_stops_a_stage_script_in_one_line(vigor_copy, tmp_path,
     assert train_lib.main([train_first_E_1.PHASE_A], argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f'error: {tile}: too small: 8x8, read at 64x64 (images are never upscaled)']
+
+
+def test_the_error_text_alone_names_the_file(bad_images, tmp_path):
+    """The message is rebuilt from the error's text after its dataset is gone, for a path with spaces,
+    brackets, commas and a non-ASCII letter, a failed header check and a dropped item alike."""
+    import gc
+    good, bad = bad_images
+    for name in ('gray_png', 'corrupt_png'):
+        path = str(tmp_path / f'{name} [a], [b] é,40.750038,-73.979685,.png')
+        with open(bad[name][0], 'rb') as src, open(path, 'wb') as dst:
+            dst.write(src.read())
+        ds = pipeline.image_dataset([good['tile'], path, good['tile']], (64, 64), 'aerial', 2)
+        with pytest.raises(tf.errors.OpError) as e:
+            list(ds)
+        text = str(e.value)
+        del ds, e
+        gc.collect()
+        assert pipeline.unwrap_error(tf.errors.InvalidArgumentError(None, None, text)) == \
+            reference_error(path, (64, 64), 'aerial')
+
+
+def test_dropped_datasets_leave_no_paths_behind(tmp_path):
+    """Building and dropping datasets holds no Python memory for them (a training run builds one a epoch,
+    and more for every validation and mining round): after 20 datasets of 2,000 paths of 100 characters
+    (800 kB of numpy strings each) the Python heap and numpy's buffers (tracemalloc) hold less than one
+    dataset's paths more than before."""
+    import gc
+    import tracemalloc
+    split_paths = [[f'{tmp_path}/{k:02d}/' + f'{i:06d}'.rjust(100 - len(str(tmp_path)) - 4, 'x') + '.png'
+                    for i in range(2000)] for k in range(21)]
+    pipeline.image_dataset(split_paths[20], (64, 64), 'aerial', 32)    # TensorFlow's one-off allocations
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for paths in split_paths[:20]:
+            ds = pipeline.image_dataset(paths, (64, 64), 'aerial', 32)
+            assert ds.element_spec is not None
+        del ds
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2000 * 100 * 4, f'{held / 2 ** 20:.1f} MiB held after dropping 20 datasets'
