@@ -58,12 +58,7 @@ def vgg16_width(weights):
     if len(first) != 4 or first[:3] != (3, 3, 3):
         return None, f'layer conv1_1 has shape {first}; a VGG16 of any width needs (3, 3, 3, 64 x width)'
     width = first[3] / 64
-    cin = 3
-    for layer in VGG16_LAYERS:
-        if layer == 'pool':
-            continue
-        name, c = layer
-        cout = channels(c, width)
+    for name, cin, cout in vgg16_convs(width):
         try:
             kernel, bias = shape(weights[name][0]), shape(weights[name][1])
         except (KeyError, IndexError, TypeError):
@@ -71,8 +66,17 @@ def vgg16_width(weights):
         if kernel != (3, 3, cin, cout) or bias != (cout,):
             return None, (f'layer {name} has shapes {kernel} and {bias}; with conv1_1 of width {width:g} it needs '
                           f'{(3, 3, cin, cout)} and {(cout,)}')
-        cin = cout
     return width, ''
+
+
+def vgg16_convs(width):
+    """[(layer name, input channels, output channels)] of VGG16's convolutions at a channel width."""
+    out, cin = [], 3
+    for layer in VGG16_LAYERS:
+        if layer != 'pool':
+            out.append((layer[0], cin, channels(layer[1], width)))
+            cin = out[-1][2]
+    return out
 
 
 class VGG16(tf.Module):
@@ -80,16 +84,8 @@ class VGG16(tf.Module):
 
     def __init__(self, init, width=1.0, name=None):
         super().__init__(name=name)
-        self.convs = []
-        cin = 3
-        for layer in VGG16_LAYERS:
-            if layer == 'pool':
-                continue
-            lname, c = layer
-            cout = channels(c, width)
-            self.convs.append(Conv(init, cin, cout, he=True, name=lname))
-            cin = cout
-        self.out_channels = cin
+        self.convs = [Conv(init, cin, cout, he=True, name=name) for name, cin, cout in vgg16_convs(width)]
+        self.out_channels = self.convs[-1].w.shape[-1]
 
     def __call__(self, x):
         """x: [B, H, W, 3] BGR minus mean -> ([B, H/32, W/32, C], {skip name: feature})."""
