@@ -1,6 +1,6 @@
 """The main job: E_1 -> E_2_1 -> E_2_2 -> E_3, each followed by --test, then one comparison table.
 
-  python run_all.py                      # CPU demo on the built-in synthetic city (~6 min on 2 idle cores)
+  python run_all.py                      # CPU demo on the built-in synthetic city (about 8 min on 2 cores)
   python run_all.py --preset paper --data_root /data/VIGOR   # the paper's settings (GPU)
 
 Any other flag is passed to every stage (e.g. --labels corrected, --dataset cvact, --run_root runs_x).
