@@ -112,7 +112,7 @@ def stage_commands(run_root, preset, rest=()):
         cmd = [sys.executable, os.path.join(HERE, script), '--preset', preset, '--run_dir', run_dir] + list(rest)
         if first.previous:
             prev = stages.get(first.previous)
-            cmd += ['--init_from', os.path.join(run_root, prev.home or prev.name, prev.subdir)]
+            cmd += ['--init_from', os.path.join(run_root, prev.home or prev.name, *([prev.subdir] if prev.subdir else []))]
         out.append((last.name, run_dir, cmd))
     return out
 
