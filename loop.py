@@ -208,7 +208,6 @@ def start_run(stage, cfg):
     return Run(stage, cfg, run_dir, init_dir, strategy, chief, write_dir, log, cache, lock=lock)
 
 
-
 def train(stage, cfg):
     """Train one stage in its run directory; -> the run directory's latest checkpoint.
 

@@ -65,21 +65,10 @@ def measure(model, grd, sat):
 
 
 def gradients(state, stage, cfg, batch):
-    """Each trained part's gradient RMS under the stage's loss on one batch (not applied)."""
-    import tensorflow as tf
-    import embedding
-    model = state.model
-    with tf.GradientTape() as tape:
-        emb = embedding.embed_batch(model, batch, stage.uses_semi)
-        total = tf.add_n(list(stage.loss(model, emb, batch, embedding.LossContext(cfg, state.tables)).values()))
-    parts = {part: getattr(model, part).trainable_variables for part in stage.train_parts}
-    grads = tape.gradient(total, [v for part in stage.train_parts for v in parts[part]])
-    i, rms = 0, {}
-    for part, variables in parts.items():
-        sq = sum(float(tf.reduce_sum(tf.square(g))) for g in grads[i:i + len(variables)] if g is not None)
-        rms[part] = float(np.sqrt(sq / sum(int(np.prod(v.shape)) for v in variables)))
-        i += len(variables)
-    return rms
+    """Each trained part's gradient RMS under the stage's loss on one batch, not applied: the training loop's
+    own diagnostic (loop.make_gradient_probe), as validation logs it."""
+    import loop
+    return {part: float(v) for part, v in loop.make_gradient_probe(state, stage, cfg)(batch).items()}
 
 
 def main(argv=None):
