@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -37,13 +38,39 @@ def free_ports(n):
     return ports
 
 
-def start(args, tf_config=None):
+def start(args, log_path, tf_config=None):
+    """Each process writes to its own file, never to a pipe: a worker blocked on a full pipe that nobody reads
+    yet would stall the collectives of the other one."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
     env.pop('GEOLOC_LOGICAL_CPUS', None)
     if tf_config:
         env['TF_CONFIG'] = json.dumps(tf_config)
-    return subprocess.Popen([sys.executable, 'train_first_E_1.py'] + args, cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log_path, 'w') as out:
+        proc = subprocess.Popen([sys.executable, 'train_first_E_1.py'] + args, cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log_path
+    return proc
+
+
+def wait_all(procs, timeout):
+    """Wait for every process; stop them all as soon as one fails (its peer would wait for it forever) or at
+    the timeout. -> their outputs; fails with the tail of each one that did not end well."""
+    deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.5)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    outs = []
+    for p in procs:
+        with open(p.log_path) as f:
+            outs.append(f.read())
+    bad = [f'{p.log_path} (exit {p.returncode}):\n{out[-3000:]}' for p, out in zip(procs, outs) if p.returncode != 0]
+    assert not bad, '\n\n'.join(bad)
+    return outs
 
 
 def losses(out):
@@ -59,18 +86,10 @@ def runs(tmp_path_factory, tiny_vigor):
     data = tiny_vigor(3)
     cluster = {'worker': [f'localhost:{p}' for p in free_ports(2)]}
     procs = [start(ARGS + ['--data_root', data, '--run_dir', str(tmp / 'multi'), '--strategy', 'multiworker'],
-                   {'cluster': cluster, 'task': {'type': 'worker', 'index': i}}) for i in range(2)]
-    procs.append(start(ARGS + ['--data_root', data, '--run_dir', str(tmp / 'single')]))
-    outs = []
-    try:
-        for proc in procs:
-            outs.append(proc.communicate(timeout=600)[0])
-            assert proc.returncode == 0, outs[-1][-5000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+                   tmp / f'worker{i}.txt', {'cluster': cluster, 'task': {'type': 'worker', 'index': i}})
+             for i in range(2)]
+    procs.append(start(ARGS + ['--data_root', data, '--run_dir', str(tmp / 'single')], tmp / 'single.txt'))
+    outs = wait_all(procs, 600)
     return tmp, outs
 
 
