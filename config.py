@@ -16,11 +16,8 @@ import json
 import math
 import os
 
-import protocols
-
-
-class ConfigError(ValueError):
-    """A bad flag or configuration file; str() is one line."""
+from geoloc.eval import protocols
+from geoloc.errors import ConfigError  # noqa: F401 (raised here, caught as <module>.<name>)
 
 
 # Model parts (model.ALL_PARTS) that some model settings shape; a setting without `parts` shapes every part.

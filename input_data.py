@@ -11,11 +11,8 @@ import os
 
 import numpy as np
 
-from geometry import CORRECTED_MPP, CROSS_AREA, ORIGINAL_MPP, TILE_PX, VIGOR_CITIES, delta_to_position
-
-
-class DataError(ValueError):
-    """Bad dataset input; str() is a one-line message naming the file (and line)."""
+from geoloc.data.geometry import CORRECTED_MPP, CROSS_AREA, ORIGINAL_MPP, TILE_PX, VIGOR_CITIES, delta_to_position
+from geoloc.errors import DataError  # noqa: F401 (raised here, caught as <module>.<name>)
 
 
 @dataclasses.dataclass
@@ -228,7 +225,7 @@ def load_cvact(cvact_root, resampled_root, split, mpp_1200):
     for d, what in ((cvact_root, 'CVACT root'), (resampled_root, 'resampled CVACT (run samples_on_cvact.py)')):
         if not os.path.isdir(d):
             _fail(f'{d}: {what} not found')
-    from act_data import load_act_data
+    from geoloc.data.act_data import load_act_data
     mat_path = os.path.join(cvact_root, 'ACT_data.mat')
     if not os.path.isfile(mat_path):
         _fail(f'{mat_path}: CVACT ACT_data.mat not found')

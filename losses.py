@@ -7,7 +7,7 @@ import math
 
 import tensorflow as tf
 
-from geometry import TILE_PX
+from geoloc.data.geometry import TILE_PX
 
 
 def triplet_loss(grd, sat, alpha=10.0, grd_all=None, sat_all=None, row0=0):

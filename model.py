@@ -12,8 +12,8 @@ Units: points and offsets are pixels of the 640-px aerial tile whatever the inpu
 import numpy as np
 import tensorflow as tf
 
-from geometry import TILE_PX
-from layers import Conv, Deconv, Dense, Init, channels, variable
+from geoloc.data.geometry import TILE_PX
+from geoloc.nn.layers import Conv, Deconv, Dense, Init, channels, variable
 
 # (name, channels) of the VGG16 conv layers; 'pool' = 2x2 max-pool (4 of them: no pool5).
 VGG16_LAYERS = (

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-import protocols
-import train_lib
+from geoloc.eval import protocols
+from geoloc import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -122,9 +122,13 @@ def main(argv=None):
     p.add_argument('--preset', default='demo', choices=('demo', 'paper'))
     p.add_argument('--run_root', default='runs', help='stage run directories go to <run_root>/<stage>')
     args, rest = p.parse_known_args(argv)
-    train_lib.setup_environment()
+    cli.setup_environment()
     import stages  # imports the stage scripts (and TensorFlow)
     t0 = time.time()
+    if '--data_root' not in rest and not any(a.startswith('--data_root=') for a in rest):
+        from tools import synthetic_data
+        dataset = next((b for a, b in zip(rest, rest[1:]) if a == '--dataset'), 'vigor')
+        print(f'run_all: the built-in synthetic {dataset} data set: {synthetic_data.ensure_builtin(dataset)}', flush=True)
     results = {}
     for stage, run_dir, command in stage_commands(args.run_root, args.preset, rest):
         for cmd in (command, command + ['--test']):
@@ -134,7 +138,7 @@ def main(argv=None):
                 print(f'run_all: {os.path.basename(cmd[1])} exited with {code}; stopping', file=sys.stderr)
                 return code
         # --test wrote into the directory of its settings (the same flags as the command above)
-        cfg = train_lib.configs([stages.get(stage)], ['--preset', args.preset, '--run_dir', run_dir] + rest)[0]
+        cfg = cli.configs([stages.get(stage)], ['--preset', args.preset, '--run_dir', run_dir] + rest)[0]
         with open(os.path.join(protocols.results_dir(cfg, run_dir), 'test_results.json')) as f:
             results[stage] = json.load(f)
     any_r = next(iter(results.values()))

@@ -37,9 +37,9 @@ import time
 import cv2
 import numpy as np
 
-import images
-from geometry import TILE_PX
-from act_data import load_act_data
+from geoloc.data import images
+from geoloc.data.geometry import TILE_PX
+from geoloc.data.act_data import load_act_data
 
 AERIAL_SIZE = 1200  # px, side of a satview_polish aerial; the panorama sits at (AERIAL_SIZE/2, AERIAL_SIZE/2)
 JPEG_QUALITY = 95

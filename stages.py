@@ -1,6 +1,6 @@
 """What a stage is, and the order of the paper's stages.
 
-A stage script describes its stage(s) with a `Stage` and hands them to `train_lib.main`; the shared
+A stage script describes its stage(s) with a `Stage` and hands them to `cli.main`; the shared
 code owns everything else (distribution, replica scaling, state, checkpoints, mining, the loop,
 validation, --test). The registry below is the one list of the paper's stages and their scripts,
 read by run_all.py, the benchmarks and the tests. Importing it loads no TensorFlow (get() imports the

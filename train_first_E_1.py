@@ -12,10 +12,10 @@ E_2_1 starts from the end of phase a (runs/E_1/phase_a).
 """
 import sys
 
-import train_lib
+from geoloc import cli
 
 if __name__ == '__main__':
-    train_lib.setup_environment(sys.argv)  # before TensorFlow loads
+    cli.setup_environment(sys.argv)  # before TensorFlow loads
 
 import losses  # noqa: E402
 import model  # noqa: E402
@@ -53,4 +53,4 @@ PHASE_B = stages.Stage(
 STAGES = [PHASE_A, PHASE_B]
 
 if __name__ == '__main__':
-    sys.exit(train_lib.main(STAGES))
+    sys.exit(cli.main(STAGES))

@@ -10,12 +10,12 @@ the paper's) also each branch's cross-entropy to the true cell (--ce_weight).
 """
 import sys
 
-import train_lib
+from geoloc import cli
 
 if __name__ == '__main__':
-    train_lib.setup_environment(sys.argv)  # before TensorFlow loads
+    cli.setup_environment(sys.argv)  # before TensorFlow loads
 
-import geometry  # noqa: E402
+from geoloc.data import geometry  # noqa: E402
 import losses  # noqa: E402
 import model  # noqa: E402
 import stages  # noqa: E402
@@ -48,4 +48,4 @@ STAGE = stages.Stage(
 STAGES = [STAGE]
 
 if __name__ == '__main__':
-    sys.exit(train_lib.main(STAGES))
+    sys.exit(cli.main(STAGES))

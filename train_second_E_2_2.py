@@ -9,12 +9,12 @@ chooses the corrected NLL (default) or the released formula.
 """
 import sys
 
-import train_lib
+from geoloc import cli
 
 if __name__ == '__main__':
-    train_lib.setup_environment(sys.argv)  # before TensorFlow loads
+    cli.setup_environment(sys.argv)  # before TensorFlow loads
 
-import geometry  # noqa: E402
+from geoloc.data import geometry  # noqa: E402
 import losses  # noqa: E402
 import model  # noqa: E402
 import stages  # noqa: E402
@@ -46,4 +46,4 @@ STAGE = stages.Stage(
 STAGES = [STAGE]
 
 if __name__ == '__main__':
-    sys.exit(train_lib.main(STAGES))
+    sys.exit(cli.main(STAGES))

@@ -14,10 +14,10 @@ NLL's scale (x sqrt 2 under the corrected NLL). --nll is E_2_2's, read from its 
 import os
 import sys
 
-import train_lib
+from geoloc import cli
 
 if __name__ == '__main__':
-    train_lib.setup_environment(sys.argv)  # before TensorFlow loads
+    cli.setup_environment(sys.argv)  # before TensorFlow loads
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -105,4 +105,4 @@ STAGE = stages.Stage(
 STAGES = [STAGE]
 
 if __name__ == '__main__':
-    sys.exit(train_lib.main(STAGES))
+    sys.exit(cli.main(STAGES))

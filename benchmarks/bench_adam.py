@@ -29,12 +29,12 @@ def main(argv=None):
     p.add_argument('--size', default='paper', choices=tuple(SIZES))
     p.add_argument('--repeats', type=int, default=5)
     args = p.parse_args(argv)
-    import train_lib
-    train_lib.setup_environment()
+    from geoloc import cli
+    cli.setup_environment()
     import tensorflow as tf
     import config
     import stages
-    import train_state
+    from geoloc.train import train_state
     stage = stages.get(args.stage)
     cfg = config.resolve(stage.name, dict(SIZES[args.size]), 'paper', stage.defaults)
     t = time.time()

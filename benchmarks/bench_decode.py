@@ -42,8 +42,8 @@ def difference(read, ref, paths):
 def main():
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     import tensorflow as tf
-    import images
-    import pipeline
+    from geoloc.data import images
+    from geoloc.data import pipeline
     from bench_train import paper_city
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data_root', default='',

@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluation  # noqa: E402
+from geoloc.eval import evaluation  # noqa: E402
 
 GiB = 2 ** 30
 

@@ -29,12 +29,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import train_lib  # noqa: E402  (TensorFlow-free)
+from geoloc import cli  # noqa: E402  (TensorFlow-free)
 
 
 def paper_city(out, grd_hw, sat_side):
     """A 4-city synthetic VIGOR whose images are at least the read sizes (never upscaled)."""
-    import synthetic_data
+    from tools import synthetic_data
     return synthetic_data.ensure_vigor(os.path.join(out, f'VIGOR_{sat_side}'), seed=0, grid=4, tile_px=sat_side,
                                        pano_hw=tuple(grd_hw), panos_per_tile=2)
 
@@ -67,7 +67,7 @@ def measure(model, grd, sat):
 def gradients(state, stage, cfg, batch):
     """Each trained part's gradient RMS under the stage's loss on one batch, not applied: the training loop's
     own diagnostic (loop.make_gradient_probe), as validation logs it."""
-    import loop
+    from geoloc.train import loop
     return {part: float(v) for part, v in loop.make_gradient_probe(state, stage, cfg)(batch).items()}
 
 
@@ -83,20 +83,20 @@ def main(argv=None):
     p.add_argument('--flags', default='', help='more E_2_1 flags, e.g. "--decoder_init scaled --skip_norm 1"')
     p.add_argument('--panoramas', type=int, default=16)
     args = p.parse_args(argv)
-    train_lib.setup_environment()
+    cli.setup_environment()
     import tensorflow as tf
-    import pipeline
+    from geoloc.data import pipeline
     import stages
-    import train_state
+    from geoloc.train import train_state
     stage = stages.get('E_2_1')
     data = paper_city(args.out, args.grd_size, args.sat_size)
     argv = ['--grd_size', *map(str, args.grd_size), '--sat_size', str(args.sat_size), '--width', str(args.width),
             '--data_root', data, '--batch', str(args.batch), '--lr', str(args.lr), '--epoch_batch', '0',
             '--val_every', '0', '--mining', '0', '--log_every', '10', '--epochs', '1000', '--max_steps',
             str(max(args.steps, 1)), '--run_dir', os.path.join(args.out, 'E_2_1'), '--plots', '0'] + args.flags.split()
-    cfg = train_lib.configs([stage], argv)[0]
-    split = train_lib.dataset_splits(cfg, 'test')
-    train = train_lib.dataset_splits(cfg, 'train')
+    cfg = cli.configs([stage], argv)[0]
+    split = cli.dataset_splits(cfg, 'test')
+    train = cli.dataset_splits(cfg, 'train')
     n = min(args.panoramas, len(split))
     grd = np.stack([next(iter(pipeline.image_dataset([split.pano_paths[q]], cfg.grd_size, 'panorama', 1)))[0][0]
                     for q in range(n)])
@@ -119,7 +119,7 @@ def main(argv=None):
         e1a_dir = os.path.join(args.out, 'E_1a_init')
         tf.train.CheckpointManager(state.checkpoint(), os.path.join(e1a_dir, 'ckpt'), 1).save(0)
         t1 = time.time()
-        code = train_lib.main([stage], argv + ['--init_from', e1a_dir])
+        code = cli.main([stage], argv + ['--init_from', e1a_dir])
         if code:
             return code
         report['train_seconds'] = time.time() - t1

@@ -24,7 +24,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import train_lib  # noqa: E402  (TensorFlow-free)
+from geoloc import cli  # noqa: E402  (TensorFlow-free)
 
 # The variants: flags of E_2_1 on top of the shared ones. 'released' is the paper's U-Net as released.
 VARIANTS = {
@@ -40,7 +40,7 @@ NET = ['--grd_size', '64', '128', '--sat_size', '64', '--width', '0.25', '--batc
 
 
 def city(out, seed, grid, panos_per_tile):
-    import synthetic_data
+    from tools import synthetic_data
     return synthetic_data.ensure_vigor(os.path.join(out, 'VIGOR'), seed=seed, grid=grid, tile_px=128,
                                        pano_hw=(128, 256), panos_per_tile=panos_per_tile, ambiguity='mixed')
 
@@ -48,9 +48,9 @@ def city(out, seed, grid, panos_per_tile):
 def positive_errors(stage, cfg, run_dir, split, queries):
     """(median error / tile centre's, swap shift median px, median error m, centre median m) in the
     positive tile for split[queries], through the --test code path's localiser."""
-    import embedding
-    import geometry
-    import testing
+    from geoloc.nn import embedding
+    from geoloc.data import geometry
+    from geoloc.eval import testing
     _, ckpt, cfg = testing.trained_run(stage, cfg)
     model = testing.restored_model(stage, cfg, ckpt, run_dir)
     embedder = embedding.Embedder(model)
@@ -78,14 +78,14 @@ def main(argv=None):
     p.add_argument('--e2_lr', type=float, default=1e-4)
     p.add_argument('--eval_queries', type=int, default=512, help='training and test panoramas measured')
     args = p.parse_args(argv)
-    train_lib.setup_environment(['--preset', 'demo'])
+    cli.setup_environment(['--preset', 'demo'])
     import stages
     data = city(args.out, args.seed, args.grid, args.panos_per_tile)
     shared = NET + ['--data_root', data, '--seed', str(args.seed)]
     e1a, e21 = stages.get('E_1a'), stages.get('E_2_1')
     t0 = time.time()
     e1_dir = os.path.join(args.out, 'E_1')
-    code = train_lib.main([e1a], shared + ['--run_dir', e1_dir, '--lr', str(args.e1_lr), '--epochs', '1000',
+    code = cli.main([e1a], shared + ['--run_dir', e1_dir, '--lr', str(args.e1_lr), '--epochs', '1000',
                                            '--max_steps', str(args.e1_steps), '--log_every', '100'])
     if code:
         return code
@@ -97,15 +97,15 @@ def main(argv=None):
                          str(args.e2_lr), '--epochs', '1000', '--max_steps', str(args.e2_steps), '--log_every',
                          '100'] + VARIANTS[name]
         t1, load = time.time(), os.getloadavg()[0]
-        code = train_lib.main([e21], argv)
+        code = cli.main([e21], argv)
         if code:
             return code
         minutes = (time.time() - t1) / 60
-        cfg = train_lib.configs([e21], argv)[0]
+        cfg = cli.configs([e21], argv)[0]
         row = {'variant': name, 'flags': ' '.join(VARIANTS[name]), 'e2_steps': args.e2_steps,
                'e2_minutes': minutes, 'load_start': load, 'load_end': os.getloadavg()[0]}
         for which in ('train', 'test'):
-            split = train_lib.dataset_splits(cfg, which)
+            split = cli.dataset_splits(cfg, which)
             queries = np.arange(min(args.eval_queries, len(split)))
             ratio, swap, err, centre = positive_errors(e21, cfg, run_dir, split, queries)
             row.update({f'{which}_ratio': ratio, f'{which}_swap_px': swap, f'{which}_median_m': err,

@@ -50,7 +50,7 @@ CASES = (('tiles', 'original'), ('tiles', 'prepared'), ('panoramas', 'original')
 
 def prepared_root(original, grd_hw, sat_side):
     """The copy of `original` prepared at this size (written once)."""
-    import prepare_data
+    from tools import prepare_data
     import input_data
     out = f'{original}_prepared_{grd_hw[0]}x{grd_hw[1]}_{sat_side}'
     if not os.path.isfile(os.path.join(out, input_data.PREPARED)):
@@ -114,7 +114,7 @@ def measure(ds, batch_items, seconds, probe_cpu):
 def child(args):
     os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'
     import input_data
-    import pipeline
+    from geoloc.data import pipeline
     grd_hw, sat_side = SIZES[args.size]
     roots = {'original': args.original, 'prepared': args.prepared, 'cached': args.original}
     out = {'cores': pipeline.cores()}

@@ -69,7 +69,7 @@ class Builder:
     """Builds (and drops) the datasets of one paper-size E_2_1 epoch and of one validation."""
 
     def __init__(self, args):
-        import pipeline
+        from geoloc.data import pipeline
         self.pipeline, self.args = pipeline, args
         rng = np.random.default_rng(0)
         tile_paths = vigor_like_tiles(args.n_tiles, rng)
@@ -87,7 +87,7 @@ class Builder:
         return ds.element_spec is not None
 
     def epoch(self, epoch):
-        import mining
+        from geoloc.train import mining
         a, split = self.args, self.train
         rng = np.random.default_rng([a.seed, epoch])
         # BatchSampler's draws (a random positive tile, then one of its panoramas) cover about as many panoramas
@@ -110,7 +110,7 @@ class Builder:
         return len(missing_panos), len(missing_tiles)
 
     def validation(self):
-        import testing
+        from geoloc.eval import testing
         a, split = self.args, self.test
         queries = np.arange(min(a.val_queries, len(split)))
         p = self.pipeline

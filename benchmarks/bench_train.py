@@ -72,7 +72,7 @@ GiB = 2 ** 30
 def dataset_root(args, size):
     """The synthetic city the pipeline reads (generated once): demo = the training demo's own city;
     paper = one city of full-size files (2048x1024 JPEG panoramas, 640x640 PNG tiles by default)."""
-    import synthetic_data
+    from tools import synthetic_data
     if args.data_root:
         return args.data_root, None
     if size == 'demo':
@@ -86,7 +86,7 @@ PAPER_CITIES = ('NewYork',)
 def paper_city(tile_px=640, pano_h=1024):
     """Root of the full-size synthetic city (one city, 8x8 tiles with panoramas in a ring: 10x10 tiles), generated
     on first use."""
-    import synthetic_data
+    from tools import synthetic_data
     root = os.path.join(ROOT, 'data', f'synthetic_vigor_bench_{tile_px}_{pano_h}')
     return synthetic_data.ensure_vigor(root, cities=PAPER_CITIES, grid=8, tile_px=tile_px,
                                        pano_hw=(pano_h, 2 * pano_h))
@@ -259,8 +259,8 @@ def build_step(stage, cfg, n_train, steps_per_epoch, strategy):
     """The stage's train state with random weights (train_state.TrainState: model, Adam) and its real compiled
     step (loop.make_step), as Run.train builds them -> (state, step). Run tables (E_3's u table, which E_2_2
     would fill) hold plausible random values: any time the same."""
-    import loop
-    import train_state
+    from geoloc.train import loop
+    from geoloc.train import train_state
     with strategy.scope():
         state = train_state.TrainState(stage, cfg, n_train, steps_per_epoch)
     for table in state.tables.values():
@@ -272,7 +272,7 @@ def step_flops(state, stage, cfg, batch):
     """-> (forward FLOPs, {op type: FLOPs}) of the stage's loss on `batch`, from its traced graph (forward_flops;
     default strategy: plain tensors, static batch). A step is 3 x the forward."""
     import tensorflow as tf
-    import embedding
+    from geoloc.nn import embedding
 
     def forward(b):
         emb = embedding.embed_batch(state.model, b, stage.uses_semi)
@@ -282,8 +282,8 @@ def step_flops(state, stage, cfg, batch):
 
 def child(args):
     import input_data
-    import pipeline
-    import distribute
+    from geoloc.data import pipeline
+    from geoloc.train import distribute
     size, stage_name = args.child.split(':')
     rss = PeakRSS()
     out = {'size': size, 'stage': stage_name, 'threads': os.cpu_count(), 'load_start': os.getloadavg()[0]}

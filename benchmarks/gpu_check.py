@@ -132,7 +132,7 @@ def matmul_peak(tf, n, dtype, device, calls=10, repeats=3):
 # ----------------------------------------------------------------------------- the input pipeline
 
 def write_city(mode, folder):
-    import synthetic_data
+    from tools import synthetic_data
     return synthetic_data.ensure_vigor(os.path.join(folder, 'VIGOR'), seed=0, cities=CITIES, grid=4,
                                        tile_px=mode['tile_px'], pano_hw=mode['pano_hw'])
 
@@ -169,7 +169,7 @@ def rate(ds, seconds):
 def pipeline_rates(mode, split, seconds, items=20000):
     """Panoramas/s, tiles/s and training samples/s of the pipeline over the city's files (repeated to `items`,
     more than the cores read in `seconds`), every image decoded (no cache; the files in the page cache)."""
-    import pipeline
+    from geoloc.data import pipeline
     grd, sat = mode['grd_size'], (mode['sat_size'],) * 2
     panos = np.resize(np.array(split.pano_paths), items)
     tiles = np.resize(np.array(split.tile_paths), items)
@@ -189,7 +189,7 @@ def pipeline_rates(mode, split, seconds, items=20000):
 
 def time_stage(tf, mode, stage_name, precision, host_batch, device, flops_cache, cap_s, n_train):
     """Build the stage's state and step, time them -> a result dict."""
-    import distribute
+    from geoloc.train import distribute
     res = {'stage': stage_name, 'precision': precision}
     t = time.perf_counter()
     explicit = {'grd_size': mode['grd_size'], 'sat_size': mode['sat_size'], 'width': mode['width'],
@@ -381,7 +381,7 @@ def main(argv=None):
 
     # the city and the input pipeline
     import input_data
-    import pipeline
+    from geoloc.data import pipeline
     part[0] = 'the city and the input pipeline'
     folder = args.city or tempfile.mkdtemp(prefix='gpu_check_city_')
     host_batch, split = None, None

@@ -19,7 +19,7 @@ TINY = ['--grd_size', '32', '64', '--sat_size', '64', '--width', '0.0625', '--ba
 def tiny_vigor(tmp_path_factory):
     """tiny_vigor(grid) -> root of a small synthetic VIGOR (64-px tiles, 32x64 panoramas), made once per grid.
     grid 3: 36 training panoramas (9 steps of 4); grid 4: 64."""
-    import synthetic_data
+    from tools import synthetic_data
     made = {}
 
     def make(grid):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-import act_data
+from geoloc.data import act_data
 from fake_act_data import PANO_IDS, TRAIN_1BASED, write_act_data
 
 

@@ -4,7 +4,7 @@ exit status 2, and leaves an existing run directory as it was. Also what the scr
 the machine's own failures: Ctrl-C (a checkpoint, one line, status 130) and a full disk (one line, no
 temporary files left).
 
-Most cases call the stage scripts' `train_lib.main` in-process (what `python train_*.py` runs, without
+Most cases call the stage scripts' `cli.main` in-process (what `python train_*.py` runs, without
 TensorFlow's start-up per case); `test_truncated_jpeg_through_the_shell` and
 `test_flag_errors_through_the_shell` run the real command line.
 """
@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 
 import input_data
-import loop
+from geoloc.train import loop
 import model
 import train_first_E_1
-import train_lib
+from geoloc import cli
 import train_second_E_2_1
 import train_second_E_2_2
 import train_third_E_3
-import train_state
+from geoloc.train import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--grd_size', '32', '64', '--sat_size', '64', '--width', '0.0625', '--batch', '4', '--epochs', '1',
@@ -46,14 +46,14 @@ def vigor(tiny_vigor):
 def e1_run(vigor, tmp_path_factory):
     """One tiny trained E_1 run directory (1 step per phase), shared by the checkpoint cases."""
     run_dir = str(tmp_path_factory.mktemp('e1') / 'E_1')
-    assert train_lib.main(E_1, TINY + ['--data_root', vigor, '--run_dir', run_dir]) == 0
+    assert cli.main(E_1, TINY + ['--data_root', vigor, '--run_dir', run_dir]) == 0
     return run_dir
 
 
 def fails(stages, argv, capsys):
     """Run a stage script's main; -> its one error line (after checking status 2 and nothing else on stderr)."""
     capsys.readouterr()
-    assert train_lib.main(stages, argv) == 2
+    assert cli.main(stages, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: '), err
     return err[0]
@@ -258,7 +258,7 @@ def test_failed_restart_leaves_the_run_untouched(vigor_copy, e1_run, tmp_path, c
 
 def test_unknown_flag_value(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        train_lib.main(E_1, ['--dataset', 'vigr', '--run_dir', str(tmp_path / 'run')])
+        cli.main(E_1, ['--dataset', 'vigr', '--run_dir', str(tmp_path / 'run')])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('usage: ') and "argument --dataset: invalid choice: 'vigr'" in err
@@ -377,7 +377,7 @@ def test_accepted_byte_order_mark_and_corrected_out_of_tile_semi_positive(vigor_
     set_token(corrected, 0, 5, '-410.0')
     capsys.readouterr()
     argv = TINY + ['--data_root', vigor_copy, '--run_dir', str(tmp_path / 'run'), '--labels', 'corrected']
-    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
+    assert cli.main([train_first_E_1.PHASE_A], argv) == 0
     split = input_data.load_vigor(vigor_copy, 'train', labels='corrected')
     assert split.deltas[0, 1, 0] == -410.0 and len(split) == 36
 
@@ -498,7 +498,7 @@ def test_a_busy_run_directory_is_refused_and_nothing_is_lost(vigor, e1_run, tmp_
             proc.kill()
             proc.wait()
     capsys.readouterr()
-    assert train_lib.main(E_1, TINY + ['--data_root', vigor, '--run_dir', run_dir]) == 0
+    assert cli.main(E_1, TINY + ['--data_root', vigor, '--run_dir', run_dir]) == 0
     out = capsys.readouterr().out
     assert f'[E_1a] run lock: took over {run_dir}/phase_a/run.lock, left by pid {holders[0].pid} on ' in out
     assert f'[E_1] run lock: took over {run_dir}/run.lock, left by pid {holders[1].pid} on ' in out
@@ -544,7 +544,7 @@ def test_allow_unfinished_starts_from_a_stopped_predecessor_and_says_where(vigor
     argv = TINY + ['--data_root', vigor, '--run_dir', str(tmp_path / 'E_2_1'), '--init_from', prev]
     err = fails([train_second_E_2_1.STAGE], argv, capsys)
     assert err.startswith(f'error: {prev}: its checkpoint ckpt-1 is at step 1 of the 2 its config.json schedules')
-    assert train_lib.main([train_second_E_2_1.STAGE], argv + ['--allow_unfinished', '1']) == 0
+    assert cli.main([train_second_E_2_1.STAGE], argv + ['--allow_unfinished', '1']) == 0
     assert (f'[E_2_1] init: E_1a checkpoint {prev}/ckpt/ckpt-1 is at step 1 of the 2 its configuration schedules '
             '(unfinished; --allow_unfinished 1)') in capsys.readouterr().out
 
@@ -567,7 +567,7 @@ def test_full_size_imagenet_weights_with_the_demo_preset(vigor, tmp_path, capsys
     argv = ['--preset', 'demo', '--data_root', vigor, '--run_dir', str(tmp_path / 'run'), '--vgg_weights', path,
             '--max_steps', '1', '--val_every', '0', '--batch', '4',   # (the tiny city cannot fill the demo's 10,
             '--grd_size', '32', '64', '--sat_size', '64']           #  nor its 64x128 panoramas: never upscaled)
-    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
+    assert cli.main([train_first_E_1.PHASE_A], argv) == 0
     out = capsys.readouterr()
     assert out.err == ''
     assert (f'[E_1a] init: random VGG16 trunks: the ImageNet weights in {path} do not fit this network (layer conv1_1 '
@@ -608,7 +608,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_so_in_one_line(vigor, tmp_path, monk
     argv = TINY + ['--data_root', vigor, '--run_dir', run_dir, '--max_steps', '6', '--ckpt_every', '100',
                    '--mining', '1', '--epoch_batch', '0', '--log_every', '1']
     capsys.readouterr()
-    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 130
+    assert cli.main([train_first_E_1.PHASE_A], argv) == 130
     ckpt = os.path.join(run_dir, 'phase_a', 'ckpt', 'ckpt-3')
     assert capsys.readouterr().err.splitlines() == [
         f'interrupted at step 3 of 6: checkpoint {ckpt} saved; run the same command to resume']
@@ -644,4 +644,4 @@ def test_full_disk_one_line_and_no_temporary_files(vigor, tmp_path, capsys):
     assert os.listdir(ckpt_dir) == []
     everything = [os.path.join(d, f) for d, dirs, files in os.walk(run_dir) for f in files + dirs]
     assert not [p for p in everything if '_temp' in p or '.tmp' in p]
-    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0     # with room again, the same command trains
+    assert cli.main([train_first_E_1.PHASE_A], argv) == 0     # with room again, the same command trains

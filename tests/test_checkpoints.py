@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import checkpoints
-import mining
-import train_state
+from geoloc.train import checkpoints
+from geoloc.train import mining
+from geoloc.train import train_state
 
 
 def _buffer(pool=(2, 5, 7)):

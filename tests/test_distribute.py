@@ -95,9 +95,9 @@ def one_step(stage, strategy_name, batch):
     -> (loss, {term}, {report}, grd descriptors in global row order, [gradient per trained variable], replicas)."""
     import tensorflow as tf
     import config
-    import distribute
-    import loop
-    import train_state
+    from geoloc.train import distribute
+    from geoloc.train import loop
+    from geoloc.train import train_state
     explicit = dict(config.parse_flags(TINY)[0], strategy=strategy_name)
     cfg = config.resolve(stage.name, explicit, 'paper', stage.defaults, stage.presets)
     strategy = distribute.make_strategy(strategy_name)

@@ -12,9 +12,9 @@ from conftest import TINY
 import model
 import run_all
 import stages
-import synthetic_data
-import train_lib
-import train_state
+from tools import synthetic_data
+from geoloc import cli
+from geoloc.train import train_state
 
 pytestmark = pytest.mark.slow
 TEST = 'original_same_north_qall'   # --test's default settings directory
@@ -30,7 +30,7 @@ def args(base, data, stage, *extra):
 
 def part(run_dir, stage, p):
     """The variables of part p in a run directory's latest checkpoint."""
-    m = stages.build_model(stage, train_lib.configs([stage], TINY)[0])
+    m = stages.build_model(stage, cli.configs([stage], TINY)[0])
     tf.train.Checkpoint(model=m).read(train_state.latest_checkpoint(run_dir)).expect_partial()
     return [v.numpy() for v in getattr(m, p).trainable_variables]
 
@@ -40,7 +40,7 @@ def same(a, b):
 
 
 def test_missing_predecessor_says_what_to_run(tiny_vigor, tmp_path, capsys):
-    code = train_lib.main(stages.script_stages('train_second_E_2_1.py'),
+    code = cli.main(stages.script_stages('train_second_E_2_1.py'),
                           args(tmp_path, tiny_vigor(4), 'E_2_1') + ['--init_from', str(tmp_path / 'absent')])
     assert code == 2
     err = capsys.readouterr().err
@@ -88,7 +88,7 @@ def test_main_job_end_to_end(tiny_vigor, tmp_path, capsys):
     u = np.load(tmp_path / 'E_3' / 'u_table.npz')
     reader = tf.train.load_checkpoint(train_state.latest_checkpoint(str(tmp_path / 'E_3')))
     table = reader.get_tensor('tables/u_table/.ATTRIBUTES/VARIABLE_VALUE')
-    split = train_lib.dataset_splits(train_lib.configs([get('E_3')], args(tmp_path, data, 'E_3'))[0], 'train')
+    split = cli.dataset_splits(cli.configs([get('E_3')], args(tmp_path, data, 'E_3'))[0], 'train')
     assert table.shape == (len(split), 3) and np.all(table[split.tiles[:, 1:] >= 0] > 0)
     np.testing.assert_array_equal(u['u'], table[split.tiles[:, 1:] >= 0])
     e3, e22 = str(tmp_path / 'E_3'), str(tmp_path / 'E_2_2')
@@ -100,7 +100,7 @@ def test_main_job_end_to_end(tiny_vigor, tmp_path, capsys):
 
     # resuming or extending E_3 reads its u table back from the state: no new table, no new 'u table' line
     before = open(tmp_path / 'E_3' / 'train.log').read().count('u table:')
-    assert train_lib.main([get('E_3')], args(tmp_path, data, 'E_3', '--preset', 'demo', '--max_steps', '3')) == 0
+    assert cli.main([get('E_3')], args(tmp_path, data, 'E_3', '--preset', 'demo', '--max_steps', '3')) == 0
     after = open(tmp_path / 'E_3' / 'train.log').read()
     assert 'extending the run' in after and after.count('u table:') == before
     reader = tf.train.load_checkpoint(train_state.latest_checkpoint(e3))
@@ -117,8 +117,8 @@ def test_cvact_end_to_end(tmp_path):
     argv = TINY + ['--max_steps', '2', '--dataset', 'cvact', '--data_root', root, '--cvact_mpp', '0.12',
                    '--run_dir', str(tmp_path / 'run'), '--plots', '0']
     e1 = stages.script_stages('train_first_E_1.py')
-    assert train_lib.main(e1, argv) == 0
-    assert train_lib.main(e1[-1:], argv + ['--test']) == 0
+    assert cli.main(e1, argv) == 0
+    assert cli.main(e1[-1:], argv + ['--test']) == 0
     r = json.load(open(tmp_path / 'run' / 'test' / 'cvact_north_qall' / 'test_results.json'))
     assert r['dataset'] == 'CVACT test' and r['n_ref'] == 4 * r['n_query'] == 32
     # one synthetic area: even a wrong top-1 crop is within a few hundred metres (UTM, Euclidean)

@@ -2,7 +2,7 @@
 import numpy as np
 import tensorflow as tf
 
-import embedding
+from geoloc.nn import embedding
 import model
 
 

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-import evaluation as ev
+from geoloc.eval import evaluation as ev
 
 def brute_force(grd, sat, pos, semi):
     """docs/design.md §6 read literally on the full (Q, N) float64 similarity matrix."""

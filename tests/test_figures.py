@@ -1,8 +1,8 @@
 """figures.py: every figure is written, readable and shows what it claims."""
 import numpy as np
 
-import evaluation as ev
-import figures
+from geoloc.eval import evaluation as ev
+from geoloc.eval import figures
 
 
 def _check_png(path, min_side=200):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import geometry
+from geoloc.data import geometry
 
 
 def test_delta_rc_convention_and_round_trip():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import geometry
-import images
+from geoloc.data import geometry
+from geoloc.data import images
 import input_data
 
 

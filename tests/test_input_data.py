@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-import geometry
+from geoloc.data import geometry
 import input_data
-import synthetic_data
+from tools import synthetic_data
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -121,8 +121,9 @@ def test_no_tensorflow_import():
     TensorFlow, and importing them changes no environment variable."""
     code = ('import os, sys; tf_env = lambda: {k: v for k, v in os.environ.items() if k.startswith("TF_")}; '
             'env = tf_env(); '
-            'import geometry, input_data, images, act_data, samples_on_cvact, synthetic_data, evaluation, figures, '
-            'config, protocols, stages, train_lib; '
+            'import input_data, samples_on_cvact, config, stages; '
+            'from geoloc.data import geometry, images, act_data, splits; from tools import synthetic_data; '
+            'from geoloc.eval import evaluation, figures, protocols; from geoloc import cli, errors, runlog; '
             'assert "tensorflow" not in sys.modules, "TensorFlow imported"; '
             'assert tf_env() == env, "TensorFlow environment changed"')
     subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)

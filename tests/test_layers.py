@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import layers
+from geoloc.nn import layers
 
 
 @pytest.mark.parametrize('stride,k', [(2, None), (4, None), (5, None), (5, 3), (1, 3)])

@@ -10,14 +10,14 @@ import pytest
 import tensorflow as tf
 from conftest import TINY, tensorboard_events
 
-import geometry
+from geoloc.data import geometry
 import losses
 import model
-import pipeline
+from geoloc.data import pipeline
 import stages
 import train_first_E_1
-import train_lib
-import train_state
+from geoloc import cli
+from geoloc.train import train_state
 
 
 def scalars(run_dir):
@@ -47,7 +47,7 @@ TOY = stages.Stage(name='toy', parts=model.RETRIEVAL_PARTS, train_parts=('grd_tr
 def test_a_stage_defined_in_a_test_trains_two_steps(tiny_vigor, tmp_path):
     run_dir = str(tmp_path / 'toy')
     argv = TINY + ['--data_root', tiny_vigor(3), '--run_dir', run_dir, '--max_steps', '2']
-    assert train_lib.main([TOY], argv) == 0
+    assert cli.main([TOY], argv) == 0
     ckpt = train_state.latest_checkpoint(run_dir)
     assert ckpt.endswith('ckpt-2')
     values, _ = scalars(run_dir)
@@ -96,7 +96,7 @@ def test_non_finite_step_stops_and_keeps_last_good_checkpoint(tiny_vigor, tmp_pa
     stage = dataclasses.replace(train_first_E_1.PHASE_A, loss=loss)
     argv = TINY + ['--epochs', '1', '--ckpt_every', '2', '--mining', '0', '--data_root', tiny_vigor(3),
                    '--run_dir', str(tmp_path)]
-    assert train_lib.main([stage], argv) == 2
+    assert cli.main([stage], argv) == 2
     ckpt = os.path.join(str(tmp_path), 'phase_a', 'ckpt', 'ckpt-2')
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -120,7 +120,7 @@ def two_runs(tiny_vigor, tmp_path_factory):
         run_dir = str(tmp_path_factory.mktemp('determinism') / name)
         argv = TINY + ['--epochs', '3', '--max_steps', '20', '--ckpt_every', '100', '--data_root', tiny_vigor(3),
                        '--run_dir', run_dir, '--val_every', '3', '--val_queries', '8']
-        assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
+        assert cli.main([train_first_E_1.PHASE_A], argv) == 0
         dirs.append(os.path.join(run_dir, 'phase_a'))
     return dirs
 
@@ -146,7 +146,7 @@ def test_an_epoch_is_the_released_codes_in_every_stage():
     """floor(N / 14) steps in every stage by default, batch 10 included (3,757 at same-area VIGOR's 52,605
     training panoramas); --epoch_batch 0 gives the per-batch epoch."""
     import config
-    import loop
+    from geoloc.train import loop
     for name in stages.ORDER:
         stage = stages.get(name)
         cfg = config.resolve(name, {}, 'paper', stage.defaults, stage.presets)
@@ -164,7 +164,7 @@ def test_validation_follows_the_released_cadence_by_default():
     """Every epoch in E_1 (both phases), every 10th (1-based, the released `epoch % 10 == 0`) in E_2_1, E_2_2 and
     E_3, and at a run's last step; --val_every overrides the stage's default, 0 never validates."""
     import config
-    import loop
+    from geoloc.train import loop
     spe = 7
     for name, every in (('E_1a', 1), ('E_1', 1), ('E_2_1', 10), ('E_2_2', 10), ('E_3', 10)):
         stage = stages.get(name)
@@ -193,10 +193,10 @@ def grd_norm_loss(m, emb, batch, ctx):
 def test_gradient_probe_gives_the_rms_of_the_steps_gradient_and_names_a_dead_part(tiny_vigor):
     """The probe's RMS equals one computed by hand with a tape; a trained part the loss never reaches reports
     exactly 0 and is the one named as barely training; the probe applies nothing."""
-    import loop
+    from geoloc.train import loop
     stage = stages.Stage(name='probe', parts=model.RETRIEVAL_PARTS, train_parts=('grd_safa', 'sat_safa'),
                          loss=grd_norm_loss, uses_semi=False, script='tests/test_loop.py')
-    cfg = train_lib.configs([stage], TINY + ['--data_root', tiny_vigor(3)])[0]
+    cfg = cli.configs([stage], TINY + ['--data_root', tiny_vigor(3)])[0]
     state = train_state.TrainState(stage, cfg, 4, 1)
     batch = {'grd': tf.random.stateless_normal([4, 32, 64, 3], seed=(3, 1)) * 50,
              'sat': tf.random.stateless_normal([4, 64, 64, 3], seed=(3, 2)) * 50,
@@ -235,7 +235,7 @@ def test_validation_logs_ground_dependence_and_gradient_rms(tiny_vigor, tmp_path
     run_dir = str(tmp_path / 'heatmap_toy')
     argv = TINY + ['--data_root', tiny_vigor(3), '--run_dir', run_dir, '--max_steps', '2', '--val_every', '1',
                    '--val_queries', '8']
-    assert train_lib.main([HEATMAP_TOY], argv) == 0
+    assert cli.main([HEATMAP_TOY], argv) == 0
     values, _ = scalars(run_dir)
     for branch in ('pos', 'semi'):
         for tag in ('swap_shift_px', 'swap_shift_px_mean', 'swap_shift_px_p90', 'heatmap_swap_change'):
@@ -258,14 +258,14 @@ def test_a_run_whose_config_json_is_of_another_version_resumes_and_extends(tiny_
     import json
     run_dir = str(tmp_path / 'run')
     argv = TINY + ['--data_root', tiny_vigor(3), '--run_dir', run_dir, '--max_steps', '2', '--mining', '0']
-    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
+    assert cli.main([train_first_E_1.PHASE_A], argv) == 0
     path = os.path.join(run_dir, 'phase_a', 'config.json')
     saved = json.load(open(path))
     for key in ('adam_eps', 'localiser', 'u_b_quantile'):
         del saved[key]
     saved['a_future_setting'] = 3
     json.dump(saved, open(path, 'w'))
-    assert train_lib.main([train_first_E_1.PHASE_A], argv[:-4] + ['--max_steps', '3', '--mining', '0']) == 0
+    assert cli.main([train_first_E_1.PHASE_A], argv[:-4] + ['--max_steps', '3', '--mining', '0']) == 0
     log = open(os.path.join(run_dir, 'phase_a', 'train.log')).read()
     assert 'settings this version does not know, ignored: a_future_setting' in log
     assert 'extending the run' in log

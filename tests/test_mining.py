@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-import embedding
-import images
+from geoloc.nn import embedding
+from geoloc.data import images
 import input_data
-import mining
+from geoloc.train import mining
 import model
 
 
@@ -206,7 +206,7 @@ def test_a_run_ranks_what_its_batches_wrote(tiny_vigor, tmp_path, capsys):
     import tensorflow as tf
     from conftest import TINY
     import train_first_E_1
-    import train_lib
+    from geoloc import cli
     data = tiny_vigor(3)
     split = input_data.load_vigor(data, 'train')
     n_tiles = len(split.tile_paths)
@@ -216,7 +216,7 @@ def test_a_run_ranks_what_its_batches_wrote(tiny_vigor, tmp_path, capsys):
         argv = TINY + ['--data_root', data, '--run_dir', run_dir, '--epochs', '2', '--max_steps', '10',
                        '--mining_start_epoch', '2', '--ckpt_every', '100', '--mining_fill', fill]
         capsys.readouterr()
-        assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
+        assert cli.main([train_first_E_1.PHASE_A], argv) == 0
         out = capsys.readouterr().out
         ckpt = f'{run_dir}/phase_a/ckpt/ckpt-9'
         hard[fill] = tf.train.load_checkpoint(ckpt).get_tensor('hard/.ATTRIBUTES/VARIABLE_VALUE')

@@ -7,13 +7,13 @@ import pytest
 import tensorflow as tf
 
 import config
-import distribute
-import embedding
-import loop
+from geoloc.train import distribute
+from geoloc.nn import embedding
+from geoloc.train import loop
 import stages
 import train_first_E_1
 import train_second_E_2_2
-import train_state
+from geoloc.train import train_state
 
 
 

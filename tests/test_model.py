@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import layers
+from geoloc.nn import layers
 import model
 
 def tiny(parts=model.ALL_PARTS, **kw):

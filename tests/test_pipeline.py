@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import geometry
-import images
+from geoloc.data import geometry
+from geoloc.data import images
 import input_data
-import pipeline
+from geoloc.data import pipeline
 
 
 @pytest.fixture(scope='module')
@@ -297,7 +297,7 @@ def test_tf_data_error_is_one_line(vigor_copy):
 def test_a_too_small_tile_stops_a_stage_script_in_one_line(vigor_copy, tmp_path, capsys):
     """An 8x8 tile, smaller than the read size, is refused, not upscaled: one line from the stage script, status 2."""
     import train_first_E_1
-    import train_lib
+    from geoloc import cli
     split = input_data.load_vigor(vigor_copy, 'train')
     p = input_data.BatchSampler(split, 4, 0).epoch_plan(0)[0][0, 0]
     tile = split.tile_paths[split.tiles[p, 0]]
@@ -305,7 +305,7 @@ def test_a_too_small_tile_stops_a_stage_script_in_one_line(vigor_copy, tmp_path,
     argv = ['--data_root', vigor_copy, '--run_dir', str(tmp_path / 'run'), '--grd_size', '32', '64', '--sat_size', '64',
             '--width', '0.0625', '--batch', '4', '--max_steps', '1', '--val_every', '0', '--mining', '0']
     capsys.readouterr()
-    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 2
+    assert cli.main([train_first_E_1.PHASE_A], argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f'error: {tile}: too small: 8x8, read at 64x64 (images are never upscaled)']
 

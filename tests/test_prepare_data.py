@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 import config
-import images
+from geoloc.data import images
 import input_data
-import pipeline
-import prepare_data
+from geoloc.data import pipeline
+from tools import prepare_data
 import samples_on_cvact
-import synthetic_data
+from tools import synthetic_data
 import train_first_E_1
-import train_lib
+from geoloc import cli
 
 GRD, SAT = (32, 64), 64
 
@@ -59,11 +59,11 @@ def test_the_copy_has_the_layout_names_and_reference_pixels(original, prepared):
 
 def test_a_run_reads_the_copy_at_its_size_only(prepared, tmp_path, capsys):
     cfg = config.resolve('E_1a', {'data_root': prepared, 'grd_size': GRD, 'sat_size': SAT})
-    assert len(train_lib.dataset_splits(cfg, 'train')) > 0
+    assert len(cli.dataset_splits(cfg, 'train')) > 0
     marker = os.path.join(prepared, input_data.PREPARED)
     argv = ['--data_root', prepared, '--grd_size', '64', '128', '--sat_size', '64', '--width', '0.0625', '--batch', '4',
             '--max_steps', '1', '--val_every', '0', '--mining', '0', '--run_dir', str(tmp_path / 'run')]
-    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 2
+    assert cli.main([train_first_E_1.PHASE_A], argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f'error: {marker}: this copy holds images prepared for --grd_size 32 64 --sat_size 64, this run '
                    'reads --grd_size 64 128 --sat_size 64; use those sizes, the original tree or another copy '

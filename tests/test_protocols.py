@@ -9,13 +9,13 @@ import pytest
 import tensorflow as tf
 from conftest import TINY
 
-import embedding
+from geoloc.nn import embedding
 import input_data
-import protocols
+from geoloc.eval import protocols
 import stages
-import testing
+from geoloc.eval import testing
 import train_first_E_1
-import train_lib
+from geoloc import cli
 
 NAME = 'L-1poX8YZAmBZVLMqBu-4w,41.877949,-87.689396,.jpg'     # docs/design.md §1's example panorama
 
@@ -49,9 +49,9 @@ def test_views_shift_and_window():
 
 
 def test_names_and_settings_directories():
-    cfg = train_lib.configs([train_first_E_1.PHASE_B], [])[0]
+    cfg = cli.configs([train_first_E_1.PHASE_B], [])[0]
     assert protocols.settings_name(cfg) == 'original_same_north_qall'
-    cfg = train_lib.configs([train_first_E_1.PHASE_B], ['--labels', 'corrected', '--area', 'cross', '--yaw', 'random',
+    cfg = cli.configs([train_first_E_1.PHASE_B], ['--labels', 'corrected', '--area', 'cross', '--yaw', 'random',
                                                         '--eval_seed', '3', '--max_queries', '100'])[0]
     assert protocols.settings_name(cfg) == 'corrected_cross_yawrandom-s3_q100'
     cfg = cfg.replace(yaw='180', fov=72.5, dataset='cvact', max_queries=0)
@@ -72,7 +72,7 @@ def test_rotation_by_360_degrees_changes_nothing(vigor):
     """A random-init E_1 model through the real compiled path: yaw 360 gives north's descriptors and metrics
     exactly; yaw 180 changes the panoramas' descriptors (the rotation reaches the network)."""
     stage = stages.get('E_1')
-    cfg = train_lib.configs([stage], TINY + ['--data_root', vigor])[0]
+    cfg = cli.configs([stage], TINY + ['--data_root', vigor])[0]
     split = input_data.load_vigor(vigor, 'test')
     embedder = embedding.Embedder(stages.build_model(stage, cfg))
     queries = np.arange(len(split))
@@ -127,7 +127,7 @@ def test_rotation_by_180_degrees_costs_a_north_aligned_model_its_recall(vigor):
     their tiles, every panorama turned by 180 degrees gets the negative of its descriptor and loses them,
     360 degrees changes nothing."""
     stage = stages.get('E_1a')
-    cfg = train_lib.configs([stage], TINY + ['--data_root', vigor])[0]
+    cfg = cli.configs([stage], TINY + ['--data_root', vigor])[0]
     split = input_data.load_vigor(vigor, 'test')
     embedder = HarmonicEmbedder(split, cfg)
     queries = np.arange(len(split))

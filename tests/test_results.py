@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-import results
+from geoloc.eval import results
 
 
 def test_per_query_csv_is_exact_and_leaves_nan_empty(tmp_path):

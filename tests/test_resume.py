@@ -35,8 +35,8 @@ from conftest import TINY, tensorboard_events
 
 import model
 import train_first_E_1
-import train_lib
-import train_state
+from geoloc import cli
+from geoloc.train import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 36 training panoramas / batch 4 = 9 steps per epoch; 2 epochs = 18 steps in each phase, the second
@@ -84,21 +84,21 @@ def test_stopped_and_extended_runs_end_like_an_uninterrupted_one(data, tmp_path,
     phase_a = [train_first_E_1.PHASE_A]
     chain = CHAIN + ['--mining_fill', fill]
     ref_dir, run_dir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'chain')
-    assert train_lib.main(phase_a, chain + ['--data_root', data, '--run_dir', ref_dir, '--epochs', '2']) == 0
+    assert cli.main(phase_a, chain + ['--data_root', data, '--run_dir', ref_dir, '--epochs', '2']) == 0
     reference = state_of(os.path.join(ref_dir, 'phase_a'))
     assert int(reference['step/.ATTRIBUTES/VARIABLE_VALUE']) == 18
 
     argv = chain + ['--data_root', data, '--run_dir', run_dir]
     ckpt_dir = os.path.join(run_dir, 'phase_a', 'ckpt')
-    assert train_lib.main(phase_a, argv + ['--epochs', '1', '--max_steps', '5']) == 0    # stops inside epoch 1
+    assert cli.main(phase_a, argv + ['--epochs', '1', '--max_steps', '5']) == 0    # stops inside epoch 1
     assert os.path.exists(os.path.join(ckpt_dir, 'ckpt-5.mining.npz'))        # the descriptors gathered so far
     copy = str(tmp_path / 'chain_without_descriptors')
     shutil.copytree(run_dir, copy)
     os.remove(os.path.join(copy, 'phase_a', 'ckpt', 'ckpt-5.mining.npz'))
-    assert train_lib.main(phase_a, argv + ['--epochs', '1']) == 0              # extended to the epoch's end
+    assert cli.main(phase_a, argv + ['--epochs', '1']) == 0              # extended to the epoch's end
     assert os.path.exists(os.path.join(ckpt_dir, 'ckpt-9.mining.npz'))        # the round it did not run
     capsys.readouterr()
-    assert train_lib.main(phase_a, argv + ['--epochs', '2']) == 0              # extended: the round, then epoch 2
+    assert cli.main(phase_a, argv + ['--epochs', '2']) == 0              # extended: the round, then epoch 2
     out = capsys.readouterr().out
     assert 'extending the run: --epochs 1 -> 2 (9 steps done, 18 now)' in out and 'mining: epoch 1:' in out
     assert json.load(open(os.path.join(run_dir, 'phase_a', 'config.json')))['epochs'] == 2
@@ -108,7 +108,7 @@ def test_stopped_and_extended_runs_end_like_an_uninterrupted_one(data, tmp_path,
             np.load(os.path.join(ref_dir, 'phase_a', 'ckpt', 'ckpt-18.mining.npz')) as want:
         assert sorted(got.files) == sorted(want.files) and all(np.array_equal(got[k], want[k]) for k in got.files)
 
-    assert train_lib.main(phase_a, chain + ['--data_root', data, '--run_dir', copy, '--epochs', '2']) == 0
+    assert cli.main(phase_a, chain + ['--data_root', data, '--run_dir', copy, '--epochs', '2']) == 0
     assert 'not bit-identical' in capsys.readouterr().out
     assert 'hard/.ATTRIBUTES/VARIABLE_VALUE' in differing(state_of(os.path.join(copy, 'phase_a')), reference)
 
@@ -119,7 +119,7 @@ def test_phase_b_carries_phase_as_table_and_resumes_like_an_uninterrupted_run(da
     stopped inside its epoch 1 (--max_steps 5) and resumed to the end of its 2 epochs, it ends with the weights,
     Adam, mining table and descriptor table of phase b run without a stop."""
     a_dir = str(tmp_path / 'a')
-    assert train_lib.main([train_first_E_1.PHASE_A], CHAIN + ['--data_root', data, '--run_dir', a_dir,
+    assert cli.main([train_first_E_1.PHASE_A], CHAIN + ['--data_root', data, '--run_dir', a_dir,
                                                               '--epochs', '2']) == 0
     ref_dir, run_dir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'stopped')
     for d in (ref_dir, run_dir):
@@ -127,10 +127,10 @@ def test_phase_b_carries_phase_as_table_and_resumes_like_an_uninterrupted_run(da
     phase_b = [train_first_E_1.PHASE_B]
     argv = lambda d: CHAIN + ['--data_root', data, '--run_dir', d, '--epochs', '2']
     capsys.readouterr()
-    assert train_lib.main(phase_b, argv(ref_dir)) == 0
+    assert cli.main(phase_b, argv(ref_dir)) == 0
     assert 'mining: carried over the descriptor table of' in capsys.readouterr().out
-    assert train_lib.main(phase_b, argv(run_dir) + ['--max_steps', '5']) == 0
-    assert train_lib.main(phase_b, argv(run_dir)) == 0
+    assert cli.main(phase_b, argv(run_dir) + ['--max_steps', '5']) == 0
+    assert cli.main(phase_b, argv(run_dir)) == 0
     out = capsys.readouterr().out
     assert 'init: resumed this run from' in out and 'not bit-identical' not in out
     assert differing(state_of(run_dir), state_of(ref_dir)) == []
@@ -226,7 +226,7 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data, tmp_path):
                                                                                           f'ckpt-{stopped[1]}']
     assert f'done: {TOTAL} steps' in lines[-1]
 
-    cfg = train_lib.configs([train_first_E_1.PHASE_B], FLAGS)[0]
+    cfg = cli.configs([train_first_E_1.PHASE_B], FLAGS)[0]
     rerun = 0
     for sub, stage in (('phase_a', train_first_E_1.PHASE_A), ('', train_first_E_1.PHASE_B)):
         killed, uninterrupted = os.path.join(run_dir, sub), os.path.join(ref_dir, sub)
@@ -249,7 +249,7 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data, tmp_path):
     # and so are the --test metrics
     results = []
     for d in (run_dir, ref_dir):
-        assert train_lib.main(train_first_E_1.STAGES, FLAGS + ['--data_root', data, '--run_dir', d, '--test']) == 0
+        assert cli.main(train_first_E_1.STAGES, FLAGS + ['--data_root', data, '--run_dir', d, '--test']) == 0
         r = json.load(open(os.path.join(d, 'test', 'original_same_north_qall', 'test_results.json')))
         results.append({k: v for k, v in r.items() if k != 'checkpoint'})
     assert results[0] == results[1]

@@ -9,14 +9,14 @@ import time
 
 import pytest
 
-import run_lock
+from geoloc.train import run_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hold(run_dir):
     """A separate process that takes the lock of run_dir and sleeps; -> the process, once it holds it."""
-    code = (f'import sys, time; sys.path.insert(0, {REPO!r}); import run_lock; '
+    code = (f'import sys, time; sys.path.insert(0, {REPO!r}); from geoloc.train import run_lock; '
             f'run_lock.RunLock({run_dir!r}, "training E_x").acquire(); print("held", flush=True); time.sleep(60)')
     proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == 'held'

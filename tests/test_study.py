@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COMMITTED = os.path.join(os.path.dirname(HERE), 'benchmarks', 'study')
+COMMITTED = os.path.join(os.path.dirname(HERE), 'experiments', 'study')
 
 
 def test_report_only_rebuilds_the_committed_report(tmp_path):
     """--report_only on the committed report.json rewrites the committed report.txt byte for byte (targets and
     text are functions of the numbers) and draws every figure that comes from numbers."""
-    import study
+    from experiments.study import study
     shutil.copy(os.path.join(COMMITTED, 'report.json'), tmp_path / 'report.json')
     assert study.main(['--out', str(tmp_path), '--report_only']) == 0
     assert open(tmp_path / 'report.txt').read() == open(os.path.join(COMMITTED, 'report.txt')).read()
@@ -28,7 +28,7 @@ def test_report_only_rebuilds_the_committed_report(tmp_path):
 def hand_made_queries(n=200, seed=0):
     """Per-query arrays as study.per_query makes them: errors grow with the first dial's level, u = the error
     (a perfect ranking), isotropic Gaussians of sigma = u / 4."""
-    import testing
+    from geoloc.eval import testing
     rng = np.random.default_rng(seed)
     levels = rng.uniform(0, 1, (n, 4))
     error = 5 + 100 * levels[:, 0]
@@ -44,7 +44,7 @@ def hand_made_queries(n=200, seed=0):
 
 
 def test_uncertainty_report_on_hand_made_queries():
-    import study
+    from experiments.study import study
     q, levels = hand_made_queries()
     r = study.uncertainty_report(q, levels)
     assert r['spearman_u_error'] == pytest.approx(1.0)
@@ -58,7 +58,7 @@ def test_uncertainty_report_on_hand_made_queries():
 
 
 def test_e3_against_e2_2_paired_bootstrap():
-    import study
+    from experiments.study import study
     n = 400
     before = {'rank': np.tile([0, 5, 50, 0], n // 4), 'top1_error_m': np.full(n, 20.0), 'pos_error_m': np.full(n, 8.0)}
     same = study.e3_against_e2_2(before, dict(before), 200, 0)
@@ -78,7 +78,7 @@ def _seed_report(u, spearman_error, spearman_level, ratio=0.4, coverage=(0.39, 0
 
 
 def test_targets_met_and_a_constant_u_meets_no_ranking_target():
-    import study
+    from experiments.study import study
     varied = {'mean': 100.0, 'p10': 60.0, 'p90': 150.0}
     rows = {k: (v, t, met) for k, _, v, t, met in study.targets(_seed_report(varied, 0.35, 0.25))}
     assert all(met for _, _, met in rows.values()), rows
@@ -98,7 +98,7 @@ def test_targets_met_and_a_constant_u_meets_no_ranking_target():
 
 
 def test_report_only_without_a_report_is_one_line(tmp_path, capsys):
-    import study
+    from experiments.study import study
     assert study.main(['--out', str(tmp_path), '--report_only']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f'error: {tmp_path / "report.json"}: no readable study report (FileNotFoundError); run study.py '

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-import geometry
-import synthetic_data as sd
+from geoloc.data import geometry
+from tools import synthetic_data as sd
 
 SMALL = dict(seed=0, cities=('Chicago', 'Seattle'), grid=4, tile_px=64, pano_hw=(32, 64), panos_per_tile=2)
 SPLITS = {  # folder -> (file suffix, m/px the deltas are divided by)

@@ -22,15 +22,15 @@ import pytest
 import tensorflow as tf
 from conftest import TINY
 
-import embedding
-import geometry
+from geoloc.nn import embedding
+from geoloc.data import geometry
 import input_data
-import protocols
-import results
+from geoloc.eval import protocols
+from geoloc.eval import results
 import stages
-import testing
-import train_lib
-import train_state
+from geoloc.eval import testing
+from geoloc import cli
+from geoloc.train import train_state
 
 
 class Standin:
@@ -106,7 +106,7 @@ def run_test(vigor, tmp_path, monkeypatch, stage_name, labels, shift, *extra, wr
     os.makedirs(run_dir, exist_ok=True)
     split = use_standin(monkeypatch, vigor, labels, shift, wrong_every)
     argv = TINY + ['--data_root', vigor, '--run_dir', run_dir, '--labels', labels, '--plots', '0', '--test']
-    assert train_lib.main([stage], argv + list(extra)) == 0
+    assert cli.main([stage], argv + list(extra)) == 0
     out = os.path.join(run_dir, 'test', settings or f'{labels}_same_north_qall')
     with open(os.path.join(out, 'test_results.json')) as f:
         return json.load(f), split, out
@@ -250,12 +250,12 @@ def test_read_only_run_directory(vigor, tmp_path, monkeypatch, capsys):
     use_standin(monkeypatch, vigor, 'original', (0.0, 0.0))
     argv = TINY + ['--data_root', vigor, '--run_dir', run_dir, '--plots', '0', '--test']
     capsys.readouterr()
-    assert train_lib.main([stages.get('E_1')], argv) == 2
+    assert cli.main([stages.get('E_1')], argv) == 2
     assert capsys.readouterr().err.splitlines() == [
         f'error: {os.path.join(run_dir, "test")}: cannot write the --test results there (Permission denied); '
         'pass --test_dir DIR to write them elsewhere']
     elsewhere = tmp_path / 'elsewhere'
-    assert train_lib.main([stages.get('E_1')], argv + ['--test_dir', str(elsewhere)]) == 0
+    assert cli.main([stages.get('E_1')], argv + ['--test_dir', str(elsewhere)]) == 0
     assert json.load(open(elsewhere / 'original_same_north_qall' / 'test_results.json'))['n_query'] == 36
 
 
@@ -296,7 +296,7 @@ class ColourModel(tf.Module):
 
 
 def setting(vigor, *flags):
-    cfg = train_lib.configs([stages.get('E_2_1')], TINY + ['--data_root', vigor] + list(flags))[0]
+    cfg = cli.configs([stages.get('E_2_1')], TINY + ['--data_root', vigor] + list(flags))[0]
     split = input_data.load_vigor(vigor, 'test')
     queries = np.arange(len(split))
     names = [os.path.basename(split.pano_paths[q]) for q in queries]
@@ -364,7 +364,7 @@ def test_random_init_e21_through_the_test_command(vigor, tmp_path, monkeypatch):
     run_dir = str(tmp_path / 'E_2_1')
     os.makedirs(run_dir)
     argv = TINY + ['--data_root', vigor, '--run_dir', run_dir, '--plots', '0', '--max_queries', '12', '--test']
-    assert train_lib.main([stages.get('E_2_1')], argv) == 0
+    assert cli.main([stages.get('E_2_1')], argv) == 0
     with open(os.path.join(run_dir, 'test', 'original_same_north_q12', 'test_results.json')) as f:
         r = json.load(f)
     g = r['ground_dependence']

@@ -11,9 +11,9 @@ import config
 import model
 import stages
 import train_first_E_1
-import train_lib
+from geoloc import cli
 import train_second_E_2_1
-import train_state
+from geoloc.train import train_state
 
 
 def index(variables, v):
@@ -67,13 +67,13 @@ def phase_a(tiny_vigor, tmp_path_factory):
     data = tiny_vigor(3)
     run_dir = str(tmp_path_factory.mktemp('state') / 'E_1')
     argv = TINY + ['--data_root', data, '--run_dir', run_dir, '--epochs', '2', '--mining_start_epoch', '2']
-    assert train_lib.main([train_first_E_1.PHASE_A], argv) == 0
+    assert cli.main([train_first_E_1.PHASE_A], argv) == 0
     return data, run_dir
 
 
 def built(stage, argv):
-    cfg = train_lib.configs([stage], argv)[0]
-    split = train_lib.dataset_splits(cfg, 'train')
+    cfg = cli.configs([stage], argv)[0]
+    split = cli.dataset_splits(cfg, 'train')
     state = train_state.TrainState(stage, cfg, len(split), len(split) // cfg.batch)
     return state, cfg
 
@@ -107,7 +107,7 @@ def test_phase_b_continues_phase_a(phase_a, capsys):
     assert 'carried over:' in logged[-1] and 'global step 18' in logged[-1] and 'mining table' in logged[-1]
     # train it: 3 steps of phase b, mined from its first batch, global step 18 + 3
     capsys.readouterr()
-    assert train_lib.main([train_first_E_1.PHASE_B], argv) == 0
+    assert cli.main([train_first_E_1.PHASE_B], argv) == 0
     out = capsys.readouterr().out
     b_ckpt = train_state.latest_checkpoint(run_dir)
     reader = tf.train.load_checkpoint(b_ckpt)

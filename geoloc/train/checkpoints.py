@@ -8,17 +8,10 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 
-import mining
-import train_lib
-import train_state
-
-class TrainError(RuntimeError):
-    """Training cannot go on (a non-finite step); str() is one line."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C stopped training after saving a checkpoint; str() is one line."""
-
+from geoloc.train import mining
+from geoloc import runlog
+from geoloc.train import train_state
+from geoloc.errors import Interrupted, TrainError  # noqa: F401 (loop raises Interrupted)
 
 class CtrlC:
     """While training: the first SIGINT asks the loop to stop after the step in flight (it then saves a
@@ -85,7 +78,7 @@ class Checkpoints:
             self.manager.save(checkpoint_number=step)
         except (tf.errors.OpError, OSError) as e:
             self.clean(failed=path, before=before)
-            raise TrainError(f'{path}: cannot write the checkpoint of step {step} ({train_lib.error_reason(e)}); '
+            raise TrainError(f'{path}: cannot write the checkpoint of step {step} ({runlog.error_reason(e)}); '
                              f'removed what it left; last checkpoint: {self.latest or "none"} (run the same command '
                              'to resume once the disk has room)') from None
         self.clean()

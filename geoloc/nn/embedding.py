@@ -7,9 +7,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-import distribute
+from geoloc.train import distribute
 import model as model_lib
-import pipeline
+from geoloc.data import pipeline
 
 
 def embed_batch(model, batch, with_semi=True):

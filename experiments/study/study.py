@@ -1,7 +1,7 @@
 """The ambiguity study: do the paper's mechanisms act on a synthetic VIGOR whose ambiguity is known?
 
-  python study.py                           # seeds 0 and 1 -> runs_study/ (~45 min on 2 idle CPU cores)
-  python study.py --seeds 0 --out runs_x    # one seed
+  python experiments/study/study.py                           # seeds 0 and 1 -> runs_study/ (~45 min on 2 idle CPU cores)
+  python experiments/study/study.py --seeds 0 --out runs_x    # one seed
 
 For each seed: writes a synthetic VIGOR with the four ambiguity dials (synthetic_data.py; CITY below, drawn
 with that seed) to <out>/data/VIGOR_seed<k>, trains the four stage scripts on it as run_all.py does
@@ -19,11 +19,14 @@ import subprocess
 import sys
 import time
 
+if __package__ in (None, ''):   # run as a file: the repository root on the import path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
 import numpy as np
 
 import run_all
-import synthetic_data
-import train_lib
+from tools import synthetic_data
+from geoloc import cli
 
 # The study's world: 4 cities x 8 x 8 tiles with 16 panoramas each, in a ring of reference-only tiles (2,048
 # training and 2,048 test panoramas; 4 x 10 x 10 = 400 reference tiles), every dial mixed at strength 1
@@ -100,19 +103,19 @@ def train_stages(run_root, data_root, seed, rest):
 def evaluate_stages(run_root, data_root, rest=()):
     """Each trained stage on the whole test split -> ({stage: testing.Evaluation}, the test split). The
     configuration is the stage script's with the flags it trained with (as run_all reads its results)."""
-    import embedding
-    import results
+    from geoloc.nn import embedding
+    from geoloc.eval import results
     import stages
-    import testing
+    from geoloc.eval import testing
     out, split = {}, None
     for name in STAGES:
         stage = stages.get(name)
         argv = ['--preset', 'study', '--run_dir', os.path.join(run_root, stage.home or stage.name),
                 '--data_root', data_root] + list(rest)
-        run_dir, ckpt, cfg = testing.trained_run(stage, train_lib.configs([stage], argv)[0])
+        run_dir, ckpt, cfg = testing.trained_run(stage, cli.configs([stage], argv)[0])
         model = testing.restored_model(stage, cfg, ckpt, run_dir)
         if split is None:
-            split = train_lib.dataset_splits(cfg, 'test')
+            split = cli.dataset_splits(cfg, 'test')
         out[name] = testing.evaluate_model(stage, cfg, model, embedding.Embedder(model), split,
                                            np.arange(len(split)), keep_heatmaps=0, ground=True)
         out[name].results['localiser'] = cfg.localiser if stage.localise == 'heatmap' else stage.localise
@@ -128,7 +131,7 @@ def per_query(ev, split):
     uncertainty ('summary', testing.uncertainty_summary)."""
     import tensorflow as tf
 
-    import geometry
+    from geoloc.data import geometry
     import model as model_lib
     mu = geometry.delta_to_rc(ev.delta_pos.astype(np.float64))
     gt = geometry.delta_to_rc(split.deltas[ev.queries, 0].astype(np.float64))
@@ -142,7 +145,7 @@ def uncertainty_report(q, levels):
     """One stage's u: its --test summary (1σ / 2σ coverage, Spearman(u, error), sparsification) plus the
     coverage at kσ, the sparsification against random order, and how u and the error follow each dial's
     level (per_query output; levels (Q, 4) in DIALS order)."""
-    import evaluation
+    from geoloc.eval import evaluation
     summary = q['summary']
     sp = summary['sparsification']
     random_auc = float(np.mean(q['error_px']))          # removing queries in random order keeps the mean
@@ -175,7 +178,7 @@ def e3_against_e2_2(before, after, n_boot, seed):
     """E_3 minus E_2_2 on the same test queries, each with a paired bootstrap 95 % interval: R@1, R@10, the
     share of queries put within 10 m by the top-1 tile and its head (a median over all queries would be a
     distance to another city when most top-1 tiles are wrong), the median error in the positive tile."""
-    import evaluation
+    from geoloc.eval import evaluation
     out = {}
     for key, b, a, stat in (('R@1', before['rank'] < 1, after['rank'] < 1, np.mean),
                             ('R@10', before['rank'] < 10, after['rank'] < 10, np.mean),
@@ -293,7 +296,7 @@ def localiser_line(seeds):
 def plot_figures(fig_dir, seeds, per_seed=None):
     """The report's PNGs: u and error against level per dial, coverage, sparsification, and (with per_seed,
     [(per-query arrays, test split, levels)] per seed) example ellipses."""
-    import figures
+    from geoloc.eval import figures
     os.makedirs(fig_dir, exist_ok=True)
     written = []
     centres = [0.0] + [(a + b) / 2 for a, b in zip(LEVEL_BINS[1:-1], LEVEL_BINS[2:])]
@@ -372,8 +375,8 @@ def plot_examples(path, q, split, levels):
     the heatmap's mean (cross) and the 1σ / 2σ ellipses of E_2_2's Gaussian."""
     import cv2
 
-    import figures
-    from geometry import TILE_PX
+    from geoloc.eval import figures
+    from geoloc.data.geometry import TILE_PX
     picks = example_queries(levels)
     fig = figures._figure((12.0, 7.5))
     grid = fig.add_gridspec(4, 4, height_ratios=[0.5, 1, 0.5, 1])
@@ -419,7 +422,7 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     if args.report_only:
         return rewrite_report(args.out)
-    train_lib.setup_environment(['--preset', 'study'])
+    cli.setup_environment(['--preset', 'study'])
     city = dict(CITY, grid=args.grid, panos_per_tile=args.panos_per_tile, tile_px=args.tile_px,
                 pano_hw=(args.pano_h, 2 * args.pano_h))
     t0, load_start = time.time(), os.getloadavg()[0]
@@ -449,7 +452,7 @@ def main(argv=None):
 
 def write_report(out, report):
     """report.txt and report.json into out (each written whole, then renamed); prints the text."""
-    import results
+    from geoloc.eval import results
     lines = format_report(report['seeds'], report['meta'])
     for name, text in (('report.txt', '\n'.join(lines) + '\n'),
                        ('report.json', json.dumps(results.jsonable(report), indent=1))):

@@ -25,12 +25,12 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-import evaluation
-import geometry
+from geoloc.eval import evaluation
+from geoloc.data import geometry
 import model as model_lib
-import protocols
-import results
-import run_lock
+from geoloc.eval import protocols
+from geoloc.eval import results
+from geoloc.train import run_lock
 
 
 @dataclasses.dataclass
@@ -279,7 +279,7 @@ def trained_run(stage, cfg):
     settings). StateError in one line when there is no checkpoint or the directory holds another stage's run."""
     import config
     import stages
-    import train_state
+    from geoloc.train import train_state
     run_dir, _ = stage.run_dirs(cfg)
     ckpt = train_state.latest_checkpoint(run_dir)
     if not ckpt:
@@ -298,7 +298,7 @@ def trained_run(stage, cfg):
 def restored_model(stage, cfg, ckpt, run_dir):
     """The stage's model with every part restored from ckpt."""
     import stages
-    import train_state
+    from geoloc.train import train_state
     model = stages.build_model(stage, cfg)
     train_state.restore_parts(model, stage.parts, ckpt, f'{stage.name} ({run_dir})')
     return model
@@ -308,7 +308,7 @@ def run_test(stage, cfg):
     """--test: evaluate the run directory's latest checkpoint on the test split (or --max_queries of it). It
     holds the run directory's lock (run_lock) while it runs: it writes train.log there, and by default test/."""
     import errno
-    import train_state
+    from geoloc.train import train_state
     run_dir, ckpt, cfg = trained_run(stage, cfg)
     out_dir = protocols.results_dir(cfg, run_dir)
     shutil.rmtree(results._staging_dir(out_dir))      # a place we cannot write is refused before the evaluation
@@ -326,13 +326,14 @@ def run_test(stage, cfg):
 
 
 def _run_test(stage, cfg, run_dir, ckpt, out_dir, lock):
-    import embedding
-    import train_lib
-    log = train_lib.open_log(run_dir, stage.name + ' test')
+    from geoloc.nn import embedding
+    from geoloc import runlog
+    from geoloc.data import splits
+    log = runlog.open_log(run_dir, stage.name + ' test')
     if lock is not None and lock.took_over:
         log(f'run lock: took over {lock.path}, left by {run_lock.describe(lock.took_over)}, a process of this host '
             'that has ended')
-    split = train_lib.dataset_splits(cfg, 'test')
+    split = splits.dataset_splits(cfg, 'test')
     model = restored_model(stage, cfg, ckpt, run_dir)
     queries = np.arange(len(split) if not cfg.max_queries else min(cfg.max_queries, len(split)))
     protocol = protocols.Protocol.from_config(cfg)

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from geometry import VGG_MEAN_BGR
+from geoloc.data.geometry import VGG_MEAN_BGR
 from input_data import DataError
 
 

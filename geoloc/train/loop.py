@@ -19,17 +19,18 @@ import numpy as np
 import tensorflow as tf
 
 import config
-from checkpoints import Checkpoints, CtrlC, Interrupted, TrainError  # noqa: F401 (train_lib reads loop.*)
-import distribute
-import embedding
+from geoloc.train.checkpoints import Checkpoints, CtrlC, Interrupted, TrainError  # noqa: F401 (train_lib reads loop.*)
+from geoloc.train import distribute
+from geoloc.nn import embedding
 import input_data
-import mining
-import pipeline
-import results
-import run_lock
-import testing
-import train_lib
-import train_state
+from geoloc.train import mining
+from geoloc.data import pipeline
+from geoloc.eval import results
+from geoloc.train import run_lock
+from geoloc.eval import testing
+from geoloc import runlog
+from geoloc.data import splits
+from geoloc.train import train_state
 
 
 
@@ -166,7 +167,7 @@ class Run:
             self.lock.release()
 
     def dataset(self, which):
-        return train_lib.dataset_splits(self.cfg, which)
+        return splits.dataset_splits(self.cfg, which)
 
 
 def steps_per_epoch(cfg, n_train):
@@ -194,7 +195,7 @@ def start_run(stage, cfg):
     lock = train_state.take_lock(run_dir, f'training {stage.name}') if chief else None
     try:
         worker = distribute.worker_name(strategy)
-        log = train_lib.open_log(write_dir, f'{stage.name} {worker}'.strip())
+        log = runlog.open_log(write_dir, f'{stage.name} {worker}'.strip())
     except BaseException:
         if lock is not None:
             lock.release()
@@ -220,7 +221,7 @@ def train(stage, cfg):
     fresh = stage.previous and not train_state.latest_checkpoint(run_dir)    # (reads only)
     if fresh:
         train_state.check_predecessor(stage, cfg, init_dir)
-    split = train_lib.dataset_splits(cfg, 'train')
+    split = splits.dataset_splits(cfg, 'train')
     spe = steps_per_epoch(cfg, len(split))
     start = train_state.check_finished(stage, cfg, init_dir, split) if fresh else None
     sampler = input_data.BatchSampler(split, cfg.batch, cfg.seed, spe)

@@ -3,8 +3,8 @@
 They exist so the real loaders can be tested end to end and a short CPU training run can show
 retrieval far above chance, without the 100+ GB real datasets.
 
-    python synthetic_data.py vigor --root data/synthetic_vigor      # 4 cities x 100 tiles (64 with 2 panoramas each)
-    python synthetic_data.py cvact --root data/synthetic_cvact      # 40 panoramas, 1200x1200 aerials
+    python tools/synthetic_data.py vigor --root data/synthetic_vigor      # 4 cities x 100 tiles (64 with 2 panoramas each)
+    python tools/synthetic_data.py cvact --root data/synthetic_cvact      # 40 panoramas, 1200x1200 aerials
 
 Both commands are idempotent: the dataset is built in `<root>.tmp-XXXX`, a marker file
 `<root>/.synthetic_complete` (the generator's arguments as JSON) is written, and the folder is renamed
@@ -36,7 +36,7 @@ tile's place on the lattice. Ring tiles are semi-positives, never positives. The
 satellite_list.txt.
 
 Ambiguity dials (VIGOR only): write_vigor(..., ambiguity='mixed' or {dial: strength in [0, 1]}),
-`python synthetic_data.py vigor --ambiguity mixed` (or `--ambiguity overlap=1,aliasing=0.5`). Each
+`python tools/synthetic_data.py vigor --ambiguity mixed` (or `--ambiguity overlap=1,aliasing=0.5`). Each
 panorama gets a level in [0, 1] per dial (DIALS), written beside its city's labels in
 splits/<City>/AMBIGUITY_FILE and splits__corrected/<City>/AMBIGUITY_FILE: a header line
 `# pano overlap foreground viewpoint aliasing`, then `<pano file name> <4 levels, 4 decimals>` per
@@ -77,25 +77,24 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import zlib
+
+if __package__ in (None, ''):   # run as a file: the repository root on the import path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cv2
 import numpy as np
 import scipy.io
 
-from geometry import CORRECTED_MPP, ORIGINAL_MPP, TILE_PX, VIGOR_CITIES, gps_delta_px, latlon_offset
+from geoloc.data.builtin import CVACT_MPP_1200, MARKER, VIGOR_LAYOUT, synthetic_kind  # noqa: F401
+from geoloc.data.geometry import CORRECTED_MPP, ORIGINAL_MPP, TILE_PX, VIGOR_CITIES, gps_delta_px, latlon_offset
 
-# Metres per pixel of a synthetic 1200x1200 CVACT aerial: Google zoom 20 at Canberra is ~0.122 m/px,
-# so a 600x600 crop of the CVACT resampler covers ~72 m, about one VIGOR 640-px tile (~73 m).
-CVACT_MPP_1200 = 0.12
 
 CITY_ORIGIN = {'NewYork': (40.75, -73.98), 'Seattle': (47.61, -122.33),
                'SanFrancisco': (37.77, -122.42), 'Chicago': (41.88, -87.63)}
 CVACT_UTM_ORIGIN = (693000.0, 6091000.0)   # (easting, northing) of raster pixel (0, 0), UTM 55H (Canberra)
-MARKER = '.synthetic_complete'
-# The VIGOR generator's output version, recorded in the marker: 2 = with the ring of reference-only tiles.
-VIGOR_LAYOUT = 2
 PANOID_ALPHABET = np.array(list('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'))
 
 # Scene and camera sizes, metres (1 px of the 640-px tile is ~0.11 m).
@@ -853,18 +852,6 @@ def _ensure(writer, root, kwargs, layout=None):
     return root
 
 
-def synthetic_kind(root):
-    """'vigor' or 'cvact' when root is a complete synthetic dataset (its marker file), else None."""
-    try:
-        with open(os.path.join(root, MARKER)) as f:
-            params = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(params, dict):
-        return None
-    return 'cvact' if 'n_panos' in params else 'vigor' if 'grid' in params else None
-
-
 def ensure_vigor(root, **kwargs):
     """Generate a synthetic VIGOR at `root` (kwargs of write_vigor) unless it is already complete."""
     return _ensure(write_vigor, root, kwargs, VIGOR_LAYOUT)
@@ -873,6 +860,27 @@ def ensure_vigor(root, **kwargs):
 def ensure_cvact(root, **kwargs):
     """Generate a synthetic raw CVACT at `root` (kwargs of write_cvact) unless it is already complete."""
     return _ensure(write_cvact, root, kwargs)
+
+
+def ensure_builtin(dataset):
+    """Write the built-in synthetic `dataset` ('vigor' or 'cvact', the latter with the resampled crops) under data/
+    unless it is already complete; -> its root. The explicit step before a run without --data_root."""
+    from geoloc.data import builtin
+    root = builtin.FOLDERS[dataset]
+    if dataset == 'vigor':
+        return ensure_vigor(root)
+    return ensure_resampled_cvact(root)
+
+
+def ensure_resampled_cvact(root, **kwargs):
+    """A synthetic raw CVACT at root (kwargs of write_cvact) with its crops in <root>/resampled (seed 0)."""
+    from geoloc.data import builtin
+    ensure_cvact(root, **kwargs)
+    resampled = os.path.join(root, builtin.RESAMPLED)
+    if not os.path.exists(os.path.join(resampled, 'splits', 'test.txt')):
+        import samples_on_cvact
+        samples_on_cvact.resample(root, resampled, seed=0)
+    return root
 
 
 # ----------------------------------------------------------------------------------------- preview
@@ -961,7 +969,7 @@ def _parse_ambiguity(text):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = parser.add_subparsers(dest='dataset', required=True)
-    vigor = sub.add_parser('vigor', help='synthetic VIGOR (SPEC 1 layout)')
+    vigor = sub.add_parser('vigor', help='synthetic VIGOR (the layout of data/DATASET.md)')
     vigor.add_argument('--root', default='data/synthetic_vigor')
     vigor.add_argument('--seed', type=int, default=0)
     vigor.add_argument('--cities', nargs='+', default=['NewYork', 'Seattle', 'SanFrancisco', 'Chicago'])
@@ -977,7 +985,7 @@ def main(argv=None):
     vigor.add_argument('--preview', metavar='DIR',
                        help='write PNG previews of the dials for the first city to DIR (at --ambiguity, '
                             "'mixed' if none) instead of building the data set")
-    cvact = sub.add_parser('cvact', help='synthetic raw CVACT (SPEC 7 layout)')
+    cvact = sub.add_parser('cvact', help='synthetic raw CVACT and its resampled crops in <root>/resampled')
     cvact.add_argument('--root', default='data/synthetic_cvact')
     cvact.add_argument('--seed', type=int, default=0)
     cvact.add_argument('--n_panos', type=int, default=40)
@@ -997,8 +1005,8 @@ def main(argv=None):
                      pano_hw=(args.pano_h, args.pano_w), panos_per_tile=args.panos_per_tile,
                      ambiguity=args.ambiguity)
     else:
-        ensure_cvact(args.root, seed=args.seed, n_panos=args.n_panos, pano_hw=(args.pano_h, args.pano_w),
-                     sat_px=args.sat_px, val_fraction=args.val_fraction)
+        ensure_resampled_cvact(args.root, seed=args.seed, n_panos=args.n_panos, pano_hw=(args.pano_h, args.pano_w),
+                               sat_px=args.sat_px, val_fraction=args.val_fraction)
     print('ready: %s' % args.root)
 
 

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from geometry import TILE_PX, VGG_MEAN_BGR
+from geoloc.data.geometry import TILE_PX, VGG_MEAN_BGR
 
 
 def plot_localisation(path, pano_bgr, sat_bgr, gt_rc, pred_rc, heatmap=None, cov=None, title=''):

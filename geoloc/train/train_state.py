@@ -16,10 +16,7 @@ import tensorflow as tf
 import config
 import model as model_lib
 import stages
-
-
-class StateError(RuntimeError):
-    """A checkpoint or run directory that cannot be used; str() is one line."""
+from geoloc.errors import StateError  # noqa: F401 (raised here, caught as <module>.<name>)
 
 
 class Adam(tf.Module):
@@ -113,7 +110,7 @@ class TrainState(tf.Module):
 
 def take_lock(run_dir, what):
     """The run directory's lock (run_lock.RunLock), or StateError in one line naming the process holding it."""
-    import run_lock
+    from geoloc.train import run_lock
     try:
         return run_lock.RunLock(run_dir, what).acquire()
     except run_lock.LockError as e:
@@ -212,7 +209,7 @@ def check_finished(stage, cfg, init_dir, split):
     when the checkpoint holds no step or there is no config.json. A checkpoint below its schedule (a run that
     was stopped) is refused unless --allow_unfinished 1. `split`: this run's training split, whose size is the
     predecessor's when both read the same data (else the predecessor's split is loaded)."""
-    import train_lib
+    from geoloc.data import splits
     ckpt = latest_checkpoint(init_dir)
     prev = config.load(os.path.join(init_dir, 'config.json'))
     try:
@@ -227,7 +224,7 @@ def check_finished(stage, cfg, init_dir, split):
         import input_data
         known = {k: v for k, v in prev.items() if k in config.KIND}
         try:
-            n_train = len(train_lib.dataset_splits(config.Config(**known), 'train'))
+            n_train = len(splits.dataset_splits(config.Config(**known), 'train'))
         except (input_data.DataError, config.ConfigError, OSError) as e:
             if cfg.allow_unfinished:
                 return ckpt, step, None

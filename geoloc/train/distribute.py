@@ -3,10 +3,7 @@ import os
 
 import numpy as np
 import tensorflow as tf
-
-
-class DistributeError(RuntimeError):
-    """A distribution setting that cannot work here; str() is one line."""
+from geoloc.errors import DistributeError  # noqa: F401 (raised here, caught as <module>.<name>)
 
 
 def make_strategy(name):

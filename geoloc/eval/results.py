@@ -12,15 +12,15 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-import figures
-import geometry
-import images
+from geoloc.eval import figures
+from geoloc.data import geometry
+from geoloc.data import images
 import model as model_lib
 
 def localisation_figures(ev, split, cfg, n, path_of=None):
     """The first n queries in their positive tile (heatmap, 1-/2-sigma ellipses), the panorama as the model
     saw it (the protocol's view): PNG files at path_of(i), or RGB arrays when path_of is None."""
-    import pipeline
+    from geoloc.data import pipeline
     cov = model_lib.cholesky_to_cov(tf.constant(ev.chol)).numpy() if ev.chol is not None else None
     out = []
     for i in range(min(n, len(ev.queries))):

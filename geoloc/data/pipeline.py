@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-import images
-from geometry import VGG_MEAN_BGR
+from geoloc.data import images
+from geoloc.data.geometry import VGG_MEAN_BGR
 from input_data import DataError
 
 BAD_INPUT = 'BAD INPUT: '  # marks our messages when they cross a tf.data boundary

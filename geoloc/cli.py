@@ -2,12 +2,12 @@
 
 A stage script is short: its Stage(s) (stages.py) and
 
-    import train_lib
+    from geoloc import cli
     if __name__ == '__main__':
-        train_lib.setup_environment(sys.argv)   # before TensorFlow loads
+        cli.setup_environment(sys.argv)   # before TensorFlow loads
     ...
     if __name__ == '__main__':
-        sys.exit(train_lib.main(STAGES))
+        sys.exit(cli.main(STAGES))
 
 `main` trains the script's stages in order (loop.train) or, with --test, evaluates the last one
 (testing.run_test). Bad input of any kind (a flag, data, a checkpoint, a configuration, a full disk) ends in
@@ -15,14 +15,10 @@ one line `error: ...` on stderr and exit status 2; Ctrl-C saves a checkpoint and
 `interrupted at step ...` and exit status 130 (a second Ctrl-C stops at once, without a checkpoint).
 Importing this module changes nothing and does not load TensorFlow.
 """
-import itertools
-import logging
 import os
-import re
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_SIZED = ('demo', 'study')   # presets with the demo's input sizes and width (oneDNN on: setup_environment)
 
 
@@ -61,88 +57,13 @@ def setup_environment(argv=()):
             sys.stderr.flush()
 
 
-class _Log:
-    """log(msg): '[prefix] msg' on stdout and, with a time stamp, appended to <run_dir>/train.log."""
-
-    def __init__(self, logger, handlers):
-        self.logger, self.handlers = logger, handlers
-
-    def __call__(self, msg):
-        self.logger.info(msg)
-
-    def close(self):
-        for h in self.handlers:
-            self.logger.removeHandler(h)
-            h.close()
-
-
-class _Stdout(logging.StreamHandler):
-    """Writes to whatever sys.stdout is at the time (a test's captured stream, a redirected one)."""
-
-    def emit(self, record):
-        self.stream = sys.stdout
-        super().emit(record)
-
-
-class _QuietFile(logging.FileHandler):
-    """train.log; a write that fails (a full disk) drops the file copy instead of printing a traceback
-    (stdout keeps every line; the checkpoint that then fails says so in one line)."""
-
-    def handleError(self, record):
-        self.close()
-        self.emit = lambda record: None
-
-
-_LOGGERS = itertools.count()
-
-
-def open_log(run_dir, prefix):
-    """A logger for one run directory (the standard library's logging, a new logger per call)."""
-    os.makedirs(run_dir, exist_ok=True)
-    logger = logging.getLogger(f'geoloc.{next(_LOGGERS)}')
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    console = _Stdout()
-    console.setFormatter(logging.Formatter(f'[{prefix}] %(message)s'))
-    handlers = [console]
-    try:
-        file = _QuietFile(os.path.join(run_dir, 'train.log'))
-        file.setFormatter(logging.Formatter(f'%(asctime)s [{prefix}] %(message)s', '%Y-%m-%d %H:%M:%S'))
-        handlers.append(file)
-    except OSError:
-        pass  # a read-only run directory (--test of someone else's run): print only
-    for h in handlers:
-        logger.addHandler(h)
-    return _Log(logger, handlers)
+from geoloc.runlog import MACHINE_ERRORS, _first_line, error_reason
 
 
 def dataset_splits(cfg, which):
-    """The 'train' or 'test' split of the configured dataset (generating the built-in synthetic one)."""
-    import input_data
-    import synthetic_data
-    root = cfg.data_root
-    if cfg.dataset == 'vigor':
-        if not root:
-            root = synthetic_data.ensure_vigor(os.path.join(HERE, 'data', 'synthetic_vigor'))
-        input_data.check_prepared(root, cfg.grd_size, cfg.sat_size)   # a copy from prepare_data.py
-        return input_data.load_vigor(root, which, cfg.area, cfg.labels)
-    if not root:
-        root = synthetic_data.ensure_cvact(os.path.join(HERE, 'data', 'synthetic_cvact'))
-    input_data.check_cvact_root(root)
-    mpp = cfg.cvact_mpp
-    if not mpp and synthetic_data.synthetic_kind(root) == 'cvact':
-        mpp = synthetic_data.CVACT_MPP_1200      # the synthetic CVACT's own resolution
-    if not mpp:
-        import config
-        raise config.ConfigError(f'{root}: --cvact_mpp is required on a CVACT tree: the metres per pixel of its '
-                                 '1200-px aerial images, which turn localisation errors from pixels into metres')
-    resampled = cfg.cvact_resampled or os.path.join(root, 'resampled')
-    if not cfg.data_root and not os.path.exists(os.path.join(resampled, 'splits', 'test.txt')):
-        import samples_on_cvact
-        samples_on_cvact.resample(root, resampled, seed=0)
-    for folder in (root, resampled):
-        input_data.check_prepared(folder, cfg.grd_size, cfg.sat_size)
-    return input_data.load_cvact(root, resampled, which, mpp)
+    """splits.dataset_splits (imported when called: it loads the data modules)."""
+    from geoloc.data import splits
+    return splits.dataset_splits(cfg, which)
 
 
 def configs(stages_, argv):
@@ -177,16 +98,11 @@ def configs(stages_, argv):
 
 def main(stages_, argv=None):
     """Entry point of a stage script: train its stages in order, or --test the last one."""
-    import config
-    import input_data
     import tensorflow as tf
-    import loop
-    import pipeline
-    import testing
-    import train_state
-    import distribute
-    errors = (config.ConfigError, input_data.DataError, train_state.StateError, loop.TrainError,
-              distribute.DistributeError)
+    from geoloc import errors
+    from geoloc.data import pipeline
+    from geoloc.eval import testing
+    from geoloc.train import loop
     try:
         cfgs = configs(stages_, argv)
         if cfgs[-1].test:
@@ -195,9 +111,9 @@ def main(stages_, argv=None):
         for stage, cfg in zip(stages_, cfgs):
             loop.train(stage, cfg)
         return 0
-    except errors as e:
+    except errors.ONE_LINE as e:
         return _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except loop.Interrupted as e:   # 'interrupted at step ...: checkpoint ... saved; ...'
+    except errors.Interrupted as e:   # 'interrupted at step ...: checkpoint ... saved; ...'
         print(str(e), file=sys.stderr)
         return 130
     except KeyboardInterrupt:
@@ -220,25 +136,6 @@ def main(stages_, argv=None):
 def _error(msg):
     print(f'error: {msg}', file=sys.stderr)
     return 2
-
-
-MACHINE_ERRORS = ('No space left on device', 'File too large', 'Disk quota exceeded', 'Read-only file system',
-                  'Permission denied')
-
-
-def error_reason(e):
-    """Why an operation failed, in a few words: the system's reason (a full disk...) or the first line of
-    TensorFlow's message."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return next((known for known in MACHINE_ERRORS if known in str(e)), _first_line(e))
-
-
-def _first_line(e):
-    """An exception's first line, without TensorFlow's op decorations ({{function_node ...}}, [Op:...])."""
-    text = str(getattr(e, 'message', e)).strip()
-    first = text.splitlines()[0] if text else type(e).__name__
-    return re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:\w+\]', '', first)[:200]
 
 
 def _machine_error(e):

@@ -1,9 +1,9 @@
 """Write a copy of a VIGOR or CVACT tree resized to the training size, once; the stage scripts read it as they
 read the original (same layout, same file names), several times faster (docs/pipeline.md).
 
-    python prepare_data.py --data_root /data/VIGOR --out /data/VIGOR_320 --grd_size 320 640 --sat_size 320
+    python tools/prepare_data.py --data_root /data/VIGOR --out /data/VIGOR_320 --grd_size 320 640 --sat_size 320
     python train_first_E_1.py --data_root /data/VIGOR_320
-    python prepare_data.py --dataset cvact --data_root /data/CVACT --out /data/CVACT_320 \
+    python tools/prepare_data.py --dataset cvact --data_root /data/CVACT --out /data/CVACT_320 \
         --grd_size 320 640 --sat_size 320
 
 Every image is read as docs/design.md §2 reads it (OpenCV full decode, BGR, INTER_AREA; images.load_image with
@@ -34,9 +34,12 @@ import sys
 import tempfile
 import time
 
+if __package__ in (None, ''):   # run as a file: the repository root on the import path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import cv2
 
-import images
+from geoloc.data import images
 import input_data
 
 IN_PROGRESS = '.prepare_in_progress.json'

@@ -13,12 +13,9 @@ import json
 import os
 import socket
 import time
+from geoloc.errors import LockError  # noqa: F401 (raised here, caught as <module>.<name>)
 
 NAME = 'run.lock'
-
-
-class LockError(RuntimeError):
-    """The run directory is another process's; str() is one line."""
 
 
 def _alive(pid):
