@@ -13,7 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 from geoloc.data.geometry import TILE_PX
-from geoloc.nn.layers import Conv, Deconv, Dense, Init, channels, variable
+from geoloc.nn.correlation import CorrelationLocaliser, softmax_map
+from geoloc.nn.layers import Conv, Deconv, Dense, Init, channels, conv_taps, deconv_taps, unit_rms, variable
 
 # (name, channels) of the VGG16 conv layers; 'pool' = 2x2 max-pool (4 of them: no pool5).
 VGG16_LAYERS = (
@@ -230,82 +231,6 @@ class HeatmapDecoder(tf.Module):
             x = keep(f'conv_{skip}_b', conv_b(keep(f'conv_{skip}_a', conv_a(tf.concat([x, feat], -1)))))
         x = keep('conv_last', self.conv_last(keep('up_last', self.up_last(x))))
         return keep('heatmap', tf.nn.relu(self.logits(x, relu=False)[..., 0]))
-
-
-def conv_taps(n, k=3):
-    """Mean number of a k x k SAME convolution's taps that fall inside an n x n map, per output position."""
-    per_axis = np.mean([sum(0 <= i + t - k // 2 < n for t in range(k)) for i in range(n)])
-    return float(per_axis ** 2)
-
-
-def deconv_taps(n, s, k=3):
-    """Mean number of taps that reach an output position of a stride-s, k x k SAME transposed convolution on an
-    n x n map, over the positions that some tap reaches (on a 1x1 map with k < s the rest is bias alone)."""
-    o = max(k - s, 0) // 2
-    counts = np.zeros(n * s)
-    for i in range(n):
-        for t in range(k):
-            r = i * s + t - o                      # (o: the SAME padding before the first output)
-            if 0 <= r < n * s:
-                counts[r] += 1
-    per_axis = counts[counts > 0].mean()
-    return float(per_axis ** 2)
-
-
-def unit_rms(x, eps=1e-6):
-    """x / its root mean square over every axis but the batch's."""
-    axes = list(range(1, len(x.shape)))
-    return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axes, keepdims=True) + eps)
-
-
-class LayerNorm(tf.Module):
-    """Normalisation over the last axis with a learnt gain and bias (1 and 0 at initialisation)."""
-
-    def __init__(self, dim, eps=1e-5, name=None):
-        super().__init__(name=name)
-        self.gain = variable(np.ones((dim,), np.float32), 'gain')
-        self.bias = variable(np.zeros((dim,), np.float32), 'bias')
-        self.eps = eps
-
-    def __call__(self, x):
-        mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
-        return (x - mean) * tf.math.rsqrt(var + self.eps) * tf.cast(self.gain, x.dtype) + tf.cast(self.bias, x.dtype)
-
-
-class CorrelationLocaliser(tf.Module):
-    """A localiser that sees the panorama by construction (--localiser correlation; NOT the paper's U-Net).
-
-    The ground descriptor, layer-normalised and projected to `dim`, is a query; the aerial trunk's conv3_3
-    map with conv4_3 upsampled beside it, layer-normalised per cell and projected to `dim`, gives one key
-    per cell (side S/4 for an S-px tile); the heatmap is the softmax over cells of query . key / sqrt(dim).
-    Every cell's score is linear in the query, so the heatmap moves with the panorama from the first step,
-    and the gradient of a cross-entropy to the true cell reaches both trunks through two layers.
-    """
-
-    def __init__(self, init, grd_dim, trunk_channels, dim=64, name=None):
-        super().__init__(name=name)
-        cells = trunk_channels['conv3_3'] + trunk_channels['conv4_3']
-        self.grd_norm = LayerNorm(grd_dim, name='grd_norm')
-        self.query = Dense(init, grd_dim, dim, kind='glorot_uniform', name='query')
-        self.sat_norm = LayerNorm(cells, name='sat_norm')
-        self.key = Dense(init, cells, dim, kind='glorot_uniform', name='key')
-        self.dim = dim
-
-    def __call__(self, grd_desc, skips):
-        """grd_desc [B, D] (raw), skips of the aerial trunk -> logits [B, S/4, S/4] over the tile's cells."""
-        fine, coarse = skips['conv3_3'], skips['conv4_3']
-        coarse = tf.repeat(tf.repeat(coarse, 2, axis=1), 2, axis=2)                 # nearest x2 to conv3_3's side
-        feat = self.sat_norm(tf.concat([fine, tf.cast(coarse, fine.dtype)], -1))   # (B, h, w, C3 + C4)
-        keys = tf.einsum('bhwc,cd->bhwd', feat, tf.cast(self.key.w, feat.dtype)) + tf.cast(self.key.b, feat.dtype)
-        query = self.query(self.grd_norm(tf.cast(grd_desc, feat.dtype)))             # (B, dim)
-        return tf.einsum('bhwd,bd->bhw', keys, query) / np.sqrt(self.dim).astype(np.float32)
-
-
-def softmax_map(logits):
-    """[B, h, w] logits -> probabilities over the h x w cells (each map sums to 1), float32."""
-    logits = tf.cast(logits, tf.float32)
-    shape = tf.shape(logits)
-    return tf.reshape(tf.nn.softmax(tf.reshape(logits, [shape[0], -1]), -1), shape)
 
 
 class CholeskyHead(tf.Module):

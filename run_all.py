@@ -128,7 +128,8 @@ def main(argv=None):
     if '--data_root' not in rest and not any(a.startswith('--data_root=') for a in rest):
         from tools import synthetic_data
         dataset = next((b for a, b in zip(rest, rest[1:]) if a == '--dataset'), 'vigor')
-        print(f'run_all: the built-in synthetic {dataset} data set: {synthetic_data.ensure_builtin(dataset)}', flush=True)
+        root = synthetic_data.ensure_builtin(dataset)
+        print(f'run_all: the built-in synthetic {dataset} data set: {root}', flush=True)
     results = {}
     for stage, run_dir, command in stage_commands(args.run_root, args.preset, rest):
         for cmd in (command, command + ['--test']):

@@ -3,8 +3,8 @@
 They exist so the real loaders can be tested end to end and a short CPU training run can show
 retrieval far above chance, without the 100+ GB real datasets.
 
-    python tools/synthetic_data.py vigor --root data/synthetic_vigor      # 4 cities x 100 tiles (64 with 2 panoramas each)
-    python tools/synthetic_data.py cvact --root data/synthetic_cvact      # 40 panoramas, 1200x1200 aerials
+    python tools/synthetic_data.py vigor --root data/synthetic_vigor   # 4 cities x 100 tiles (64 with 2 panoramas each)
+    python tools/synthetic_data.py cvact --root data/synthetic_cvact   # 40 panoramas, 1200x1200 aerials, resampled
 
 Both commands are idempotent: the dataset is built in `<root>.tmp-XXXX`, a marker file
 `<root>/.synthetic_complete` (the generator's arguments as JSON) is written, and the folder is renamed

@@ -1,13 +1,13 @@
 """The built-in synthetic datasets as a reader sees them: where they live, how a complete one is marked, and
 what a reader needs to know of their format. tools/synthetic_data.py writes them and run_all.py runs it
-first (`ensure_builtin`); loading a split never writes anything (docs/design.md §8)."""
+first (`ensure_builtin`); loading a split never writes anything."""
 import json
 import os
 
 from geoloc.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FOLDERS = {'vigor': os.path.join(ROOT, 'data', 'synthetic_vigor'), 'cvact': os.path.join(ROOT, 'data', 'synthetic_cvact')}
+FOLDERS = {name: os.path.join(ROOT, 'data', f'synthetic_{name}') for name in ('vigor', 'cvact')}
 MARKER = '.synthetic_complete'   # written last, holding the generator's arguments (and VIGOR's layout version)
 # The VIGOR generator's output version, recorded in the marker: 2 = with the ring of reference-only tiles.
 VIGOR_LAYOUT = 2

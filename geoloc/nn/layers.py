@@ -130,3 +130,43 @@ class Dense(tf.Module):
 def channels(c, width):
     """Channel count of a layer that has `c` channels in the paper's network."""
     return max(4, int(round(c * width)))
+
+
+def conv_taps(n, k=3):
+    """Mean number of a k x k SAME convolution's taps that fall inside an n x n map, per output position."""
+    per_axis = np.mean([sum(0 <= i + t - k // 2 < n for t in range(k)) for i in range(n)])
+    return float(per_axis ** 2)
+
+
+def deconv_taps(n, s, k=3):
+    """Mean number of taps that reach an output position of a stride-s, k x k SAME transposed convolution on an
+    n x n map, over the positions that some tap reaches (on a 1x1 map with k < s the rest is bias alone)."""
+    o = max(k - s, 0) // 2
+    counts = np.zeros(n * s)
+    for i in range(n):
+        for t in range(k):
+            r = i * s + t - o                      # (o: the SAME padding before the first output)
+            if 0 <= r < n * s:
+                counts[r] += 1
+    per_axis = counts[counts > 0].mean()
+    return float(per_axis ** 2)
+
+
+def unit_rms(x, eps=1e-6):
+    """x / its root mean square over every axis but the batch's."""
+    axes = list(range(1, len(x.shape)))
+    return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axes, keepdims=True) + eps)
+
+
+class LayerNorm(tf.Module):
+    """Normalisation over the last axis with a learnt gain and bias (1 and 0 at initialisation)."""
+
+    def __init__(self, dim, eps=1e-5, name=None):
+        super().__init__(name=name)
+        self.gain = variable(np.ones((dim,), np.float32), 'gain')
+        self.bias = variable(np.zeros((dim,), np.float32), 'bias')
+        self.eps = eps
+
+    def __call__(self, x):
+        mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return (x - mean) * tf.math.rsqrt(var + self.eps) * tf.cast(self.gain, x.dtype) + tf.cast(self.bias, x.dtype)
