@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import input_data
-from geoloc.train import loop
+from geoloc.train import trainer
 import model
 import train_first_E_1
 from geoloc import cli
@@ -597,13 +597,13 @@ def test_ctrl_c_saves_a_checkpoint_and_says_so_in_one_line(vigor, tmp_path, monk
     # Python's own handler, as in an interactive shell (a shell's background job starts with SIGINT ignored)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
-    real = loop._log_step
+    real = trainer.Trainer.log_step
 
-    def log_and_press_ctrl_c(run, state, writer, step, *rest):
-        real(run, state, writer, step, *rest)
-        if step == 3:
+    def log_and_press_ctrl_c(self, *args):
+        real(self, *args)
+        if self.step == 3:
             os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(loop, '_log_step', log_and_press_ctrl_c)
+    monkeypatch.setattr(trainer.Trainer, 'log_step', log_and_press_ctrl_c)
     run_dir = str(tmp_path / 'run')
     argv = TINY + ['--data_root', vigor, '--run_dir', run_dir, '--max_steps', '6', '--ckpt_every', '100',
                    '--mining', '1', '--epoch_batch', '0', '--log_every', '1']
@@ -616,7 +616,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_so_in_one_line(vigor, tmp_path, monk
     assert os.path.exists(ckpt + '.mining.npz')
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # Python's handler is back
     # the mining descriptors saved with it, truncated: resuming says so rather than mining with garbage
-    monkeypatch.setattr(loop, '_log_step', real)
+    monkeypatch.setattr(trainer.Trainer, 'log_step', real)
     with open(ckpt + '.mining.npz', 'r+b') as f:
         f.truncate(1000)
     err = fails([train_first_E_1.PHASE_A], argv, capsys)

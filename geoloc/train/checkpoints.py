@@ -11,7 +11,7 @@ import tensorflow as tf
 from geoloc.train import mining
 from geoloc import runlog
 from geoloc.train import train_state
-from geoloc.errors import Interrupted, TrainError  # noqa: F401 (loop raises Interrupted)
+from geoloc.errors import TrainError
 
 class CtrlC:
     """While training: the first SIGINT asks the loop to stop after the step in flight (it then saves a
@@ -62,6 +62,14 @@ class Checkpoints:
     @staticmethod
     def mining_path(ckpt_path):
         return ckpt_path + '.mining.npz'
+
+    def mining_pool_size(self, ckpt_path):
+        """How many tiles the mining descriptors saved beside `ckpt_path` hold (0: none saved)."""
+        path = self.mining_path(ckpt_path)
+        if not os.path.exists(path):
+            return 0
+        with np.load(path) as f:
+            return len(f['pool'])
 
     @property
     def latest(self):

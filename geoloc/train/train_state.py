@@ -83,6 +83,35 @@ class Adam(tf.Module):
         self.updates.assign_add(1)
         self.global_step.assign_add(1)
 
+    def skip(self):
+        """A step that updates nothing (a mixed-precision overflow): the schedule's step advances, the update
+        count (Adam's bias correction) does not."""
+        self.global_step.assign_add(1)
+
+
+class LossScale(tf.Module):
+    """The dynamic loss scale of --mixed_precision 1: the loss is multiplied by `scale` before the gradients
+    and they are divided by it after. An overflow (a non-finite gradient) halves it (the step's update is
+    skipped); GROWTH_STEPS finite steps in a row double it. Without mixed precision the scale is 1 and never
+    changes. Checkpointed as two variables under the train state: `loss_scale` (the scale; the key every
+    checkpoint has) and `loss_scale_good_steps` (the finite steps since it last changed; a checkpoint written
+    before it existed restores the scale and counts from 0)."""
+
+    GROWTH_STEPS = 2000
+    INITIAL = 2.0 ** 15
+
+    def __init__(self, mixed):
+        super().__init__(name='loss_scale')
+        self.scale = tf.Variable(self.INITIAL if mixed else 1.0, trainable=False, name='loss_scale')
+        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name='loss_scale_good_steps')
+
+    def update(self, finite):
+        """After a step whose gradients were all finite (`finite`, a bool tensor) or not."""
+        grow = tf.logical_and(finite, self.good_steps >= self.GROWTH_STEPS - 1)
+        self.scale.assign(tf.where(finite, tf.where(grow, 2 * self.scale, self.scale), self.scale / 2))
+        self.good_steps.assign(tf.where(tf.logical_and(finite, tf.logical_not(grow)), self.good_steps + 1,
+                                        tf.zeros_like(self.good_steps)))
+
 
 class TrainState(tf.Module):
     """Everything a run checkpoints. Build it under the run's strategy.scope()."""
@@ -96,16 +125,31 @@ class TrainState(tf.Module):
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')   # steps of this stage
         self.hard = tf.Variable(np.zeros((n_train, cfg.mining_topk), np.int32), trainable=False, name='hard')
         self.hard_valid = tf.Variable(False, trainable=False, name='hard_valid')
-        self.loss_scale = tf.Variable(2.0 ** 15 if cfg.mixed_precision else 1.0, trainable=False, name='loss_scale')
+        self.scaler = LossScale(bool(cfg.mixed_precision))
         self.tables = {name: tf.Variable(np.zeros(shape if isinstance(shape, tuple) else (n_train, shape), np.float32),
                                          trainable=False, name=name)
                        for name, shape in stage.tables.items()}
         self.tables_ready = tf.Variable(False, trainable=False, name='tables_ready')
 
-    def checkpoint(self):
+    @property
+    def loss_scale(self):
+        return self.scaler.scale
+
+    def checkpoint(self, good_steps=True):
+        """Everything above as one tf.train.Checkpoint; good_steps=False leaves out the loss scale's step count
+        (to read a checkpoint written before it was saved: has_good_steps)."""
+        extra = {'loss_scale_good_steps': self.scaler.good_steps} if good_steps else {}
         return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step, hard=self.hard,
-                                   hard_valid=self.hard_valid, loss_scale=self.loss_scale, tables=self.tables,
-                                   tables_ready=self.tables_ready)
+                                   hard_valid=self.hard_valid, loss_scale=self.scaler.scale, tables=self.tables,
+                                   tables_ready=self.tables_ready, **extra)
+
+
+def has_good_steps(path):
+    """Whether a train state checkpoint holds the loss scale's step count (written since it is saved)."""
+    try:
+        return tf.train.load_checkpoint(path).has_tensor('loss_scale_good_steps/.ATTRIBUTES/VARIABLE_VALUE')
+    except (tf.errors.OpError, ValueError, OSError):
+        return True   # unreadable: reading it says so in one line
 
 
 def take_lock(run_dir, what):
@@ -249,7 +293,7 @@ def initialise(state, stage, cfg, run_dir, init_dir, log):
     """Resume > previous stage > ImageNet > random (see the module docstring). -> which one ran."""
     latest = latest_checkpoint(run_dir)
     if latest:
-        status = _read(state.checkpoint(), latest, 'this run')
+        status = _read(state.checkpoint(good_steps=has_good_steps(latest)), latest, 'this run')
         _matched(status, latest, 'this run')
         status.expect_partial()   # CheckpointManager's save_counter has no object here (else a stderr warning)
         log(f'init: resumed this run from {latest} (step {int(state.step.numpy())})')
