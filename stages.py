@@ -55,6 +55,8 @@ class Stage:
     script: str = ''           # the script that trains it (default: the registry's)
     home: str = ''             # run directory name under runs/ (default: name)
     subdir: str = ''           # below the script's --run_dir (E_1's phase a)
+    settings: tuple = ()       # this stage's own settings: ((name, config.setting(...)), ...): flags of its script
+                               # and fields of its Config (ctx.cfg.<name>), validated by their rules
 
     @property
     def localise(self):

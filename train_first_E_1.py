@@ -44,12 +44,12 @@ PHASE_A = stages.Stage(
                                   '--epochs, else 30; like --epochs, a larger value extends a finished phase a'),
            'max_steps_a': ('max_steps', "phase a's --max_steps, over --max_steps (which then sets phase b's only); "
                                         'default --max_steps, else 0')},
-    presets={'demo': {'epochs': 12, 'lr': 3e-4}, 'study': {'epochs': 2, 'lr': 3e-4}})
+    presets={'demo': {'epochs': 12, 'lr': 3e-4}})
 PHASE_B = stages.Stage(
     name='E_1', parts=model.RETRIEVAL_PARTS + ('offset_head',), train_parts=model.RETRIEVAL_PARTS + ('offset_head',),
     loss=loss_b, previous='E_1a', restore=model.RETRIEVAL_PARTS, carry='all',
     defaults=dict(SCHEDULE, batch=10, epochs=15, mining_start_epoch=1),
-    presets={'demo': {'epochs': 3, 'lr': 1e-4}, 'study': {'epochs': 1, 'max_steps': 128, 'lr': 1e-4}})
+    presets={'demo': {'epochs': 3, 'lr': 1e-4}})
 STAGES = [PHASE_A, PHASE_B]
 
 if __name__ == '__main__':

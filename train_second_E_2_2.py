@@ -41,8 +41,7 @@ STAGE = stages.Stage(
     defaults={'lr': 5e-6, 'lr_decay': 0.9, 'lr_decay_steps': 910, 'lr_staircase': 0, 'batch': 10, 'epochs': 80,
               'mining': 1, 'val_every': 10},   # validation: the released `if epoch % 10 == 0`
     # demo: the head's scale lets u reach the demo's ~100-px errors in 100 steps (at scale 1 it stays near 20 px)
-    presets={'demo': {'epochs': 4, 'lr': 5e-5, 'cholesky_scale': 16.0},
-             'study': {'epochs': 2, 'lr': 1e-4, 'cholesky_scale': 16.0}})
+    presets={'demo': {'epochs': 4, 'lr': 5e-5, 'cholesky_scale': 16.0}})
 STAGES = [STAGE]
 
 if __name__ == '__main__':

@@ -22,9 +22,22 @@ if __name__ == '__main__':
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import config  # noqa: E402
 import losses  # noqa: E402
 import model  # noqa: E402
 import stages  # noqa: E402
+
+# E_3's own settings (its flags; ctx.cfg.u_a ...): W_m = 1 / (1 + c exp(a (b - u)))
+SETTINGS = (
+    ('u_a', config.setting(0.3, 'E_3 W_m = 1 / (1 + c exp(a (b - u))): a (1/px)', rule='>=0.')),
+    ('u_b', config.setting(75.0, 'E_3 weight threshold b (pixels of the 640 frame, on the original NLL scale)',
+                           rule='finite')),
+    ('u_c', config.setting(2.0, 'E_3 weight constant c', rule='>=0.')),
+    ('u_b_quantile', config.setting(0.0, "E_3: 0 = b is --u_b; q in (0, 1) = b is the q-quantile of E_3's u table "
+                                         "(on the released NLL's scale), computed when E_3 starts and kept in its "
+                                         "state: puts the weight's active band inside a u distribution of another "
+                                         "scale than VIGOR's (not the paper's setting)", rule='quantile')),
+)
 
 PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS + model.CHOLESKY_PARTS
 ACTIVE = (0.1, 0.9)   # W_m strictly inside this band: E_3 reweights the pair (neither ~VIGOR's loss nor ~0)
@@ -100,8 +113,8 @@ STAGE = stages.Stage(
     tables={'u_table': 3, 'u_b': (1, 1)}, prepare=u_table,
     defaults={'lr': 1e-6, 'lr_decay': 0.9, 'lr_decay_steps': 0, 'lr_staircase': 0, 'batch': 10, 'epochs': 150,
               'mining': 0, 'val_every': 10},   # validation: the released `if epoch % 10 == 0`
-    presets={'demo': {'epochs': 2, 'lr': 1e-5, 'cholesky_scale': 16.0},   # the scale of the E_2_2 it starts from
-             'study': {'epochs': 1, 'max_steps': 256, 'lr': 1e-5, 'cholesky_scale': 16.0}})
+    presets={'demo': {'epochs': 2, 'lr': 1e-5, 'cholesky_scale': 16.0}},   # the scale of the E_2_2 it starts from
+    settings=SETTINGS)
 STAGES = [STAGE]
 
 if __name__ == '__main__':

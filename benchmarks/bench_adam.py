@@ -36,7 +36,7 @@ def main(argv=None):
     import stages
     from geoloc.train import train_state
     stage = stages.get(args.stage)
-    cfg = config.resolve(stage.name, dict(SIZES[args.size]), 'paper', stage.defaults)
+    cfg = config.resolve(stage.name, dict(SIZES[args.size]), 'paper', stage.defaults, own=stage.settings)
     t = time.time()
     state = train_state.TrainState(stage, cfg, 8, 1)
     opt = state.optimizer

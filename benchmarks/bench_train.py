@@ -252,7 +252,7 @@ def stage_config(stage_name, explicit):
     import config
     import stages
     stage = stages.get(stage_name)
-    return stage, config.resolve(stage.name, explicit, 'paper', stage.defaults, stage.presets)
+    return stage, config.resolve(stage.name, explicit, 'paper', stage.defaults, stage.presets, own=stage.settings)
 
 
 def build_step(stage, cfg, n_train, steps_per_epoch, strategy):

@@ -19,14 +19,14 @@ import os
 import sys
 import tempfile
 
-DEMO_SIZED = ('demo', 'study')   # presets with the demo's input sizes and width (oneDNN on: setup_environment)
+DEMO_SIZED = ('demo',)   # presets with the demo's input sizes and width (oneDNN on: setup_environment)
 
 
 def setup_environment(argv=()):
     """The stage scripts' TensorFlow environment, set before TensorFlow loads (shell settings win).
 
-    TF_CPP_MIN_LOG_LEVEL 2: an error stays one line. TF_ENABLE_ONEDNN_OPTS 1 for the demo-sized presets
-    (`--preset demo` and `--preset study`, DEMO_SIZED) only:
+    TF_CPP_MIN_LOG_LEVEL 2: an error stays one line. TF_ENABLE_ONEDNN_OPTS 1 for the demo-sized preset
+    (`--preset demo`, DEMO_SIZED) only:
     on this project's 2-core AVX2 machine oneDNN made demo-size steps 1.4-2.3x faster and paper-size
     steps 1.4-1.6x slower (benchmarks/LOG.md), and TF 2.21 turns it on by itself only on CPUs with
     AVX-512; other presets keep TensorFlow's own choice. With oneDNN on, TensorFlow writes a notice to
@@ -67,22 +67,28 @@ def dataset_splits(cfg, which):
 
 
 def configs(stages_, argv):
-    """One Config per stage from the command line (config.resolve's precedence). A stage's own flags
-    (Stage.flags, e.g. E_1's --epochs_a) set their setting for that stage over the shared flag."""
+    """One Config per stage from the command line (config.resolve's precedence). A stage's own settings
+    (Stage.settings) are flags of its script and fields of its Config only; a stage's own flags (Stage.flags,
+    e.g. E_1's --epochs_a) set their setting for that stage over the shared flag; --settings FILE gives values
+    per stage below the flags."""
     import config
     doc = getattr(sys.modules.get('__main__'), '__doc__', None)
     presets = dict(config.PRESETS)
     for s in stages_:
         presets.update({k: {} for k in s.presets if k not in presets})
     stage_flags = {name: spec for s in stages_ for name, spec in s.flags.items()}
-    explicit, preset, test = config.parse_flags(argv, doc, presets, stage_flags)
+    own_settings = tuple(pair for s in stages_ for pair in s.settings)
+    explicit, preset, test, settings_path = config.parse_args(argv, doc, presets, stage_flags, own_settings)
+    data = config.read_settings(settings_path) if settings_path else {}
     shared = {k: v for k, v in explicit.items() if k not in stage_flags}
     out = []
     for s in stages_:
+        known = config.kinds_of(config.config_class(s.settings))
         own = {setting: explicit[name] for name, (setting, _) in s.flags.items() if name in explicit}
-        given = dict(shared, **own)
+        given = dict({k: v for k, v in shared.items() if k in known}, **own)   # (another stage's own: not ours)
+        file_values = config.stage_settings(data, s.name, settings_path, known) if data else None
         try:
-            cfg = config.resolve(s.name, given, preset, s.defaults, s.presets, test)
+            cfg = config.resolve(s.name, given, preset, s.defaults, s.presets, test, s.settings, file_values)
         except config.ConfigError as e:   # blame the flag that was given
             for name, (setting, _) in s.flags.items():
                 if name in explicit and str(e).startswith(f'--{setting} '):

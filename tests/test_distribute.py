@@ -99,7 +99,7 @@ def one_step(stage, strategy_name, batch):
     from geoloc.train import loop
     from geoloc.train import train_state
     explicit = dict(config.parse_flags(TINY)[0], strategy=strategy_name)
-    cfg = config.resolve(stage.name, explicit, 'paper', stage.defaults, stage.presets)
+    cfg = config.resolve(stage.name, explicit, 'paper', stage.defaults, stage.presets, own=stage.settings)
     strategy = distribute.make_strategy(strategy_name)
     with strategy.scope():
         state = train_state.TrainState(stage, cfg, 8, 2)

@@ -149,11 +149,11 @@ def test_an_epoch_is_the_released_codes_in_every_stage():
     from geoloc.train import loop
     for name in stages.ORDER:
         stage = stages.get(name)
-        cfg = config.resolve(name, {}, 'paper', stage.defaults, stage.presets)
+        cfg = config.resolve(name, {}, 'paper', stage.defaults, stage.presets, own=stage.settings)
         assert loop.steps_per_epoch(cfg, 52605) == 3757, name
         assert loop.steps_per_epoch(cfg.replace(epoch_batch=0), 52605) == 52605 // cfg.batch
     e3 = stages.get('E_3')
-    cfg = config.resolve('E_3', {}, 'paper', e3.defaults)
+    cfg = config.resolve('E_3', {}, 'paper', e3.defaults, own=e3.settings)
     state = train_state.TrainState(e3, cfg.replace(grd_size=(32, 64), sat_size=64, width=0.0625), 52605,
                                    loop.steps_per_epoch(cfg, 52605))
     # E_3: lr 1e-6 x 0.9^(step / 3757), continuous
@@ -168,15 +168,15 @@ def test_validation_follows_the_released_cadence_by_default():
     spe = 7
     for name, every in (('E_1a', 1), ('E_1', 1), ('E_2_1', 10), ('E_2_2', 10), ('E_3', 10)):
         stage = stages.get(name)
-        cfg = config.resolve(name, {}, 'paper', stage.defaults, stage.presets)
+        cfg = config.resolve(name, {}, 'paper', stage.defaults, stage.presets, own=stage.settings)
         assert cfg.val_every == every, name
         total = cfg.epochs * spe
         due = [s for s in range(1, total + 1) if loop.validation_due(cfg, s, spe, total)]
         assert due == [e * spe for e in range(every, cfg.epochs + 1, every)] + (
             [] if cfg.epochs % every == 0 else [total]), name
-        cfg = config.resolve(name, {'val_every': 3}, 'paper', stage.defaults, stage.presets)
+        cfg = config.resolve(name, {'val_every': 3}, 'paper', stage.defaults, stage.presets, own=stage.settings)
         assert [s for s in range(1, 23) if loop.validation_due(cfg, s, spe, 22)] == [21, 22], name
-        cfg = config.resolve(name, {'val_every': 0}, 'paper', stage.defaults, stage.presets)
+        cfg = config.resolve(name, {'val_every': 0}, 'paper', stage.defaults, stage.presets, own=stage.settings)
         assert not any(loop.validation_due(cfg, s, spe, total) for s in range(1, total + 1)), name
     # inside an epoch only the run's last step validates (a --max_steps run)
     cfg = config.resolve('E_2_1', {}, 'paper', stages.get('E_2_1').defaults)
@@ -261,7 +261,7 @@ def test_a_run_whose_config_json_is_of_another_version_resumes_and_extends(tiny_
     assert cli.main([train_first_E_1.PHASE_A], argv) == 0
     path = os.path.join(run_dir, 'phase_a', 'config.json')
     saved = json.load(open(path))
-    for key in ('adam_eps', 'localiser', 'u_b_quantile'):
+    for key in ('adam_eps', 'localiser', 'skip_norm'):
         del saved[key]
     saved['a_future_setting'] = 3
     json.dump(saved, open(path, 'w'))

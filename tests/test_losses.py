@@ -276,7 +276,7 @@ def test_e3_threshold_from_its_table():
     import config
     import train_third_E_3 as e3
     u = np.array([10.0, 20.0, 30.0, 40.0, 1000.0], np.float32)
-    cfg = config.resolve('E_3', {'u_b_quantile': 0.5})
+    cfg = config.resolve('E_3', {'u_b_quantile': 0.5}, own=e3.SETTINGS)
     assert e3.weight_threshold(u, cfg) == pytest.approx(30 * math.sqrt(2))
     assert e3.weight_threshold(u, cfg.replace(nll='original')) == pytest.approx(30)
     assert e3.weight_threshold(u, cfg.replace(u_b_quantile=0.0)) == 75.0

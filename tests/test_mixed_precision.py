@@ -32,7 +32,7 @@ def random_batch(n=4, seed=0):
 
 def make_state(stage, mixed=0):
     cfg = config.resolve(stage.name, {'grd_size': (32, 64), 'sat_size': 64, 'width': 0.0625, 'batch': 4,
-                                      'mixed_precision': mixed}, 'paper', stage.defaults)
+                                      'mixed_precision': mixed}, 'paper', stage.defaults, own=stage.settings)
     state = train_state.TrainState(stage, cfg, 8, 2)
     return state, cfg, loop.make_step(state, stage, cfg, distribute.make_strategy('default'))
 

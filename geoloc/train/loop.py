@@ -128,7 +128,7 @@ def _train(run, split, spe, sampler, start):
     stage, cfg, init_dir = run.stage, run.cfg, run.init_dir
     config_path = os.path.join(run.run_dir, 'config.json')
     saved = config.check_run_dir(cfg, config_path)   # again: read under the lock
-    unknown = config.unknown_settings(saved)
+    unknown = config.unknown_settings(saved, type(cfg))
     if unknown:
         run.log(f'{config_path}: settings this version does not know, ignored: {", ".join(unknown)}')
     run.split = split
