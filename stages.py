@@ -55,6 +55,10 @@ class Stage:
     script: str = ''           # the script that trains it (default: the registry's)
     home: str = ''             # run directory name under runs/ (default: name)
     subdir: str = ''           # below the script's --run_dir (E_1's phase a)
+    localiser: str = ''        # how --test localises in a tile, a name in geoloc/eval/localisers.py's registry
+                               # ('' = the one its parts say: localise below)
+    metrics: tuple = ()        # the stage's own --test metrics: callables (testing.Evaluation, split) ->
+                               # {name: float}, written under 'stage_metrics'
 
     @property
     def localise(self):
