@@ -85,7 +85,7 @@ def verdicts(results, e3_table):
 
 
 def ground_verdicts(stage, ground):
-    """Whether each heatmap branch looks at the panorama (testing.ground_dependence), in words."""
+    """Whether each heatmap branch looks at the panorama (localisers.ground_dependence), in words."""
     lines = []
     for branch, name in (('pos', 'the heatmap'), ('semi', 'the semi-positive heatmap')):
         g = ground.get(branch)

@@ -11,8 +11,12 @@ ground_dependence (whether a heatmap looks at the panorama): known answers with 
 the real Embedder (pipeline, protocol views, compiled localiser): one whose point is a known function of the
 panorama gives the hand-computed shifts, one whose point ignores it gives exactly 0; then a random-init E_2_1
 through the real --test command writes the measure for both branches.
+
+The evaluation is open: a stage with its own localiser and metrics goes through --test untouched; and a heatmap
+stage's evaluation runs the ground trunk once per panorama, with the numbers of the full-image path.
 """
 import csv
+import dataclasses
 import json
 import os
 import tempfile
@@ -205,6 +209,39 @@ def test_per_query_file_reproduces_the_json(vigor, tmp_path, monkeypatch):
     for k in (1, 2, 3):
         np.testing.assert_allclose(col(f'error_m_semi{k}'), 100 * split.mpp, rtol=1e-4)
     assert 'yaw_deg' not in rows[0]                              # north-aligned: no yaw column
+
+
+def test_a_new_head_and_a_stage_metric_through_the_test_command(vigor, tmp_path, monkeypatch):
+    """A stage with its own localiser (registered here, testing.py untouched) and its own metrics: --test
+    localises with that head and writes the metrics to test_results.json, the log and a figure."""
+    split = use_standin(monkeypatch, vigor, 'original', (30.0, 40.0), wrong_every=3)
+    standin = stages.build_model(None, None)
+
+    class LabelHead(localisers.Localiser):
+        method = 'label head'
+
+        def locate(self, scene, rows, tiles, keep_heatmaps=0):
+            return localisers.Located(delta=np.stack([standin.delta(q, t) for q, t in zip(scene.queries[rows], tiles)]))
+    monkeypatch.setitem(localisers.REGISTRY, 'label', lambda stage: LabelHead())
+
+    def toy(ev, split):
+        return {'share_top1_positive': np.mean(ev.per_query['top1_is'] == 'positive'),
+                'mean_rank': np.mean(ev.per_query['rank_of_positive'])}
+    stage = dataclasses.replace(stages.get('E_1'), localiser='label', metrics=(toy,))
+    run_dir = str(tmp_path / 'E_1')
+    os.makedirs(run_dir)
+    assert cli.main([stage], TINY + ['--data_root', vigor, '--run_dir', run_dir, '--test']) == 0
+    out = os.path.join(run_dir, 'test', 'original_same_north_qall')
+    r = json.load(open(os.path.join(out, 'test_results.json')))
+    assert r['localisation']['method'] == 'label head'
+    assert r['localisation_positive']['mean_m'] == pytest.approx(np.mean(50 * split.mpp), abs=2e-3)
+    # every third query retrieves its first semi-positive (rank 2): 24 of 36 right, mean rank 48 / 36
+    assert r['stage_metrics'] == pytest.approx({'share_top1_positive': 2 / 3, 'mean_rank': 48 / 36})
+    log = open(os.path.join(run_dir, 'train.log')).read()
+    assert 'stage metrics: share_top1_positive 0.6667, mean_rank 1.333' in log
+    assert os.path.getsize(os.path.join(out, 'stage_metrics.png')) > 1000
+    with pytest.raises(ValueError, match='named twice: a'):
+        testing.stage_metrics((lambda ev, split: {'a': 1.0}, lambda ev, split: {'a': 2.0, 'b': 0.0}), None, None)
 
 
 def test_yaw_protocol_is_reported_and_its_yaws_saved(vigor, tmp_path, monkeypatch):

@@ -50,7 +50,8 @@ def ence(sigma, err, n_bins=10):
         raise ValueError('sigma must be positive and finite')
     if int(n_bins) < 1:
         raise ValueError(f'n_bins must be >= 1, got {n_bins}')
-    bins = np.array_split(np.argsort(sigma, kind='stable'), min(int(n_bins), sigma.size))
+    order = np.argsort(sigma, kind='stable')
+    bins = np.array_split(order, min(int(n_bins), sigma.size)) if sigma.size else []
     rmv = np.array([np.sqrt(np.mean(sigma[b] ** 2)) for b in bins])
     rmse = np.array([np.sqrt(np.mean(err[b] ** 2) / 2) for b in bins])
     score = float(np.mean(np.abs(rmv - rmse) / rmv)) if len(bins) else float('nan')
