@@ -29,19 +29,21 @@ IGNORES_PANORAMA_PX = 1.0
 
 
 def table(results):
-    """Rows of the comparison table from {stage: test_results dict}."""
+    """Rows of the comparison table from {stage: test_results dict}; every stage's own metrics
+    ('stage_metrics') get a column each, '-' for the stages without it."""
+    own = list(dict.fromkeys(k for r in results.values() for k in (r.get('stage_metrics') or {})))
     head = ('stage', 'R@1', 'R@5', 'R@10', 'R@1%', 'hit', 'pos: med m', 'pos: centre', 'top1 ok: med m',
-            'in 1sig', 'in 2sig', 'rho(u,err)')
+            'in 1sig', 'in 2sig', 'rho(u,err)') + tuple(own)
     rows = [head]
+    pct = lambda x: '-' if x is None else f'{100 * x:.1f}'
+    num = lambda x, f='.2f': '-' if x is None else format(x, f)
     for stage, r in results.items():
         ret, loc, pos = r['retrieval'], r['localisation'], r['localisation_positive']
-        unc = r.get('uncertainty') or {}
-        pct = lambda x: '-' if x is None else f'{100 * x:.1f}'
-        num = lambda x: '-' if x is None else f'{x:.2f}'
+        unc, metrics = r.get('uncertainty') or {}, r.get('stage_metrics') or {}
         rows.append((stage, pct(ret['R@1']), pct(ret['R@5']), pct(ret['R@10']), pct(ret['R@1%']),
                      pct(ret['hit_rate']), num(pos['median_m']), num(pos['median_m_centre']),
                      num(loc['top1_correct']['median_m']), pct(unc.get('1sigma')), pct(unc.get('2sigma')),
-                     num(unc.get('spearman_u_error'))))
+                     num(unc.get('spearman_u_error'))) + tuple(num(metrics.get(k), '.4g') for k in own))
     return columns(rows)
 
 
@@ -57,7 +59,7 @@ def verdicts(results, e3_table):
     lines = []
     for stage, r in results.items():
         pos = r['localisation_positive']
-        if r['localisation']['method'] in ('heatmap', 'offset') and pos['median_m'] is not None:
+        if r['localisation']['method'] != 'tile centre' and pos['median_m'] is not None:
             gain = pos['median_m_centre'] - pos['median_m']
             word = 'better than' if gain > 0.1 * pos['median_m_centre'] else 'no better than'
             lines.append(f'{stage}: the {r["localisation"]["method"]} puts the query {word} the tile centre '
@@ -83,7 +85,7 @@ def verdicts(results, e3_table):
 
 
 def ground_verdicts(stage, ground):
-    """Whether each heatmap branch looks at the panorama (testing.ground_dependence), in words."""
+    """Whether each heatmap branch looks at the panorama (localisers.ground_dependence), in words."""
     lines = []
     for branch, name in (('pos', 'the heatmap'), ('semi', 'the semi-positive heatmap')):
         g = ground.get(branch)

@@ -57,6 +57,10 @@ class Stage:
     subdir: str = ''           # below the script's --run_dir (E_1's phase a)
     settings: tuple = ()       # this stage's own settings: ((name, config.setting(...)), ...): flags of its script
                                # and fields of its Config (ctx.cfg.<name>), validated by their rules
+    localiser: str = ''        # how --test localises in a tile, a name in geoloc/eval/localisers.py's registry
+                               # ('' = the one its parts say: localise below)
+    metrics: tuple = ()        # the stage's own --test metrics: callables (testing.Evaluation, split) ->
+                               # {name: float}, written under 'stage_metrics'
 
     @property
     def localise(self):

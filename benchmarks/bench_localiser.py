@@ -54,9 +54,10 @@ def positive_errors(stage, cfg, run_dir, split, queries):
     _, ckpt, cfg = testing.trained_run(stage, cfg)
     model = testing.restored_model(stage, cfg, ckpt, run_dir)
     embedder = embedding.Embedder(model)
-    pos = split.tiles[queries, 0]
-    mu, _, _ = embedder.localise_pairs(split, queries, pos, cfg)
-    swapped, _, _ = embedder.localise_pairs(split, np.roll(queries, 1), pos, cfg)
+    tiles = [split.tile_paths[t] for t in split.tiles[queries, 0]]
+    grd = embedder.describe([split.pano_paths[q] for q in queries], 'panorama', cfg.grd_size, cfg.eval_batch)
+    mu, _, _ = embedder.localise_tiles('pos', tiles, grd, cfg.sat_size, cfg.eval_batch)
+    swapped, _, _ = embedder.localise_tiles('pos', tiles, np.roll(grd, 1, axis=0), cfg.sat_size, cfg.eval_batch)
     gt = geometry.delta_to_rc(split.deltas[queries, 0].astype(np.float64))
     mpp = split.mpp[queries]
     err = np.linalg.norm(mu - gt, axis=1) * mpp

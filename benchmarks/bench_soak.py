@@ -13,9 +13,10 @@ traced functions). What is built, through pipeline.py's own functions as the tra
                 the panoramas the epoch did not sample and the pool's tiles it did not see;
   every --val_every epochs, and after the last
                 a validation (testing.evaluate_model at --val_queries): the queries' panoramas, every
-                reference tile, the (query, positive) and (query, top-1) pairs, and the ground-dependence
-                pairs of both heatmap branches (testing.ground_dependence: 2 x 2 localisations of
-                --eval_batch pairs per chunk).
+                reference tile, the tiles of the (query, positive) and (query, top-1) pairs, and those of the
+                ground-dependence pairs of both heatmap branches (localisers.ground_dependence: 2 x 2
+                localisations of --eval_batch pairs per chunk); a localiser reads tiles alone, the panoramas'
+                descriptors are the queries'.
 The RSS (psutil) is read after one warm-up epoch (the traced readers and TensorFlow's one-off
 allocations) and after the last; their difference is printed last as `rss growth N MB`, and every
 --every epochs the RSS so far. --image_cache_mb 0 by default: the image cache is a fixed budget filled in
@@ -110,26 +111,24 @@ class Builder:
         return len(missing_panos), len(missing_tiles)
 
     def validation(self):
-        from geoloc.eval import testing
+        from geoloc.eval import localisers
         a, split = self.args, self.test
         queries = np.arange(min(a.val_queries, len(split)))
         p = self.pipeline
+        tiles = lambda idx: p.image_dataset([split.tile_paths[t] for t in idx], self.sat_hw, 'aerial', a.eval_batch,
+                                            cache=self.cache)
         self._made(p.image_dataset([split.pano_paths[q] for q in queries], self.grd_hw, 'panorama', a.eval_batch,
                                    cache=self.cache))
         self._made(p.image_dataset(split.tile_paths, self.sat_hw, 'aerial', a.eval_batch, cache=self.cache))
         pos = split.tiles[queries, 0]
-        self._made(p.pair_dataset(split, queries, pos, self.grd_hw, a.sat_size, a.eval_batch, self.cache))
-        top1 = (pos + 1) % len(split.tile_paths)       # an untrained model's top-1 is wrong for every query
-        self._made(p.pair_dataset(split, queries, top1, self.grd_hw, a.sat_size, a.eval_batch, self.cache))
-        rows = np.arange(min(testing.GROUND_PAIRS, len(queries)))
+        self._made(tiles(pos))
+        self._made(tiles((pos + 1) % len(split.tile_paths)))   # an untrained model's top-1 is wrong for every query
+        rows = np.arange(min(localisers.GROUND_PAIRS, len(queries)))
         for branch_tiles in (split.tiles[rows, 0], split.tiles[rows, 1]):        # pos, semi
-            other = (rows + 1) % len(rows)
             for s in range(0, len(rows), a.eval_batch):
                 idx = rows[s:s + a.eval_batch]
-                self._made(p.pair_dataset(split, queries[idx], branch_tiles[idx], self.grd_hw, a.sat_size,
-                                          a.eval_batch, self.cache))
-                self._made(p.pair_dataset(split, queries[other[idx]], branch_tiles[idx], self.grd_hw, a.sat_size,
-                                          a.eval_batch, self.cache))
+                self._made(tiles(branch_tiles[idx]))          # the pairs as they are
+                self._made(tiles(branch_tiles[idx]))          # the same tiles with the panoramas swapped
 
 
 def rss(collect=False):

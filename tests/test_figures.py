@@ -1,6 +1,7 @@
 """figures.py: every figure is written, readable and shows what it claims."""
 import numpy as np
 
+from geoloc.eval import calibration
 from geoloc.eval import evaluation as ev
 from geoloc.eval import figures
 
@@ -30,3 +31,9 @@ def test_plots(tmp_path):
     summary = ev.localisation_summary(err, err + 5, rng.random(300) < 0.6, top1_hit=rng.random(300) < 0.8)
     _check_png(figures.plot_vigor_accuracy(str(tmp_path / 'vigor.png'), summary, summary['all'], 'yaw180'))
     _check_png(figures.plot_sparsification(str(tmp_path / 'sp.png'), ev.sparsification(err + rng.normal(0, 5, 300), err)))
+    sigma = rng.uniform(1, 10, 300)
+    err = np.linalg.norm(sigma[:, None] * rng.standard_normal((300, 2)), axis=1)
+    _check_png(figures.plot_reliability(str(tmp_path / 'rel.png'), calibration.ence(sigma, err)))
+    selective = calibration.selective_prediction(sigma, err)
+    _check_png(figures.plot_selective_prediction(str(tmp_path / 'sel.png'), selective))
+    _check_png(figures.plot_stage_metrics(str(tmp_path / 'own.png'), {'a': 0.5, 'b': -2.0}, 'E_x'), min_side=100)

@@ -146,18 +146,6 @@ def test_train_dataset_without_semi_reads_no_semi_tile(vigor):
     assert set(cache.slots) == read
 
 
-def test_pair_dataset_keeps_the_order_of_its_pairs(vigor):
-    split = input_data.load_vigor(vigor, 'test')
-    queries, tiles = np.array([3, 0, 5]), np.array([7, 2, 2])
-    batches = list(pipeline.pair_dataset(split, queries, tiles, (32, 64), 64, 2))
-    assert [len(i) for _, _, i in batches] == [2, 1]
-    grd, sat, idx = (np.concatenate([b[k].numpy() for b in batches]) for k in range(3))
-    np.testing.assert_array_equal(idx, [0, 1, 2])
-    for i, (q, t) in enumerate(zip(queries, tiles)):
-        np.testing.assert_array_equal(grd[i], images.read_image(split.pano_paths[q], (32, 64), 'panorama'))
-        np.testing.assert_array_equal(sat[i], images.read_image(split.tile_paths[t], (64, 64), 'aerial'))
-
-
 def test_apply_views_is_a_column_roll_and_a_mask():
     img = tf.random.stateless_normal([3, 4, 64, 3], seed=(0, 1))
     views = np.array([[16, 0, 64], [0, 24, 16], [63, 60, 8]])

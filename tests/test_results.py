@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from geoloc.eval import calibration
+from geoloc.eval import evaluation
 from geoloc.eval import results
 
 
@@ -43,3 +45,33 @@ def test_write_outputs_replaces_a_directory_only_when_complete(tmp_path, monkeyp
     with pytest.raises(OSError):
         results.write_outputs(None, None, None, str(out), plots=False)
     assert sorted(os.listdir(out)) == ['new.txt'] and os.listdir(tmp_path / 'test') == ['setting']
+
+
+def canned_results():
+    loc = evaluation.localisation_summary(np.array([1.0, 3.0]), np.array([2.0, 4.0]), np.array([True, False]))
+    loc['method'] = 'heatmap'
+    sigma, err = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 8.0, 2.0, 3.0])
+    u = {'n': 4, '1sigma': 0.25, '2sigma': 0.75, 'spearman_u_error': 0.5, 'sparsification': {'ause': 1.5},
+         'mean_u_px': 10.0, 'nll_px': 9.8765, 'nll_m': 5.4321, 'mean_sigma_px': 2.5,
+         'ence': calibration.ence(sigma, err, 2), 'selective': calibration.selective_prediction(sigma, err, [0.5, 1.0])}
+    return {'retrieval': {'R@1': 0.5, 'R@5': 1.0, 'R@10': 1.0, 'R@1%': 0.5, 'hit_rate': 0.5}, 'chance_R@1': 0.25,
+            'localisation': loc, 'localisation_positive': loc['all'], 'uncertainty': u,
+            'stage_metrics': {'own': 0.25}}
+
+
+def test_format_results_states_the_calibration_metrics_and_stage_metrics():
+    r = canned_results()
+    ence = r['uncertainty']['ence']['ence']
+    lines = results.format_results(r)
+    assert lines[-3] == ('uncertainty: NLL of the ground truths 9.877 (per px^2 of the 640 frame), 5.432 (per m^2); '
+                         f'ENCE {ence:.3f} (2 bins of sigma = sqrt(mean eigenvalue), mean sigma 2.5 px)')
+    # sigma order keeps 0.5 and 8 m first: median 4.25 m, 1 of 2 within 1 m and 5 m, 1 within 10 m: both
+    assert lines[-2] == ('selective prediction (smallest sigma kept first, positive tile; within 1/5/10 m): '
+                         '50% (2): median 4.25 m, within 50/50/100 %; 100% (4): median 2.50 m, within 25/75/100 %')
+    assert lines[-1] == 'stage metrics: own 0.25'
+    # read back from the JSON (NaN as null) the lines still print
+    back = json.loads(json.dumps(results.jsonable(r)))
+    back['uncertainty']['nll_m'] = back['uncertainty']['selective']['median_m'][0] = None
+    back['stage_metrics']['own'] = None
+    assert results.format_results(back)[-1] == 'stage metrics: own -'
+    assert ', 5.432' not in results.format_results(back)[-3] and 'median - m' in results.format_results(back)[-2]

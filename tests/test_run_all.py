@@ -78,3 +78,13 @@ def test_e3_verdicts_name_an_inert_weight():
     assert "Every W_m is ~0: E_3's ratio term is VIGOR's ratio loss x 10" in low
     acting = run_all.verdicts({}, e3_table([60.0, 75.0, 90.0, 200.0], [0.02, 0.33, 0.99, 1.0]))[0]
     assert '25.0 % of the pairs in the active band 0.1 < W_m < 0.9' in acting and 'Every W_m' not in acting
+
+
+def test_stage_metrics_get_a_column_each():
+    canned = dict(CANNED)
+    canned['E_2_1'] = dict(CANNED['E_2_1'], stage_metrics={'own_a': 0.123456, 'own_b': 7.0})
+    canned['E_2_2'] = dict(CANNED['E_2_2'], stage_metrics={'own_b': None})         # NaN read back from the JSON
+    cells = [line.split() for line in run_all.table(canned)]
+    assert cells[0][-2:] == ['own_a', 'own_b'] and cells[0][-3] == 'rho(u,err)'
+    assert cells[1][-2:] == ['-', '-'] and cells[2][-2:] == ['0.1235', '7'] and cells[3][-2:] == ['-', '-']
+    assert run_all.table(CANNED)[0].split()[-1] == 'rho(u,err)'                      # none: no column

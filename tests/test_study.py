@@ -39,7 +39,7 @@ def hand_made_queries(n=200, seed=0):
     chol = np.stack([sigma, np.zeros(n), sigma], 1).astype(np.float32)
     delta = np.zeros((n, 2))                                                     # the truth at the tile centre
     q = {'mu': mu, 'cov': np.stack([np.diag([s * s, s * s]) for s in sigma]), 'gt': gt, 'error_px': error,
-         'u': 4 * sigma, 'summary': testing.uncertainty_summary(mu, chol, delta)}
+         'u': 4 * sigma, 'summary': testing.uncertainty_summary(mu, chol, delta, np.full(n, 0.1), 0.1 * error)[0]}
     return q, levels
 
 

@@ -11,8 +11,12 @@ ground_dependence (whether a heatmap looks at the panorama): known answers with 
 the real Embedder (pipeline, protocol views, compiled localiser): one whose point is a known function of the
 panorama gives the hand-computed shifts, one whose point ignores it gives exactly 0; then a random-init E_2_1
 through the real --test command writes the measure for both branches.
+
+The evaluation is open: a stage with its own localiser and metrics goes through --test untouched; and a heatmap
+stage's evaluation runs the ground trunk once per panorama, with the numbers of the full-image path.
 """
 import csv
+import dataclasses
 import json
 import os
 import tempfile
@@ -25,6 +29,8 @@ from conftest import TINY
 from geoloc.nn import embedding
 from geoloc.data import geometry
 import input_data
+import model as model_lib
+from geoloc.eval import localisers
 from geoloc.eval import protocols
 from geoloc.eval import results
 import stages
@@ -73,13 +79,14 @@ class StandinEmbedder:
                 out[i, self.m.n] = q + 1          # the query's id rides in a dimension no tile uses
         return out
 
-    def localise_pairs(self, split, queries, tiles, cfg, branch='pos', keep_heatmaps=0, cache=None, progress=None,
-                       views=None):
+    def localise_tiles(self, branch, tile_paths, grd_raw, side, batch, cache=None, keep_heatmaps=0, progress=None):
+        """The heatmap branch on (tile, panorama descriptor) pairs: the query rides in the descriptor."""
         extra = self.m.shift if branch == 'semi' else 0.0
-        mu = np.stack([geometry.delta_to_rc(self.m.delta(q, t) + extra) for q, t in zip(queries, tiles)])
-        mu = mu.astype(np.float32)
-        chol = np.tile(np.array([[20.0, 0.0, 20.0]], np.float32), (len(queries), 1))
-        return mu, chol, {}
+        queries = np.round(grd_raw[:, self.m.n]).astype(int) - 1
+        tiles = [self.m.tile_of[p] for p in tile_paths]
+        mu = np.array([geometry.delta_to_rc(self.m.delta(q, t) + extra) for q, t in zip(queries, tiles)], np.float32)
+        chol = np.tile(np.array([[20.0, 0.0, 20.0]], np.float32), (len(tiles), 1))
+        return mu.reshape(-1, 2), chol, {}
 
 
 @pytest.fixture(scope='module')
@@ -142,7 +149,19 @@ def test_known_offset_scores_known_metres(vigor, tmp_path, monkeypatch, stage_na
     assert s['mean_m'] == pytest.approx(expected.mean(), abs=2e-3)
     assert s['median_m'] == pytest.approx(np.median(expected), abs=2e-3)
     if stage_name == 'E_2_2':   # 50 px against a 20-px isotropic Gaussian: outside 2 sigma (40 px) for every query
-        assert r['uncertainty']['2sigma'] == 0.0 and r['uncertainty']['median_error_px'] == pytest.approx(50, abs=1e-3)
+        u = r['uncertainty']
+        assert u['2sigma'] == 0.0 and u['median_error_px'] == pytest.approx(50, abs=1e-3)
+        # NLL: 0.5 x 50^2 / 20^2 + 0.5 log(20^4) + log 2pi; per m^2: + 2 log(m/px) of each query
+        nll = 0.5 * 2500 / 400 + np.log(400) + np.log(2 * np.pi)
+        assert u['nll_px'] == pytest.approx(nll, abs=1e-4)
+        assert u['nll_m'] == pytest.approx(nll + 2 * np.mean(np.log(split.mpp)), abs=1e-4)
+        # one sigma for all (20 px): every bin's RMV is 20, its per-axis RMSE sqrt(50^2 / 2)
+        assert u['ence']['ence'] == pytest.approx(abs(20 - np.sqrt(1250)) / 20, abs=1e-4)
+        assert u['ence']['n_bins'] == 10 and sum(u['ence']['count']) == len(split)
+        sel = u['selective']   # ties: the first ceil(f Q) queries, each 50 px x its m/px from the truth
+        assert sel['count'] == [int(np.ceil(round(f * len(split), 9))) for f in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+        for n, median in zip(sel['count'], sel['median_m']):
+            assert median == pytest.approx(np.median(50 * split.mpp[:n]), abs=2e-3)
         # the semi-positive branch (the Standin's: 2 x the shift, 100 px) against each semi-positive's own label
         semi = r['localisation_semi']
         assert semi['median_px'] == pytest.approx(100, abs=1e-3) and semi['count'] == 3 * len(split)
@@ -184,9 +203,45 @@ def test_per_query_file_reproduces_the_json(vigor, tmp_path, monkeypatch):
     gt = np.stack([col('gt_lat'), col('gt_lon')], 1)
     np.testing.assert_allclose(geometry.distance_m(pred, gt, 'haversine'), col('error_m'), rtol=1e-9)
     np.testing.assert_allclose(col('u_px'), 80.0, rtol=1e-5)
+    np.testing.assert_allclose(col('sigma_px_positive'), 20.0, rtol=1e-5)
+    np.testing.assert_allclose(col('nll_px_positive'), 3.125 + np.log(400 * 2 * np.pi), rtol=1e-5)
+    assert np.mean(col('nll_m_positive')) == pytest.approx(r['uncertainty']['nll_m'], rel=1e-12)
     for k in (1, 2, 3):
         np.testing.assert_allclose(col(f'error_m_semi{k}'), 100 * split.mpp, rtol=1e-4)
     assert 'yaw_deg' not in rows[0]                              # north-aligned: no yaw column
+
+
+def test_a_new_head_and_a_stage_metric_through_the_test_command(vigor, tmp_path, monkeypatch):
+    """A stage with its own localiser (registered here, testing.py untouched) and its own metrics: --test
+    localises with that head and writes the metrics to test_results.json, the log and a figure."""
+    split = use_standin(monkeypatch, vigor, 'original', (30.0, 40.0), wrong_every=3)
+    standin = stages.build_model(None, None)
+
+    class LabelHead(localisers.Localiser):
+        method = 'label head'
+
+        def locate(self, scene, rows, tiles, keep_heatmaps=0):
+            return localisers.Located(delta=np.stack([standin.delta(q, t) for q, t in zip(scene.queries[rows], tiles)]))
+    monkeypatch.setitem(localisers.REGISTRY, 'label', lambda stage: LabelHead())
+
+    def toy(ev, split):
+        return {'share_top1_positive': np.mean(ev.per_query['top1_is'] == 'positive'),
+                'mean_rank': np.mean(ev.per_query['rank_of_positive'])}
+    stage = dataclasses.replace(stages.get('E_1'), localiser='label', metrics=(toy,))
+    run_dir = str(tmp_path / 'E_1')
+    os.makedirs(run_dir)
+    assert cli.main([stage], TINY + ['--data_root', vigor, '--run_dir', run_dir, '--test']) == 0
+    out = os.path.join(run_dir, 'test', 'original_same_north_qall')
+    r = json.load(open(os.path.join(out, 'test_results.json')))
+    assert r['localisation']['method'] == 'label head'
+    assert r['localisation_positive']['mean_m'] == pytest.approx(np.mean(50 * split.mpp), abs=2e-3)
+    # every third query retrieves its first semi-positive (rank 2): 24 of 36 right, mean rank 48 / 36
+    assert r['stage_metrics'] == pytest.approx({'share_top1_positive': 2 / 3, 'mean_rank': 48 / 36})
+    log = open(os.path.join(run_dir, 'train.log')).read()
+    assert 'stage metrics: share_top1_positive 0.6667, mean_rank 1.333' in log
+    assert os.path.getsize(os.path.join(out, 'stage_metrics.png')) > 1000
+    with pytest.raises(ValueError, match='named twice: a'):
+        testing.stage_metrics((lambda ev, split: {'a': 1.0}, lambda ev, split: {'a': 2.0, 'b': 0.0}), None, None)
 
 
 def test_yaw_protocol_is_reported_and_its_yaws_saved(vigor, tmp_path, monkeypatch):
@@ -303,6 +358,17 @@ def setting(vigor, *flags):
     return cfg, split, queries, protocols.Protocol.from_config(cfg).views(names, cfg.grd_size[1])
 
 
+BRANCHES = (localisers.Heatmap('pos'), localisers.Heatmap('semi'))
+
+
+def ground_dependence(embedder, split, queries, cfg, views=None, branches=BRANCHES):
+    """localisers.ground_dependence on the queries' panorama descriptors, described as evaluate_model does."""
+    grd_raw = embedder.describe([split.pano_paths[q] for q in queries], 'panorama', cfg.grd_size, cfg.eval_batch,
+                                views=views)
+    scene = localisers.Scene(embedder.model, embedder, split, cfg, np.asarray(queries), grd_raw, None)
+    return localisers.ground_dependence(scene, branches)
+
+
 def expected(desc, rows):
     """By hand from the panoramas' descriptors (mean colours, under their own views): the pairs `rows`, each
     panorama swapped for the next row's, (i + 1) mod n -> (median, mean, p90 shift, median heatmap change)."""
@@ -318,7 +384,7 @@ def test_known_shift_of_a_model_that_reads_the_panorama(vigor, monkeypatch, flag
     """At most GROUND_PAIRS pairs (10 here) of the first queries; the semi-positive pairs skip queries without
     one; the swapped panorama keeps its own query's view (with a 90-degree field of view, a panorama's mean
     colour depends on its heading, so the wrong view would give other numbers)."""
-    monkeypatch.setattr(testing, 'GROUND_PAIRS', 10)
+    monkeypatch.setattr(localisers, 'GROUND_PAIRS', 10)
     cfg, split, queries, views = setting(vigor, *flags)
     assert (views is None) == (not flags)
     split.tiles = split.tiles.copy()
@@ -326,7 +392,7 @@ def test_known_shift_of_a_model_that_reads_the_panorama(vigor, monkeypatch, flag
     split.tiles[7, 1] = -1                                # query 7: its first present one is the second
     embedder = embedding.Embedder(ColourModel(sees=True))
     desc = embedder.describe(split.pano_paths, 'panorama', cfg.grd_size, cfg.eval_batch, views=views)
-    g = testing.ground_dependence(embedder, split, queries, cfg, views)
+    g = ground_dependence(embedder, split, queries, cfg, views)
     assert set(g) == {'pos', 'semi'}
     semi_rows = np.array([0, 1, 3, 4, 6, 7, 8, 9])
     for branch, rows in (('pos', np.arange(10)), ('semi', semi_rows)):
@@ -343,7 +409,7 @@ def test_known_shift_of_a_model_that_reads_the_panorama(vigor, monkeypatch, flag
 def test_a_model_that_ignores_the_panorama_gives_zero(vigor):
     cfg, split, queries, views = setting(vigor, '--yaw', 'random')
     embedder = embedding.Embedder(ColourModel(sees=False))
-    g = testing.ground_dependence(embedder, split, queries, cfg, views)
+    g = ground_dependence(embedder, split, queries, cfg, views)
     for branch in ('pos', 'semi'):
         assert g[branch]['n_pairs'] == len(split)
         assert g[branch]['swap_shift_px_median'] == g[branch]['swap_shift_px_p90'] == 0.0
@@ -352,7 +418,7 @@ def test_a_model_that_ignores_the_panorama_gives_zero(vigor):
 
 def test_one_pair_cannot_be_swapped(vigor):
     cfg, split, _, _ = setting(vigor)
-    g = testing.ground_dependence(embedding.Embedder(ColourModel()), split, np.arange(1), cfg, branches=('pos',))
+    g = ground_dependence(embedding.Embedder(ColourModel()), split, np.arange(1), cfg, branches=BRANCHES[:1])
     assert g['pos']['n_pairs'] == 1 and np.isnan(g['pos']['swap_shift_px_median'])
 
 
@@ -380,3 +446,83 @@ def test_random_init_e21_through_the_test_command(vigor, tmp_path, monkeypatch):
     assert f'ground dependence (each panorama swapped for another query\'s, the tile fixed): heatmap: mu moves a ' \
            f'median {median} px' in log and 'semi-positive heatmap: mu moves a median' in log
     print('random-init E_2_1 ground_dependence:', json.dumps(g))
+
+
+# ----------------------------------------------------------------------------- the ground trunk runs once
+
+def count_ground_images(model):
+    """A counter of the panoramas through model.embed_grd, the ground trunk (every path to it: the Embedder's
+    compiled descriptor function, any localiser's), added to inside the compiled functions."""
+    count = tf.Variable(0, dtype=tf.int64, trainable=False)
+    embed = model.embed_grd
+
+    def counted(grd):
+        count.assign_add(tf.shape(grd, out_type=tf.int64)[0])
+        return embed(grd)
+    model.embed_grd = counted
+    return count
+
+
+def full_images(paths, hw, kind, views=None):
+    from geoloc.data import pipeline
+    return tf.concat([x for x, _ in pipeline.image_dataset(paths, hw, kind, 64, views=views)], 0)
+
+
+@pytest.mark.parametrize('localiser', ['unet', 'correlation'])
+def test_a_heatmap_test_runs_the_ground_trunk_once_per_panorama(vigor, localiser):
+    """E_2_2 (both heatmap branches, covariance heads) under a yaw and field-of-view protocol, with the
+    semi-positive branch and the ground dependence: each query's panorama goes through the ground trunk once.
+    Every number the localisers give equals model.localise on the full images of each pair (the path that
+    embedded the panorama again for every pair); the correlation localiser's point moves with the panorama,
+    so a pair given another query's descriptor would be tens of pixels off."""
+    stage = stages.get('E_2_2')
+    flags = ['--data_root', vigor, '--localiser', localiser, '--yaw', 'random', '--fov', '180']
+    cfg = cli.configs([stage], TINY + flags)[0]
+    split = input_data.load_vigor(vigor, 'test')
+    model = stages.build_model(stage, cfg)
+    count = count_ground_images(model)
+    queries = np.arange(len(split))
+    protocol = protocols.Protocol.from_config(cfg)
+    ev = testing.evaluate_model(stage, cfg, model, embedding.Embedder(model), split, queries, protocol=protocol,
+                                semi_branch=True, ground=True)
+    assert int(count.numpy()) == len(queries)
+    assert ev.views is not None and (ev.per_query['top1_is'] != 'positive').sum() >= 5      # the top-1 path ran
+
+    grd = full_images(split.pano_paths, cfg.grd_size, 'panorama', ev.views)
+    sat = full_images(split.tile_paths, (cfg.sat_size,) * 2, 'aerial')
+
+    def localise(branch, rows, tiles):
+        s, skips = model.embed_sat(tf.gather(sat, tiles))
+        out = model.localise(branch, s, model.embed_grd(tf.gather(grd, rows)), skips)
+        return out['mu'].numpy().astype(np.float64), out['chol'].numpy(), out['heatmap'].numpy()
+
+    pos, top1 = split.tiles[queries, 0], ev.ranks['top1']
+    mu, chol, _ = localise('pos', queries, pos)
+    np.testing.assert_allclose(ev.delta_pos, geometry.rc_to_delta(mu), atol=0.02)
+    np.testing.assert_allclose(ev.chol, chol, rtol=1e-3, atol=1e-3)
+    mu, chol, _ = localise('pos', queries, top1)
+    pred = geometry.delta_to_position(split.tile_centres[top1], geometry.rc_to_delta(mu), split.mpp, split.metric)
+    np.testing.assert_allclose(ev.per_query['error_m'], geometry.distance_m(pred, split.gt_positions, split.metric),
+                               atol=0.01)
+    np.testing.assert_allclose(ev.per_query['u_px'], model_lib.uncertainty(tf.constant(chol)).numpy(), rtol=1e-3,
+                               atol=1e-3)
+    q, k = np.nonzero(split.tiles[:, 1:] >= 0)
+    mu, _, _ = localise('semi', q, split.tiles[q, k + 1])
+    err = np.linalg.norm(mu - geometry.delta_to_rc(split.deltas[q, k + 1].astype(np.float64)), axis=1) * split.mpp[q]
+    for j in range(3):
+        np.testing.assert_allclose(ev.per_query[f'error_m_semi{j + 1}'][q[k == j]], err[k == j], atol=0.01)
+    with_semi = np.flatnonzero((split.tiles[:, 1:] >= 0).any(1))         # (all queries: fewer than GROUND_PAIRS)
+    first_semi = split.tiles[with_semi, np.argmax(split.tiles[with_semi, 1:] >= 0, 1) + 1]
+    ground_tiles = {'pos': (queries, pos), 'semi': (with_semi, first_semi)}
+    for branch, (rows, tiles) in ground_tiles.items():
+        mu, _, heat = localise(branch, rows, tiles)
+        mu_s, _, heat_s = localise(branch, np.roll(rows, -1), tiles)
+        shift = np.linalg.norm(mu_s - mu, axis=1)
+        g = ev.results['ground_dependence'][branch]
+        assert g['n_pairs'] == len(rows)
+        assert g['swap_shift_px_median'] == pytest.approx(np.median(shift), abs=0.02)
+        assert g['swap_shift_px_p90'] == pytest.approx(np.percentile(shift, 90), abs=0.02)
+        change = np.abs(heat_s - heat).sum((1, 2)) / np.abs(heat).sum((1, 2))
+        assert g['heatmap_swap_change'] == pytest.approx(np.median(change), rel=1e-3, abs=1e-6)
+        if localiser == 'correlation':
+            assert np.median(shift) > 1.0         # the point moves with the panorama: the rows are told apart

@@ -1,4 +1,4 @@
-"""tf.data pipelines over input_data's splits: descriptor extraction, (panorama, tile) pairs, training batches.
+"""tf.data pipelines over input_data's splits: descriptor extraction (panoramas, tiles), training batches.
 
 Every image is read by TensorFlow's own ops inside one tf.data map with one call in flight per core
 (`cores()`): the file's header is checked in the graph, a JPEG is decoded at 1/2, 1/4 or 1/8 scale in
@@ -302,7 +302,8 @@ def apply_views(img, views):
 
 
 def image_dataset(paths, hw, kind, batch, cache=None, views=None):
-    """Deterministic batches of (images, index) over `paths`, for descriptor extraction; cache: an ImageCache;
+    """Deterministic batches of (images, index) over `paths`, for descriptor extraction and the tiles a heatmap
+    branch localises in (embedding.Embedder.localise_tiles); cache: an ImageCache;
     views: [len(paths), 3] int64 for apply_views (panoramas under a test protocol), or None."""
     columns = {'path': np.array(paths)}
     if views is None:
@@ -311,19 +312,6 @@ def image_dataset(paths, hw, kind, batch, cache=None, views=None):
         columns['views'] = np.asarray(views, np.int64).reshape(len(paths), 3)
         output = lambda x: (apply_views(x['img'], x['views']), x['_pos'])
     return _batches(columns, {'img': ('path', tuple(hw), kind)}, batch, output, cache)
-
-
-def pair_dataset(split, queries, tile_idx, grd_hw, sat_side, batch, cache=None, views=None):
-    """Batches of (grd, sat, i) for the panorama `queries[i]` with the tile `tile_idx[i]`; views: [n, 3] int64
-    for apply_views on the panoramas (a test protocol), or None."""
-    columns = {'pano': np.array(split.pano_paths)[queries], 'tile': np.array(split.tile_paths)[tile_idx]}
-    readers = {'grd': ('pano', tuple(grd_hw), 'panorama'), 'sat': ('tile', (sat_side, sat_side), 'aerial')}
-    if views is None:
-        output = lambda x: (x['grd'], x['sat'], x['_pos'])
-    else:
-        columns['views'] = np.asarray(views, np.int64).reshape(len(columns['pano']), 3)
-        output = lambda x: (apply_views(x['grd'], x['views']), x['sat'], x['_pos'])
-    return _batches(columns, readers, batch, output, cache)
 
 
 def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_semi=True):

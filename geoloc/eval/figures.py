@@ -1,5 +1,6 @@
 """Figures of --test and validation: a query localised in its tile (heatmap, 1-/2-sigma ellipses), recall@k,
-accuracy against metres (linear, and VIGOR's log-spaced curve), sparsification. matplotlib's object API
+accuracy against metres (linear, and VIGOR's log-spaced curve), sparsification, the reliability diagram and
+selective prediction of a covariance head, a stage's own metrics. matplotlib's object API
 with the Agg canvas (no pyplot, no global backend switch); each function writes a PNG, or returns the
 RGB image when its path is None.
 """
@@ -143,6 +144,60 @@ def plot_sparsification(path, sp):
     ax.set_title(f'AUSE {sp["ause"]:.3g}, AUC {sp["auc"]:.3g}')
     ax.grid(True, alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_reliability(path, ence):
+    """The reliability diagram of calibration.ence's bins: RMSE against RMV per bin of sigma (the diagonal:
+    calibrated), pixels of the 640 frame."""
+    rmv, rmse = np.asarray(ence['rmv'], np.float64), np.asarray(ence['rmse'], np.float64)
+    fig = _figure((4.5, 4.5))
+    ax = fig.add_subplot()
+    top = 1.05 * float(np.nanmax(np.concatenate([rmv, rmse, [1.0]])))
+    ax.plot([0, top], [0, top], '--', color='grey', label='calibrated')
+    ax.plot(rmv, rmse, '-o', ms=4, label=f'{len(rmv)} bins of equal count')
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel('root mean predicted variance, RMV (px)')
+    ax.set_ylabel('per-axis RMSE (px)')
+    ax.set_title(f'ENCE {ence["ence"]:.3g}')
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_selective_prediction(path, sel):
+    """calibration.selective_prediction: the median error (m) and the recall within each threshold against
+    the share of queries kept (most certain first)."""
+    kept = 100 * np.asarray(sel['kept'], np.float64)
+    fig = _figure((8.0, 3.6))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    left.plot(kept, np.asarray(sel['median_m'], np.float64), '-o', ms=4)
+    left.set_ylabel('median error (m)')
+    for t, recall in sel['recall_within_m'].items():
+        right.plot(kept, 100 * np.asarray(recall, np.float64), '-o', ms=4, label=f'within {t} m')
+    right.set_ylabel('queries within (%)')
+    right.set_ylim(0, 100)
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xlabel('queries kept, smallest sigma first (%)')
+        ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_stage_metrics(path, metrics, stage=''):
+    """A stage's own metrics (testing.stage_metrics' dict {name: value}) as horizontal bars."""
+    names = list(metrics)
+    values = np.array([metrics[k] for k in names], np.float64)
+    fig = _figure((5.0, 1.0 + 0.4 * len(names)))
+    ax = fig.add_subplot()
+    ax.barh(np.arange(len(names)), np.nan_to_num(values))
+    ax.set_yticks(np.arange(len(names)), names)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.annotate(f'{v:.4g}', (0, i), va='center', fontsize=8)
+    ax.set_title(f'{stage} stage metrics' if stage else 'stage metrics')
+    ax.grid(True, axis='x', alpha=0.3)
     return _save(fig, path)
 
 

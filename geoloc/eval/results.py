@@ -17,6 +17,7 @@ from geoloc.data import geometry
 from geoloc.data import images
 import model as model_lib
 
+
 def localisation_figures(ev, split, cfg, n, path_of=None):
     """The first n queries in their positive tile (heatmap, 1-/2-sigma ellipses), the panorama as the model
     saw it (the protocol's view): PNG files at path_of(i), or RGB arrays when path_of is None."""
@@ -65,9 +66,15 @@ def _write_files(ev, split, cfg, out_dir, plots):
                                         ev.results['localisation'])
         figures.plot_vigor_accuracy(os.path.join(out_dir, 'accuracy_vigor.png'), ev.results['localisation'],
                                     ev.results['localisation_positive'], ev.results['protocol']['name'])
-        sp = ev.results.get('uncertainty', {}).get('sparsification')
-        if sp:
-            figures.plot_sparsification(os.path.join(out_dir, 'sparsification.png'), sp)
+        u = ev.results.get('uncertainty', {})
+        if u.get('sparsification'):
+            figures.plot_sparsification(os.path.join(out_dir, 'sparsification.png'), u['sparsification'])
+        if u.get('ence'):
+            figures.plot_reliability(os.path.join(out_dir, 'reliability.png'), u['ence'])
+            figures.plot_selective_prediction(os.path.join(out_dir, 'selective_prediction.png'), u['selective'])
+        if ev.results.get('stage_metrics'):
+            figures.plot_stage_metrics(os.path.join(out_dir, 'stage_metrics.png'), ev.results['stage_metrics'],
+                                       ev.results['stage'])
         localisation_figures(ev, split, cfg, 4, lambda i: os.path.join(out_dir, f'query_{i}.png'))
 
 
@@ -150,18 +157,41 @@ def format_results(r):
     g = r.get('ground_dependence')
     if g:
         name = {'pos': 'heatmap', 'semi': 'semi-positive heatmap'}
-        num = lambda x, f='.2f': '-' if x is None else format(x, f)      # (None: NaN read back from the JSON)
         lines.append('ground dependence (each panorama swapped for another query\'s, the tile fixed): ' + '; '.join(
-            f'{name.get(b, b)}: mu moves a median {num(s["swap_shift_px_median"])} px (mean '
-            f'{num(s["swap_shift_px_mean"])}, p90 {num(s["swap_shift_px_p90"])}; 640-px frame), heatmap change '
-            f'{num(s["heatmap_swap_change"], ".3g")} ({s["n_pairs"]} pairs)' for b, s in g.items()))
+            f'{name.get(b, b)}: mu moves a median {_num(s["swap_shift_px_median"])} px (mean '
+            f'{_num(s["swap_shift_px_mean"])}, p90 {_num(s["swap_shift_px_p90"])}; 640-px frame), heatmap change '
+            f'{_num(s["heatmap_swap_change"], ".3g")} ({s["n_pairs"]} pairs)' for b, s in g.items()))
     u = r.get('uncertainty')
     if u and u.get('n'):
         lines.append(f'uncertainty: inside 1-sigma {100 * u["1sigma"]:.1f}% (calibrated 39.3%), '
                      f'2-sigma {100 * u["2sigma"]:.1f}% (86.5%), Spearman(u, error) '
                      f'{u["spearman_u_error"]:.3f}, AUSE {u["sparsification"]["ause"]:.2f} px, mean u '
                      f'{u["mean_u_px"]:.1f} px')
+    if u and u.get('n') and 'nll_px' in u:
+        lines.extend(calibration_lines(u))
+    if r.get('stage_metrics'):
+        lines.append('stage metrics: ' + ', '.join(f'{k} {_num(v, ".4g")}' for k, v in r['stage_metrics'].items()))
     return lines
+
+
+def calibration_lines(u):
+    """uncertainty_summary's NLL, ENCE and selective prediction, in words (values may be None: NaN read back)."""
+    e, sel = u['ence'], u['selective']
+    lines = [f'uncertainty: NLL of the ground truths {_num(u["nll_px"], ".3f")} (per px^2 of the 640 frame), '
+             f'{_num(u["nll_m"], ".3f")} (per m^2); ENCE {_num(e["ence"], ".3f")} ({e["n_bins"]} bins of sigma = '
+             f'sqrt(mean eigenvalue), mean sigma {_num(u["mean_sigma_px"], ".1f")} px)']
+    within = sel['recall_within_m']
+    kept = [f'{100 * k:.0f}% ({n}): median {_num(m)} m, within ' +
+            '/'.join(_num(None if v[i] is None else 100 * v[i], '.0f') for v in within.values()) + ' %'
+            for i, (k, n, m) in enumerate(zip(sel['kept'], sel['count'], sel['median_m']))]
+    lines.append(f'selective prediction (smallest sigma kept first, positive tile; within {"/".join(within)} m): '
+                 + '; '.join(kept))
+    return lines
+
+
+def _num(x, fmt='.2f'):
+    """x formatted, '-' for None (NaN read back from the JSON)."""
+    return '-' if x is None else format(x, fmt)
 
 
 def jsonable(x):

@@ -1,14 +1,13 @@
 """--test: evaluate a stage's checkpoint on the test split; also the evaluation behind validation.
 
-Retrieval ranks every reference tile for each query; localisation puts the query in its top-1 tile
-(and, for the figures quoted over positives, in its positive tile) with the stage's head: the offset
-head, the heatmap's soft-argmax, or the tile centre. A heatmap stage's --test also runs the
-semi-positive branch on each semi-positive tile (SAMP's own measurement). Metrics are evaluation.py's
-pure functions; the protocol (orientation, field of view) is protocols.py's.
-
-A heatmap stage's evaluation also measures whether its heatmap looks at the panorama at all
-(ground_dependence): the same pairs are localised again with each panorama swapped for another query's,
-the tile fixed, and the shift of the point is reported.
+Every query panorama and every tile is described once. Retrieval ranks every reference tile for each
+query; localisation puts the query in its top-1 tile (and, for the figures quoted over positives, in its
+positive tile) with the stage's localiser (localisers.py: the offset head, a heatmap's soft-argmax, the
+tile centre, or a head's own), which works on those descriptors. A localiser adds its own checks: a heatmap
+stage's --test runs the semi-positive branch on each semi-positive tile (SAMP's own measurement) and
+measures whether its heatmap looks at the panorama at all (ground_dependence). A stage's own metrics
+(Stage.metrics) land under 'stage_metrics'. Metrics are evaluation.py's and calibration.py's pure
+functions; the protocol (orientation, field of view) is protocols.py's.
 
 --test writes one directory per evaluation setting, <--test_dir or <run_dir>/test>/<settings>
 (protocols.settings_name: labels, area, protocol, query count), built in a temporary sibling and
@@ -25,12 +24,14 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-from geoloc.eval import evaluation
 from geoloc.data import geometry
-import model as model_lib
+from geoloc.eval import calibration
+from geoloc.eval import evaluation
+from geoloc.eval import localisers
 from geoloc.eval import protocols
 from geoloc.eval import results
 from geoloc.train import run_lock
+import model as model_lib
 
 
 @dataclasses.dataclass
@@ -52,8 +53,9 @@ def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep
                    protocol=None, semi_branch=False, ground=False):
     """Retrieval, localisation and uncertainty metrics of `model` on split[queries] -> Evaluation.
 
-    protocol: a protocols.Protocol (default: north-aligned, full field of view). semi_branch: also run
-    a heatmap stage's semi-positive branch on every semi-positive tile (--test; validation skips it).
+    Every panorama and tile is described once; the stage's localiser (localisers.for_stage) works on those
+    descriptors. protocol: a protocols.Protocol (default: north-aligned, full field of view). semi_branch:
+    also run a heatmap stage's semi-positive branch on every semi-positive tile (--test; validation skips it).
     ground: a heatmap stage's ground_dependence (--test and validation).
     """
     queries = np.asarray(queries)
@@ -76,28 +78,12 @@ def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep
     correct = top1 == pos
     in_block = (split.tiles[queries] == top1[:, None]).any(axis=1)   # top-1 is the positive or a semi-positive
     gt = split.gt_positions[queries]
-    mpp = split.mpp[queries]
-    # Offsets predicted in the positive tile (every query) and in the top-1 tile (reusing the positive's
-    # prediction where the top-1 is right), as VIGOR deltas (dy, dx), pixels of the 640 frame.
-    delta_pos = delta_top1 = chol = chol_top1 = None
-    heat = {}
-    if stage.localise == 'offset':
-        delta_pos = model.offset(tf.constant(sat_raw[pos]), tf.constant(grd_raw)).numpy()
-        delta_top1 = model.offset(tf.constant(sat_raw[top1]), tf.constant(grd_raw)).numpy()
-    elif stage.localise == 'heatmap':
-        mu_pos, chol, heat = embedder.localise_pairs(split, queries, pos, cfg, keep_heatmaps=keep_heatmaps,
-                                                     cache=cache, progress=progress, views=views)
-        mu_top1 = mu_pos.copy()
-        chol_top1 = None if chol is None else chol.copy()
-        wrong = np.flatnonzero(~correct)
-        if len(wrong):
-            mu_w, chol_w, _ = embedder.localise_pairs(split, queries[wrong], top1[wrong], cfg, cache=cache,
-                                                      progress=progress, views=_rows(views, wrong))
-            mu_top1[wrong] = mu_w
-            if chol is not None:
-                chol_top1[wrong] = chol_w
-        delta_pos = geometry.rc_to_delta(mu_pos)
-        delta_top1 = geometry.rc_to_delta(mu_top1)
+    # The stage's head in the positive tile (every query) and in the top-1 tile (reusing the positive's
+    # prediction where the top-1 is right): VIGOR deltas (dy, dx), pixels of the 640 frame, or the tile centre.
+    localiser = localisers.for_stage(stage)
+    scene = localisers.Scene(model, embedder, split, cfg, queries, grd_raw, sat_raw, cache, progress)
+    at_pos = localiser.locate(scene, np.arange(len(queries)), pos, keep_heatmaps)
+    at_top1 = localisers.at_top1(localiser, scene, at_pos, top1, correct)
 
     def locate(tiles, delta):
         """-> (predicted position, its error in metres, the tile centre's error in metres)."""
@@ -105,19 +91,16 @@ def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep
         err_centre = geometry.distance_m(centre, gt, split.metric)
         if delta is None:
             return centre, err_centre, err_centre
-        pred = geometry.delta_to_position(centre, delta, mpp, split.metric)
+        pred = geometry.delta_to_position(centre, delta, split.mpp[queries], split.metric)
         return pred, geometry.distance_m(pred, gt, split.metric), err_centre
 
-    pred_top1, err_top1, err_centre_top1 = locate(top1, delta_top1)
-    _, err_pos, err_centre_pos = locate(pos, delta_pos)
+    pred_top1, err_top1, err_centre_top1 = locate(top1, at_top1.delta)
+    _, err_pos, err_centre_pos = locate(pos, at_pos.delta)
     results['localisation'] = evaluation.localisation_summary(err_top1, err_centre_top1, correct, top1_hit=in_block)
-    results['localisation']['method'] = stage.localise or 'tile centre'
+    results['localisation']['method'] = localiser.method
     # Over positives: the offset inside the ground-truth tile, for every query.
     results['localisation_positive'] = evaluation.localisation_summary(err_pos, err_centre_pos,
                                                                        np.ones(len(queries), bool))['all']
-    if chol is not None:
-        results['uncertainty'] = uncertainty_summary(mu_pos, chol, split.deltas[queries, 0])
-
     top1_is = np.where(correct, 'positive', np.where(in_block, 'semi-positive', 'other'))
     per_query = {'query': queries, 'panorama': np.array(names), 'positive_tile': _basenames(split.tile_paths, pos),
                  'rank_of_positive': ranks['rank'] + 1, 'top1_tile': _basenames(split.tile_paths, top1),
@@ -128,110 +111,43 @@ def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep
     for a, name in enumerate(axes):
         per_query[f'gt_{name}'] = gt[:, a]
     per_query.update(error_m=err_top1, error_m_centre=err_centre_top1, error_m_positive=err_pos)
-    if chol is not None:
-        per_query['u_px'] = model_lib.uncertainty(tf.constant(chol_top1)).numpy()
-        per_query['u_px_positive'] = model_lib.uncertainty(tf.constant(chol)).numpy()
-    if semi_branch and stage.localise == 'heatmap' and 'semi_decoder' in stage.parts:
-        results['localisation_semi'], semi_err = semi_branch_errors(embedder, split, queries, cfg, views, cache,
-                                                                    progress)
-        for k in range(semi_err.shape[1]):
-            per_query[f'error_m_semi{k + 1}'] = semi_err[:, k]
-    if ground and stage.localise == 'heatmap':
-        branches = ('pos', 'semi') if 'semi_decoder' in stage.parts else ('pos',)
-        results['ground_dependence'] = ground_dependence(embedder, split, queries, cfg, views, cache, branches)
+    if at_pos.chol is not None:
+        results['uncertainty'], columns = uncertainty_summary(_mu(at_pos), at_pos.chol, split.deltas[queries, 0],
+                                                              split.mpp[queries], err_pos)
+        per_query['u_px'] = model_lib.uncertainty(tf.constant(at_top1.chol)).numpy()
+        per_query.update(columns)
+    extra, columns = localiser.diagnostics(scene, semi_branch, ground)
+    results.update(extra)
+    per_query.update(columns)
     yaws = None
     if views is not None:
         yaws = view_table(protocol, names, views, cfg.grd_size[1])
         for column in ('yaw_deg', 'fov_heading_deg'):
             if column in yaws:
                 per_query[column] = yaws[column]
-    return Evaluation(results, queries, grd, sat, ranks, delta_pos, chol, heat, per_query, views, yaws)
+    ev = Evaluation(results, queries, grd, sat, ranks, at_pos.delta, at_pos.chol, at_pos.heatmaps, per_query, views,
+                    yaws)
+    if stage.metrics:
+        results['stage_metrics'] = stage_metrics(stage.metrics, ev, split)
+    return ev
 
 
-def semi_branch_errors(embedder, split, queries, cfg, views=None, cache=None, progress=None):
-    """The semi-positive heatmap branch on each (query, semi-positive tile) pair in the reference set,
-    against the label's delta for that tile (SAMP's measurement) -> (summary, (Q, 3) metres, NaN where
-    the tile is absent). Errors: pixels of the 640 frame x the query's m/px. A corrected-label delta
-    beyond +-320 px puts the truth outside the tile: such pairs are counted in 'outside_tile' and kept
-    (a branch cannot point there, so they weigh on the mean)."""
-    q_row, k = np.nonzero(split.tiles[queries, 1:] >= 0)
-    k = k + 1
-    q = queries[q_row]
-    tiles = split.tiles[q, k]
-    if progress:
-        progress(f'semi-positive branch: {len(q)} (panorama, semi-positive tile) pairs')
-    mu, _, _ = embedder.localise_pairs(split, q, tiles, cfg, branch='semi', cache=cache, progress=progress,
-                                       views=_rows(views, q_row))
-    delta = split.deltas[q, k].astype(np.float64)
-    err_px = np.linalg.norm(mu - geometry.delta_to_rc(delta), axis=1)
-    err_m = err_px * split.mpp[q]
-    outside = (np.abs(delta) > geometry.TILE_PX / 2).any(axis=1)
-    summary = evaluation.error_summary(err_m, err_px)
-    summary['outside_tile'] = int(outside.sum())
-    summary['inside_tile'] = evaluation.error_summary(err_m[~outside], err_px[~outside])
-    per_query = np.full((len(queries), split.tiles.shape[1] - 1), np.nan)
-    per_query[q_row, k - 1] = err_m
-    return summary, per_query
-
-
-# At most this many pairs (those of the first queries) per branch: the measure costs two localisations of
-# at most 256 pairs per branch, whatever the size of the test split.
-GROUND_PAIRS = 256
-
-
-def ground_dependence(embedder, split, queries, cfg, views=None, cache=None, branches=('pos', 'semi')):
-    """Whether each heatmap branch looks at the panorama -> {branch: summary}.
-
-    Pairs: for the first GROUND_PAIRS queries, (query, its positive tile) for 'pos' and (query, its first
-    present semi-positive tile) for 'semi'. Each pair is localised as --test localises it
-    (embedder.localise_pairs) and again with its panorama swapped for the next pair's, (i + 1) mod n, shown
-    with that query's view (views: [Q, 3] of the protocol, rows as queries, or None); the tile stays.
-    A heatmap that ignores the panorama gives the same point and the same heatmap.
-    Summary: n_pairs; swap_shift_px_median / _mean / _p90, the shift of the soft-argmax mu in pixels of the
-    640 frame; heatmap_swap_change, the median of ||H_swapped - H||_1 / ||H||_1 (0/0 counts as 0: two dead
-    heatmaps are the same heatmap). With fewer than 2 pairs nothing can be swapped: NaN values.
-    """
-    queries = np.asarray(queries)
-    rows = np.arange(min(GROUND_PAIRS, len(queries)))
+def stage_metrics(metrics, ev, split):
+    """A stage's own metrics (Stage.metrics: callables (Evaluation, split) -> {name: float}) -> one dict;
+    ValueError when two of them return the same name."""
     out = {}
-    for branch in branches:
-        if branch == 'pos':
-            keep, tiles = rows, split.tiles[queries[rows], 0]
-        else:
-            present = split.tiles[queries[rows], 1:] >= 0
-            keep = rows[present.any(axis=1)]
-            first = np.argmax(present[keep], axis=1) + 1
-            tiles = split.tiles[queries[keep], first]
-        out[branch] = _swap_summary(embedder, split, queries[keep], tiles, cfg, _rows(views, keep), cache, branch)
+    for fn in metrics:
+        values = fn(ev, split)
+        twice = sorted(set(values) & set(out))
+        if twice:
+            raise ValueError(f'stage metrics named twice: {", ".join(twice)}')
+        out.update({str(k): float(v) for k, v in values.items()})
     return out
 
 
-def _swap_summary(embedder, split, queries, tiles, cfg, views, cache, branch):
-    n = len(queries)
-    if n < 2:
-        nan = float('nan')
-        return {'n_pairs': int(n), 'swap_shift_px_median': nan, 'swap_shift_px_mean': nan,
-                'swap_shift_px_p90': nan, 'heatmap_swap_change': nan}
-    other = (np.arange(n) + 1) % n
-    shift, change = np.zeros(n), np.full(n, np.nan)
-    chunk = max(1, cfg.eval_batch)       # heatmaps are kept one batch at a time (640 x 640 floats each at paper size)
-    for a in range(0, n, chunk):
-        idx = np.arange(a, min(n, a + chunk))
-        mu, _, heat = embedder.localise_pairs(split, queries[idx], tiles[idx], cfg, branch=branch,
-                                              keep_heatmaps=len(idx), cache=cache, views=_rows(views, idx))
-        mu_s, _, heat_s = embedder.localise_pairs(split, queries[other[idx]], tiles[idx], cfg, branch=branch,
-                                                  keep_heatmaps=len(idx), cache=cache,
-                                                  views=_rows(views, other[idx]))
-        shift[idx] = np.linalg.norm(np.asarray(mu_s, np.float64) - np.asarray(mu, np.float64), axis=1)
-        for r in range(len(idx)):
-            if r in heat and r in heat_s:
-                h, h_s = np.asarray(heat[r], np.float64), np.asarray(heat_s[r], np.float64)
-                diff, mass = np.abs(h_s - h).sum(), np.abs(h).sum()
-                change[idx[r]] = diff / mass if mass > 0 else (0.0 if diff == 0 else np.inf)
-    measured = change[~np.isnan(change)]
-    return {'n_pairs': int(n), 'swap_shift_px_median': float(np.median(shift)),
-            'swap_shift_px_mean': float(np.mean(shift)), 'swap_shift_px_p90': float(np.percentile(shift, 90)),
-            'heatmap_swap_change': float(np.median(measured)) if len(measured) else float('nan')}
+def _mu(located):
+    """(Q, 2) (row, col) points of the 640 frame where the localiser put the queries."""
+    return located.mu if located.mu is not None else geometry.delta_to_rc(located.delta)
 
 
 def _rows(views, rows):
@@ -242,18 +158,35 @@ def _basenames(paths, idx):
     return np.array([os.path.basename(paths[i]) for i in idx])
 
 
-def uncertainty_summary(mu, chol, delta_gt):
-    """Calibration and ranking quality of the predicted Gaussians in the positive tile."""
+def uncertainty_summary(mu, chol, delta_gt, mpp, err_m):
+    """The predicted Gaussians in the positive tile -> (summary, {per_query.csv column: (Q,) array}).
+
+    mu (Q, 2) (row, col) and chol (Q, 3) of the 640 frame, delta_gt (Q, 2) the label's deltas; mpp (Q,) metres
+    per pixel; err_m (Q,) the positive tile's errors in metres. Summary: coverage of the 1-/2-sigma ellipses,
+    Spearman(u, error), sparsification, mean u, median error (px); the mean NLL of the ground truths (nll_px:
+    density per pixel^2 of the 640 frame; nll_m: per square metre, NLL_px + 2 log mpp); ENCE over
+    ENCE_BINS bins of sigma = sqrt(mean eigenvalue) (px); selective prediction by sigma (metres)."""
     cov = model_lib.cholesky_to_cov(tf.constant(chol)).numpy()
     u = model_lib.uncertainty(tf.constant(chol)).numpy()
     gt_rc = geometry.delta_to_rc(np.asarray(delta_gt, np.float64))
     pix_err = np.linalg.norm(mu - gt_rc, axis=1)
     cover = evaluation.ellipse_coverage(mu, cov, gt_rc)
-    return {'n': int(len(mu)), '1sigma': cover['1sigma'], '2sigma': cover['2sigma'],
-            'spearman_u_error': float(evaluation.rank_correlation(u, pix_err)),
-            'sparsification': evaluation.sparsification(u, pix_err),
-            'mean_u_px': float(u.mean()) if len(u) else float('nan'),
-            'median_error_px': float(np.median(pix_err)) if len(u) else float('nan')}
+    nll_px = calibration.gaussian_nll(mu, cov, gt_rc)
+    nll_m = nll_px + 2 * np.log(np.asarray(mpp, np.float64))
+    sigma = calibration.sigma_of(cov)
+    mean = lambda x: float(np.mean(x)) if len(x) else float('nan')
+    summary = {'n': int(len(mu)), '1sigma': cover['1sigma'], '2sigma': cover['2sigma'],
+               'spearman_u_error': float(evaluation.rank_correlation(u, pix_err)),
+               'sparsification': evaluation.sparsification(u, pix_err), 'mean_u_px': mean(u),
+               'median_error_px': float(np.median(pix_err)) if len(u) else float('nan'),
+               'nll_px': mean(nll_px), 'nll_m': mean(nll_m), 'mean_sigma_px': mean(sigma),
+               'ence': calibration.ence(sigma, pix_err, ENCE_BINS),
+               'selective': calibration.selective_prediction(sigma, err_m)}
+    columns = {'u_px_positive': u, 'sigma_px_positive': sigma, 'nll_px_positive': nll_px, 'nll_m_positive': nll_m}
+    return summary, columns
+
+
+ENCE_BINS = 10
 
 
 def _normalise(raw):

@@ -80,31 +80,29 @@ class Embedder:
         return out
 
     def localiser(self, branch):
-        """A compiled (grd images, sat images) -> {'heatmap', 'mu', 'chol'?} of a heatmap branch."""
+        """A compiled (tile images, raw panorama descriptors) -> {'heatmap', 'mu', 'chol'?} of a heatmap branch:
+        the aerial trunk runs on the tiles (the decoder needs its skip features), the ground trunk not at all."""
         if branch not in self._localise:
             model = self.model
 
-            def fn(grd, sat):
+            def fn(sat, grd_raw):
                 s, skips = model.embed_sat(sat)
-                return model.localise(branch, s, model.embed_grd(grd), skips)
+                return model.localise(branch, s, grd_raw, skips)
             self._localise[branch] = tf.function(fn, autograph=False, reduce_retracing=True)
         return self._localise[branch]
 
-    def localise_pairs(self, split, queries, tiles, cfg, branch='pos', keep_heatmaps=0, cache=None, progress=None,
-                       views=None):
-        """A heatmap branch on the pairs (panorama queries[i], tile tiles[i]) ->
-        (mu [n, 2] (row, col) of the 640 frame, chol [n, 3] or None, {i: heatmap} for i < keep_heatmaps).
-        views: [n, 3] of a test protocol for the panoramas (pipeline.apply_views), or None."""
+    def localise_tiles(self, branch, tile_paths, grd_raw, side, batch, cache=None, keep_heatmaps=0, progress=None):
+        """A heatmap branch on the pairs (tile file tile_paths[i], raw panorama descriptor grd_raw[i] [n, D], as
+        describe() gives them, a protocol's view included) -> (mu [n, 2] (row, col) of the 640 frame, chol [n, 3]
+        or None, {i: heatmap} for i < keep_heatmaps). side: the tiles' input side."""
         fn = self.localiser(branch)
         has_chol = f'{branch}_cholesky' in self.model.parts
-        n = len(queries)
+        n = len(tile_paths)
         mu, chol, heat = np.zeros((n, 2), np.float32), np.zeros((n, 3), np.float32), {}
-        ds = pipeline.pair_dataset(split, np.asarray(queries), np.asarray(tiles), cfg.grd_size, cfg.sat_size,
-                                     cfg.eval_batch, cache, views)
         done, t = 0, time.time()
-        for grd, sat, rows in ds:
-            out = fn(grd, sat)
+        for sat, rows in pipeline.image_dataset(tile_paths, (side, side), 'aerial', batch, cache=cache):
             rows = rows.numpy()
+            out = fn(sat, tf.constant(grd_raw[rows]))
             mu[rows] = out['mu'].numpy()
             if has_chol:
                 chol[rows] = out['chol'].numpy()

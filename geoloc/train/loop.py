@@ -196,5 +196,3 @@ def finish(run):
         run.log.close()
         shutil.rmtree(run.write_dir, ignore_errors=True)
     return train_state.latest_checkpoint(run.run_dir)
-
-

@@ -10,7 +10,7 @@ from geoloc.train.step import gradient_report
 def validate(run, model, embedder, writer, step):
     """Evaluate on the first --val_queries test panoramas; metrics and example figures to TensorBoard, with two
     diagnostics of whether the parts learn: a heatmap stage's ground dependence (ground/<branch>_*,
-    testing.ground_dependence) and, on a single device, each trained part's gradient RMS on the last training
+    localisers.ground_dependence) and, on a single device, each trained part's gradient RMS on the last training
     batch beside Adam's eps (grad_rms/<part>, grad_rms_over_eps/<part>; a log line names the parts below
     BARELY_TRAINS_EPS x eps)."""
     cfg = run.cfg
