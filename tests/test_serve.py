@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import shutil
+import tempfile
 
 import cv2
 import numpy as np
@@ -25,7 +26,6 @@ import localise
 import stages
 from geoloc import cli
 from geoloc.data import geometry
-from geoloc.serve import answer as answer_lib
 from geoloc.serve import served, tiles
 
 CITIES = ('NewYork', 'Seattle', 'SanFrancisco', 'Chicago')
@@ -62,23 +62,28 @@ def tile_dirs(vigor):
     return [os.path.join(vigor, c, 'satellite') for c in CITIES]
 
 
-def ask(capsys, *argv):
-    """localise.py's answer (its --json) for argv; checks the exit status and that stderr is quiet."""
-    out = os.path.join(os.environ.get('PYTEST_TMP', '/tmp'), f'serve_answer_{os.getpid()}.json')
+def ask(capsys, *argv, stdout=False):
+    """localise.py's answer (its --json) for argv (and what it printed, with stdout=True); checks the exit status
+    and that stderr is quiet."""
+    fd, out = tempfile.mkstemp(suffix='.json')
+    os.close(fd)
     capsys.readouterr()
-    assert localise.main(list(argv) + ['--json', out]) == 0
-    assert capsys.readouterr().err == ''
-    with open(out) as f:
-        answer = json.load(f)
-    os.remove(out)
-    return answer
+    try:
+        assert localise.main(list(argv) + ['--json', out]) == 0
+        printed = capsys.readouterr()
+        assert printed.err == ''
+        with open(out) as f:
+            answer = json.load(f)
+    finally:
+        os.remove(out)
+    return (answer, printed.out) if stdout else answer
 
 
 def metres(a, b):
     return float(geometry.distance_m(np.array([a], np.float64), np.array([b], np.float64), 'haversine')[0])
 
 
-@pytest.mark.parametrize('stage_name', ['E_1a', 'E_1', 'E_2_2'])
+@pytest.mark.parametrize('stage_name', [pytest.param('E_1a', marks=pytest.mark.slow), 'E_1', 'E_2_2'])
 def test_answer_equals_the_test_commands(vigor, runs, tile_dirs, capsys, stage_name):
     """--test's per_query.csv (top-1 tile, predicted lat/lon, u) against localise.py on the same panoramas,
     with every reference tile of the test split as --tiles."""
@@ -160,7 +165,9 @@ def test_mpp_scales_the_metres_and_the_picture(runs, vigor, tile_dirs, tmp_path,
     flags = ['--run_dir', runs['E_2_2'], '--panorama', input_data.load_vigor(vigor, 'test').pano_paths[1],
              '--tiles', *tile_dirs]
     picture = str(tmp_path / 'answer.png')
-    default = ask(capsys, *flags, '--picture', picture)
+    default, printed = ask(capsys, *flags, '--picture', picture, stdout=True)
+    assert f'E_2_2 (heatmap): lat {default["lat"]:.7f}, lon {default["lon"]:.7f}' in printed
+    assert f'uncertainty: sigma {default["sigma_m"]:.2f} m' in printed
     same = ask(capsys, *flags, '--mpp', '1.14')
     double = ask(capsys, *flags, '--mpp', '2.28')
     centre = (default['tile_lat'], default['tile_lon'])
