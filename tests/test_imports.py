@@ -6,9 +6,10 @@ import glob
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# What is run, never imported by the library: the stage scripts, the command line, the main job, the study.
+# What is run, never imported by the library: the stage scripts, the command line, the main job, the study, the
+# commands that use a trained model.
 ENTRY = {'train_first_E_1', 'train_second_E_2_1', 'train_second_E_2_2', 'train_third_E_3', 'geoloc.cli', 'run_all',
-         'experiments.study.study'}
+         'experiments.study.study', 'localise', 'export'}
 MAX_TOP_LEVEL = 14
 MAX_LINES = 400
 LONG_ALLOWED = {'tools.synthetic_data'}   # the generator: one renderer per dial, read as one piece

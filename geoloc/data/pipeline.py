@@ -222,10 +222,11 @@ class ImageCache:
 
 # ----------------------------------------------------------------------------- datasets
 
-def _batches(columns, readers, batch, output, cache=None, drop_remainder=False):
+def _batches(columns, readers, batch, output, cache=None, drop_remainder=False, decoded=False):
     """Batches over n items: output(x) of dicts x of the numpy `columns` ([n, ...] each) and, for every reader
-    name -> (path column, hw, kind), that item's image, float32 [B, H, W, 3] minus the VGG mean; '_pos' is
-    the item's index. (output runs before the prefetch: after it, a map would run on the consumer's thread.)"""
+    name -> (path column, hw, kind), that item's image, float32 [B, H, W, 3] minus the VGG mean (decoded: the
+    uint8 RGB pixels as read); '_pos' is the item's index. (output runs before the prefetch: after it, a map
+    would run on the consumer's thread.)"""
     n = len(next(iter(columns.values())))
     table = {k: np.asarray(v) for k, v in columns.items()}
     table['_pos'] = np.arange(n, dtype=np.int64)
@@ -272,7 +273,7 @@ def _batches(columns, readers, batch, output, cache=None, drop_remainder=False):
             return {k: tf.identity(v) for k, v in x.items() if not k.startswith('_status_')}
 
     def finish(x):
-        return output(dict(x, **{name: network_input(x[name]) for name in readers}))
+        return output(x if decoded else dict(x, **{name: network_input(x[name]) for name in readers}))
 
     ds = tf.data.Dataset.from_tensor_slices(table)
     ds = ds.map(load, num_parallel_calls=cores(), deterministic=True).ignore_errors()
@@ -301,17 +302,20 @@ def apply_views(img, views):
     return tf.gather(img, source, axis=2, batch_dims=1) * keep[:, None, :, None]
 
 
-def image_dataset(paths, hw, kind, batch, cache=None, views=None):
+def image_dataset(paths, hw, kind, batch, cache=None, views=None, decoded=False):
     """Deterministic batches of (images, index) over `paths`, for descriptor extraction and the tiles a heatmap
-    branch localises in (embedding.Embedder.localise_tiles); cache: an ImageCache;
-    views: [len(paths), 3] int64 for apply_views (panoramas under a test protocol), or None."""
+    branch localises in (embedding.Embedder.localise_tiles); cache: an ImageCache; views: [len(paths), 3] int64
+    for apply_views (panoramas under a test protocol), or None. decoded: the images as uint8 RGB [B, H, W, 3]
+    before network_input (a SavedModel's input; no views)."""
     columns = {'path': np.array(paths)}
+    if decoded and views is not None:
+        raise ValueError('views apply to the network input, not to decoded images')
     if views is None:
         output = lambda x: (x['img'], x['_pos'])
     else:
         columns['views'] = np.asarray(views, np.int64).reshape(len(paths), 3)
         output = lambda x: (apply_views(x['img'], x['views']), x['_pos'])
-    return _batches(columns, {'img': ('path', tuple(hw), kind)}, batch, output, cache)
+    return _batches(columns, {'img': ('path', tuple(hw), kind)}, batch, output, cache, decoded=decoded)
 
 
 def train_dataset(split, panos, semi, grd_hw, sat_side, batch, cache=None, with_semi=True):
