@@ -1,7 +1,9 @@
 """The run configuration: one typed object, its command-line flags, its presets and its config.json.
 
-Precedence, written down once (`resolve`): an explicit flag > the preset (`--preset`, the stage's own
-preset values over the global ones) > the stage's defaults > the defaults below.
+Precedence, written down once (`resolve`): an explicit flag > a --settings file (the stage's section over
+"all") > the preset (`--preset`, the stage's own preset values over the global ones) > the stage's defaults >
+the defaults below. A stage's own settings (stages.Stage.settings) are fields of its Config only
+(config_class).
 
 Every field says what kind of setting it is:
   model     the architecture: a checkpoint of other values does not fit (checked against a predecessor)
