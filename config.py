@@ -69,9 +69,11 @@ class Config:
     grd_size: tuple = _flag((320, 640), 'ground input H W', 'model')
     sat_size: int = _flag(320, 'aerial input side', 'model')
     width: float = _checked('>0', 1.0, 'channel width multiplier (1 = the paper network; <1 for CPU demos)', 'model')
-    cholesky: str = _flag('port', 'covariance parametrisation: port (positive diagonal + floor, free '
-                          'off-diagonal) or original (elu+1 on all three entries, as released: also sets '
-                          '--cholesky_floor 0 unless that flag is given)', 'model', ('port', 'original'), _CHOLESKY)
+    cholesky: str = _flag('port', 'covariance head: port (the bottleneck to a positive diagonal + floor, free '
+                          'off-diagonal), original (elu+1 on all three entries, as released: also sets '
+                          '--cholesky_floor 0 unless that flag is given) or moments (NOT the paper\'s: the heatmap\'s '
+                          'own covariance times a learnt scale, plus a learnt floor; geoloc/nn/moments.py)', 'model',
+                          ('port', 'original', 'moments'), _CHOLESKY)
     cholesky_scale: float = _checked('>0', 1.0,
                                      'covariance head output scale (pixels of the 640 frame per unit)', 'model',
                                      parts=_CHOLESKY)

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from geoloc.data.geometry import TILE_PX
 from geoloc.nn.correlation import CorrelationLocaliser, softmax_map
+from geoloc.nn.moments import MomentsCholesky
 from geoloc.nn.layers import Conv, Deconv, Dense, Init, channels, conv_taps, deconv_taps, unit_rms, variable
 
 # (name, channels) of the VGG16 conv layers; 'pool' = 2x2 max-pool (4 of them: no pool5).
@@ -306,6 +307,7 @@ class CrossViewModel(tf.Module):
         if localiser not in LOCALISERS:
             raise ValueError(f'localiser must be one of {LOCALISERS}, got {localiser!r}')
         self.grd_hw, self.sat_side, self.width, self.localiser = tuple(grd_hw), sat_side, width, localiser
+        self.cholesky = cholesky
         self.parts = tuple(p for p in ALL_PARTS if p in parts)
         init = Init(seed)
         self.grd_trunk = VGG16(init, width, name='grd_trunk')
@@ -327,7 +329,9 @@ class CrossViewModel(tf.Module):
                 else:
                     decoder = CorrelationLocaliser(init, self.dim, trunk_ch, correlation_dim, name=f'{branch}_decoder')
                 setattr(self, f'{branch}_decoder', decoder)
-            if f'{branch}_cholesky' in parts:
+            if f'{branch}_cholesky' in parts and cholesky == 'moments':   # (not the paper's head)
+                setattr(self, f'{branch}_cholesky', MomentsCholesky(name=f'{branch}_cholesky'))
+            elif f'{branch}_cholesky' in parts:
                 setattr(self, f'{branch}_cholesky', CholeskyHead(
                     init, channels(2048, width), width, cholesky, cholesky_scale, cholesky_floor,
                     name=f'{branch}_cholesky'))
@@ -359,7 +363,7 @@ class CrossViewModel(tf.Module):
         has_chol = f'{branch}_cholesky' in self.parts
         decoder = getattr(self, f'{branch}_decoder')
         bottleneck = None
-        if self.localiser == 'unet' or has_chol:
+        if self.localiser == 'unet' or (has_chol and self.cholesky != 'moments'):
             bottleneck = getattr(self, f'{branch}_fusion')(sat_desc, grd_desc)
         if self.localiser == 'unet':
             out = {'heatmap': decoder(bottleneck, skips)}
@@ -368,7 +372,8 @@ class CrossViewModel(tf.Module):
             out = {'logits': logits, 'heatmap': softmax_map(logits)}
         out['mu'] = soft_argmax(out['heatmap'])
         if has_chol:
-            out['chol'] = getattr(self, f'{branch}_cholesky')(bottleneck)
+            head = getattr(self, f'{branch}_cholesky')
+            out['chol'] = head(out['heatmap'] if self.cholesky == 'moments' else bottleneck)
         return out
 
 

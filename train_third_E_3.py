@@ -48,11 +48,15 @@ def u_table(m, split, embedder, cfg, log, cache, out_dir):
     pano, k = np.nonzero(split.tiles[:, 1:] >= 0)
     log(f'u table: {len(pano)} (panorama, semi-positive) pairs of the training split')
     grd = embedder.describe(split.pano_paths, 'panorama', cfg.grd_size, cfg.eval_batch, cache)
-    tiles = np.unique(split.tiles[pano, k + 1])
-    sat = np.zeros((len(split.tile_paths), grd.shape[1]), np.float32)
-    sat[tiles] = embedder.describe([split.tile_paths[t] for t in tiles], 'aerial', (cfg.sat_size,) * 2,
-                                   cfg.eval_batch, cache)
-    chol = embedder.cholesky_from_descriptors('semi', sat[split.tiles[pano, k + 1]], grd[pano])
+    if m.cholesky == 'moments':   # the covariance of the pair's heatmap: the aerial trunk runs on every pair
+        paths = [split.tile_paths[t] for t in split.tiles[pano, k + 1]]
+        chol = embedder.localise_tiles('semi', paths, grd[pano], cfg.sat_size, cfg.eval_batch, cache)[1]
+    else:
+        tiles = np.unique(split.tiles[pano, k + 1])
+        sat = np.zeros((len(split.tile_paths), grd.shape[1]), np.float32)
+        sat[tiles] = embedder.describe([split.tile_paths[t] for t in tiles], 'aerial', (cfg.sat_size,) * 2,
+                                       cfg.eval_batch, cache)
+        chol = embedder.cholesky_from_descriptors('semi', sat[split.tiles[pano, k + 1]], grd[pano])
     u = np.zeros((len(split), 3), np.float32)
     u[pano, k] = model.uncertainty(tf.constant(chol)).numpy()
     b = weight_threshold(u[pano, k], cfg)
