@@ -140,7 +140,11 @@ class Config:
                               'validate on the test split every N epochs and at the end (0 = never); the stages '
                               "default to the released cadence: every epoch in E_1 (both phases), every 10th in E_2_1, "
                               'E_2_2 and E_3', 'volatile')
-    val_queries: int = _checked('>=1', 1000, 'panoramas per validation (all reference tiles are ranked)', 'volatile')
+    val_queries: int = _checked('>=1', 1000, 'panoramas per validation (all reference tiles are ranked unless '
+                                '--val_refs)', 'volatile')
+    val_refs: int = _checked('>=0', 0, 'validation ranks its queries against N reference tiles: their positives and '
+                             'semi-positives plus seeded distractors, chosen once per run (0 = every reference '
+                             'tile, as --test)', 'volatile')
     ckpt_every: int = _checked('>=1', 500, 'checkpoint every N steps (and at every epoch end)', 'volatile')
     log_every: int = _checked('>=1', 10, 'progress line and TensorBoard scalars every N steps', 'volatile')
     eval_batch: int = _checked('>=1', 32, 'batch size of descriptor extraction', 'volatile')

@@ -368,3 +368,23 @@ class BatchSampler:
             valid = [k for k in (1, 2, 3) if self.split.tiles[panos[idx], k] >= 0]
             semi[idx] = valid[rng.integers(len(valid))]
         return semi
+
+
+def reference_subset(split, queries, n, seed):
+    """split[queries] ranked against n reference tiles only: every positive and semi-positive tile of the
+    queries, then distractors drawn with `seed` from the rest (all of them when n is smaller than that);
+    -> a Split of those queries whose tiles index the kept tiles, in the original order."""
+    queries = np.asarray(queries)
+    needed = np.unique(split.tiles[queries][split.tiles[queries] >= 0])
+    rest = np.setdiff1d(np.arange(len(split.tile_paths)), needed)
+    extra = np.random.default_rng(seed).permutation(rest)[:max(0, n - len(needed))]
+    kept = np.sort(np.concatenate([needed, extra])).astype(np.int64)
+    new_index = np.full(len(split.tile_paths), -1, np.int64)
+    new_index[kept] = np.arange(len(kept))
+    tiles = split.tiles[queries]
+    return dataclasses.replace(
+        split, name=f'{split.name} ({len(kept)} of {len(split.tile_paths)} references)',
+        pano_paths=[split.pano_paths[q] for q in queries], tile_paths=[split.tile_paths[k] for k in kept],
+        tiles=np.where(tiles >= 0, new_index[np.maximum(tiles, 0)], -1), deltas=split.deltas[queries],
+        mpp=split.mpp[queries], tile_centres=split.tile_centres[kept], gt_positions=split.gt_positions[queries])
+

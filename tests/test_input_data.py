@@ -172,3 +172,22 @@ def test_cvact_resampled_loader(tmp_path):
     moved = geometry.delta_to_position(s.tile_centres[s.tiles[:, 0]], s.deltas[:, 0].astype(float), s.mpp,
                                        'euclidean')
     np.testing.assert_allclose(moved, s.gt_positions, atol=1e-6)
+
+
+def test_a_reference_subset_keeps_every_query_tile_and_draws_the_rest(vigor):
+    split = input_data.load_vigor(vigor, 'test')
+    queries = np.arange(5)
+    sub = input_data.reference_subset(split, queries, 30, seed=1)
+    assert len(sub) == 5 and len(sub.tile_paths) == 30
+    for q in range(5):        # every positive / semi-positive is kept, at its new index
+        for k in range(4):
+            old = split.tiles[q, k]
+            assert (sub.tiles[q, k] == -1) == (old == -1)
+            if old >= 0:
+                assert sub.tile_paths[sub.tiles[q, k]] == split.tile_paths[old]
+                np.testing.assert_array_equal(sub.tile_centres[sub.tiles[q, k]], split.tile_centres[old])
+    again = input_data.reference_subset(split, queries, 30, seed=1)
+    other = input_data.reference_subset(split, queries, 30, seed=2)
+    assert again.tile_paths == sub.tile_paths and other.tile_paths != sub.tile_paths
+    everything = input_data.reference_subset(split, queries, 0, seed=1)   # fewer than needed: the needed ones
+    assert len(everything.tile_paths) == len(np.unique(split.tiles[:5][split.tiles[:5] >= 0]))

@@ -270,3 +270,15 @@ def test_a_run_whose_config_json_is_of_another_version_resumes_and_extends(tiny_
     assert 'settings this version does not know, ignored: a_future_setting' in log
     assert 'extending the run' in log
     assert train_state.latest_checkpoint(os.path.join(run_dir, 'phase_a')).endswith('ckpt-3')
+
+
+def test_validation_against_a_fixed_reference_subset(tiny_vigor, tmp_path):
+    """--val_refs N: each validation ranks its queries against the same N tiles (their positives and
+    semi-positives first), said in the log; the recall is that of a smaller reference set, not --test's."""
+    run_dir = str(tmp_path / 'refs')
+    argv = TINY + ['--data_root', tiny_vigor(3), '--run_dir', run_dir, '--epochs', '2', '--val_every', '1',
+                   '--val_queries', '4', '--val_refs', '12', '--mining', '0']
+    assert cli.main([train_first_E_1.PHASE_A], argv) == 0
+    log = open(os.path.join(run_dir, 'phase_a', 'train.log')).read()
+    lines = [line for line in log.splitlines() if 'validation at step' in line and 'R@1' in line]
+    assert len(lines) >= 2 and all(line.endswith('(against 12 reference tiles, --val_refs)') for line in lines)

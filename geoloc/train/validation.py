@@ -3,6 +3,7 @@ log, with two diagnostics of whether the parts learn."""
 import numpy as np
 import tensorflow as tf
 
+import input_data
 from geoloc.eval import results, testing
 from geoloc.train.step import gradient_report
 
@@ -14,8 +15,12 @@ def validate(run, model, embedder, writer, step):
     batch beside Adam's eps (grad_rms/<part>, grad_rms_over_eps/<part>; a log line names the parts below
     BARELY_TRAINS_EPS x eps)."""
     cfg = run.cfg
-    if run.test_split is None:          # parsed once per run
-        run.test_split = run.dataset('test')
+    if run.test_split is None:          # parsed (and with --val_refs its references chosen) once per run
+        split = run.dataset('test')
+        if cfg.val_refs:
+            split = input_data.reference_subset(split, np.arange(min(cfg.val_queries, len(split))), cfg.val_refs,
+                                                cfg.seed)
+        run.test_split = split
     split = run.test_split
     queries = np.arange(min(cfg.val_queries, len(split)))
     ev = testing.evaluate_model(run.stage, cfg, model, embedder, split, queries, cache=run.images, keep_heatmaps=3,
@@ -23,7 +28,8 @@ def validate(run, model, embedder, writer, step):
     r, figures = ev.results, results.localisation_figures(ev, split, cfg, 3)
     loc = r['localisation']
     lines = results.format_results(r)
-    run.log(f'validation at step {step}: ' + lines[0] + f'; median {loc["all"]["median_m"]:.2f} m')
+    against = f' (against {len(split.tile_paths)} reference tiles, --val_refs)' if cfg.val_refs else ''
+    run.log(f'validation at step {step}: ' + lines[0] + f'; median {loc["all"]["median_m"]:.2f} m{against}')
     ground = r.get('ground_dependence') or {}
     if ground:
         run.log(f'validation at step {step}: ' + next(line for line in lines if line.startswith('ground dependence')))
