@@ -116,12 +116,6 @@ class Config:
     alpha: float = _checked('>0', 10.0, 'triplet loss weight alpha')
     nll: str = _flag('corrected', 'Gaussian NLL: corrected (1/2 on the Mahalanobis term) or original (released '
                      'formula)', choices=('corrected', 'original'))
-    nll_pos_weight: float = _checked('>=0.', 1e-3, 'E_2_2 weight of the positive branch NLL')
-    nll_semi_weight: float = _checked('>=0.', 1e-4, 'E_2_2 weight of the semi-positive branch NLL')
-    heatmap_weight: float = _checked('>=0.', 1.0, 'E_2_1 weight of each branch heatmap loss')
-    ce_weight: float = _checked('>=0.', 1.0,
-                                "E_2_1 weight of each branch's cross-entropy to the true cell (correlation "
-                                'localiser only)')
     # hard-negative mining
     mining: int = _checked('bit', 1, 'hard-negative mining on/off')
     mining_pool: int = _checked('>=1', 10000, 'tiles ranked per mining round')

@@ -15,10 +15,18 @@ from geoloc import cli
 if __name__ == '__main__':
     cli.setup_environment(sys.argv)  # before TensorFlow loads
 
+import config  # noqa: E402
 from geoloc.data import geometry  # noqa: E402
 import losses  # noqa: E402
 import model  # noqa: E402
 import stages  # noqa: E402
+
+# E_2_1's own settings (its flags; ctx.cfg.heatmap_weight ...)
+SETTINGS = (
+    ('heatmap_weight', config.setting(1.0, 'E_2_1 weight of each branch heatmap loss', rule='>=0.')),
+    ('ce_weight', config.setting(1.0, "E_2_1 weight of each branch's cross-entropy to the true cell (correlation "
+                                      'localiser only)', rule='>=0.')),
+)
 
 PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS
 
@@ -44,7 +52,7 @@ STAGE = stages.Stage(
     defaults={'lr': 1e-5, 'lr_decay': 1.0, 'batch': 10, 'epochs': 180, 'mining': 1, 'val_every': 10},
     # the presets train at lr 1e-4, not more: the fusion takes the un-normalised descriptors, whose scale nothing
     # holds; at 1e-3 they grow by orders of magnitude and the heatmap dies at the tile centre (benchmarks/LOG.md)
-    presets={'demo': {'epochs': 3, 'lr': 1e-4}})
+    presets={'demo': {'epochs': 3, 'lr': 1e-4}}, settings=SETTINGS)
 STAGES = [STAGE]
 
 if __name__ == '__main__':

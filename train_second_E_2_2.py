@@ -14,12 +14,18 @@ from geoloc import cli
 if __name__ == '__main__':
     cli.setup_environment(sys.argv)  # before TensorFlow loads
 
+import config  # noqa: E402
 from geoloc.data import geometry  # noqa: E402
 import losses  # noqa: E402
 import model  # noqa: E402
 import stages  # noqa: E402
 
 PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS + model.CHOLESKY_PARTS
+# E_2_2's own settings (its flags; ctx.cfg.nll_pos_weight ...)
+SETTINGS = (
+    ('nll_pos_weight', config.setting(1e-3, 'E_2_2 weight of the positive branch NLL', rule='>=0.')),
+    ('nll_semi_weight', config.setting(1e-4, 'E_2_2 weight of the semi-positive branch NLL', rule='>=0.')),
+)
 
 
 def loss(m, emb, batch, ctx):
@@ -41,7 +47,7 @@ STAGE = stages.Stage(
     defaults={'lr': 5e-6, 'lr_decay': 0.9, 'lr_decay_steps': 910, 'lr_staircase': 0, 'batch': 10, 'epochs': 80,
               'mining': 1, 'val_every': 10},   # validation: the released `if epoch % 10 == 0`
     # demo: the head's scale lets u reach the demo's ~100-px errors in 100 steps (at scale 1 it stays near 20 px)
-    presets={'demo': {'epochs': 4, 'lr': 5e-5, 'cholesky_scale': 16.0}})
+    presets={'demo': {'epochs': 4, 'lr': 5e-5, 'cholesky_scale': 16.0}}, settings=SETTINGS)
 STAGES = [STAGE]
 
 if __name__ == '__main__':

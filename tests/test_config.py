@@ -97,7 +97,7 @@ def test_a_config_json_of_another_version_still_matches(tmp_path):
     """A key missing from config.json (written before the setting existed) counts as its default; a key the
     code does not know (written by a newer version) is not compared."""
     cfg = resolve(['--grd_size', '32', '64'])
-    saved = {k: v for k, v in cfg.to_dict().items() if k not in ('localiser', 'adam_eps', 'heatmap_weight')}
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in ('localiser', 'adam_eps', 'skip_norm')}
     saved['a_future_setting'] = 3
     assert config.mismatch(saved, cfg) is None
     assert config.mismatch(saved, cfg.replace(localiser='correlation')) == ('localiser', 'unet', 'correlation')

@@ -267,7 +267,7 @@ def test_a_run_whose_config_json_is_of_another_version_resumes_and_extends(tiny_
     json.dump(saved, open(path, 'w'))
     assert cli.main([train_first_E_1.PHASE_A], argv[:-4] + ['--max_steps', '3', '--mining', '0']) == 0
     log = open(os.path.join(run_dir, 'phase_a', 'train.log')).read()
-    assert 'settings this version does not know, ignored: a_future_setting' in log
+    assert "settings this stage does not read (a newer version's, or another stage's), ignored: a_future_setting" in log
     assert 'extending the run' in log
     assert train_state.latest_checkpoint(os.path.join(run_dir, 'phase_a')).endswith('ckpt-3')
 

@@ -130,7 +130,8 @@ def _train(run, split, spe, sampler, start):
     saved = config.check_run_dir(cfg, config_path)   # again: read under the lock
     unknown = config.unknown_settings(saved, type(cfg))
     if unknown:
-        run.log(f'{config_path}: settings this version does not know, ignored: {", ".join(unknown)}')
+        run.log(f'{config_path}: settings this stage does not read (a newer version\'s, or another stage\'s), '
+                f'ignored: {", ".join(unknown)}')
     run.split = split
     if start is not None and start[1] is not None:
         ckpt, step, total = start
