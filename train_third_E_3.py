@@ -37,6 +37,10 @@ SETTINGS = (
                                          "(on the released NLL's scale), computed when E_3 starts and kept in its "
                                          "state: puts the weight's active band inside a u distribution of another "
                                          "scale than VIGOR's (not the paper's setting)", rule='quantile')),
+    ('u_a_band', config.setting(0.0, "E_3: 0 = a is --u_a; q in (0, 1) = a is set when E_3 starts so that the active "
+                                     'band 0.1 < W_m < 0.9 (4.39 / a px wide, whatever c) is as wide as the central '
+                                     "q of the u table (on the released NLL's scale) (not the paper's setting)",
+                                rule='quantile')),
 )
 
 PARTS = model.RETRIEVAL_PARTS + model.HEATMAP_PARTS + model.CHOLESKY_PARTS
@@ -59,9 +63,9 @@ def u_table(m, split, embedder, cfg, log, cache, out_dir):
         chol = embedder.cholesky_from_descriptors('semi', sat[split.tiles[pano, k + 1]], grd[pano])
     u = np.zeros((len(split), 3), np.float32)
     u[pano, k] = model.uncertainty(tf.constant(chol)).numpy()
-    b = weight_threshold(u[pano, k], cfg)
-    summarise(u[pano, k], b, cfg, log, out_dir)
-    return {'u_table': u, 'u_b': np.full((1, 1), b, np.float32)}
+    b, a = weight_threshold(u[pano, k], cfg), weight_slope(u[pano, k], cfg)
+    summarise(u[pano, k], a, b, cfg, log, out_dir)
+    return {'u_table': u, 'u_b': np.full((1, 1), b, np.float32), 'u_a': np.full((1, 1), a, np.float32)}
 
 
 def weight_threshold(u, cfg):
@@ -73,28 +77,54 @@ def weight_threshold(u, cfg):
     return float(np.quantile(losses.u_on_original_scale(u.astype(np.float64), cfg.nll), cfg.u_b_quantile))
 
 
-def active_share(u, b, cfg):
-    """(W_m of each pair, the share of pairs with W_m inside the active band) for threshold b."""
-    w = losses.uncertainty_weight(losses.u_on_original_scale(tf.constant(u), cfg.nll), cfg.u_a, b, cfg.u_c).numpy()
+# W_m = 1 / (1 + c exp(a (b - u))) is 0.1 at u = b - ln(9 / c) / a and 0.9 at u = b + ln(9 c) / a: the active
+# band is 2 ln 9 / a wide whatever c
+BAND_WIDTH_X_A = 2 * np.log(9.0)
+
+
+def weight_slope(u, cfg):
+    """E_3's a (1/px): --u_a, or with --u_a_band q > 0 the a whose active band is as wide as the central q of
+    the table's u on the released NLL's scale (between its (1 - q) / 2 and (1 + q) / 2 quantiles)."""
+    if cfg.u_a_band <= 0 or not len(u):
+        return float(cfg.u_a)
+    lo, hi = np.quantile(losses.u_on_original_scale(u.astype(np.float64), cfg.nll),
+                         [(1 - cfg.u_a_band) / 2, (1 + cfg.u_a_band) / 2])
+    return float(BAND_WIDTH_X_A / max(hi - lo, 1e-6))
+
+
+def table_slope(tables, cfg):
+    """a of a run: its table's (set when E_3 started), or --u_a for a run whose state predates the table."""
+    a = tables['u_a'][0, 0]
+    return tf.where(a > 0, a, tf.constant(cfg.u_a, a.dtype))
+
+
+def active_share(u, b, cfg, a=None):
+    """(W_m of each pair, the share of pairs with W_m inside the active band) for threshold b, slope a (default
+    --u_a)."""
+    a = cfg.u_a if a is None else a
+    w = losses.uncertainty_weight(losses.u_on_original_scale(tf.constant(u), cfg.nll), a, b, cfg.u_c).numpy()
     return w, (float(np.mean((w > ACTIVE[0]) & (w < ACTIVE[1]))) if len(w) else float('nan'))
 
 
-def summarise(u, b, cfg, log, out_dir):
+def summarise(u, a, b, cfg, log, out_dir):
     """Log and save how much E_3 will reweight: u's histogram and the share of pairs in the active band, for
-    the threshold in use and for the paper's --u_b."""
-    w, active = active_share(u, b, cfg)
+    the a and b in use and for the paper's --u_a and --u_b."""
+    w, active = active_share(u, b, cfg, a)
     _, paper_active = active_share(u, cfg.u_b, cfg)
     counts, edges = np.histogram(u, bins=20)
     log(f'u table: u mean {u.mean():.1f} px, range {u.min():.1f}-{u.max():.1f}; b {b:.1f} px'
-        + (f' (the {cfg.u_b_quantile:g} quantile of u; the paper\'s {cfg.u_b:g} px would put '
-           f'{100 * paper_active:.1f} % of pairs in the band)' if b != cfg.u_b else '')
+        + (f' (the {cfg.u_b_quantile:g} quantile of u)' if b != cfg.u_b else '')
+        + (f', a {a:.4g} / px (its band as wide as the central {cfg.u_a_band:g} of u)' if a != cfg.u_a else '')
+        + (f'; the paper\'s a {cfg.u_a:g}, b {cfg.u_b:g} px would put {100 * paper_active:.1f} % of pairs in the '
+           'band' if (a, b) != (cfg.u_a, cfg.u_b) else '')
         + f'; W_m mean {w.mean():.3f}; active band {ACTIVE[0]} < W_m < {ACTIVE[1]}: {100 * active:.1f} % of pairs')
     log('u table: histogram (px): ' + ', '.join(f'{edges[i]:.4g}-{edges[i + 1]:.4g}: {c}'
                                                   for i, c in enumerate(counts) if c))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'u_table.npz')
     np.savez(path + '.tmp.npz', u=u, w_m=w, hist_counts=counts, hist_edges=edges, active_share=active,
-             active_band=np.array(ACTIVE), u_b=b, paper_u_b=cfg.u_b, paper_active_share=paper_active)
+             active_band=np.array(ACTIVE), u_b=b, paper_u_b=cfg.u_b, u_a=a, paper_u_a=cfg.u_a,
+             paper_active_share=paper_active)
     os.replace(path + '.tmp.npz', path)
 
 
@@ -103,18 +133,19 @@ def loss(m, emb, batch, ctx):
     u = tf.gather_nd(ctx.tables['u_table'], tf.stack([batch['pano'], batch['semi_k'] - 1], -1))
     u = losses.u_on_original_scale(u, cfg.nll)
     b = ctx.tables['u_b'][0, 0]                     # --u_b, or the table's quantile (weight_threshold)
-    w = losses.uncertainty_weight(u, cfg.u_a, b, cfg.u_c)
+    a = table_slope(ctx.tables, cfg)                # --u_a, or from the table's spread (weight_slope)
+    w = losses.uncertainty_weight(u, a, b, cfg.u_c)
     ctx.report('active_share', tf.cast((w > ACTIVE[0]) & (w < ACTIVE[1]), tf.float32))
     ctx.report('w_m', w)
     ratio = losses.uncertainty_ratio_loss(emb['grd'], emb['sat'], emb['semi'], batch['delta'], batch['delta_semi'],
-                                          u, cfg.u_a, b, cfg.u_c)
+                                          u, a, b, cfg.u_c)
     return {'triplet': losses.batch_triplet_loss(emb, cfg.alpha), 'weighted_ratio': ratio}
 
 
 STAGE = stages.Stage(
     name='E_3', parts=PARTS, train_parts=model.RETRIEVAL_PARTS, loss=loss, previous='E_2_2', restore=PARTS,
     inherits=('nll',),   # u is on the scale of the NLL E_2_2 trained with: E_3 rescales it by that setting
-    tables={'u_table': 3, 'u_b': (1, 1)}, prepare=u_table,
+    tables={'u_table': 3, 'u_b': (1, 1), 'u_a': (1, 1)}, prepare=u_table,
     defaults={'lr': 1e-6, 'lr_decay': 0.9, 'lr_decay_steps': 0, 'lr_staircase': 0, 'batch': 10, 'epochs': 150,
               'mining': 0, 'val_every': 10},   # validation: the released `if epoch % 10 == 0`
     presets={'demo': {'epochs': 2, 'lr': 1e-5, 'cholesky_scale': 16.0}},   # the scale of the E_2_2 it starts from

@@ -86,9 +86,10 @@ def format_report(seeds, meta):
         lines.append(f'E_3 u table: u {t["u_px"]["min"]:.1f}-{t["u_px"]["max"]:.1f} px (median '
                      f'{t["u_px"]["median"]:.1f}), W_m mean {t["w_m_mean"]:.3f}, {100 * t["active_share"]:.1f} % of '
                      f'{t["n_pairs"]} pairs in the active band' + (
-                         f' with b = {t["u_b"]:.1f} px (the study\'s; the paper\'s b = {t["paper_u_b"]:g} px: '
-                         f'{100 * t["paper_active_share"]:.1f} %)' if 'u_b' in t and t['u_b'] != t['paper_u_b']
-                         else ''))
+                         f' with b = {t["u_b"]:.1f} px' + (f', a = {t["u_a"]:.4g} / px' if t.get('u_a', t.get(
+                             'paper_u_a')) != t.get('paper_u_a') else '') + ' (the study\'s; the paper\'s a = '
+                         f'{t.get("paper_u_a", 0.3):g}, b = {t["paper_u_b"]:g} px: {100 * t["paper_active_share"]:.1f} %)'
+                         if 'u_b' in t and t['u_b'] != t['paper_u_b'] else ''))
         inert = t['w_m_mean'] > 0.99 or t['active_share'] < 0.01
         lines.append('E_3 against E_2_2 (same queries, paired bootstrap 95 % interval)' + (
             ": every W_m is ~1, so E_3's weighted ratio term was zero at every step; any change below is E_3's "

@@ -157,6 +157,7 @@ def e3_table(run_root):
         u, w = t['u'], t['w_m']
         return {'active_share': float(t['active_share']), 'active_band': [float(x) for x in t['active_band']],
                 'u_b': float(t['u_b']), 'paper_u_b': float(t['paper_u_b']),
+                **({'u_a': float(t['u_a']), 'paper_u_a': float(t['paper_u_a'])} if 'u_a' in t else {}),
                 'paper_active_share': float(t['paper_active_share']),
                 'u_px': {'min': float(u.min()), 'median': float(np.median(u)), 'max': float(u.max())},
                 'w_m_mean': float(w.mean()), 'n_pairs': int(u.size), 'band_definition': train_third_E_3.ACTIVE}

@@ -135,21 +135,28 @@ class TrainState(tf.Module):
     def loss_scale(self):
         return self.scaler.scale
 
-    def checkpoint(self, good_steps=True):
-        """Everything above as one tf.train.Checkpoint; good_steps=False leaves out the loss scale's step count
-        (to read a checkpoint written before it was saved: has_good_steps)."""
-        extra = {'loss_scale_good_steps': self.scaler.good_steps} if good_steps else {}
+    def checkpoint(self, leave_out=()):
+        """Everything above as one tf.train.Checkpoint. leave_out: keys of `optional_keys` to leave out, to read
+        a checkpoint written before they existed (absent_keys)."""
+        tables = {k: v for k, v in self.tables.items() if f'tables/{k}' not in leave_out}
+        extra = {} if 'loss_scale_good_steps' in leave_out else {'loss_scale_good_steps': self.scaler.good_steps}
         return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step, hard=self.hard,
-                                   hard_valid=self.hard_valid, loss_scale=self.scaler.scale, tables=self.tables,
+                                   hard_valid=self.hard_valid, loss_scale=self.scaler.scale, tables=tables,
                                    tables_ready=self.tables_ready, **extra)
 
+    def optional_keys(self):
+        """Parts of the state an older checkpoint may lack, which then start as built: the loss scale's step
+        count, and run tables a stage added since (E_3's u_a); a stage reads a table of zeros as 'not set'."""
+        return ('loss_scale_good_steps',) + tuple(f'tables/{k}' for k in self.tables)
 
-def has_good_steps(path):
-    """Whether a train state checkpoint holds the loss scale's step count (written since it is saved)."""
+
+def absent_keys(path, state):
+    """The optional keys (TrainState.optional_keys) the checkpoint at `path` does not hold."""
     try:
-        return tf.train.load_checkpoint(path).has_tensor('loss_scale_good_steps/.ATTRIBUTES/VARIABLE_VALUE')
+        reader = tf.train.load_checkpoint(path)
     except (tf.errors.OpError, ValueError, OSError):
-        return True   # unreadable: reading it says so in one line
+        return ()   # unreadable: reading it says so in one line
+    return tuple(k for k in state.optional_keys() if not reader.has_tensor(f'{k}/.ATTRIBUTES/VARIABLE_VALUE'))
 
 
 def take_lock(run_dir, what):
@@ -293,7 +300,7 @@ def initialise(state, stage, cfg, run_dir, init_dir, log):
     """Resume > previous stage > ImageNet > random (see the module docstring). -> which one ran."""
     latest = latest_checkpoint(run_dir)
     if latest:
-        status = _read(state.checkpoint(good_steps=has_good_steps(latest)), latest, 'this run')
+        status = _read(state.checkpoint(leave_out=absent_keys(latest, state)), latest, 'this run')
         _matched(status, latest, 'this run')
         status.expect_partial()   # CheckpointManager's save_counter has no object here (else a stderr warning)
         log(f'init: resumed this run from {latest} (step {int(state.step.numpy())})')
