@@ -52,7 +52,7 @@ STAGE = stages.Stage(
     defaults={'lr': 1e-5, 'lr_decay': 1.0, 'batch': 10, 'epochs': 180, 'mining': 1, 'val_every': 10},
     # the presets train at lr 1e-4, not more: the fusion takes the un-normalised descriptors, whose scale nothing
     # holds; at 1e-3 they grow by orders of magnitude and the heatmap dies at the tile centre (benchmarks/LOG.md)
-    presets={'demo': {'epochs': 3, 'lr': 1e-4}}, settings=SETTINGS)
+    presets={'demo': {'epochs': 10, 'lr': 1e-4}}, settings=SETTINGS)
 STAGES = [STAGE]
 
 if __name__ == '__main__':

@@ -148,7 +148,7 @@ STAGE = stages.Stage(
     tables={'u_table': 3, 'u_b': (1, 1), 'u_a': (1, 1)}, prepare=u_table,
     defaults={'lr': 1e-6, 'lr_decay': 0.9, 'lr_decay_steps': 0, 'lr_staircase': 0, 'batch': 10, 'epochs': 150,
               'mining': 0, 'val_every': 10},   # validation: the released `if epoch % 10 == 0`
-    presets={'demo': {'epochs': 2, 'lr': 1e-5, 'cholesky_scale': 16.0}},   # the scale of the E_2_2 it starts from
+    presets={'demo': {'epochs': 2, 'lr': 1e-5, 'cholesky_scale': 16.0, 'u_b_quantile': 0.5, 'u_a_band': 0.4}},
     settings=SETTINGS)
 STAGES = [STAGE]
 
