@@ -221,7 +221,8 @@ def parser(doc, presets=PRESETS, stage_flags=None, own=()):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--test', action='store_true', help="evaluate this stage's checkpoint")
     p.add_argument('--preset', choices=tuple(presets), default='paper',
-                   help='demo = small inputs and width for a CPU run on the synthetic city')
+                   help='demo = small inputs and width for a CPU run on the synthetic city, with the correlation '
+                        "localiser and the moments covariance (not the paper's); paper = the paper's values")
     p.add_argument('--settings', default='', metavar='FILE',
                    help='a JSON file of settings: {"all": {setting: value}, "<stage>": {...}}; below the flags, '
                         'above the preset (an experiment keeps its settings in its own file)')
