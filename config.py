@@ -215,9 +215,10 @@ PRESETS = {
 }
 
 
-def parser(doc, presets=PRESETS, stage_flags=None, own=()):
+def parser(doc, presets=PRESETS, stage_flags=None, own=(), defaults_text=None):
     """The command line: every Config flag, the stages' own settings `own` ((name, setting), ...), and
-    `stage_flags` {flag: (setting, help)} of the script's stages (stages.Stage.flags), typed as their setting."""
+    `stage_flags` {flag: (setting, help)} of the script's stages (stages.Stage.flags), typed as their setting.
+    defaults_text: {setting: what --help says its default is} where the script's stages set their own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--test', action='store_true', help="evaluate this stage's checkpoint")
     p.add_argument('--preset', choices=tuple(presets), default='paper',
@@ -233,17 +234,19 @@ def parser(doc, presets=PRESETS, stage_flags=None, own=()):
         seen.add(name)
         nargs = len(f.default) if isinstance(f.default, tuple) else None
         typ = type(f.default[0]) if isinstance(f.default, tuple) else type(f.default)
+        default = (defaults_text or {}).get(name, _show(f.default))
         p.add_argument('--' + name, type=typ, nargs=nargs, default=None, choices=f.metadata['choices'],
-                       help=f.metadata['help'] + f' (default {f.default})')
+                       help=f.metadata['help'] + f' (default {default})')
     for name, (setting_, text) in (stage_flags or {}).items():
         typ = type(DEFAULTS[setting_] if setting_ in DEFAULTS else dict(own)[setting_].default)
         p.add_argument('--' + name, type=typ, default=None, help=text)
     return p
 
 
-def parse_args(argv, doc=None, presets=PRESETS, stage_flags=None, own=()):
-    """argv -> (explicit flags {name: value}, preset name, test, settings file path or '')."""
-    args = vars(parser(doc, presets, stage_flags, own).parse_args(argv))
+def parse_args(argv, doc=None, presets=PRESETS, stage_flags=None, own=(), defaults_text=None):
+    """argv -> (explicit flags {name: value}, preset name, test, settings file path or ''); defaults_text: see
+    parser."""
+    args = vars(parser(doc, presets, stage_flags, own, defaults_text).parse_args(argv))
     explicit = {k: v for k, v in args.items() if v is not None and k not in ('test', 'preset', 'settings')}
     return explicit, args['preset'], args['test'], args['settings']
 

@@ -78,7 +78,8 @@ def configs(stages_, argv):
         presets.update({k: {} for k in s.presets if k not in presets})
     stage_flags = {name: spec for s in stages_ for name, spec in s.flags.items()}
     own_settings = tuple(pair for s in stages_ for pair in s.settings)
-    explicit, preset, test, settings_path = config.parse_args(argv, doc, presets, stage_flags, own_settings)
+    explicit, preset, test, settings_path = config.parse_args(argv, doc, presets, stage_flags, own_settings,
+                                                              stage_defaults_text(stages_))
     data = config.read_settings(settings_path) if settings_path else {}
     shared = {k: v for k, v in explicit.items() if k not in stage_flags}
     out = []
@@ -99,6 +100,20 @@ def configs(stages_, argv):
             cfg = config.inherit(cfg, given, s.inherits, os.path.join(run_dir, 'config.json'),
                                  init_dir and os.path.join(init_dir, 'config.json'), s.previous)
         out.append(cfg)
+    return out
+
+
+def stage_defaults_text(stages_):
+    """{setting: text} of the defaults a script's stages set (Stage.defaults), for --help: '14' when every stage
+    of the script sets 14, '14 in E_1a, 10 in E_1' when they differ (a stage that sets none: the global one)."""
+    import config
+    out = {}
+    for name in sorted({k for s in stages_ for k in s.defaults}):
+        values = [(s.name, s.defaults.get(name, config.DEFAULTS.get(name))) for s in stages_]
+        if len({repr(v) for _, v in values}) == 1:
+            out[name] = config._show(values[0][1])
+        else:
+            out[name] = ', '.join(f'{config._show(v)} in {stage}' for stage, v in values)
     return out
 
 

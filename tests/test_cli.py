@@ -85,3 +85,16 @@ def test_e3_refuses_a_different_nll_before_it_writes_anything(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: --nll corrected: E_2_2 in ')
     assert not os.path.exists(e3)
+
+
+def test_help_shows_the_stages_own_defaults(capsys):
+    """--help gives each setting's default as the script's stages set it (the paper's values), not the global
+    one: one value when its stages agree, each stage's when they differ."""
+    with pytest.raises(SystemExit):
+        cli.configs(train_first_E_1.STAGES, ['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert '(default 14 in E_1a, 10 in E_1)' in text and '(default 30 in E_1a, 15 in E_1)' in text
+    with pytest.raises(SystemExit):
+        cli.configs(train_third_E_3.STAGES, ['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert 'learning rate (default 1e-06)' in text and '(default 0.3)' in text     # E_3's lr; its own --u_a
