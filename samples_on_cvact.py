@@ -226,8 +226,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         resample(args.cvact_root, args.out, seed=args.seed, crop=args.crop, val_set=args.val_set)
-    except (ValueError, OSError) as e:
-        sys.exit(f'samples_on_cvact: error: {e}')
+    except (ValueError, OSError) as e:   # bad input: one line and status 2, as the stage scripts
+        print(f'samples_on_cvact: error: {e}', file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -275,7 +275,7 @@ def test_truncated_aerial_is_refused(tmp_path):
     assert str(info.value) == f'{aerial}: truncated JPEG (no end-of-image marker)'
     assert os.listdir(tmp_path) == ['cvact']
     run = _cli('--cvact_root', root, '--out', str(tmp_path / 'out'))
-    assert run.returncode != 0 and run.stderr.strip() == (f'samples_on_cvact: error: {aerial}: truncated JPEG (no '
+    assert run.returncode == 2 and run.stderr.strip() == (f'samples_on_cvact: error: {aerial}: truncated JPEG (no '
                                                           'end-of-image marker)')
 
 
@@ -320,11 +320,11 @@ def test_cli(cvact, sampled, tmp_path):
     assert 'done, 32 crops' in run.stdout
 
 
-def test_cli_bad_input_exits_non_zero(tmp_path):
+def test_cli_bad_input_exits_with_status_2(tmp_path):
     root = _make_cvact(tmp_path / 'cvact', aerial_sizes={0: 1000})
     run = _cli('--cvact_root', root, '--out', str(tmp_path / 'out'))
-    assert run.returncode != 0
+    assert run.returncode == 2
     bad = os.path.join(root, 'satview_polish', f'{PANO_IDS[0]}_satView_polish.jpg')
     assert run.stderr.strip() == f'samples_on_cvact: error: {bad}: expected a 1200x1200 aerial, got 1000x1000'
     run = _cli('--cvact_root', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'out2'))
-    assert run.returncode != 0 and 'ACT_data.mat: no such file' in run.stderr and 'Traceback' not in run.stderr
+    assert run.returncode == 2 and 'ACT_data.mat: no such file' in run.stderr and 'Traceback' not in run.stderr
