@@ -57,7 +57,7 @@ def setup_environment(argv=()):
             sys.stderr.flush()
 
 
-from geoloc.runlog import MACHINE_ERRORS, _first_line, error_reason
+from geoloc import runlog
 
 
 def dataset_splits(cfg, which):
@@ -121,7 +121,6 @@ def main(stages_, argv=None):
     """Entry point of a stage script: train its stages in order, or --test the last one."""
     import tensorflow as tf
     from geoloc import errors
-    from geoloc.data import pipeline
     from geoloc.eval import testing
     from geoloc.train import loop
     try:
@@ -132,8 +131,6 @@ def main(stages_, argv=None):
         for stage, cfg in zip(stages_, cfgs):
             loop.train(stage, cfg)
         return 0
-    except errors.ONE_LINE as e:
-        return _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except errors.Interrupted as e:   # 'interrupted at step ...: checkpoint ... saved; ...'
         print(str(e), file=sys.stderr)
         return 130
@@ -143,12 +140,8 @@ def main(stages_, argv=None):
         return 130
     except MemoryError:
         return _error('out of memory; lower --batch, --eval_batch, --eval_block or --image_cache_mb')
-    except OSError as e:  # the machine's, not the code's: a full disk, a read-only or vanished directory
-        if not e.filename or not e.strerror:
-            raise
-        return _error(f'{e.filename}: {e.strerror}')
-    except tf.errors.OpError as e:  # bad input met inside tf.data (training, mining or --test), or the machine
-        msg = pipeline.unwrap_error(e) or _machine_error(e)
+    except (*errors.ONE_LINE, OSError, tf.errors.OpError) as e:   # bad input, or the machine (a full disk ...)
+        msg = runlog.one_line(e, 'lower --batch, --eval_batch or --eval_block')
         if not msg:
             raise
         return _error(msg)
@@ -157,13 +150,3 @@ def main(stages_, argv=None):
 def _error(msg):
     print(f'error: {msg}', file=sys.stderr)
     return 2
-
-
-def _machine_error(e):
-    """One line for a TensorFlow error that the machine caused (memory, disk), else None."""
-    import tensorflow as tf
-    if error_reason(e) in MACHINE_ERRORS:
-        return _first_line(e)
-    if isinstance(e, tf.errors.ResourceExhaustedError):
-        return f'out of memory ({_first_line(e)}); lower --batch, --eval_batch or --eval_block'
-    return None

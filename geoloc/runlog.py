@@ -79,3 +79,27 @@ def _first_line(e):
     text = str(getattr(e, 'message', e)).strip()
     first = text.splitlines()[0] if text else type(e).__name__
     return re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:\w+\]', '', first)[:200]
+
+
+def one_line(e, memory_hint=''):
+    """The line `error: ...` gives for an exception that bad input or the machine caused, else None (a bug: let
+    it raise). The project's errors (errors.ONE_LINE): their first line; an OSError naming a file: the file and
+    the system's reason; a TensorFlow error: the bad item tf.data met (pipeline.unwrap_error), a full disk or
+    such (MACHINE_ERRORS), or memory (with memory_hint: which flags to lower)."""
+    from geoloc import errors
+    if isinstance(e, errors.ONE_LINE):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, OSError):
+        return f'{e.filename}: {e.strerror}' if e.filename and e.strerror else None
+    import tensorflow as tf
+    if not isinstance(e, tf.errors.OpError):
+        return None
+    from geoloc.data import pipeline
+    msg = pipeline.unwrap_error(e)
+    if msg:
+        return msg
+    if error_reason(e) in MACHINE_ERRORS:
+        return _first_line(e)
+    if isinstance(e, tf.errors.ResourceExhaustedError):
+        return f'out of memory ({_first_line(e)})' + (f'; {memory_hint}' if memory_hint else '')
+    return None

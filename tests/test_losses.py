@@ -275,12 +275,13 @@ def test_e3_threshold_from_its_table():
     corrected NLL), so half the pairs lie on each side of b at q = 0.5; 0 keeps the paper's --u_b."""
     import config
     import train_third_E_3 as e3
+    from geoloc.train import u_table
     u = np.array([10.0, 20.0, 30.0, 40.0, 1000.0], np.float32)
     cfg = config.resolve('E_3', {'u_b_quantile': 0.5}, own=e3.SETTINGS)
-    assert e3.weight_threshold(u, cfg) == pytest.approx(30 * math.sqrt(2))
-    assert e3.weight_threshold(u, cfg.replace(nll='original')) == pytest.approx(30)
-    assert e3.weight_threshold(u, cfg.replace(u_b_quantile=0.0)) == 75.0
-    w, share = e3.active_share(u, 30 * math.sqrt(2), cfg)
+    assert u_table.weight_threshold(u, cfg) == pytest.approx(30 * math.sqrt(2))
+    assert u_table.weight_threshold(u, cfg.replace(nll='original')) == pytest.approx(30)
+    assert u_table.weight_threshold(u, cfg.replace(u_b_quantile=0.0)) == 75.0
+    w, share = u_table.active_share(u, 30 * math.sqrt(2), cfg)
     assert w[2] == pytest.approx(1 / 3) and share == pytest.approx(0.2)     # W_m = 1 / (1 + c) at u = b
 
 
@@ -290,12 +291,13 @@ def test_e3_slope_from_its_table_puts_the_asked_share_in_the_active_band():
     ln(9 / c) / a below it, ln(9 c) / a above). 0 keeps the paper's --u_a."""
     import config
     import train_third_E_3 as e3
+    from geoloc.train import u_table
     u = np.random.default_rng(0).uniform(100.0, 500.0, 20000).astype(np.float32)
     cfg = config.resolve('E_3', {'u_b_quantile': 0.5, 'u_a_band': 0.4, 'nll': 'original'}, own=e3.SETTINGS)
-    a, b = e3.weight_slope(u, cfg), e3.weight_threshold(u, cfg)
+    a, b = u_table.weight_slope(u, cfg), u_table.weight_threshold(u, cfg)
     assert a == pytest.approx(2 * np.log(9) / (0.4 * 400), rel=0.03)
-    _, share = e3.active_share(u, b, cfg, a)
+    _, share = u_table.active_share(u, b, cfg, a)
     assert share == pytest.approx(0.4, abs=0.02)      # (uniform u: any window as wide holds that share)
-    _, paper_share = e3.active_share(u, b, cfg)         # the paper's a = 0.3: a band ~15 px wide
+    _, paper_share = u_table.active_share(u, b, cfg)         # the paper's a = 0.3: a band ~15 px wide
     assert paper_share < 0.05
-    assert e3.weight_slope(u, cfg.replace(u_a_band=0.0)) == 0.3
+    assert u_table.weight_slope(u, cfg.replace(u_a_band=0.0)) == 0.3

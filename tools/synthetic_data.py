@@ -88,7 +88,7 @@ import cv2
 import numpy as np
 import scipy.io
 
-from geoloc.data.builtin import CVACT_MPP_1200, MARKER, VIGOR_LAYOUT, synthetic_kind  # noqa: F401
+from geoloc.data.builtin import CVACT_MPP_1200, MARKER, VIGOR_LAYOUT
 from geoloc.data.geometry import CORRECTED_MPP, ORIGINAL_MPP, TILE_PX, VIGOR_CITIES, gps_delta_px, latlon_offset
 
 

@@ -152,7 +152,7 @@ def e3_against_e2_2(before, after, n_boot, seed):
 
 
 def e3_table(run_root):
-    import train_third_E_3
+    from geoloc.train import u_table
     with np.load(os.path.join(run_root, 'E_3', 'u_table.npz')) as t:
         u, w = t['u'], t['w_m']
         return {'active_share': float(t['active_share']), 'active_band': [float(x) for x in t['active_band']],
@@ -160,7 +160,7 @@ def e3_table(run_root):
                 **({'u_a': float(t['u_a']), 'paper_u_a': float(t['paper_u_a'])} if 'u_a' in t else {}),
                 'paper_active_share': float(t['paper_active_share']),
                 'u_px': {'min': float(u.min()), 'median': float(np.median(u)), 'max': float(u.max())},
-                'w_m_mean': float(w.mean()), 'n_pairs': int(u.size), 'band_definition': train_third_E_3.ACTIVE}
+                'w_m_mean': float(w.mean()), 'n_pairs': int(u.size), 'band_definition': u_table.ACTIVE}
 
 
 def measure_seed(seed, run_root, data_root, n_boot, rest=()):

@@ -81,20 +81,13 @@ def export(argv, doc=None):
 
 def main(command, argv=None, doc=None):
     """Run `command` (localise or export) -> exit status: 0, or 2 after one line `error: ...` on stderr."""
-    from geoloc.runlog import MACHINE_ERRORS, _first_line, error_reason
     import tensorflow as tf
-    from geoloc.data import pipeline
+    from geoloc import runlog
     try:
         command(sys.argv[1:] if argv is None else argv, doc)
         return 0
-    except errors.ONE_LINE as e:
-        return _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except OSError as e:   # a full disk, a read-only folder for --json / --picture / --out
-        if not e.filename or not e.strerror:
-            raise
-        return _error(f'{e.filename}: {e.strerror}')
-    except tf.errors.OpError as e:   # a bad image met inside tf.data, or the machine
-        msg = pipeline.unwrap_error(e) or (_first_line(e) if error_reason(e) in MACHINE_ERRORS else None)
+    except (*errors.ONE_LINE, OSError, tf.errors.OpError) as e:   # bad input, or the machine (a full disk ...)
+        msg = runlog.one_line(e)
         if not msg:
             raise
         return _error(msg)
