@@ -1,5 +1,5 @@
-"""README's "Adding a stage or a loss", walked once: its code block, saved as train_toy.py beside the stage
-scripts' copy of the repository, trains a toy stage with one new loss term and its own setting, and tests it,
+"""docs/extending.md, "Adding a stage or a loss", walked once: its code block, saved as train_toy.py beside the
+stage scripts' copy of the repository, trains a toy stage with one new loss term and its own setting, and tests it,
 with no shared file edited. Its setting is a flag, a field of its config.json, checked by its rule, and acts."""
 import json
 import os
@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def guide_code():
-    readme = open(os.path.join(ROOT, 'README.md')).read()
-    section = readme[readme.index('## Adding a stage or a loss'):]
+    with open(os.path.join(ROOT, 'docs', 'extending.md')) as f:
+        page = f.read()
+    section = page[page.index('# Adding a stage or a loss'):]
     return re.search(r'```python\n(.*?)```', section, re.S)[1]
 
 

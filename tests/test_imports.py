@@ -1,6 +1,6 @@
 """The house's rules, read from the source with `ast` (nothing is imported): dependencies run one way, the
 top level holds only the card's files and the few a researcher edits, errors have one home, modules stay short.
-README's "Layout" section describes the same house."""
+docs/layout.md describes the same house."""
 import ast
 import glob
 import os
