@@ -20,7 +20,6 @@ import os
 from geoloc.config_rules import RULES, _show, validate, validate_explicit  # noqa: F401 (config.validate ...)
 from geoloc.errors import ConfigError  # noqa: F401 (raised here, caught as <module>.<name>)
 
-
 # Model parts (model.ALL_PARTS) that some model settings shape; a setting without `parts` shapes every part.
 _CHOLESKY = ('pos_cholesky', 'semi_cholesky')
 _DECODERS = ('pos_decoder', 'semi_decoder')
@@ -156,6 +155,8 @@ class Config:
     test_dir: str = _checked('dir', '', "where --test writes its settings' directories; default <run_dir>/test (for a "
                              'read-only run directory)', 'volatile')
     plots: int = _checked('bit', 1, '--test writes PNG figures (0 = off)', 'volatile')
+    calibrate: int = _checked('bit', 0, "with --test: fit the ellipses' scale on this --data_root's test split, held-out "
+                              'panoramas, into <run_dir>/calibration.json (docs/evaluation.md)', 'volatile')
     strategy: str = _flag('default', 'default, mirrored (several GPUs) or multiworker (several machines)', 'volatile',
                           ('default', 'mirrored', 'multiworker'))
     mixed_precision: int = _checked('bit', 0, '1 = mixed_float16 compute with loss scaling (GPU)')

@@ -125,6 +125,9 @@ def main(stages_, argv=None):
     from geoloc.train import loop
     try:
         cfgs = configs(stages_, argv)
+        if cfgs[-1].calibrate and not cfgs[-1].test:
+            raise errors.ConfigError('--calibrate 1 fits the ellipses of a trained run on held-out panoramas: give '
+                                     '--test too')
         if cfgs[-1].test:
             testing.run_test(stages_[-1], cfgs[-1])
             return 0

@@ -1,8 +1,12 @@
-"""calibration.py: the NLL of a 2-D Gaussian, ENCE and selective prediction on hand-computed cases."""
+"""calibration.py: the NLL of a 2-D Gaussian, ENCE and selective prediction on hand-computed cases; the
+post-hoc scale of the ellipses (fit, calibration.json)."""
+import json
+
 import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
+from geoloc.errors import StateError
 from geoloc.eval import calibration as cal
 
 
@@ -83,3 +87,40 @@ def test_selective_prediction_rounds_up_keeps_ties_in_order_and_is_strict():
     assert np.isnan(cal.selective_prediction([], [])['median_m'][0])
     with pytest.raises(ValueError, match='kept'):
         cal.selective_prediction([1.0], [1.0], kept=[0.0])
+
+
+def test_fit_sigma_scale_recovers_the_scale_of_gaussian_errors():
+    # The Mahalanobis distance of a 2-D standard normal is Rayleigh(1): calibrated ellipses need scale 1; the
+    # same errors under ellipses 3x too small read 3x farther and need 3.
+    maha = np.random.default_rng(0).rayleigh(1.0, 20000)
+    assert cal.fit_sigma_scale(maha) == pytest.approx(1.0, abs=0.03)
+    assert cal.fit_sigma_scale(3 * maha) == pytest.approx(3.0, rel=0.03)
+    after = cal.scaled_coverage(3 * maha, cal.fit_sigma_scale(3 * maha))
+    assert after['1sigma'] == pytest.approx(1 - np.exp(-0.5), abs=0.01)
+    assert after['2sigma'] == pytest.approx(1 - np.exp(-2), abs=0.01)
+
+
+def test_fit_sigma_scale_hand_case():
+    # Ten distances 1..10: a scale s covers #{d <= s} / 10 at 1 sigma and #{d <= 2 s} / 10 at 2 sigma, against
+    # 0.393 and 0.865. s in [4.5, 5): 0.4 and 0.9, loss 0.007^2 + 0.035^2 = 0.0013; [4, 4.5): 0.4 and 0.8,
+    # 0.0043; [5, 5.5): 0.5 and 1.0, 0.0297; [3.5, 4): 0.3 and 0.7, 0.0358. The least is [4.5, 5), and the
+    # middle point of the geometric grid there, about sqrt(4.5 x 5), is returned.
+    s = cal.fit_sigma_scale(np.arange(1.0, 11.0))
+    assert 4.5 <= s < 5.0 and s == pytest.approx(np.sqrt(4.5 * 5), rel=0.01)
+    assert cal.scaled_coverage(np.arange(1.0, 11.0), s) == {'1sigma': 0.4, '2sigma': 0.9}
+    for bad in ([], [1.0, np.nan], [-1.0], [[1.0]]):
+        with pytest.raises(ValueError, match='finite distances'):
+            cal.fit_sigma_scale(np.array(bad))
+
+
+def test_calibration_file_round_trip_and_refusals(tmp_path):
+    assert cal.read_scale(str(tmp_path)) == (1.0, None)                    # none: the ellipses as predicted
+    record = {'sigma_scale': 1.75, 'checkpoint': 'ckpt-3'}
+    path = cal.write_scale(str(tmp_path), record)
+    assert json.load(open(path)) == record and cal.read_scale(str(tmp_path)) == (1.75, record)
+    for text, why in (('{"sigma_scale": 0}', 'positive'), ('{"sigma_scale": -2}', 'positive'),
+                      ('{"scale": 2}', 'KeyError'), ('not json', 'JSONDecodeError')):
+        with open(path, 'w') as f:
+            f.write(text)
+        with pytest.raises(StateError, match=why):
+            cal.read_scale(str(tmp_path))

@@ -180,6 +180,43 @@ def test_mpp_scales_the_metres_and_the_picture(runs, vigor, tile_dirs, tmp_path,
     assert img is not None and img.shape[0] > 300 and img.shape[1] > 300
 
 
+def test_calibration_scales_the_ellipses_of_test_localise_and_export(vigor, runs, tile_dirs, tmp_path, capsys):
+    """--test --calibrate 1 fits one scale of the ellipses on its split (its results go to calibration/, not
+    test/) and keeps it in calibration.json; later --test, localise.py and an export apply it (on the same split
+    --test's coverage is the fit's; sigma_m is the scale times the uncalibrated one; the point does not move). A
+    checkpoint written after the fit is refused until it is refitted."""
+    run_dir = str(tmp_path / 'E_2_2')
+    shutil.copytree(runs['E_2_2'], run_dir)
+    stage = stages.get('E_2_2')
+    pano_flags = ['--panorama', input_data.load_vigor(vigor, 'test').pano_paths[0], '--tiles', *tile_dirs]
+    before = ask(capsys, '--run_dir', run_dir, *pano_flags)
+    argv = TINY + ['--data_root', vigor, '--run_dir', run_dir, '--plots', '0', '--test']
+    assert cli.main([stage], argv + ['--calibrate', '1']) == 0
+    record = json.load(open(os.path.join(run_dir, 'calibration.json')))
+    scale = record['sigma_scale']
+    assert record['fitted_on']['n'] == len(input_data.load_vigor(vigor, 'test')) and record['checkpoint'] == 'ckpt-1'
+    assert abs(np.log(scale)) > 0.05                     # the random network's ellipses are far from calibrated
+    assert os.path.isdir(os.path.join(run_dir, 'calibration', 'original_same_north_qall'))
+    assert not os.path.exists(os.path.join(run_dir, 'test'))
+    assert cli.main([stage], argv) == 0
+    unc = json.load(open(os.path.join(run_dir, 'test', 'original_same_north_qall', 'test_results.json')))['uncertainty']
+    assert unc['sigma_scale'] == pytest.approx(scale)
+    for k in ('1sigma', '2sigma'):
+        assert unc[k] == pytest.approx(record['coverage_after'][k], abs=1.5 / unc['n'])
+    after = ask(capsys, '--run_dir', run_dir, *pano_flags)
+    assert after['sigma_m'] == pytest.approx(scale * before['sigma_m'], rel=1e-4)
+    assert (after['lat'], after['lon']) == (before['lat'], before['lon'])
+    out = str(tmp_path / 'saved')
+    assert export.main(['--run_dir', run_dir, '--out', out]) == 0
+    assert ask(capsys, '--saved_model', out, *pano_flags)['sigma_m'] == pytest.approx(after['sigma_m'], rel=1e-4)
+    cfg, = cli.configs([stage], TINY + ['--data_root', vigor, '--run_dir', run_dir])
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=stages.build_model(stage, cfg)),
+                               os.path.join(run_dir, 'ckpt'), 2).save(checkpoint_number=2)   # trained further
+    err = fails(capsys, lambda a: cli.main([stage], a), *argv)
+    assert "calibration.json: fitted on 'ckpt-1', but the latest checkpoint is ckpt-2; refit it" in err
+    assert 'fitted on' in fails(capsys, localise.main, '--run_dir', run_dir, *pano_flags)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def fails(capsys, main, *argv):
@@ -254,3 +291,8 @@ def test_bad_models(runs, vigor, tile_dirs, e1_saved, tmp_path, capsys):
     assert 'one of the arguments --run_dir --saved_model is required' in fails(capsys, localise.main, *rest)
     assert '--top_k must be at least 1' in fails(capsys, localise.main, '--run_dir', runs['E_1'], '--top_k', '0',
                                                 *rest)
+    test_argv = TINY + ['--data_root', vigor, '--run_dir', runs['E_1'], '--test', '--calibrate', '1']
+    assert 'E_1 has no covariance head to calibrate' in fails(capsys, lambda a: cli.main(stages.script_stages(
+        'train_first_E_1.py'), a), *test_argv)
+    assert '--calibrate 1 fits the ellipses of a trained run on held-out panoramas: give --test too' in fails(
+        capsys, lambda a: cli.main([stages.get('E_2_2')], a), *test_argv[:-3], '--calibrate', '1')

@@ -103,3 +103,25 @@ def test_report_only_without_a_report_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f'error: {tmp_path / "report.json"}: no readable study report (FileNotFoundError); run study.py '
                    f'--out {tmp_path} first']
+
+
+def test_hold_out_keeps_a_third_of_the_training_panoramas_for_calibration(tiny_vigor, tmp_path):
+    """hold_out's two views of one tree: the training split minus a seeded third of each city's training
+    panoramas, and a calibration tree whose test split is exactly that third; the test split untouched; the same
+    panoramas held out under both label folders; the same seed, the same choice."""
+    import input_data
+    from experiments.study import study
+    root = str(tmp_path / 'V')
+    os.symlink(tiny_vigor(3), root)
+    train_root, calib_root = study.hold_out(root, 1 / 3, 0)
+    names = lambda r, which, labels: {os.path.basename(p) for p in input_data.load_vigor(r, which, 'same',
+                                                                                          labels).pano_paths}
+    for labels in ('original', 'corrected'):
+        full, kept, held = (names(root, 'train', labels), names(train_root, 'train', labels),
+                            names(calib_root, 'test', labels))
+        assert kept | held == full and not kept & held
+        assert len(held) == pytest.approx(len(full) / 3, abs=4)               # a third per city, rounded
+        assert names(train_root, 'test', labels) == names(root, 'test', labels)
+    first = names(calib_root, 'test', 'corrected')
+    assert names(study.hold_out(root, 1 / 3, 0)[1], 'test', 'corrected') == first
+    assert names(study.hold_out(root, 1 / 3, 1)[1], 'test', 'corrected') != first

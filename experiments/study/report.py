@@ -67,7 +67,7 @@ def format_report(seeds, meta):
              f'{", ".join(str(r["seed"]) for r in seeds)}; settings.json; {meta["wall_min"]:.1f} min, load average '
              f'{meta["load_start"]:.2f} at the start, {meta["load_end"]:.2f} at the end', '']
     lines += run_all.columns(rows, first_left=True)
-    lines += ['', localiser_line(seeds)]
+    lines += ['', localiser_line(seeds)] + calibration_lines(seeds)
     for r in seeds:
         lines += ['', f'seed {r["seed"]}: recall in %, errors are median metres in the positive tile (the stage\'s '
                   'head / the tile centre); "<= 10 m": queries put within 10 m by their top-1 tile and its head (%)']
@@ -122,6 +122,22 @@ def localiser_line(seeds):
     # a report written before the localiser was recorded comes from the only one there was, the U-Net
     name = next((r['stages']['E_2_2'].get('localiser', 'unet') for r in seeds if 'E_2_2' in r['stages']), 'unet')
     return f'Localiser: {name}; ' + '; '.join(parts)
+
+
+def calibration_lines(seeds):
+    """How each seed's E_2_2 ellipses were calibrated: the scale, where it was fitted and the coverage there,
+    and the test split's coverage before it (none for a report without calibration)."""
+    lines = []
+    for r in seeds:
+        rec, u = r.get('calibration', {}).get('E_2_2'), r['uncertainty']['E_2_2']
+        if not rec:
+            continue
+        before, after, raw = rec['coverage_before'], rec['coverage_after'], u['uncalibrated']
+        lines.append(f'Calibration, seed {r["seed"]}: E_2_2 ellipses x {rec["sigma_scale"]:.3f}, fitted on '
+                     f'{rec["fitted_on"]["n"]} held-out training panoramas (1σ / 2σ there {100 * before["1sigma"]:.1f} / '
+                     f'{100 * before["2sigma"]:.1f} % -> {100 * after["1sigma"]:.1f} / {100 * after["2sigma"]:.1f} %); '
+                     f'on the test split before it: {100 * raw["1sigma"]:.1f} / {100 * raw["2sigma"]:.1f} %')
+    return lines
 
 
 def plot_figures(fig_dir, seeds, per_seed=None):

@@ -30,10 +30,12 @@ from experiments.study.report import (LEVEL_BINS, plot_figures, rewrite_report, 
 from geoloc import cli
 from tools import synthetic_data
 
-# The study's world: 4 cities x 8 x 8 tiles with 16 panoramas each, in a ring of reference-only tiles (2,048
-# training and 2,048 test panoramas; 4 x 10 x 10 = 400 reference tiles), every dial mixed at strength 1
-# (synthetic_data.py says what each level renders).
-CITY = dict(grid=8, tile_px=128, pano_hw=(128, 256), panos_per_tile=16, ambiguity='mixed')
+# The study's world: 4 cities x 8 x 8 tiles with 24 panoramas each, in a ring of reference-only tiles (half of
+# them train, half test; 4 x 10 x 10 = 400 reference tiles), every dial mixed at strength 1 (synthetic_data.py
+# says what each level renders). A third of each city's training panoramas is held out (hold_out): the stages
+# train on 2,048, the ellipses' scale is fitted on the 1,024 held out, and the 3,072 test panoramas are tested.
+CITY = dict(grid=8, tile_px=128, pano_hw=(128, 256), panos_per_tile=24, ambiguity='mixed')
+HOLD_OUT = 1 / 3             # share of each city's training panoramas kept for calibration
 STAGES = ('E_1', 'E_2_1', 'E_2_2', 'E_3')          # evaluated (E_1a is E_1's first phase)
 SETTINGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'settings.json')   # every stage's settings
 
@@ -46,6 +48,38 @@ class StageFailed(RuntimeError):
 
 def build_city(out, seed, city):
     return synthetic_data.ensure_vigor(os.path.join(out, 'data', f'VIGOR_seed{seed}'), seed=seed, **city)
+
+
+def hold_out(root, share, seed):
+    """Two views of the VIGOR tree `root` that share its images (symlinks): <root>_train, whose training split
+    lacks a seeded `share` of each city's training panoramas, and <root>_calib, whose test split is exactly those
+    (every other file as in root; both label folders). -> (train root, calibration root). Rewritten every call
+    (text files only)."""
+    import shutil
+    rng = np.random.default_rng([seed, 7])
+    views = {'train': f'{root}_train', 'calib': f'{root}_calib'}
+    for view in views.values():
+        shutil.rmtree(view, ignore_errors=True)
+        os.makedirs(view)
+    cities = sorted(c for c in os.listdir(os.path.join(root, 'splits')))
+    for city in cities:
+        for view in views.values():
+            os.symlink(os.path.abspath(os.path.join(root, city)), os.path.join(view, city))
+        with open(os.path.join(root, 'splits__corrected', city, 'same_area_balanced_train__corrected.txt')) as f:
+            names = [line.split()[0] for line in f if line.strip()]
+        held = set(np.array(names)[rng.permutation(len(names))[:int(round(share * len(names)))]])
+        for folder, suffix in (('splits', ''), ('splits__corrected', '__corrected')):
+            src = os.path.join(root, folder, city)
+            for view in views.values():
+                shutil.copytree(src, os.path.join(view, folder, city))
+            with open(os.path.join(src, f'same_area_balanced_train{suffix}.txt')) as f:
+                lines = [line for line in f if line.strip()]
+            kept = [line for line in lines if line.split()[0] not in held]
+            out = [line for line in lines if line.split()[0] in held]
+            for view, stem, chosen in (('train', 'train', kept), ('calib', 'train', out), ('calib', 'test', out)):
+                with open(os.path.join(views[view], folder, city, f'same_area_balanced_{stem}{suffix}.txt'), 'w') as f:
+                    f.writelines(chosen)
+    return views['train'], views['calib']
 
 
 def train_stages(run_root, data_root, seed, rest):
@@ -63,27 +97,39 @@ def train_stages(run_root, data_root, seed, rest):
     return times
 
 
-def evaluate_stages(run_root, data_root, rest=()):
-    """Each trained stage on the whole test split -> ({stage: testing.Evaluation}, the test split). The
-    configuration is the stage script's with the flags it trained with (as run_all reads its results)."""
+def evaluate_stages(run_root, data_root, calib_root, rest=()):
+    """Each trained stage on the whole test split -> ({stage: testing.Evaluation}, the test split, {stage:
+    calibration record}). The configuration is the stage script's with the flags it trained with (as run_all
+    reads its results). A stage with covariance heads first has its ellipses' scale fitted on calib_root's test
+    split, the held-out training panoramas (--test --calibrate 1's fit, written to its calibration.json), and
+    is then tested with that scale."""
     from geoloc.nn import embedding
     from geoloc.eval import results
     import stages
     from geoloc.eval import testing
-    out, split = {}, None
+    out, split, calibrations = {}, None, {}
     for name in STAGES:
         stage = stages.get(name)
         argv = ['--settings', SETTINGS, '--run_dir', os.path.join(run_root, stage.home or stage.name),
                 '--data_root', data_root] + list(rest)
         run_dir, ckpt, cfg = testing.trained_run(stage, cli.configs([stage], argv)[0])
         model = testing.restored_model(stage, cfg, ckpt, run_dir)
+        embedder = embedding.Embedder(model)
         if split is None:
             split = cli.dataset_splits(cfg, 'test')
-        out[name] = testing.evaluate_model(stage, cfg, model, embedding.Embedder(model), split,
-                                           np.arange(len(split)), keep_heatmaps=0, ground=True)
+        scale = 1.0
+        if 'pos_cholesky' in stage.parts:
+            ccfg = cfg.replace(data_root=calib_root, calibrate=1)
+            held = cli.dataset_splits(ccfg, 'test')
+            ev = testing.evaluate_model(stage, ccfg, model, embedder, held, np.arange(len(held)), keep_heatmaps=0)
+            calibrations[name] = testing.fit_calibration(ev, held, ccfg, run_dir, ckpt,
+                                                         lambda m: print(f'study: {name}: {m}', flush=True))
+            scale = calibrations[name]['sigma_scale']
+        out[name] = testing.evaluate_model(stage, cfg, model, embedder, split, np.arange(len(split)),
+                                           keep_heatmaps=0, ground=True, sigma_scale=scale)
         out[name].results['localiser'] = cfg.localiser if stage.localise == 'heatmap' else stage.localise
         print(f'study: evaluated {name}: ' + results.format_results(out[name].results)[0], flush=True)
-    return out, split
+    return out, split, calibrations
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -104,12 +150,13 @@ def per_query(ev, split):
             'pos_error_m': ev.per_query['error_m_positive'], 'summary': ev.results['uncertainty']}
 
 
-def uncertainty_report(q, levels):
+def uncertainty_report(q, levels, scale=1.0):
     """One stage's u: its --test summary (1σ / 2σ coverage, Spearman(u, error), sparsification) plus the
     coverage at kσ, the sparsification against random order, and how u and the error follow each dial's
-    level (per_query output; levels (Q, 4) in DIALS order)."""
-    from geoloc.eval import evaluation
+    level (per_query output; levels (Q, 4) in DIALS order); and the coverage before the calibration's `scale`."""
+    from geoloc.eval import calibration, evaluation
     summary = q['summary']
+    maha = np.sqrt(evaluation.mahalanobis_sq(q['mu'], q['cov'], q['gt']))
     sp = summary['sparsification']
     random_auc = float(np.mean(q['error_px']))          # removing queries in random order keeps the mean
     by_level, rho_level, err_level = {}, {}, {}
@@ -128,7 +175,8 @@ def uncertainty_report(q, levels):
                      'p10': float(np.percentile(q['u'], 10)), 'p90': float(np.percentile(q['u'], 90))},
             'median_error_px': summary['median_error_px'],
             'spearman_u_level': rho_level, 'u_by_level': by_level, 'error_by_level': err_level,
-            'level_bins': list(LEVEL_BINS)}
+            'level_bins': list(LEVEL_BINS), 'sigma_scale': float(scale),
+            'uncalibrated': calibration.scaled_coverage(maha * scale, 1.0)}
 
 
 def _bin_stats(x):
@@ -163,9 +211,9 @@ def e3_table(run_root):
                 'w_m_mean': float(w.mean()), 'n_pairs': int(u.size), 'band_definition': u_table.ACTIVE}
 
 
-def measure_seed(seed, run_root, data_root, n_boot, rest=()):
+def measure_seed(seed, run_root, data_root, calib_root, n_boot, rest=()):
     """Evaluate one seed's runs -> (report dict, per-query arrays {stage: {...}}, the test split, levels)."""
-    evs, split = evaluate_stages(run_root, data_root, rest)
+    evs, split, calibrations = evaluate_stages(run_root, data_root, calib_root, rest)
     found = synthetic_data.read_ambiguity_levels(data_root, sorted({p.split(os.sep)[-3] for p in split.pano_paths}))
     levels = np.array([found[os.path.basename(p)] for p in split.pano_paths])
     q = {name: per_query(evs[name], split) for name in ('E_2_2', 'E_3')}
@@ -174,7 +222,9 @@ def measure_seed(seed, run_root, data_root, n_boot, rest=()):
                          | {k: evs[name].results[k] for k in ('ground_dependence',) if k in evs[name].results}
                          | {'localisation': {k: v for k, v in evs[name].results['localisation'].items()
                                              if k != 'thresholds_m'}} for name in STAGES},
-              'uncertainty': {name: uncertainty_report(q[name], levels) for name in q},
+              'uncertainty': {name: uncertainty_report(q[name], levels, calibrations[name]['sigma_scale'])
+                              for name in q},
+              'calibration': calibrations,
               'e3_table': e3_table(run_root),
               'e3_vs_e2_2': e3_against_e2_2(q['E_2_2'], q['E_3'], n_boot, seed)}
     for stage in report['stages'].values():
@@ -211,13 +261,13 @@ def main(argv=None):
     reports, per_seed, stage_times = [], [], {}
     for seed in args.seeds:
         run_root = os.path.join(args.out, f'seed{seed}')
-        data_root = build_city(args.out, seed, city)
+        data_root, calib_root = hold_out(build_city(args.out, seed, city), HOLD_OUT, seed)
         try:
             stage_times[seed] = train_stages(run_root, data_root, seed, rest)
         except StageFailed as e:
             print(e, file=sys.stderr)
             return 2
-        report, q, split, levels = measure_seed(seed, run_root, data_root, args.n_boot, rest)
+        report, q, split, levels = measure_seed(seed, run_root, data_root, calib_root, args.n_boot, rest)
         report['train_seconds'] = stage_times[seed]
         reports.append(report)
         per_seed.append((q, split, levels))

@@ -8,10 +8,21 @@ sqrt(trace(cov) / 2) (sigma_of). For any 2-D Gaussian the expected squared error
 a calibrated model's per-axis root mean squared error, sqrt(mean(err^2) / 2), equals its root mean variance
 sqrt(mean(sigma^2)). (model.uncertainty's u = 2 sqrt(lambda_max) + 2 sqrt(lambda_min), the paper's scalar, ranks
 queries almost alike but is not a standard deviation, so it cannot be compared with an error.)
+
+Post-hoc calibration (not the paper's; docs/evaluation.md): one scale s for every predicted ellipse, fitted on
+panoramas the model has not trained on (fit_sigma_scale), kept in the run directory's calibration.json
+(write_scale / read_scale) and applied by --test, localise.py and export.py as cholesky x s (covariance x s^2).
 """
+import json
+import os
+
 import numpy as np
 
+from geoloc.errors import StateError
 from geoloc.eval import evaluation
+
+FILE = 'calibration.json'                    # in the run directory, written by --test --calibrate 1
+FIT_K = (1.0, 2.0)                           # the ellipses whose coverage the scale is fitted to
 
 KEPT = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)     # selective prediction: the shares of queries kept
 
@@ -86,3 +97,64 @@ def _same_length(a, b):
     if a.ndim != 1 or a.shape != b.shape:
         raise ValueError(f'need two (Q,) arrays of one length, got {a.shape} and {b.shape}')
     return a, b
+
+
+def fit_sigma_scale(maha, ks=FIT_K, n_grid=4001):
+    """The scale s of every predicted ellipse whose coverage at k sigma, for each k in ks, is closest in least
+    squares to a calibrated 2-D Gaussian's 1 - exp(-k^2/2) (39.3 % at 1 sigma, 86.5 % at 2 sigma).
+
+    maha (Q,) >= 0: each ground truth's Mahalanobis distance under its predicted Gaussian (sqrt of
+    evaluation.mahalanobis_sq). After scaling the covariance by s^2 the distances are maha / s, so the kσ
+    coverage is mean(maha <= k s). The loss is a step function of s: it is evaluated on a geometric grid from
+    half the smallest to twice the largest candidate (maha / k) and the middle of the grid points where it is
+    least is returned. ValueError on an empty or non-finite input."""
+    maha = np.asarray(maha, np.float64)
+    if maha.ndim != 1 or not maha.size or not np.isfinite(maha).all() or (maha < 0).any():
+        raise ValueError('maha must be a non-empty (Q,) array of finite distances >= 0')
+    ks = np.asarray(ks, np.float64)
+    wanted = 1 - np.exp(-ks ** 2 / 2)
+    cand = (maha[:, None] / ks[None]).ravel()
+    cand = cand[cand > 0]
+    if not cand.size:
+        return 1.0
+    grid = np.geomspace(cand.min() / 2, cand.max() * 2, int(n_grid))
+    ordered = np.sort(maha)
+    inside = np.stack([np.searchsorted(ordered, k * grid, side='right') / maha.size for k in ks], 1)
+    loss = np.sum((inside - wanted) ** 2, axis=1)
+    best = np.flatnonzero(loss <= loss.min() + 1e-15)
+    return float(grid[best[len(best) // 2]])
+
+
+def scaled_coverage(maha, scale, ks=FIT_K):
+    """{'<k>sigma': share of maha <= k scale} for each k: the coverage after scaling the ellipses by `scale`."""
+    maha = np.asarray(maha, np.float64)
+    return {f'{k:g}sigma': float(np.mean(maha <= k * scale)) for k in ks}
+
+
+def write_scale(run_dir, record):
+    """Write record (a dict with at least 'sigma_scale' > 0) to <run_dir>/calibration.json, atomically."""
+    path = os.path.join(run_dir, FILE)
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def read_scale(run_dir):
+    """-> (scale, record) from <run_dir>/calibration.json; (1.0, None) when there is none. StateError in one
+    line when the file is not a calibration this module wrote (not JSON, or no positive finite sigma_scale)."""
+    path = os.path.join(run_dir, FILE)
+    if not os.path.exists(path):
+        return 1.0, None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        scale = float(record['sigma_scale'])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StateError(f'{path}: not a calibration file ({type(e).__name__}); delete it or rerun '
+                         '--test --calibrate 1') from None
+    if not np.isfinite(scale) or scale <= 0:
+        raise StateError(f'{path}: sigma_scale must be a positive number, got {record["sigma_scale"]!r}; delete it '
+                         'or rerun --test --calibrate 1')
+    return scale, record

@@ -142,5 +142,7 @@ def settings_name(cfg):
 
 
 def results_dir(cfg, run_dir):
-    """Where --test writes: <--test_dir or <run_dir>/test>/<settings_name>."""
-    return os.path.join(cfg.test_dir or os.path.join(run_dir, 'test'), settings_name(cfg))
+    """Where --test writes: <--test_dir or <run_dir>/test>/<settings_name> (<run_dir>/calibration/... for
+    --calibrate 1, whose split is held-out panoramas, not the test split)."""
+    return os.path.join(cfg.test_dir or os.path.join(run_dir, 'calibration' if cfg.calibrate else 'test'),
+                        settings_name(cfg))

@@ -30,6 +30,7 @@ from geoloc.eval import evaluation
 from geoloc.eval import localisers
 from geoloc.eval import protocols
 from geoloc.eval import results
+from geoloc.errors import StateError
 from geoloc.train import run_lock
 import model as model_lib
 
@@ -50,13 +51,14 @@ class Evaluation:
 
 
 def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep_heatmaps=4, progress=None,
-                   protocol=None, semi_branch=False, ground=False):
+                   protocol=None, semi_branch=False, ground=False, sigma_scale=1.0):
     """Retrieval, localisation and uncertainty metrics of `model` on split[queries] -> Evaluation.
 
     Every panorama and tile is described once; the stage's localiser (localisers.for_stage) works on those
     descriptors. protocol: a protocols.Protocol (default: north-aligned, full field of view). semi_branch:
     also run a heatmap stage's semi-positive branch on every semi-positive tile (--test; validation skips it).
-    ground: a heatmap stage's ground_dependence (--test and validation).
+    ground: a heatmap stage's ground_dependence (--test and validation). sigma_scale: the calibration's scale of
+    every predicted ellipse (calibration.read_scale; the covariance factors are multiplied by it).
     """
     queries = np.asarray(queries)
     protocol = protocol or protocols.Protocol()
@@ -84,6 +86,9 @@ def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep
     scene = localisers.Scene(model, embedder, split, cfg, queries, grd_raw, sat_raw, cache, progress)
     at_pos = localiser.locate(scene, np.arange(len(queries)), pos, keep_heatmaps)
     at_top1 = localisers.at_top1(localiser, scene, at_pos, top1, correct)
+    if sigma_scale != 1.0 and at_pos.chol is not None:
+        at_pos = dataclasses.replace(at_pos, chol=at_pos.chol * np.float32(sigma_scale))
+        at_top1 = dataclasses.replace(at_top1, chol=at_top1.chol * np.float32(sigma_scale))
 
     def locate(tiles, delta):
         """-> (predicted position, its error in metres, the tile centre's error in metres)."""
@@ -114,6 +119,7 @@ def evaluate_model(stage, cfg, model, embedder, split, queries, cache=None, keep
     if at_pos.chol is not None:
         results['uncertainty'], columns = uncertainty_summary(_mu(at_pos), at_pos.chol, split.deltas[queries, 0],
                                                               split.mpp[queries], err_pos)
+        results['uncertainty']['sigma_scale'] = float(sigma_scale)
         per_query['u_px'] = model_lib.uncertainty(tf.constant(at_top1.chol)).numpy()
         per_query.update(columns)
     extra, columns = localiser.diagnostics(scene, semi_branch, ground)
@@ -272,11 +278,72 @@ def _run_test(stage, cfg, run_dir, ckpt, out_dir, lock):
     protocol = protocols.Protocol.from_config(cfg)
     log(f'test: {split.name}: {len(queries)} panoramas against {len(split.tile_paths)} tiles; checkpoint {ckpt}')
     log(f'test: protocol {protocol.name}: {protocol.describe()}')
+    scale = _calibration(stage, cfg, run_dir, ckpt, log)
     ev = evaluate_model(stage, cfg, model, embedding.Embedder(model), split, queries, progress=lambda m: log(m),
-                        protocol=protocol, semi_branch=True, ground=True)
+                        protocol=protocol, semi_branch=True, ground=True, sigma_scale=scale)
+    if cfg.calibrate:
+        ev.results['calibration'] = fit_calibration(ev, split, cfg, run_dir, ckpt, log)
+    elif scale != 1.0:
+        ev.results['calibration'] = calibration.read_scale(run_dir)[1]
     ev.results['checkpoint'] = ckpt
     results.write_outputs(ev, split, cfg, out_dir, plots=bool(cfg.plots))
     for line in results.format_results(ev.results):
         log(line)
     log(f'test: results in {out_dir}')
     return ev.results
+
+
+def _calibration(stage, cfg, run_dir, ckpt, log):
+    """The scale --test applies to the predicted ellipses: 1 when fitting one (--calibrate 1) or when the run has
+    no calibration.json, else its sigma_scale. StateError (one line) for --calibrate 1 on a stage without a
+    covariance head, and for a calibration fitted on another checkpoint than the one tested."""
+    if cfg.calibrate:
+        if 'pos_cholesky' not in stage.parts:
+            raise StateError(f'--calibrate 1: {stage.name} has no covariance head to calibrate')
+        return 1.0
+    scale = calibration_scale(run_dir, ckpt)
+    if scale == 1.0:
+        return 1.0
+    record = calibration.read_scale(run_dir)[1]
+    where = record.get('fitted_on', {})
+    log(f'test: ellipses scaled by {scale:.4g} (calibration.json: fitted on {where.get("n")} panoramas of '
+        f'{where.get("data_root")})')
+    if where.get('data_root') == _data_root(cfg) and where.get('labels') == cfg.labels:
+        log('test: warning: the calibration was fitted on this very split; its coverage is not a held-out figure')
+    return scale
+
+
+def _data_root(cfg):
+    from geoloc.data import builtin
+    return os.path.abspath(cfg.data_root or builtin.FOLDERS[cfg.dataset])
+
+
+def calibration_scale(run_dir, ckpt):
+    """The run's calibrated scale of the ellipses for checkpoint ckpt (1 without calibration.json); StateError
+    (one line) when calibration.json was fitted on another checkpoint."""
+    scale, record = calibration.read_scale(run_dir)
+    if record is not None and os.path.basename(str(record.get('checkpoint', ''))) != os.path.basename(ckpt):
+        raise StateError(f'{os.path.join(run_dir, calibration.FILE)}: fitted on {record.get("checkpoint")!r}, but '
+                         f'the latest checkpoint is {os.path.basename(ckpt)}; refit it (--test --calibrate 1 on '
+                         'held-out panoramas) or delete it')
+    return scale
+
+
+def fit_calibration(ev, split, cfg, run_dir, ckpt, log):
+    """--test --calibrate 1: fit the ellipses' scale on this split's positive-tile predictions
+    (calibration.fit_sigma_scale) and write it to <run_dir>/calibration.json -> the record written."""
+    cov = model_lib.cholesky_to_cov(tf.constant(ev.chol)).numpy()
+    gt_rc = geometry.delta_to_rc(np.asarray(split.deltas[ev.queries, 0], np.float64))
+    mu = geometry.delta_to_rc(np.asarray(ev.delta_pos, np.float64))
+    maha = np.sqrt(evaluation.mahalanobis_sq(mu, cov, gt_rc))
+    scale = calibration.fit_sigma_scale(maha)
+    record = {'sigma_scale': scale, 'checkpoint': os.path.basename(ckpt), 'method': 'fit_sigma_scale',
+              'fitted_on': {'data_root': _data_root(cfg), 'dataset': split.name,
+                            'labels': cfg.labels, 'area': cfg.area, 'split': 'test', 'n': int(len(maha))},
+              'coverage_before': calibration.scaled_coverage(maha, 1.0),
+              'coverage_after': calibration.scaled_coverage(maha, scale)}
+    path = calibration.write_scale(run_dir, record)
+    log(f'calibration: ellipses x {scale:.4g} on {len(maha)} panoramas: 1σ / 2σ coverage '
+        f'{record["coverage_before"]["1sigma"]:.1%} / {record["coverage_before"]["2sigma"]:.1%} -> '
+        f'{record["coverage_after"]["1sigma"]:.1%} / {record["coverage_after"]["2sigma"]:.1%}; written to {path}')
+    return record

@@ -9,7 +9,8 @@ a SavedModel (`from_saved_model`): both paths call the same functions, so they g
 Signatures (docs/serving.md has the table):
   serving_default(panorama [B, h, 2h, 3] uint8, tile [B, s, s, 3] uint8) -> grd_descriptor, sat_descriptor
       [B, D] (L2-normalised), score [B] (their dot product), delta [B, 2] (dy, dx) and mu [B, 2] (row, col),
-      pixels of the 640-px tile frame; chol [B, 3] (stages with a covariance head), heatmap [B, h', w']
+      pixels of the 640-px tile frame; chol [B, 3] (stages with a covariance head; times the run's calibrated
+      scale, metadata's sigma_scale, when it has a calibration.json), heatmap [B, h', w']
       (heatmap stages)
   embed_panorama(panorama) -> descriptor [B, D];  embed_tile(tile) -> descriptor [B, D]
   metadata() -> json: the stage, the sizes, the m/px convention (INFO_KEYS)
@@ -42,10 +43,11 @@ def info_of(stage, cfg, model, checkpoint):
 class Server(tf.Module):
     """The served functions of one restored model (see the module docstring)."""
 
-    def __init__(self, model, localise, info):
+    def __init__(self, model, localise, info, sigma_scale=1.0):
         super().__init__(name='geoloc_server')
         self.model = model
         self._localise_kind = localise        # 'heatmap', 'offset' or '' (tile centre)
+        self._sigma_scale = float(sigma_scale)   # the run's calibration (calibration.json), baked into chol
         self._info = json.dumps(info, sort_keys=True)
 
     def _input(self, images, hw):
@@ -81,7 +83,7 @@ class Server(tf.Module):
             head = self.model.localise('pos', sat, grd, skips)
             out.update(mu=head['mu'], delta=geometry.rc_to_delta(head['mu']), heatmap=head['heatmap'])
             if 'chol' in head:
-                out['chol'] = head['chol']
+                out['chol'] = head['chol'] * self._sigma_scale
         else:
             delta = self.model.offset(sat, grd) if self._localise_kind == 'offset' else tf.zeros_like(grd[:, :2])
             out.update(delta=delta, mu=geometry.delta_to_rc(delta))
@@ -139,9 +141,10 @@ def restore(run_dir):
     if not ckpt:
         raise StateError(f'{run_dir}: no checkpoint (nothing trained yet); train it with {stage.command} first')
     cfg = config.model_settings(saved, config.Config(stage=name))
+    scale = testing.calibration_scale(run_dir, ckpt)
     model = testing.restored_model(stage, cfg, ckpt, run_dir)
-    info = info_of(stage, cfg, model, ckpt)
-    return Server(model, stage.localise, info), info
+    info = dict(info_of(stage, cfg, model, ckpt), sigma_scale=scale)
+    return Server(model, stage.localise, info, scale), info
 
 
 def from_run(run_dir):
