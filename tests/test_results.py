@@ -75,3 +75,18 @@ def test_format_results_states_the_calibration_metrics_and_stage_metrics():
     back['stage_metrics']['own'] = None
     assert results.format_results(back)[-1] == 'stage metrics: own -'
     assert ', 5.432' not in results.format_results(back)[-3] and 'median - m' in results.format_results(back)[-2]
+
+
+def test_format_results_prints_every_line_of_a_results_file_with_nulls():
+    """A results file read back from disk holds null where a metric was NaN (no correct top-1, a constant u):
+    every line still prints, with '-' for each missing value, and the present values unchanged."""
+    r = canned_results()
+    clean = results.format_results(r)
+    back = json.loads(json.dumps(results.jsonable(r)))
+    back['retrieval']['R@5'] = back['localisation']['top1_correct']['mean_m'] = None
+    back['uncertainty']['spearman_u_error'] = back['uncertainty']['sparsification']['ause'] = None
+    lines = results.format_results(back)
+    assert len(lines) == len(clean)
+    assert 'R@5 -%' in lines[0] and 'R@1 50.00%' in lines[0]
+    assert next(line for line in lines if line.startswith('localisation (top1_correct')).count('mean - m') == 1
+    assert 'Spearman(u, error) -, AUSE - px' in next(line for line in lines if 'inside 1-sigma' in line)

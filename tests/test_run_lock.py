@@ -75,3 +75,25 @@ def test_an_empty_lock_file_is_stale(tmp_path):
     with run_lock.RunLock(str(run_dir), 'training E_x') as lock:
         assert lock.took_over is None
         assert json.loads((run_dir / run_lock.NAME).read_text())['what'] == 'training E_x'
+
+
+def test_a_reused_pid_is_not_taken_for_the_holder(tmp_path):
+    """A record whose pid now names another process (its start identity differs) is stale and taken over; one
+    whose pid still runs the recorded process (a file system without flock) is refused."""
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    parent = os.getppid()
+    started = run_lock._identity(parent)
+    if started is None:
+        pytest.skip('no /proc start times on this system')
+    for identity, taken in ((started.split(':')[0] + ':1', True), (started, False)):
+        record = {'pid': parent, 'host': socket.gethostname(), 'what': 'training E_x', 'since': '2026-01-01 00:00:00',
+                  'started': identity}
+        (run_dir / run_lock.NAME).write_text(json.dumps(record))
+        if taken:
+            with run_lock.RunLock(str(run_dir), 'training E_y') as lock:
+                assert lock.took_over == record
+                assert json.loads((run_dir / run_lock.NAME).read_text())['started'] == run_lock._identity(os.getpid())
+        else:
+            with pytest.raises(run_lock.LockError, match='this host, and that pid runs'):
+                run_lock.RunLock(str(run_dir), 'training E_y').acquire()

@@ -129,31 +129,33 @@ def _publish(staging, out_dir):
 
 
 def format_results(r):
+    """The results in words, one line a topic (values may be None: NaN read back from the JSON)."""
     ret = r['retrieval']
-    lines = [f'retrieval: R@1 {100 * ret["R@1"]:.2f}%  R@5 {100 * ret["R@5"]:.2f}%  R@10 {100 * ret["R@10"]:.2f}%  '
-             f'R@1% {100 * ret["R@1%"]:.2f}%  hit rate {100 * ret["hit_rate"]:.2f}%  '
-             f'(chance R@1 {100 * r["chance_R@1"]:.2f}%)']
+    lines = [f'retrieval: R@1 {_pct(ret["R@1"])}%  R@5 {_pct(ret["R@5"])}%  R@10 {_pct(ret["R@10"])}%  '
+             f'R@1% {_pct(ret["R@1%"])}%  hit rate {_pct(ret["hit_rate"])}%  '
+             f'(chance R@1 {_pct(r["chance_R@1"])}%)']
     loc = r['localisation']
     for sub in ('all', 'top1_correct', 'top1_hit'):
         if sub not in loc:
             continue
         s = loc[sub]
-        lines.append(f'localisation ({sub}, {s["count"]} queries): {loc["method"]}: mean {s["mean_m"]:.2f} m, '
-                     f'median {s["median_m"]:.2f} m; tile centre: mean {s["mean_m_centre"]:.2f} m, '
-                     f'median {s["median_m_centre"]:.2f} m')
+        lines.append(f'localisation ({sub}, {s["count"]} queries): {loc["method"]}: mean {_num(s["mean_m"])} m, '
+                     f'median {_num(s["median_m"])} m; tile centre: mean {_num(s["mean_m_centre"])} m, '
+                     f'median {_num(s["median_m_centre"])} m')
     within = loc['all'].get('recall_within_m')
     if within:
-        lines.append('recall within ' + ', '.join(f'{t} m {100 * v:.2f}%' for t, v in within.items())
+        lines.append('recall within ' + ', '.join(f'{t} m {_pct(v)}%' for t, v in within.items())
                      + f' (all {loc["all"]["count"]} queries, top-1 tile + {loc["method"]})')
     s = r['localisation_positive']
-    lines.append(f'localisation in the positive tile ({s["count"]} queries): {loc["method"]}: mean {s["mean_m"]:.2f} m, '
-                 f'median {s["median_m"]:.2f} m; tile centre: mean {s["mean_m_centre"]:.2f} m, '
-                 f'median {s["median_m_centre"]:.2f} m')
+    lines.append(f'localisation in the positive tile ({s["count"]} queries): {loc["method"]}: '
+                 f'mean {_num(s["mean_m"])} m, '
+                 f'median {_num(s["median_m"])} m; tile centre: mean {_num(s["mean_m_centre"])} m, '
+                 f'median {_num(s["median_m_centre"])} m')
     s = r.get('localisation_semi')
     if s:
-        lines.append(f'semi-positive branch on {s["count"]} semi-positive tiles: mean {s["mean_m"]:.2f} m, '
-                     f'median {s["median_m"]:.2f} m ({s["outside_tile"]} with the truth outside the tile; '
-                     f'inside: median {s["inside_tile"]["median_m"]:.2f} m)')
+        lines.append(f'semi-positive branch on {s["count"]} semi-positive tiles: mean {_num(s["mean_m"])} m, '
+                     f'median {_num(s["median_m"])} m ({s["outside_tile"]} with the truth outside the tile; '
+                     f'inside: median {_num(s["inside_tile"]["median_m"])} m)')
     g = r.get('ground_dependence')
     if g:
         name = {'pos': 'heatmap', 'semi': 'semi-positive heatmap'}
@@ -163,10 +165,10 @@ def format_results(r):
             f'{_num(s["heatmap_swap_change"], ".3g")} ({s["n_pairs"]} pairs)' for b, s in g.items()))
     u = r.get('uncertainty')
     if u and u.get('n'):
-        lines.append(f'uncertainty: inside 1-sigma {100 * u["1sigma"]:.1f}% (calibrated 39.3%), '
-                     f'2-sigma {100 * u["2sigma"]:.1f}% (86.5%), Spearman(u, error) '
-                     f'{u["spearman_u_error"]:.3f}, AUSE {u["sparsification"]["ause"]:.2f} px, mean u '
-                     f'{u["mean_u_px"]:.1f} px')
+        lines.append(f'uncertainty: inside 1-sigma {_pct(u["1sigma"], ".1f")}% (calibrated 39.3%), '
+                     f'2-sigma {_pct(u["2sigma"], ".1f")}% (86.5%), Spearman(u, error) '
+                     f'{_num(u["spearman_u_error"], ".3f")}, AUSE {_num(u["sparsification"]["ause"])} px, mean u '
+                     f'{_num(u["mean_u_px"], ".1f")} px')
     if u and u.get('n') and 'nll_px' in u:
         lines.extend(calibration_lines(u))
     if r.get('stage_metrics'):
@@ -187,6 +189,11 @@ def calibration_lines(u):
     lines.append(f'selective prediction (smallest sigma kept first, positive tile; within {"/".join(within)} m): '
                  + '; '.join(kept))
     return lines
+
+
+def _pct(x, fmt='.2f'):
+    """100 x formatted, '-' for None."""
+    return _num(None if x is None else 100 * x, fmt)
 
 
 def _num(x, fmt='.2f'):

@@ -3,9 +3,11 @@
 The file names its holder (pid, host, what it runs, since when) and the holder keeps an exclusive flock on
 it for as long as it lives; the kernel drops the flock when the process dies, however it dies. A second
 process finds the flock taken and is refused in one line naming the holder. A lock file whose flock is free
-is stale when its holder ran on this host and its pid is gone: it is taken over, and the caller logs it.
-One written by another host, or by a pid of this host that still runs, is refused (this host cannot tell
-whether that process still writes): the line says to delete the file once that process has ended.
+is stale when its holder ran on this host and its pid is gone, or now names another process (the record keeps
+the holder's start time and boot, where /proc has them, so a reused pid is told apart): it is taken over, and
+the caller logs it. One written by another host, or by a pid of this host that still runs the holder, is
+refused (this host cannot tell whether that process still writes): the line says to delete the file once that
+process has ended.
 TensorFlow-free: importing this module changes nothing.
 """
 import fcntl
@@ -26,6 +28,29 @@ def _alive(pid):
     except PermissionError:   # another user's process
         return True
     return True
+
+
+def _identity(pid):
+    """'<boot id>:<start time in clock ticks>' of process pid, or None where /proc cannot say (another OS, a pid
+    gone): with the pid it names one process for as long as the host runs."""
+    try:
+        with open('/proc/sys/kernel/random/boot_id') as f:
+            boot = f.read().strip()
+        with open(f'/proc/{int(pid)}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        return f'{boot}:{fields[19]}'          # field 22 of stat, counting from the pid (comm may hold spaces)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _holder_runs(holder):
+    """Whether the process a record of this host names still runs: its pid lives and, where both the record and
+    /proc give a start identity, it is the same process."""
+    pid = int(holder.get('pid', -1))
+    if not _alive(pid):
+        return False
+    recorded, now = holder.get('started'), _identity(pid)
+    return recorded is None or now is None or recorded == now
 
 
 def describe(holder):
@@ -66,7 +91,7 @@ class RunLock:
             holder = _read(fd)
             if holder and holder.get('pid') != os.getpid():
                 mine = holder.get('host') == socket.gethostname()
-                if not mine or _alive(int(holder.get('pid', -1))):
+                if not mine or _holder_runs(holder):
                     os.close(fd)
                     where = 'another host' if not mine else 'this host, and that pid runs'
                     raise LockError(f'{self.path}: left by {describe(holder)} ({where}); delete it once that '
@@ -74,6 +99,8 @@ class RunLock:
                 self.took_over = holder
             record = {'pid': os.getpid(), 'host': socket.gethostname(), 'what': self.what,
                       'since': time.strftime('%Y-%m-%d %H:%M:%S')}
+            if _identity(os.getpid()):
+                record['started'] = _identity(os.getpid())
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(record) + '\n').encode(), 0)
             self.fd = fd
