@@ -50,6 +50,12 @@ def test_uncertainty_report_on_hand_made_queries():
     assert r['spearman_u_error'] == pytest.approx(1.0)
     assert r['spearman_u_level']['overlap'] == pytest.approx(1.0)                # the first dial drives the error
     assert abs(r['spearman_u_level']['aliasing']) < 0.25                           # an unrelated dial
+    assert r['spearman_error_level']['overlap'] == pytest.approx(1.0)
+    assert abs(r['spearman_error_level']['aliasing']) < 0.25
+    assert r['sigma_scale'] == 1.0 and r['uncalibrated'] == {'1sigma': 0.0, '2sigma': 0.0}
+    # calibrated by 0.2: before it the ellipses were 5x larger and each truth, 4 sigma out now, lay 0.8 sigma out
+    scaled = study.uncertainty_report(q, levels, scale=0.2)
+    assert scaled['uncalibrated'] == {'1sigma': 1.0, '2sigma': 1.0} and scaled['sigma_scale'] == 0.2
     assert r['sparsification_vs_random'] < 0.8                                     # the most certain are the best
     assert r['1sigma'] == 0 and r['2sigma'] == 0          # every truth lies 4 sigma out: no ellipse holds it
     assert sum(b['n'] for b in r['u_by_level']['overlap']) == len(levels)

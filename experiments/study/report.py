@@ -67,7 +67,7 @@ def format_report(seeds, meta):
              f'{", ".join(str(r["seed"]) for r in seeds)}; settings.json; {meta["wall_min"]:.1f} min, load average '
              f'{meta["load_start"]:.2f} at the start, {meta["load_end"]:.2f} at the end', '']
     lines += run_all.columns(rows, first_left=True)
-    lines += ['', localiser_line(seeds)] + calibration_lines(seeds)
+    lines += ['', localiser_line(seeds)] + calibration_lines(seeds) + dial_lines(seeds)
     for r in seeds:
         lines += ['', f'seed {r["seed"]}: recall in %, errors are median metres in the positive tile (the stage\'s '
                   'head / the tile centre); "<= 10 m": queries put within 10 m by their top-1 tile and its head (%)']
@@ -122,6 +122,19 @@ def localiser_line(seeds):
     # a report written before the localiser was recorded comes from the only one there was, the U-Net
     name = next((r['stages']['E_2_2'].get('localiser', 'unet') for r in seeds if 'E_2_2' in r['stages']), 'unet')
     return f'Localiser: {name}; ' + '; '.join(parts)
+
+
+def dial_lines(seeds):
+    """Per seed, how E_2_2's error and u follow each dial's level (Spearman); none for a report without the
+    error's."""
+    lines = []
+    for r in seeds:
+        u = r['uncertainty']['E_2_2']
+        if 'spearman_error_level' in u:
+            lines.append(f'Dials, seed {r["seed"]} (E_2_2, Spearman with the level): ' + '; '.join(
+                f'{dial} error {u["spearman_error_level"][dial]:.2f}, u {rho:.2f}'
+                for dial, rho in u['spearman_u_level'].items()))
+    return lines
 
 
 def calibration_lines(seeds):

@@ -159,10 +159,11 @@ def uncertainty_report(q, levels, scale=1.0):
     maha = np.sqrt(evaluation.mahalanobis_sq(q['mu'], q['cov'], q['gt']))
     sp = summary['sparsification']
     random_auc = float(np.mean(q['error_px']))          # removing queries in random order keeps the mean
-    by_level, rho_level, err_level = {}, {}, {}
+    by_level, rho_level, err_level, rho_error = {}, {}, {}, {}
     for d, dial in enumerate(synthetic_data.DIALS):
         lv = levels[:, d]
         rho_level[dial] = evaluation.rank_correlation(q['u'], lv)
+        rho_error[dial] = evaluation.rank_correlation(q['error_px'], lv)
         bins = np.digitize(lv, LEVEL_BINS[1:-1], right=True)          # 0: level 0, 1..4: quarters
         by_level[dial] = [_bin_stats(q['u'][bins == b]) for b in range(len(LEVEL_BINS) - 1)]
         err_level[dial] = [_bin_stats(q['error_px'][bins == b]) for b in range(len(LEVEL_BINS) - 1)]
@@ -174,7 +175,7 @@ def uncertainty_report(q, levels, scale=1.0):
             'u_px': {'mean': float(np.mean(q['u'])), 'min': float(np.min(q['u'])), 'max': float(np.max(q['u'])),
                      'p10': float(np.percentile(q['u'], 10)), 'p90': float(np.percentile(q['u'], 90))},
             'median_error_px': summary['median_error_px'],
-            'spearman_u_level': rho_level, 'u_by_level': by_level, 'error_by_level': err_level,
+            'spearman_u_level': rho_level, 'spearman_error_level': rho_error, 'u_by_level': by_level, 'error_by_level': err_level,
             'level_bins': list(LEVEL_BINS), 'sigma_scale': float(scale),
             'uncalibrated': calibration.scaled_coverage(maha * scale, 1.0)}
 
