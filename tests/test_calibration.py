@@ -102,12 +102,21 @@ def test_fit_sigma_scale_recovers_the_scale_of_gaussian_errors():
 
 def test_fit_sigma_scale_hand_case():
     # Ten distances 1..10: a scale s covers #{d <= s} / 10 at 1 sigma and #{d <= 2 s} / 10 at 2 sigma, against
-    # 0.393 and 0.865. s in [4.5, 5): 0.4 and 0.9, loss 0.007^2 + 0.035^2 = 0.0013; [4, 4.5): 0.4 and 0.8,
-    # 0.0043; [5, 5.5): 0.5 and 1.0, 0.0297; [3.5, 4): 0.3 and 0.7, 0.0358. The least is [4.5, 5), and the
-    # middle point of the geometric grid there, about sqrt(4.5 x 5), is returned.
+    # 0.393 and 0.865. s in [4.5, 5): 0.4 and 0.9, the larger error 0.035; [4, 4.5): 0.4 and 0.8, 0.065;
+    # [5, 5.5): 0.5 and 1.0, 0.135; [3.5, 4): 0.3 and 0.7, 0.165. The least is [4.5, 5), and the middle point
+    # of the geometric grid there, about sqrt(4.5 x 5), is returned.
     s = cal.fit_sigma_scale(np.arange(1.0, 11.0))
     assert 4.5 <= s < 5.0 and s == pytest.approx(np.sqrt(4.5 * 5), rel=0.01)
     assert cal.scaled_coverage(np.arange(1.0, 11.0), s) == {'1sigma': 0.4, '2sigma': 0.9}
+    # A heavy tail, 60 near distances (0.1..0.69) and 40 far ones (3..6.9): no scale of a fine grid has a
+    # smaller largest coverage error than the fitted one.
+    heavy = np.r_[np.linspace(0.1, 0.69, 60), np.linspace(3.0, 6.9, 40)]
+    got = cal.scaled_coverage(heavy, cal.fit_sigma_scale(heavy))
+    errs = (got['1sigma'] - (1 - np.exp(-0.5)), (1 - np.exp(-2)) - got['2sigma'])
+    for s2 in np.geomspace(0.05, 20, 400):                  # no scale does better on the larger of the two
+        other = cal.scaled_coverage(heavy, s2)
+        assert max(abs(other['1sigma'] - (1 - np.exp(-0.5))), abs(other['2sigma'] - (1 - np.exp(-2)))) >= \
+            max(abs(e) for e in errs) - 1e-12
     for bad in ([], [1.0, np.nan], [-1.0], [[1.0]]):
         with pytest.raises(ValueError, match='finite distances'):
             cal.fit_sigma_scale(np.array(bad))

@@ -30,12 +30,12 @@ from experiments.study.report import (LEVEL_BINS, plot_figures, rewrite_report, 
 from geoloc import cli
 from tools import synthetic_data
 
-# The study's world: 4 cities x 8 x 8 tiles with 32 panoramas each, in a ring of reference-only tiles (half of
+# The study's world: 4 cities x 8 x 8 tiles with 40 panoramas each, in a ring of reference-only tiles (half of
 # them train, half test; 4 x 10 x 10 = 400 reference tiles), every dial mixed at strength 1 (synthetic_data.py
-# says what each level renders). A quarter of each city's training panoramas is held out (hold_out): the stages
-# train on 3,072, the ellipses' scale is fitted on the 1,024 held out, and the 4,096 test panoramas are tested.
-CITY = dict(grid=8, tile_px=128, pano_hw=(128, 256), panos_per_tile=32, ambiguity='mixed')
-HOLD_OUT = 1 / 4             # share of each city's training panoramas kept for calibration
+# says what each level renders). 40 % of each city's training panoramas are held out (hold_out): the stages
+# train on 3,072, the ellipses' scale is fitted on the 2,048 held out, and the 5,120 test panoramas are tested.
+CITY = dict(grid=8, tile_px=128, pano_hw=(128, 256), panos_per_tile=40, ambiguity='mixed')
+HOLD_OUT = 0.4               # share of each city's training panoramas kept for calibration
 STAGES = ('E_1', 'E_2_1', 'E_2_2', 'E_3')          # evaluated (E_1a is E_1's first phase)
 SETTINGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'settings.json')   # every stage's settings
 
