@@ -180,6 +180,7 @@ def test_mpp_scales_the_metres_and_the_picture(runs, vigor, tile_dirs, tmp_path,
     assert img is not None and img.shape[0] > 300 and img.shape[1] > 300
 
 
+@pytest.mark.slow
 def test_calibration_scales_the_ellipses_of_test_localise_and_export(vigor, runs, tile_dirs, tmp_path, capsys):
     """--test --calibrate 1 fits one scale of the ellipses on its split (its results go to calibration/, not
     test/) and keeps it in calibration.json; later --test, localise.py and an export apply it (on the same split
