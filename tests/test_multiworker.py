@@ -96,6 +96,10 @@ def runs(tmp_path_factory, tiny_vigor):
 def test_two_workers_train_like_one_process(runs):
     tmp, (chief, worker, single) = runs
     assert 'strategy: multiworker, 2 replicas' in chief and '[E_1a worker 1]' in worker
+    # one strategy per process: E_1's phase b reuses phase a's (a second one, made after TensorFlow ops exist,
+    # warns so and could hang both workers at its first collective)
+    assert chief.count('strategy: multiworker, 2 replicas') == 2
+    assert all('Enabling collective ops after program startup' not in out for out in (chief, worker))
     one = losses(single)
     mined_steps = [s for s in one if s[0] == 'E_1a' and s[1] > len([t for t in one if t[0] == 'E_1a']) // 3]
     assert len(one) > 12 and mined_steps, single

@@ -6,9 +6,17 @@ import tensorflow as tf
 from geoloc.errors import DistributeError  # noqa: F401 (raised here, caught as <module>.<name>)
 
 
+_MULTIWORKER = []      # the process's one MultiWorkerMirroredStrategy (make_strategy)
+
+
 def make_strategy(name):
     """default: one device; mirrored: every GPU of this machine (every logical CPU when it has no GPU);
     multiworker: every machine of TF_CONFIG's cluster, each with its GPUs (or its CPU).
+
+    A process makes one MultiWorkerMirroredStrategy and every later call returns it: its collective ops are
+    configured when the first is made, and a second one made after TensorFlow ops exist (E_1's phase b after
+    phase a, in one process) starts with "Enabling collective ops after program startup" and could hang both
+    workers at its first collective.
 
     GEOLOC_LOGICAL_CPUS=N first splits the CPU into N logical devices, so a CPU-only machine can rehearse
     a multi-device run (tests, debugging); it must act before TensorFlow's runtime starts.
@@ -26,7 +34,9 @@ def make_strategy(name):
         gpus = tf.config.list_logical_devices('GPU')
         return tf.distribute.MirroredStrategy(None if gpus else [d.name for d in tf.config.list_logical_devices('CPU')])
     if name == 'multiworker':
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        if not _MULTIWORKER:
+            _MULTIWORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
+        return _MULTIWORKER[0]
     return tf.distribute.get_strategy()
 
 
