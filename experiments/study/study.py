@@ -138,13 +138,9 @@ def per_query(ev, split):
     """The per-query arrays of a heatmap stage with covariance heads: mu, cov, gt (row, col of the 640 frame),
     error (px), u (px), rank, top-1 error (m), positive-tile error (m); and the stage's --test summary of its
     uncertainty ('summary', testing.uncertainty_summary)."""
-    import tensorflow as tf
-
-    from geoloc.data import geometry
-    import model as model_lib
-    mu = geometry.delta_to_rc(ev.delta_pos.astype(np.float64))
-    gt = geometry.delta_to_rc(split.deltas[ev.queries, 0].astype(np.float64))
-    return {'mu': mu, 'cov': model_lib.cholesky_to_cov(tf.constant(ev.chol)).numpy(), 'gt': gt,
+    from geoloc.eval import testing
+    mu, cov, gt = testing.positive_gaussians(ev, split)
+    return {'mu': mu, 'cov': cov, 'gt': gt,
             'error_px': np.linalg.norm(mu - gt, axis=1), 'u': ev.per_query['u_px_positive'],
             'rank': ev.ranks['rank'], 'top1_error_m': ev.per_query['error_m'],
             'pos_error_m': ev.per_query['error_m_positive'], 'summary': ev.results['uncertainty']}

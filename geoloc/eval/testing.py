@@ -278,13 +278,13 @@ def _run_test(stage, cfg, run_dir, ckpt, out_dir, lock):
     protocol = protocols.Protocol.from_config(cfg)
     log(f'test: {split.name}: {len(queries)} panoramas against {len(split.tile_paths)} tiles; checkpoint {ckpt}')
     log(f'test: protocol {protocol.name}: {protocol.describe()}')
-    scale = _calibration(stage, cfg, run_dir, ckpt, log)
+    scale, record = _calibration(stage, cfg, run_dir, ckpt, log)
     ev = evaluate_model(stage, cfg, model, embedding.Embedder(model), split, queries, progress=lambda m: log(m),
                         protocol=protocol, semi_branch=True, ground=True, sigma_scale=scale)
     if cfg.calibrate:
-        ev.results['calibration'] = fit_calibration(ev, split, cfg, run_dir, ckpt, log)
-    elif scale != 1.0:
-        ev.results['calibration'] = calibration.read_scale(run_dir)[1]
+        record = fit_calibration(ev, split, cfg, run_dir, ckpt, log)
+    if record is not None:
+        ev.results['calibration'] = record
     ev.results['checkpoint'] = ckpt
     results.write_outputs(ev, split, cfg, out_dir, plots=bool(cfg.plots))
     for line in results.format_results(ev.results):
@@ -294,23 +294,22 @@ def _run_test(stage, cfg, run_dir, ckpt, out_dir, lock):
 
 
 def _calibration(stage, cfg, run_dir, ckpt, log):
-    """The scale --test applies to the predicted ellipses: 1 when fitting one (--calibrate 1) or when the run has
-    no calibration.json, else its sigma_scale. StateError (one line) for --calibrate 1 on a stage without a
-    covariance head, and for a calibration fitted on another checkpoint than the one tested."""
+    """-> (the scale --test applies to the predicted ellipses, the calibration record or None): (1, None) when
+    fitting one (--calibrate 1) or when the run has no calibration.json. StateError (one line) for --calibrate 1
+    on a stage without a covariance head, and for a calibration fitted on another checkpoint than the one tested."""
     if cfg.calibrate:
         if 'pos_cholesky' not in stage.parts:
             raise StateError(f'--calibrate 1: {stage.name} has no covariance head to calibrate')
-        return 1.0
-    scale = calibration_scale(run_dir, ckpt)
-    if scale == 1.0:
-        return 1.0
-    record = calibration.read_scale(run_dir)[1]
+        return 1.0, None
+    scale, record = calibration_scale(run_dir, ckpt)
+    if record is None:
+        return scale, None
     where = record.get('fitted_on', {})
     log(f'test: ellipses scaled by {scale:.4g} (calibration.json: fitted on {where.get("n")} panoramas of '
         f'{where.get("data_root")})')
     if where.get('data_root') == _data_root(cfg) and where.get('labels') == cfg.labels:
         log('test: warning: the calibration was fitted on this very split; its coverage is not a held-out figure')
-    return scale
+    return scale, record
 
 
 def _data_root(cfg):
@@ -319,23 +318,28 @@ def _data_root(cfg):
 
 
 def calibration_scale(run_dir, ckpt):
-    """The run's calibrated scale of the ellipses for checkpoint ckpt (1 without calibration.json); StateError
-    (one line) when calibration.json was fitted on another checkpoint."""
+    """-> (the run's calibrated scale of the ellipses for checkpoint ckpt, its record): (1, None) without
+    calibration.json; StateError (one line) when calibration.json was fitted on another checkpoint."""
     scale, record = calibration.read_scale(run_dir)
     if record is not None and os.path.basename(str(record.get('checkpoint', ''))) != os.path.basename(ckpt):
         raise StateError(f'{os.path.join(run_dir, calibration.FILE)}: fitted on {record.get("checkpoint")!r}, but '
                          f'the latest checkpoint is {os.path.basename(ckpt)}; refit it (--test --calibrate 1 on '
                          'held-out panoramas) or delete it')
-    return scale
+    return scale, record
+
+
+def positive_gaussians(ev, split):
+    """The Gaussians an Evaluation predicted in each query's positive tile -> (mu, cov, gt): mu and gt (Q, 2)
+    (row, col) of the 640-px frame, gt from the labels; cov (Q, 2, 2) in pixels^2."""
+    mu = geometry.delta_to_rc(np.asarray(ev.delta_pos, np.float64))
+    gt = geometry.delta_to_rc(np.asarray(split.deltas[ev.queries, 0], np.float64))
+    return mu, model_lib.cholesky_to_cov(tf.constant(ev.chol)).numpy(), gt
 
 
 def fit_calibration(ev, split, cfg, run_dir, ckpt, log):
     """--test --calibrate 1: fit the ellipses' scale on this split's positive-tile predictions
     (calibration.fit_sigma_scale) and write it to <run_dir>/calibration.json -> the record written."""
-    cov = model_lib.cholesky_to_cov(tf.constant(ev.chol)).numpy()
-    gt_rc = geometry.delta_to_rc(np.asarray(split.deltas[ev.queries, 0], np.float64))
-    mu = geometry.delta_to_rc(np.asarray(ev.delta_pos, np.float64))
-    maha = np.sqrt(evaluation.mahalanobis_sq(mu, cov, gt_rc))
+    maha = np.sqrt(evaluation.mahalanobis_sq(*positive_gaussians(ev, split)))
     scale = calibration.fit_sigma_scale(maha)
     record = {'sigma_scale': scale, 'checkpoint': os.path.basename(ckpt), 'method': 'fit_sigma_scale',
               'fitted_on': {'data_root': _data_root(cfg), 'dataset': split.name,

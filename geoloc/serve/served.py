@@ -141,7 +141,7 @@ def restore(run_dir):
     if not ckpt:
         raise StateError(f'{run_dir}: no checkpoint (nothing trained yet); train it with {stage.command} first')
     cfg = config.model_settings(saved, config.Config(stage=name))
-    scale = testing.calibration_scale(run_dir, ckpt)
+    scale = testing.calibration_scale(run_dir, ckpt)[0]
     model = testing.restored_model(stage, cfg, ckpt, run_dir)
     info = dict(info_of(stage, cfg, model, ckpt), sigma_scale=scale)
     return Server(model, stage.localise, info, scale), info

@@ -99,8 +99,9 @@ class RunLock:
                 self.took_over = holder
             record = {'pid': os.getpid(), 'host': socket.gethostname(), 'what': self.what,
                       'since': time.strftime('%Y-%m-%d %H:%M:%S')}
-            if _identity(os.getpid()):
-                record['started'] = _identity(os.getpid())
+            started = _identity(os.getpid())
+            if started:
+                record['started'] = started
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(record) + '\n').encode(), 0)
             self.fd = fd
