@@ -596,7 +596,7 @@ class VigorCityScene:
 
 
 # ----------------------------------------------------------------------------------------- VIGOR
-def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile, ambiguity):
+def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile, ambiguity, train_share=None):
     """One city: tiles, panoramas, its six label files and, with an ambiguity setting, its level
     sidecars. Returns its counts."""
     scene = VigorCityScene(seed, city, grid, tile_px, ambiguity)
@@ -646,7 +646,8 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile, 
 
     n = len(lines[unit_m])
     perm = rng.permutation(n)
-    train, test = np.sort(perm[:n // 2]), np.sort(perm[n // 2:])
+    k = n // 2 if train_share is None else int(n * train_share)
+    train, test = np.sort(perm[:k]), np.sort(perm[k:])
     for folder, suffix, mpp in (('splits', '', ORIGINAL_MPP), ('splits__corrected', '__corrected', unit_m)):
         split_dir = os.path.join(root, folder, city)
         os.makedirs(split_dir, exist_ok=True)
@@ -665,14 +666,14 @@ def _write_vigor_city(root, city, seed, grid, tile_px, pano_hw, panos_per_tile, 
 
 
 def write_vigor(root, seed=0, cities=VIGOR_CITIES, grid=8,
-                tile_px=128, pano_hw=(128, 256), panos_per_tile=2, ambiguity=None):
+                tile_px=128, pano_hw=(128, 256), panos_per_tile=2, ambiguity=None, train_share=None):
     """Write a synthetic VIGOR into `root` (docs/design.md §1 layout, original and corrected labels).
 
     tile_px: side of the aerial tiles (even), covering 640 px of the 640-px tile frame.
     pano_hw: (H, W) of the panoramas, W = 2H. Each of the grid x grid tiles of a city is the positive
     of exactly `panos_per_tile` panoramas; a ring of reference-only tiles around them completes every
-    panorama's 2x2 block, so a city has (grid + 2)^2 tiles. Half of a city's panoramas are train, half
-    test.
+    panorama's 2x2 block, so a city has (grid + 2)^2 tiles. train_share: the share of a city's panoramas
+    in its training split (floor(n * share)), the rest test; None: half (floor(n / 2)).
     ambiguity: None (the plain city), 'mixed' (every dial) or {dial: strength in [0, 1]} (see
     ambiguity_strengths and the module docstring); with a setting, each city's split folders also get
     AMBIGUITY_FILE, its panoramas' dial levels (read_ambiguity_levels). Positions, names, labels and,
@@ -689,10 +690,14 @@ def write_vigor(root, seed=0, cities=VIGOR_CITIES, grid=8,
         raise ValueError('panos_per_tile must be >= 1, got %r' % panos_per_tile)
     _check_pano_hw(pano_hw)
     ambiguity_strengths(ambiguity)
+    n_city = grid * grid * panos_per_tile
+    if train_share is not None and not 1 <= int(n_city * train_share) < n_city:
+        raise ValueError('train_share must leave each city at least one training and one test panorama of its %d, '
+                         'got %r' % (n_city, train_share))
     summary = {'cities': {}}
     for city in cities:
         summary['cities'][city] = counts = _write_vigor_city(root, city, seed, grid, tile_px, tuple(pano_hw),
-                                                             panos_per_tile, ambiguity)
+                                                             panos_per_tile, ambiguity, train_share)
         print('synthetic VIGOR %-12s %3d tiles, %4d panoramas (%d train, %d test)'
               % (city, counts['satellites'], counts['panoramas'], counts['train'], counts['test']),
               flush=True)
@@ -979,6 +984,8 @@ def main(argv=None):
     vigor.add_argument('--pano_h', type=int, default=128)
     vigor.add_argument('--pano_w', type=int, default=256)
     vigor.add_argument('--panos_per_tile', type=int, default=2)
+    vigor.add_argument('--train_share', type=float, default=None,
+                       help="share of each city's panoramas in the training split (default: half)")
     vigor.add_argument('--ambiguity', type=_parse_ambiguity, default=None,
                        help="ambiguity dials: 'none' (default), 'mixed' (all four at strength 1) or "
                             "'dial=strength,...' with dials %s" % (DIALS,))
@@ -1003,7 +1010,7 @@ def main(argv=None):
     if args.dataset == 'vigor':
         ensure_vigor(args.root, seed=args.seed, cities=tuple(args.cities), grid=args.grid, tile_px=args.tile_px,
                      pano_hw=(args.pano_h, args.pano_w), panos_per_tile=args.panos_per_tile,
-                     ambiguity=args.ambiguity)
+                     ambiguity=args.ambiguity, train_share=args.train_share)
     else:
         ensure_resampled_cvact(args.root, seed=args.seed, n_panos=args.n_panos, pano_hw=(args.pano_h, args.pano_w),
                                sat_px=args.sat_px, val_fraction=args.val_fraction)

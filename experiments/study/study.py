@@ -34,8 +34,8 @@ from tools import synthetic_data
 # them train, half test; 4 x 10 x 10 = 400 reference tiles), every dial mixed at strength 1 (synthetic_data.py
 # says what each level renders). 40 % of each city's training panoramas are held out (hold_out): the stages
 # train on 3,072, the ellipses' scale is fitted on the 2,048 held out, and the 5,120 test panoramas are tested.
-CITY = dict(grid=8, tile_px=128, pano_hw=(128, 256), panos_per_tile=40, ambiguity='mixed')
-HOLD_OUT = 0.4               # share of each city's training panoramas kept for calibration
+CITY = dict(grid=8, tile_px=128, pano_hw=(128, 256), panos_per_tile=100, train_share=0.8, ambiguity='mixed')
+HOLD_OUT = 0.1               # share of each city's training panoramas kept for calibration
 STAGES = ('E_1', 'E_2_1', 'E_2_2', 'E_3')          # evaluated (E_1a is E_1's first phase)
 SETTINGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'settings.json')   # every stage's settings
 
@@ -239,6 +239,8 @@ def main(argv=None):
     p.add_argument('--out', default='runs_study')
     p.add_argument('--grid', type=int, default=CITY['grid'], help='tiles per city side')
     p.add_argument('--panos_per_tile', type=int, default=CITY['panos_per_tile'])
+    p.add_argument('--train_share', type=float, default=CITY['train_share'],
+                   help="share of each city's panoramas in the training split (the rest are tested)")
     p.add_argument('--tile_px', type=int, default=CITY['tile_px'], help='aerial tile side on disk')
     p.add_argument('--pano_h', type=int, default=CITY['pano_hw'][0], help='panorama height on disk (width 2x)')
     p.add_argument('--n_boot', type=int, default=2000, help='bootstrap draws of the E_3 against E_2_2 intervals')
@@ -252,7 +254,8 @@ def main(argv=None):
     # machine, slower at paper size: benchmarks/LOG.md), as --preset demo sets it (geoloc/cli.py)
     os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
     cli.setup_environment()
-    city = dict(CITY, grid=args.grid, panos_per_tile=args.panos_per_tile, tile_px=args.tile_px,
+    city = dict(CITY, grid=args.grid, panos_per_tile=args.panos_per_tile, train_share=args.train_share,
+                tile_px=args.tile_px,
                 pano_hw=(args.pano_h, 2 * args.pano_h))
     t0, load_start = time.time(), os.getloadavg()[0]
     reports, per_seed, stage_times = [], [], {}
