@@ -528,26 +528,23 @@ def test_levels_zero_give_the_plain_panorama_pixel_for_pixel(render_scene):
 
 def test_overlap_fog_hides_a_growing_share_and_keeps_the_near_ground(render_scene):
     """Proxy: share of pixels within 12 grey levels of FOG_BGR. Measured on these 6 points (mean):
-    0 -> 0.001, 0.25 -> 0.348, 0.5 -> 0.481, 0.75 -> 0.554, 1 -> 0.596 (the facades go first, then the
-    ground from the horizon down); at level 0.5 (radius 5.7 m) the bottom rows (ground < 2.5 m away) stay
-    as they were; the radius is 32 m at level 0 and 1 m at level 1, geometric in between."""
+    0 -> 0.001, 0.25 -> 0.194, 0.5 -> 0.272, 0.75 -> 0.382, 1 -> 0.522 (the facades go first, then the
+    ground from the horizon down); the bottom rows (ground < 2.5 m away) stay as they were."""
     scene, points = render_scene
     h = RENDER_HW[0]
     for k, point in enumerate(points):
         imgs = [render_dial(scene, point, 'p%d' % k, 'overlap', level) for level in (0.0, 0.5, 1.0)]
         fogged = [np.mean(np.abs(img - sd.FOG_BGR).max(-1) <= 12) for img in imgs]
-        assert fogged[0] < 0.01 and 0.4 < fogged[1] < fogged[2] - 0.07 and fogged[2] > 0.55, fogged
+        assert fogged[0] < 0.01 and 0.2 < fogged[1] < fogged[2] - 0.15 and fogged[2] > 0.45, fogged
         near = sd.pano_ground_distance_m(h) < 2.5                        # (H/2,) rows that see < 2.5 m
-        assert np.array_equal(imgs[1][h // 2:][near], imgs[0][h // 2:][near])
-        assert not np.array_equal(imgs[2][h // 2:][near], imgs[0][h // 2:][near])
-    for level, r in ((0.0, 32.0), (0.5, 32.0 / 32 ** 0.5), (1.0, 1.0)):      # the radius: half transmitted
-        assert sd._fog_transmittance(np.array([r]), level)[0] == pytest.approx(0.5)
+        assert np.array_equal(imgs[2][h // 2:][near], imgs[0][h // 2:][near])
+        assert not np.array_equal(imgs[1], imgs[0])
 
 
 def test_foreground_covers_a_share_that_grows_with_the_level(render_scene):
     """Proxy: share of pixels that change (some channel by > 10) against level 0, which should be
     FOREGROUND_MAX_COVER * level (a little less where an object's colour matches the scene). Measured
-    on these 6 points (mean): 0 -> 0, 0.25 -> 0.121, 0.5 -> 0.246, 0.75 -> 0.341, 1 -> 0.451. Objects
+    on these 6 points (mean): 0 -> 0, 0.25 -> 0.071, 0.5 -> 0.146, 0.75 -> 0.206, 1 -> 0.269. Objects
     stand on the ground: the top rows never change."""
     scene, points = render_scene
     for k, point in enumerate(points):
@@ -721,7 +718,7 @@ def test_read_ambiguity_levels_rejects_bad_files(mixed_root, tmp_path):
 
 def test_marker_records_the_ambiguity_setting(mixed_root, vigor_root):
     with open(os.path.join(mixed_root, sd.MARKER)) as f:
-        assert json.load(f) == json.loads(json.dumps(dict(MIXED, layout=[sd.VIGOR_LAYOUT, sd.DIALS_VERSION])))
+        assert json.load(f) == json.loads(json.dumps(dict(MIXED, layout=sd.VIGOR_LAYOUT)))
     with open(os.path.join(vigor_root, sd.MARKER)) as f:
         assert 'ambiguity' not in json.load(f)            # None is not recorded: older markers still match
     with pytest.raises(ValueError, match='delete it or use another root'):

@@ -44,14 +44,13 @@ panorama (read_ambiguity_levels). The three rendering dials are drawn per panora
 0 with probability DIAL_ZERO_SHARE = 0.4, else uniform in (0, strength], so under 'mixed' a dial's
 median level is 1/6; they change the panorama, never the aerial.
 - overlap (how much of what the panorama sees the aerial shares): fog hides what lies beyond a
-  visibility radius that shrinks geometrically from 32 m (nothing hidden) at level 0 to 1 m at level 1
-  (32 * 32 ** -level m: 13.5 m at level 0.25, 5.7 m at 0.5, 2.4 m at 0.75), where only a disc of radius
-  ~9 px of the 640-px tile around the camera shows (the bottom ~12 % of the ground rows; at level 0.5 the
-  bottom ~38 %). The facades (FACADE_M) are gone from level ~0.05 on; the sky stays.
+  visibility radius that shrinks linearly from 32 m (nothing hidden) at level 0 to 4 m at level 1,
+  where only a disc of radius ~35 px of the 640-px tile around the camera shows (the bottom ~30 % of the
+  ground rows; at level 0.5 the radius is 18 m, the top ~20 % of the ground rows are hidden). The
+  facades (FACADE_M) are gone from level ~0.2 on; the sky stays.
 - foreground: cars, vans, trucks, pedestrians and bins standing 2.5-18 m from the camera, absent from
-  the aerial, are added until they cover FOREGROUND_MAX_COVER * level (50 % at level 1, about all that
-  objects standing there can hide: the sky above their tops stays) of the panorama; those taller than
-  the 2.5-m camera cross the horizon, in front of the facades.
+  the aerial, are added until they cover FOREGROUND_MAX_COVER * level (30 % at level 1) of the
+  panorama; those taller than the 2.5-m camera cross the horizon, in front of the facades.
 - viewpoint (and appearance): at level 1 the camera is 1.5 times higher or lower (every ground row
   sees 1.5 times farther or nearer ground, the facades look shorter or taller), tilted by 8 deg (the
   horizon becomes a sinusoid of the azimuth, 8 deg high), the light 1.5 times brighter or darker
@@ -114,14 +113,13 @@ OFFSET_RANGE_PX640 = (24.0, 150.0)   # |dy|, |dx| of a panorama from its positiv
 # Ambiguity dials (write_vigor(ambiguity=...); the module docstring says what each one means).
 DIALS = ('overlap', 'foreground', 'viewpoint', 'aliasing')
 AMBIGUITY_FILE = 'ambiguity_levels.txt'      # sidecar beside the label files of a city
-DIALS_VERSION = 2                # what the dials render; 2: fog down to 1 m (geometric), objects up to 50 % cover
 AMBIGUITY_HEADER = '# pano ' + ' '.join(DIALS)
 DIAL_ZERO_SHARE = 0.4            # a rendering dial is 0 for this share of panoramas, else uniform in (0, max]
 FOG_CLEAR_M = 32.0               # overlap: visibility radius at level 0 (> FACADE_M + FOG_RAMP_M / 2: no fog)
-FOG_NEAR_M = 1.0                 # ... at level 1, ~9 px of the 640-px tile; geometric in between
+FOG_NEAR_M = 4.0                 # ... at level 1, ~35 px of the 640-px tile; linear in between
 FOG_RAMP_M = 3.0                 # fog opacity rises linearly over this distance around the radius
 FOG_BGR = (205.0, 205.0, 205.0)
-FOREGROUND_MAX_COVER = 0.5       # foreground: share of the panorama's pixels covered at level 1
+FOREGROUND_MAX_COVER = 0.3       # foreground: share of the panorama's pixels covered at level 1
 FOREGROUND_DISTANCE_M = (2.5, 18.0)   # objects stand this far from the camera (log-uniform)
 CAMERA_HEIGHT_M = 2.5            # objects taller than the camera cross the horizon, in front of the facades
 FOREGROUND_KINDS = (             # kind, width m (side-on .. end-on), height m, share of the objects
@@ -393,9 +391,9 @@ def _repeat_districts(raster, rng, px_per_m, scale, half_px, share):
 
 def _fog_transmittance(dist_m, overlap):
     """How much of the scene shows through the fog at distance dist_m (metres) for an overlap level:
-    1 inside the visibility radius FOG_CLEAR_M * (FOG_NEAR_M / FOG_CLEAR_M) ** level, 0 beyond it,
+    1 inside the visibility radius FOG_CLEAR_M - level * (FOG_CLEAR_M - FOG_NEAR_M), 0 beyond it,
     linear over FOG_RAMP_M around it."""
-    radius = FOG_CLEAR_M * (FOG_NEAR_M / FOG_CLEAR_M) ** overlap
+    radius = FOG_CLEAR_M - overlap * (FOG_CLEAR_M - FOG_NEAR_M)
     return np.clip((radius - dist_m) / FOG_RAMP_M + 0.5, 0.0, 1.0)
 
 
@@ -860,10 +858,8 @@ def _ensure(writer, root, kwargs, layout=None):
 
 
 def ensure_vigor(root, **kwargs):
-    """Generate a synthetic VIGOR at `root` (kwargs of write_vigor) unless it is already complete. A city with
-    dials records [VIGOR_LAYOUT, DIALS_VERSION] as its layout, so one written with older dials is refused."""
-    layout = VIGOR_LAYOUT if kwargs.get('ambiguity') is None else [VIGOR_LAYOUT, DIALS_VERSION]
-    return _ensure(write_vigor, root, kwargs, layout)
+    """Generate a synthetic VIGOR at `root` (kwargs of write_vigor) unless it is already complete."""
+    return _ensure(write_vigor, root, kwargs, VIGOR_LAYOUT)
 
 
 def ensure_cvact(root, **kwargs):
