@@ -1,6 +1,6 @@
 """The ambiguity study: do the paper's mechanisms act on a synthetic VIGOR whose ambiguity is known?
 
-  python experiments/study/study.py                           # seeds 0 and 1 -> runs_study/ (~36 min on 2 idle CPU cores)
+  python experiments/study/study.py                           # seeds 0 and 1 -> runs_study/ (~42 min on 2 idle CPU cores)
   python experiments/study/study.py --seeds 0 --out runs_x    # one seed
 
 For each seed: writes a synthetic VIGOR with the four ambiguity dials (synthetic_data.py; CITY below, drawn
