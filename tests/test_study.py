@@ -131,3 +131,11 @@ def test_hold_out_keeps_a_third_of_the_training_panoramas_for_calibration(tiny_v
     first = names(calib_root, 'test', 'corrected')
     assert names(study.hold_out(root, 1 / 3, 0)[1], 'test', 'corrected') == first
     assert names(study.hold_out(root, 1 / 3, 1)[1], 'test', 'corrected') != first
+
+
+def test_a_bad_city_flag_is_one_line(tmp_path, capsys):
+    from experiments.study import study
+    assert study.main(['--out', str(tmp_path), '--grid', '2', '--panos_per_tile', '1', '--train_share', '1']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['error: train_share must leave each city at least one training and one test panorama of its 4, '
+                   'got 1.0']

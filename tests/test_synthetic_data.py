@@ -737,6 +737,9 @@ def test_cli_ambiguity_flag_and_preview(tmp_path, capsys):
     for bad in ('fog=1', 'overlap=2', 'overlap'):
         with pytest.raises(SystemExit):
             sd.main(['vigor', '--root', str(tmp_path / 'bad'), '--ambiguity', bad])
+    with pytest.raises(SystemExit, match=r'^error: train_share must leave each city at least one training and one '
+                                         r'test panorama of its 8, got 1\.0$'):
+        sd.main(['vigor', '--root', str(tmp_path / 'bad'), '--grid', '2', '--train_share', '1'])
     assert not os.path.exists(tmp_path / 'bad')
     preview = str(tmp_path / 'preview')
     sd.main(['vigor', '--preview', preview, '--cities', 'Chicago', '--grid', '4', '--tile_px', '64',

@@ -1007,13 +1007,17 @@ def main(argv=None):
                                   ambiguity=args.ambiguity or 'mixed'):
             print('wrote %s' % path)
         return
-    if args.dataset == 'vigor':
-        ensure_vigor(args.root, seed=args.seed, cities=tuple(args.cities), grid=args.grid, tile_px=args.tile_px,
-                     pano_hw=(args.pano_h, args.pano_w), panos_per_tile=args.panos_per_tile,
-                     ambiguity=args.ambiguity, train_share=args.train_share)
-    else:
-        ensure_resampled_cvact(args.root, seed=args.seed, n_panos=args.n_panos, pano_hw=(args.pano_h, args.pano_w),
-                               sat_px=args.sat_px, val_fraction=args.val_fraction)
+    try:      # a bad argument or a root holding something else: one line, no traceback
+        if args.dataset == 'vigor':
+            ensure_vigor(args.root, seed=args.seed, cities=tuple(args.cities), grid=args.grid, tile_px=args.tile_px,
+                         pano_hw=(args.pano_h, args.pano_w), panos_per_tile=args.panos_per_tile,
+                         ambiguity=args.ambiguity, train_share=args.train_share)
+        else:
+            ensure_resampled_cvact(args.root, seed=args.seed, n_panos=args.n_panos,
+                                   pano_hw=(args.pano_h, args.pano_w), sat_px=args.sat_px,
+                                   val_fraction=args.val_fraction)
+    except (ValueError, FileExistsError) as e:
+        raise SystemExit('error: %s' % e)
     print('ready: %s' % args.root)
 
 

@@ -34,9 +34,8 @@ from tools import synthetic_data
 # them train, 20 % test; 4 x 10 x 10 = 400 reference tiles), every dial mixed at strength 1 (synthetic_data.py
 # says what each level renders). 10 % of each city's training panoramas are held out (hold_out): the stages
 # train on 18,432, the ellipses' scale is fitted on the 2,048 held out, and the 5,120 test panoramas are tested.
-# So many training panoramas that each is seen 1.7 times in E_2_1: with 3,072, seen ten times there, the localiser learnt
-# them by heart (a median 18 px off on them, 52 px on the test split) and the rendering dials stopped changing
-# its error on the panoramas its uncertainty is trained on (README.md: "Why so many training panoramas").
+# So many that each is seen 1.7 times in E_2_1: with 3,072, seen ten times there, the localiser learnt them by
+# heart and the NLL fitted the ellipses where the heatmap is nearly always right (benchmarks/LOG.md, session 9).
 CITY = dict(grid=8, tile_px=128, pano_hw=(128, 256), panos_per_tile=100, train_share=0.8, ambiguity='mixed')
 HOLD_OUT = 0.1               # share of each city's training panoramas kept for calibration
 STAGES = ('E_1', 'E_2_1', 'E_2_2', 'E_3')          # evaluated (E_1a is E_1's first phase)
@@ -258,13 +257,17 @@ def main(argv=None):
     os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
     cli.setup_environment()
     city = dict(CITY, grid=args.grid, panos_per_tile=args.panos_per_tile, train_share=args.train_share,
-                tile_px=args.tile_px,
-                pano_hw=(args.pano_h, 2 * args.pano_h))
+                tile_px=args.tile_px, pano_hw=(args.pano_h, 2 * args.pano_h))
     t0, load_start = time.time(), os.getloadavg()[0]
     reports, per_seed, stage_times = [], [], {}
     for seed in args.seeds:
         run_root = os.path.join(args.out, f'seed{seed}')
-        data_root, calib_root = hold_out(build_city(args.out, seed, city), HOLD_OUT, seed)
+        try:
+            root = build_city(args.out, seed, city)
+        except (ValueError, FileExistsError) as e:      # a bad city flag, or a folder holding another city
+            print(f'error: {e}', file=sys.stderr)
+            return 2
+        data_root, calib_root = hold_out(root, HOLD_OUT, seed)
         try:
             stage_times[seed] = train_stages(run_root, data_root, seed, rest)
         except StageFailed as e:
